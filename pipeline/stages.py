@@ -1,0 +1,163 @@
+"""Running stages: fingerprint, skip when unchanged, run into a partial folder, complete atomically.
+
+Each stage is a module with ``run(ctx) -> StageResult``. A stage that reads files outside the run
+directory (harvest: the logs) also names a function returning their content hashes, so that new or
+changed files rerun it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import __version__
+from pipeline.recipe import Recipe
+from pipeline.rundir import STAGE_INPUTS, STAGES, RunDir, digest, fingerprint
+
+STAGE_MODULES = {
+    "harvest": "curation.harvest",
+    "curate": "curation.curate",
+    "train": "training.train",
+    "evaluate": "training.evaluate",
+    "export": "export.publish",
+    "route": "export.route",
+}
+
+# Stages that read files outside the run directory: a function giving those files' content hashes.
+EXTERNAL_INPUTS = {"harvest": "curation.harvest:external_inputs"}
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the recipe, its working folder and the folders of the stages it reads."""
+
+    recipe: Recipe
+    run: RunDir
+    work: Path
+    inputs: dict[str, Path]
+    console: Console
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: counts for the manifest and lines for the summary printed at its end."""
+
+    counts: dict[str, Any] = field(default_factory=dict)
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # more manifest fields (lineage, scores, ...)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, message: str, exit_code: int = 1):
+        super().__init__(f"stage '{stage}' failed: {message}")
+        self.stage = stage
+        self.exit_code = exit_code
+
+
+def _module(stage: str):
+    return importlib.import_module(STAGE_MODULES[stage])
+
+
+def expected_fingerprint(recipe: Recipe, run: RunDir, stage: str) -> str | None:
+    """The fingerprint the stage would have now; None when an input stage is not complete."""
+    inputs: dict[str, str] = {}
+    for dep in STAGE_INPUTS[stage]:
+        m = run.manifest(dep)
+        if m is None:
+            return None
+        inputs[dep] = digest(m["outputs"])
+    if stage in EXTERNAL_INPUTS:
+        module, func = EXTERNAL_INPUTS[stage].split(":")
+        inputs.update(getattr(importlib.import_module(module), func)(recipe))
+    return fingerprint(recipe.section(stage), inputs)
+
+
+def stage_state(recipe: Recipe, run: RunDir, stage: str) -> tuple[str, dict[str, Any] | None]:
+    """One of complete | stale | partial | missing | waiting, and the manifest if any."""
+    m = run.manifest(stage)
+    fp = expected_fingerprint(recipe, run, stage)
+    if m is not None:
+        if fp is None or m.get("fingerprint") != fp:
+            return "stale", m
+        return "complete", m
+    if run.partial_info(stage):
+        return "partial", None
+    return ("missing" if fp is not None else "waiting"), None
+
+
+def plan(targets: list[str]) -> list[str]:
+    """Targets plus every stage they need, in pipeline order."""
+    need: set[str] = set()
+
+    def add(s: str) -> None:
+        if s not in need:
+            need.add(s)
+            for d in STAGE_INPUTS[s]:
+                add(d)
+
+    for t in targets:
+        add(t)
+    return [s for s in STAGES if s in need]
+
+
+def _summary_table(stage: str, result: StageResult, seconds: float) -> Table:
+    table = Table(title=f"[bold green]{stage}[/] done in {seconds:.1f}s", title_justify="left", show_header=False)
+    table.add_column(style="cyan")
+    table.add_column()
+    for k, v in result.summary:
+        table.add_row(k, v)
+    return table
+
+
+def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: bool = False) -> dict[str, Any]:
+    """Run one stage unless a complete manifest with the same fingerprint exists."""
+    fp = expected_fingerprint(recipe, run, stage)
+    if fp is None:
+        raise StageFailed(stage, f"its inputs {STAGE_INPUTS[stage]} are not complete")
+    done = run.manifest(stage)
+    if done is not None and done.get("fingerprint") == fp and not force:
+        console.print(f"[dim]{stage}: unchanged since {done.get('finished_at', '?')}, skipped[/]")
+        return done
+    work = run.begin(stage, fp)
+    ctx = StageContext(recipe, run, work, {d: run.stage_dir(d) for d in STAGE_INPUTS[stage]}, console)
+    console.rule(f"[bold]{stage}")
+    started = time.time()
+    try:
+        result: StageResult = _module(stage).run(ctx)
+    except StageFailed:
+        raise
+    except Exception as err:  # noqa: BLE001 - reported with the stage name, traceback kept in the run dir
+        (run.path / ".partial").mkdir(parents=True, exist_ok=True)
+        (run.path / ".partial" / f"{stage}.error.txt").write_text(traceback.format_exc())
+        raise StageFailed(stage, f"{type(err).__name__}: {err}") from err
+    finished = time.time()
+    manifest = {
+        "stage": stage,
+        "recipe": recipe.name,
+        "fingerprint": fp,
+        "distill_version": __version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+        "duration_s": round(finished - started, 3),
+        "inputs": {d: run.manifest(d)["fingerprint"] for d in STAGE_INPUTS[stage]},
+        "counts": result.counts,
+        **result.extra,
+    }
+    manifest = run.complete(stage, manifest)
+    console.print(_summary_table(stage, result, finished - started))
+    return manifest
+
+
+def run_pipeline(recipe: Recipe, targets: list[str], console: Console, force: list[str] | None = None) -> None:
+    """Run the targets and what they need, under the run directory's lock."""
+    run = RunDir(recipe.run_path)
+    with run.lock():
+        for stage in plan(targets):
+            run_stage(recipe, run, stage, console, force=stage in (force or []))
