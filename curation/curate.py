@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.filters import chain
-from pipeline.recipe import SplitConfig
+from pipeline.config.curate import SplitConfig
 from pipeline.record import from_table, input_key, to_table
 from pipeline.rundir import write_json_atomic
 from pipeline.stages import StageContext, StageResult

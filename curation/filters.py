@@ -10,14 +10,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.recipe import CurateConfig
+from pipeline.config.curate import CurateConfig
 from pipeline.record import input_key
 
 Records = list[dict[str, Any]]
 Operator = Callable[[Records, CurateConfig], tuple[Records, list[str | None]]]
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-PHONE = re.compile(r"(?<![\w+])\+?\d{1,3}?[ .-]?\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}(?!\w)")
+PHONE = re.compile(r"(?<![\w+])(?:\+?\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}(?!\w)")
 PII_PATTERNS = {"email": (EMAIL, "<EMAIL>"), "phone": (PHONE, "<PHONE>")}
 REFUSAL = re.compile(
     r"^\s*(i'?m sorry|i am sorry|sorry, (but )?i|i can(no|')t (help|assist)|i cannot (help|assist)|"

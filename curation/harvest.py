@@ -17,7 +17,8 @@ from fsspec.implementations.local import LocalFileSystem
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from curation.openai_logs import BadRecord, parse_line
-from pipeline.recipe import OpenAISource, Recipe
+from pipeline.config.harvest import OpenAISource
+from pipeline.recipe import Recipe
 from pipeline.record import to_table
 from pipeline.rundir import sha256_file
 from pipeline.stages import StageContext, StageResult

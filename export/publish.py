@@ -35,6 +35,9 @@ def _reload_check(model, tokenizer, folder) -> float:
 
 
 def run(ctx: StageContext) -> StageResult:
+    from training.train import quiet_hf
+
+    quiet_hf()
     import torch
 
     cfg = ctx.recipe.export

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.recipe import NAME_RE
+from pipeline.config.base import NAME_RE
 from pipeline.rundir import checksums, sha256_file
 
 VERSION_RE = re.compile(r"^v(\d+)$")

@@ -83,7 +83,7 @@ def _status(recipe_path: str, console: Console) -> int:
         state, m = stage_state(recipe, run, stage)
         counts = ", ".join(f"{k}={v}" for k, v in (m or {}).get("counts", {}).items() if not isinstance(v, dict))
         table.add_row(stage, f"[{colors[state]}]{state}[/]", (m or {}).get("finished_at", ""),
-                      f"{m['duration_s']:.1f}s" if m else "", counts[:90])
+                      f"{m['duration_s']:.1f}s" if m else "", counts)
     console.print(table)
     console.print("[dim]complete: up to date; stale: config or inputs changed since; partial: interrupted "
                   "(rerun to finish); missing: not run; waiting: needs an earlier stage[/]")
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run_pipeline(recipe, targets, console, force=force)
             except StageFailed as err:
-                console.print(f"[bold red]error:[/] {err}")
+                console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
                 tb = RunDir(recipe.run_path).path / ".partial" / f"{err.stage}.error.txt"
                 if tb.exists():
                     console.print(f"[dim]traceback: {tb}; rerun the same command once fixed: finished stages "
-                                  "are kept[/]")
+                                  "are kept[/]", soft_wrap=True)
                 return err.exit_code
             console.print(f"[bold green]done[/]: {', '.join(targets)} for recipe '{recipe.name}' in {recipe.run_path}")
             return EXIT_OK

@@ -24,6 +24,11 @@ MESSAGE = pa.struct(
     ]
 )
 
+# One generated token with the teacher's top-k alternatives (OpenAI's ``logprobs.content`` shape). Kept when
+# the logs or a re-generation hold them, for sparse logit distillation.
+TOP_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float32())])
+TOKEN_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float32()), ("top", pa.list_(TOP_LOGPROB))])
+
 RECORD_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -40,7 +45,8 @@ RECORD_SCHEMA = pa.schema(
         ("error", pa.string()),
         (
             "teacher",
-            pa.struct([("model", pa.string()), ("provider", pa.string()), ("params", pa.string())]),
+            pa.struct([("model", pa.string()), ("provider", pa.string()), ("params", pa.string()),
+                       ("logprobs", pa.list_(TOKEN_LOGPROB))]),
         ),
         ("usage", pa.struct([("input_tokens", pa.int64()), ("output_tokens", pa.int64())])),
         ("latency_ms", pa.float64()),

@@ -4,6 +4,7 @@ for assistant-only loss, and a BPE tokenizer trained from the curated data for s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,7 +37,7 @@ def training_messages(record: dict[str, Any]) -> list[dict[str, str]]:
 def check_assistant_mask(tokenizer) -> None:
     """Fail early when the chat template does not mark assistant turns (the loss mask would be all zeros)."""
     template = tokenizer.chat_template or ""
-    if "generation" not in template:
+    if not re.search(r"{%-?\s*generation\s*-?%}", template):
         raise ValueError(
             "the student's chat template has no {% generation %} block, so assistant-only loss would train on "
             "nothing. Use a tokenizer whose template marks assistant turns, or set the template to "

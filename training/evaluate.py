@@ -84,6 +84,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(ctx: StageContext) -> StageResult:
+    from training.train import quiet_hf
+
+    quiet_hf()
     cfg = ctx.recipe.evaluate
     records = from_table(pq.read_table(ctx.inputs["curate"] / "test.parquet"))
     if cfg.max_records:

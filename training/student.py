@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.recipe import StudentConfig, StudentFromConfig
+from pipeline.config.train import StudentConfig, StudentFromConfig
 
 
 def build_from_config(cfg: StudentFromConfig, tokenizer, max_length: int, seed: int):

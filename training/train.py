@@ -44,6 +44,64 @@ def _metrics_callback(path: Path):
     return MetricsToJsonl()
 
 
+def _progress_callback(console):
+    """A rich progress bar over optimizer steps showing the latest train and validation loss."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self):
+            self.progress = None
+            self.task = None
+            self.loss = self.eval_loss = "-"
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
+                                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+                self.progress.start()
+                self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                                   loss="-", val="-")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress and logs:
+                if "loss" in logs:
+                    self.loss = f"{float(logs['loss']):.4f}"
+                if "eval_loss" in logs:
+                    self.eval_loss = f"{float(logs['eval_loss']):.4f}"
+                self.progress.update(self.task, loss=self.loss, val=self.eval_loss)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress:
+                self.progress.stop()
+                self.progress = None
+
+    return RichProgress()
+
+
+def quiet_hf() -> None:
+    """Silence transformers' and datasets' own progress bars and info logs: stages print their own."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+
+
 def _precision(name: str) -> dict[str, bool]:
     import torch
 
@@ -90,6 +148,7 @@ def train_student(ctx: StageContext) -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
+    quiet_hf()
     cfg = ctx.recipe.train
     train_records = read_split(ctx.inputs["curate"], "train")
     val_records = read_split(ctx.inputs["curate"], "val")
@@ -132,11 +191,15 @@ def train_student(ctx: StageContext) -> dict[str, Any]:
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         dataset_num_proc=None,
+        disable_tqdm=True,
         **_precision(cfg.precision),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[_metrics_callback(ctx.work / "metrics.jsonl")])
+                         callbacks=[_metrics_callback(ctx.work / "metrics.jsonl"), _progress_callback(ctx.console)])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows the losses
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     if last and _is_main():

@@ -1,0 +1,123 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from pipeline.cli import main as cli
+from pipeline.recipe import load_recipe
+from pipeline.rundir import RunDir
+from pipeline.stages import stage_state
+
+from conftest import ROOT
+
+
+def manifests(run):
+    return {s: json.loads((run / s / "manifest.json").read_text()) for s in ("harvest", "curate")
+            if (run / s / "manifest.json").exists()}
+
+
+def test_unchanged_stages_are_skipped_and_changed_ones_rerun(project, capsys):
+    recipe = project()
+    run = recipe.parent / "runs" / "t"
+    assert cli(["curate", str(recipe)]) == 0
+    first = manifests(run)
+    assert first["harvest"]["status"] == first["curate"]["status"] == "complete"
+    assert set(first["curate"]["outputs"]) >= {"train.parquet", "val.parquet", "test.parquet", "rejected.parquet",
+                                               "report.json"}
+    capsys.readouterr()
+    assert cli(["curate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "harvest: unchanged" in out and "curate: unchanged" in out
+    assert manifests(run) == first
+
+    # Change a curate setting: curate reruns, harvest does not; status shows it stale before.
+    data = yaml.safe_load(recipe.read_text())
+    data["curate"]["split"]["test_fraction"] = 0.3
+    recipe.write_text(yaml.safe_dump(data))
+    r = load_recipe(recipe)
+    assert stage_state(r, RunDir(run), "harvest")[0] == "complete"
+    assert stage_state(r, RunDir(run), "curate")[0] == "stale"
+    assert stage_state(r, RunDir(run), "train")[0] == "missing"
+    assert stage_state(r, RunDir(run), "evaluate")[0] == "waiting"
+    assert cli(["status", str(recipe)]) == 0
+    capsys.readouterr()
+    assert cli(["curate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    second = manifests(run)
+    assert "harvest: unchanged" in out and "curate: unchanged" not in out
+    assert second["harvest"] == first["harvest"]
+    assert second["curate"]["fingerprint"] != first["curate"]["fingerprint"]
+    assert second["curate"]["counts"]["splits"]["test"] > first["curate"]["counts"]["splits"]["test"]
+
+    # New logs arrive: harvest reruns, and so does curate.
+    from curation.demo_traffic import write_demo
+
+    write_demo(recipe.parent / "logs", {"2026-11-24": 100})
+    assert cli(["curate", str(recipe)]) == 0
+    third = manifests(run)
+    assert third["harvest"]["counts"]["records"] > second["harvest"]["counts"]["records"]
+    assert third["curate"]["fingerprint"] != second["curate"]["fingerprint"]
+
+
+def test_a_locked_run_directory_is_refused(project, capsys):
+    recipe = project()
+    run = RunDir(recipe.parent / "runs" / "t")
+    with run.lock("test holder"):
+        assert cli(["harvest", str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert "is in use by pid" in err and "test holder" in err
+    assert not (run.path / "harvest").exists()
+    assert cli(["harvest", str(recipe)]) == 0  # released
+
+
+def test_a_failed_stage_leaves_nothing_complete_and_a_rerun_finishes(project, monkeypatch, capsys):
+    recipe = project()
+    import curation.curate
+
+    real = curation.curate.run
+
+    def crash(ctx):
+        (ctx.work / "train.parquet").write_text("half written")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(curation.curate, "run", crash)
+    assert cli(["curate", str(recipe)]) == 1
+    assert "stage 'curate' failed: RuntimeError: disk on fire" in capsys.readouterr().out
+    run = recipe.parent / "runs" / "t"
+    assert (run / "harvest" / "manifest.json").exists()
+    assert not (run / "curate").exists()
+    assert stage_state(load_recipe(recipe), RunDir(run), "curate")[0] == "partial"
+    monkeypatch.setattr(curation.curate, "run", real)
+    assert cli(["curate", str(recipe)]) == 0
+    assert json.loads((run / "curate" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_killed_training_resumes_from_its_checkpoint(project):
+    """SIGKILL mid-training, then the same command again: it resumes and completes."""
+    recipe = project(train={"max_steps": 400, "save_steps": 10, "logging_steps": 10})
+    assert cli(["curate", str(recipe)]) == 0
+    run = recipe.parent / "runs" / "t"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", str(recipe)], cwd=recipe.parent, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = run / ".partial" / "train" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpts.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(ckpts.glob("checkpoint-*")), "training never wrote a checkpoint"
+    assert not (run / "train").exists(), "a killed stage must not look complete"
+    data = yaml.safe_load(recipe.read_text())
+    assert data["train"]["max_steps"] == 400
+    done = subprocess.run([sys.executable, "-m", "training.train", str(recipe)], cwd=recipe.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+    info = json.loads((run / "train" / "student.json").read_text())
+    assert info["steps"] == 400
