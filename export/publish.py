@@ -2,12 +2,14 @@
 config, check that the saved copy reloads with the same outputs, and publish it to the store with a
 manifest of its lineage, scores and checksums.
 
-Writes ``export/<model_name>/`` (the artefact) and ``export/manifest.json``; the store gets a new version.
+Writes ``export/<model_name>/`` (the artefact, with the run's ``routing_policy.json``) and
+``export/manifest.json``; the store gets a new version.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib.metadata import version as pkg_version
 from typing import Any
@@ -16,7 +18,7 @@ import pyarrow.parquet as pq
 
 from export.store import publish
 from pipeline.artifacts import load_trained_student, student_info
-from pipeline.rundir import digest
+from pipeline.rundir import digest, sha256_file
 from pipeline.stages import StageContext, StageResult
 
 
@@ -49,6 +51,11 @@ def run(ctx: StageContext) -> StageResult:
     model.save_pretrained(art, safe_serialization=True)
     tokenizer.save_pretrained(art)
     diff = _reload_check(model, tokenizer, art)
+    # The routing policy fitted for this student travels with it; its tokenizer.json is the artefact's own.
+    policy_src = ctx.inputs["route"] / "routing_policy.json"
+    if (ctx.inputs["route"] / "tokenizer.json").read_bytes() != (art / "tokenizer.json").read_bytes():
+        raise RuntimeError("the routing policy was fitted with another tokenizer than the exported student's")
+    shutil.copyfile(policy_src, art / "routing_policy.json")
     if diff > (1e-4 if cfg.dtype == "float32" else 1e-2):
         raise RuntimeError(f"the saved student does not reproduce the merged model (max logit diff {diff:.3g})")
     info = student_info(train_dir)
@@ -73,6 +80,7 @@ def run(ctx: StageContext) -> StageResult:
         "scores": {"overall": scores["overall"], "functions": scores["functions"],
                    "cost_per_1k_requests_usd": scores["cost_per_1k_requests_usd"]},
         "reload_max_logit_diff": diff,
+        "routing_policy_sha256": sha256_file(art / "routing_policy.json"),
         "packages": {p: pkg_version(p) for p in ("distill", "torch", "transformers", "peft", "trl")},
     }
     version = publish(cfg.store, cfg.model_name, art, manifest)

@@ -6,7 +6,8 @@ traffic's quality (student answers where kept, teacher answers elsewhere, scored
 stays within ``route.tolerance`` of the teacher's while sending as much as possible to the student.
 
 Writes ``routing_policy.json``, ``tokenizer.json`` (what the Router counts tokens with) and
-``calibration.json`` (per function: the whole curve of quality against student share).
+``calibration.json`` (per function: the whole curve of quality against student share). The export stage
+publishes the policy with the student, in the same store version.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def _quantile(xs: list[int], q: float) -> int:
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.route
-    export_cfg = ctx.recipe.export
-    tok_src = ctx.inputs["export"] / export_cfg.model_name / "tokenizer.json"
+    train_dir = ctx.inputs["train"]
+    tok_src = next(p for p in (train_dir / "model" / "tokenizer.json", train_dir / "adapter" / "tokenizer.json")
+                   if p.is_file())
     shutil.copyfile(tok_src, ctx.work / "tokenizer.json")
     from tokenizers import Tokenizer
 
@@ -107,12 +109,12 @@ def run(ctx: StageContext) -> StageResult:
                             "student_quality_all": sum(q for _, q in points) / len(points)},
         }
         calibration[fn] = {"n": len(rows), "curve": fit["curve"]}
-    published = json.loads((ctx.inputs["export"] / "published.json").read_text())
-    teachers = ctx.run.manifest("export").get("lineage", {}).get("teacher_models", [])
+    teachers = sorted({t["model"] for t in pq.read_table(ctx.inputs["curate"] / "train.parquet", columns=["teacher"])
+                       .column("teacher").to_pylist() if t and t.get("model")})
     policy = {
         "schema": POLICY_SCHEMA,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "student": published,
+        "student": {"name": ctx.recipe.export.model_name, "train_fingerprint": ctx.run.manifest("train")["fingerprint"]},
         "teacher": {"models": teachers},
         "quality": {"metric": "exact_match against the teacher", "tolerance": cfg.tolerance},
         "tokenizer": {"file": "tokenizer.json",

@@ -22,8 +22,8 @@ stages (each reads the run directory <run_dir>/<name>/ and writes its own folder
   curate    filters, dedup, PII redaction, stable train/val/test split (curate/*.parquet, report.json)
   train     SFT of a LoRA or full student on teacher outputs (train/model or train/adapter, metrics.jsonl)
   evaluate  student vs teacher on the test split: exact match, JSON field accuracy, cost (evaluate/scores.json)
-  export    merged student + manifest published to the store as an immutable version
-  route     routing_policy.json: which requests the student may answer
+  route     routing_policy.json: which requests the student may answer, fitted on the held-out results
+  export    merged student + routing policy + manifest published to the store as an immutable version
 
 A stage whose config and inputs did not change is skipped; running one stage runs what it needs first.
 

@@ -24,6 +24,14 @@ from pipeline.config.train import TrainConfig
 __all__ = ["NAME_RE", "Recipe", "RecipeError", "load_recipe", "parse_recipe"]
 
 
+# Recipe fields outside a stage's own section that the stage reads, as dotted paths: they join its fingerprint.
+# (curate counts lengths in the student's tokens; route and export name the published student.)
+SECTION_ALSO_READS: dict[str, tuple[str, ...]] = {
+    "curate": ("train.student",),
+    "route": ("export.model_name",),
+}
+
+
 class RecipeError(ValueError):
     """An invalid recipe: the message names the file, the field path, the bad value and what is allowed."""
 
@@ -50,7 +58,13 @@ class Recipe(Section):
 
     def section(self, stage: str) -> dict[str, Any]:
         """The config a stage's fingerprint depends on (plus the seed, which every stage may use)."""
-        return {"seed": self.seed, stage: getattr(self, stage).model_dump(mode="json")}
+        out: dict[str, Any] = {"seed": self.seed, stage: getattr(self, stage).model_dump(mode="json")}
+        for dotted in SECTION_ALSO_READS.get(stage, ()):
+            value: Any = self
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            out[dotted] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return out
 
 
 def _format_errors(err: ValidationError, data: Any, source: str) -> str:

@@ -23,15 +23,17 @@ from typing import Any
 
 from pipeline import __version__
 
-STAGES = ("harvest", "curate", "train", "evaluate", "export", "route")
+# route runs before export: the routing policy is fitted for this student and published with it, inside the
+# same immutable store version, so a platform team pulls the artefact and the policy that belongs to it.
+STAGES = ("harvest", "curate", "train", "evaluate", "route", "export")
 # What each stage reads from the run directory.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "harvest": (),
     "curate": ("harvest",),
     "train": ("curate",),
     "evaluate": ("curate", "train"),
-    "export": ("curate", "train", "evaluate"),
-    "route": ("curate", "train", "evaluate", "export"),
+    "route": ("curate", "train", "evaluate"),
+    "export": ("curate", "train", "evaluate", "route"),
 }
 
 

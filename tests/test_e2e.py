@@ -71,6 +71,10 @@ def test_pull_loads_in_transformers_and_generates(e2e, tmp_path):
     assert len(lineage["recipe_sha256"]) == 64 and len(lineage["data_sha256"]) == 64
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert manifest["scores"]["functions"]["ticket_triage"]["n"] > 0
+    # The routing policy fitted for this student is published with it and loads from the pulled folder.
+    assert manifest["routing_policy_sha256"] == manifest["files"]["routing_policy.json"]
+    policy = Router.load(dest / "routing_policy.json").policy
+    assert policy["student"]["name"] == "tiny-student"
     tok = AutoTokenizer.from_pretrained(dest)
     model = AutoModelForCausalLM.from_pretrained(dest, use_safetensors=True)
     trained = AutoModelForCausalLM.from_pretrained(e2e / "runs/t/train/model", use_safetensors=True)
