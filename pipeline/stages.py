@@ -30,6 +30,16 @@ STAGE_MODULES = {
     "route": "export.route",
 }
 
+# Output files that describe a run rather than feed the next stage (they hold timings): they do not count in the
+# fingerprint of the stages that read this one, so a rerun that reproduces the same data does not rerun them.
+REPORT_FILES = ("report.json", "metrics.jsonl", "quarantine.jsonl")
+
+
+def data_digest(outputs: dict[str, str]) -> str:
+    """Digest of a stage's output checksums, leaving out the report files."""
+    return digest({k: v for k, v in outputs.items() if k.rsplit("/", 1)[-1] not in REPORT_FILES})
+
+
 # Stages that read files outside the run directory: a function giving those files' content hashes.
 EXTERNAL_INPUTS = {"harvest": "curation.harvest:external_inputs"}
 
@@ -72,7 +82,7 @@ def expected_fingerprint(recipe: Recipe, run: RunDir, stage: str) -> str | None:
         m = run.manifest(dep)
         if m is None:
             return None
-        inputs[dep] = digest(m["outputs"])
+        inputs[dep] = data_digest(m["outputs"])
     if stage in EXTERNAL_INPUTS:
         module, func = EXTERNAL_INPUTS[stage].split(":")
         inputs.update(getattr(importlib.import_module(module), func)(recipe))

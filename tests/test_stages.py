@@ -121,3 +121,16 @@ def test_killed_training_resumes_from_its_checkpoint(project):
     assert "resuming from" in done.stdout
     info = json.loads((run / "train" / "student.json").read_text())
     assert info["steps"] == 400
+
+
+def test_a_forced_rerun_that_reproduces_the_data_does_not_rerun_what_follows(project, capsys):
+    """Reports carry timings; only data files count in the next stage's fingerprint."""
+    recipe = project()
+    assert cli(["curate", str(recipe)]) == 0
+    run = recipe.parent / "runs" / "t"
+    before = json.loads((run / "curate" / "manifest.json").read_text())
+    assert cli(["harvest", str(recipe), "--force"]) == 0
+    capsys.readouterr()
+    assert cli(["curate", str(recipe)]) == 0
+    assert "curate: unchanged" in capsys.readouterr().out
+    assert json.loads((run / "curate" / "manifest.json").read_text()) == before
