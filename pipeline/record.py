@@ -9,9 +9,11 @@ schema is stable whatever the logs hold.
 from __future__ import annotations
 
 import hashlib
-import json
+from datetime import datetime, timedelta, timezone
+from itertools import accumulate, chain
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 MESSAGE = pa.struct(
@@ -58,6 +60,11 @@ RECORD_SCHEMA = pa.schema(
 )
 
 
+def dumps(obj: Any) -> str:
+    """Compact JSON with sorted keys: how free-form parts (tool calls, tools, parameters) are stored."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+
+
 def message(role: str, content: str | None, name=None, tool_call_id=None, tool_calls=None) -> dict[str, Any]:
     """A canonical chat message."""
     return {
@@ -65,20 +72,113 @@ def message(role: str, content: str | None, name=None, tool_call_id=None, tool_c
         "content": content,
         "name": name,
         "tool_call_id": tool_call_id,
-        "tool_calls": json.dumps(tool_calls, sort_keys=True) if tool_calls else None,
+        "tool_calls": dumps(tool_calls) if tool_calls else None,
     }
 
 
+# A record as a flat row (what the fast importers produce and the Arrow builder reads): the fields in schema order,
+# with messages as (role, content, name, tool_call_id, tool_calls) tuples, output likewise (or None), teacher as
+# (model, provider, params, logprobs), usage as (input_tokens, output_tokens), maps as dicts, and the timestamp as
+# milliseconds since the epoch.
+ROW_FIELDS = tuple(f.name for f in RECORD_SCHEMA)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def epoch_ms(ts: Any) -> int | None:
+    """Milliseconds since the epoch (naive times are UTC), as Arrow stores the record timestamp; a datetime, or
+    anything Arrow takes as a timestamp (numpy datetime64, pandas Timestamp)."""
+    if ts is None:
+        return None
+    if isinstance(ts, datetime):
+        return ((ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)) - _EPOCH) // _ONE_MS
+    return pa.scalar(ts).cast(RECORD_SCHEMA.field("timestamp").type).value
+
+
+def _msg(m: dict[str, Any]) -> tuple:
+    return (m.get("role"), m.get("content"), m.get("name"), m.get("tool_call_id"), m.get("tool_calls"))
+
+
+def record_row(r: dict[str, Any]) -> tuple:
+    """A record dict as a flat row (see ROW_FIELDS)."""
+    ms = r.get("messages")
+    out = r.get("output")
+    t = r.get("teacher")
+    u = r.get("usage")
+    ts = r.get("timestamp")
+    return (
+        r.get("id"), r.get("source"), ts if isinstance(ts, int) else epoch_ms(ts), r.get("function"),
+        r.get("episode_id"), None if ms is None else [_msg(m) for m in ms], r.get("tools"),
+        r.get("response_format"), None if out is None else _msg(out), r.get("finish_reason"), r.get("status_code"),
+        r.get("error"),
+        None if t is None else (t.get("model"), t.get("provider"), t.get("params"), t.get("logprobs")),
+        None if u is None else (u.get("input_tokens"), u.get("output_tokens")),
+        r.get("latency_ms"), r.get("cost_usd"), r.get("feedback"), r.get("tags"), r.get("split"),
+    )
+
+
+def _mask(values: Any) -> pa.Array | None:
+    if None not in values:
+        return None
+    return pa.array([v is None for v in values], pa.bool_())
+
+
+def _struct(values: tuple, type_: pa.StructType, width: int) -> pa.Array:
+    mask = _mask(values)
+    if mask is not None:
+        empty = (None,) * width
+        values = tuple(v or empty for v in values)
+    cols = list(zip(*values, strict=True)) if values else [()] * width
+    return pa.StructArray.from_arrays([pa.array(c, f.type) for c, f in zip(cols, type_, strict=True)],
+                                      fields=list(type_), mask=mask)
+
+
+def _offsets(values: tuple) -> pa.Array:
+    lengths = map(len, values) if None not in values else (len(v) if v else 0 for v in values)
+    return pa.array(list(accumulate(lengths, initial=0)), pa.int32())
+
+
+def _messages(values: tuple) -> pa.Array:
+    mask = _mask(values)
+    flat = tuple(chain.from_iterable(v for v in values if v) if mask is not None else chain.from_iterable(values))
+    return pa.ListArray.from_arrays(_offsets(values), _struct(flat, MESSAGE, 5), mask=mask)
+
+
+def _map(values: tuple, type_: pa.MapType) -> pa.Array:
+    mask = _mask(values)
+    present = [v for v in values if v] if mask is not None else values
+    if all(type(v) is dict for v in present):  # the usual case, gathered at C speed
+        keys = list(chain.from_iterable(present))
+        items = list(chain.from_iterable(map(dict.values, present)))
+    else:
+        keys = [k for v in present for k in (v if isinstance(v, dict) else (kv[0] for kv in v))]
+        items = [x for v in present for x in (v.values() if isinstance(v, dict) else (kv[1] for kv in v))]
+    return pa.MapArray.from_arrays(_offsets(values), pa.array(keys, type_.key_type), pa.array(items, type_.item_type),
+                                   mask=mask)
+
+
+def rows_to_table(rows: list[tuple]) -> pa.Table:
+    """Flat rows (see ROW_FIELDS) to an Arrow table with the canonical schema, column by column."""
+    cols = list(zip(*rows, strict=True)) if rows else [()] * len(ROW_FIELDS)
+    arrays = []
+    for f, col in zip(RECORD_SCHEMA, cols, strict=True):
+        if f.name == "messages":
+            arrays.append(_messages(col))
+        elif f.name == "output":
+            arrays.append(_struct(col, MESSAGE, 5))
+        elif f.name in ("teacher", "usage"):
+            arrays.append(_struct(col, f.type, f.type.num_fields))
+        elif f.name in ("feedback", "tags"):
+            arrays.append(_map(col, f.type))
+        else:
+            arrays.append(pa.array(col, f.type))
+    return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
+
+
 def to_table(records: list[dict[str, Any]]) -> pa.Table:
-    """Records (dicts) to an Arrow table with the canonical schema; maps are given as dicts."""
-    rows = []
-    for r in records:
-        row = dict(r)
-        for key in ("feedback", "tags"):
-            v = row.get(key)
-            row[key] = list(v.items()) if isinstance(v, dict) else v
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+    """Records (dicts) to an Arrow table with the canonical schema. Maps are given as dicts (or lists of pairs);
+    missing keys are nulls; extra keys are ignored."""
+    return rows_to_table([record_row(r) for r in records])
 
 
 def from_table(table: pa.Table) -> list[dict[str, Any]]:

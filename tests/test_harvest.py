@@ -1,13 +1,12 @@
 import gzip
 import json
 
-import pyarrow.parquet as pq
 import pytest
+from harvest_helpers import records as read_records
 
 from curation.demo_traffic import DAYS, generate, write_demo
 from curation.openai_logs import BadRecord, parse_line
 from pipeline.cli import main as cli
-from pipeline.record import from_table
 
 from conftest import ROOT
 
@@ -80,7 +79,7 @@ def test_harvest_quarantines_with_file_line_and_reason(project):
     q = [json.loads(x) for x in (run / "quarantine.jsonl").read_text().splitlines()]
     bad = [x for x in q if x["file"].endswith("extra.jsonl")]
     assert [(x["line"], x["reason"].split(":")[0]) for x in bad] == [(2, "invalid JSON"), (4, "line is a JSON list, not an object")]
-    records = from_table(pq.read_table(run / "records-00000.parquet"))
+    records = read_records(run)
     c = manifest["counts"]
     assert c["lines"] == c["records"] + c["quarantined"] == len(records) + len(q)
     assert c["quarantined"] > 5  # the demo traffic has truncated lines and health checks
@@ -105,3 +104,20 @@ def test_demo_traffic_is_deterministic_and_bundled(tmp_path):
     for mess in ('"status_code": 429', '"content": ""', "I'm sorry", '"finish_reason": "length"', "@", "+1 555-",
                  "Quiero", '"thumbs_up": 0', "health check"):
         assert mess in text, mess
+
+
+def test_the_readme_examples_are_valid_recipes():
+    import re
+
+    import yaml
+
+    from pipeline.recipe import parse_recipe
+
+    from conftest import BASE_RECIPE, merge
+
+    text = (ROOT / "docs" / "harvest.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    assert len(blocks) >= 3
+    for b in blocks:
+        harvest = {"sources": BASE_RECIPE["harvest"]["sources"], **b["harvest"]}
+        parse_recipe(merge(BASE_RECIPE, {"harvest": harvest}), "docs/harvest.md")

@@ -1,0 +1,193 @@
+"""Where rows come from: files named by a path, directory, glob or fsspec URL (JSON lines, Parquet, CSV, gzip'd or
+not), read in chunks so memory stays bounded whatever the file size.
+
+A JSON-lines file is read as raw byte blocks cut at line ends (the parsing happens in ``curation.chunks``, possibly
+in worker processes); Parquet and CSV files as lists of row dicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.config.harvest import Location
+
+LOG_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz", ".parquet", ".csv", ".csv.gz")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd")
+SAMPLE = 1 << 20  # bytes hashed at each end of a big file
+
+
+class MissingExtra(ImportError, ValueError):
+    """A location needs an optional dependency (an fsspec backend, a database driver) that is not installed."""
+
+
+def _missing_extra(err: Exception, url: str) -> Exception:
+    return MissingExtra(f"reading {url!r} needs an fsspec backend that is not installed ({err}). For s3:// "
+                       "install the 'cloud' extra: pip install -c constraints.txt -e '.[cloud]'")
+
+
+@dataclass(frozen=True)
+class LogFile:
+    fs: Any
+    path: str
+
+    @property
+    def url(self) -> str:
+        """The file as the user would name it (local paths stay paths)."""
+        return self.path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def compressed(self) -> bool:
+        return self.path.endswith(COMPRESSED)
+
+    def open(self) -> Any:
+        return self.fs.open(self.path, "rb", compression="infer")
+
+    def kind(self, file_format: str) -> str:
+        if file_format != "auto":
+            return file_format
+        stem = self.path
+        for c in COMPRESSED:
+            stem = stem.removesuffix(c)
+        return "parquet" if stem.endswith(".parquet") else "csv" if stem.endswith(".csv") else "jsonl"
+
+    def stamp(self) -> dict[str, Any]:
+        """What identifies this version of the file cheaply: size, modification time (or ETag) and a hash of the
+        first and last MiB."""
+        info = self.fs.info(self.path)
+        size = int(info.get("size") or 0)
+        out: dict[str, Any] = {"size": size, "mtime": str(info.get("mtime") or info.get("LastModified") or ""),
+                               "etag": str(info.get("ETag") or info.get("etag") or "")}
+        if self.local:
+            out["sample"] = sample_hash(self, size)
+        return out
+
+    def content_hash(self, full_below: int = 256 << 20) -> str:
+        """sha256 of a local file (of its size and first and last MiB past 256 MiB); size and ETag elsewhere."""
+        if not self.local:
+            s = self.stamp()
+            return f"{s['size']}:{s['etag'] or s['mtime']}"
+        size = self.fs.size(self.path)
+        if size > full_below:
+            return f"{size}:{sample_hash(self, size)}"
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+
+def sample_hash(f: LogFile, size: int, upto: int | None = None) -> str:
+    """Hash of the first and the last MiB before ``upto`` (default: the end) of a file."""
+    end = size if upto is None else upto
+    h = hashlib.sha256()
+    with f.fs.open(f.path, "rb") as fh:
+        h.update(fh.read(min(SAMPLE, end)))
+        if end > SAMPLE:
+            fh.seek(max(SAMPLE, end - SAMPLE))
+            h.update(fh.read(end - max(SAMPLE, end - SAMPLE)))
+    return h.hexdigest()[:32]
+
+
+def list_files(loc: Location, what: str = "harvest.sources") -> list[LogFile]:
+    """The files a location names (a file, a directory, a glob, an fsspec URL), sorted."""
+    assert loc.path is not None
+    try:
+        fs, _, paths = fsspec.get_fs_token_paths(loc.path)
+    except (ImportError, ValueError) as err:
+        if "protocol" in str(err).lower() or isinstance(err, ImportError):
+            raise _missing_extra(err, loc.path) from None
+        raise
+    if len(paths) == 1 and fs.isdir(paths[0]):
+        paths = [p for p in fs.find(paths[0]) if p.endswith(LOG_SUFFIXES)]
+    paths = [p for p in paths if not fs.isdir(p)]
+    if not paths:
+        raise FileNotFoundError(f"{what}: no files match {loc.path!r}")
+    return [LogFile(fs, p) for p in sorted(paths)]
+
+
+@dataclass
+class Block:
+    """A run of whole lines of one file: ``data`` starts at line ``first_line`` and ends at byte ``end``."""
+
+    data: bytes
+    first_line: int
+    lines: int
+    end: int
+    last: bool  # holds the end of the file
+
+
+def line_blocks(f: LogFile, start: int = 0, first_line: int = 1, max_lines: int = 50_000,
+                max_bytes: int = 32 << 20, read_size: int = 4 << 20) -> Iterator[Block]:
+    """Blocks of whole lines from byte ``start`` of a (decompressed) file; at most about max_lines lines or
+    max_bytes bytes each."""
+    with f.open() as fh:
+        if start:
+            fh.seek(start)
+        pending: list[bytes] = []
+        pending_bytes = pending_lines = 0
+        pos = start
+        tail = b""
+        while True:
+            data = fh.read(read_size)
+            eof = not data
+            buf = tail + data
+            cut = len(buf) if eof else buf.rfind(b"\n") + 1
+            whole, tail = buf[:cut], buf[cut:]
+            if whole:
+                pending.append(whole)
+                pending_bytes += len(whole)
+                pending_lines += whole.count(b"\n") + (0 if whole.endswith(b"\n") else 1)
+            if pending and (eof or pending_lines >= max_lines or pending_bytes >= max_bytes):
+                blob = b"".join(pending)
+                pos += len(blob)
+                yield Block(blob, first_line, pending_lines, pos, eof)
+                first_line += pending_lines
+                pending, pending_bytes, pending_lines = [], 0, 0
+            if eof:
+                return
+
+
+def row_batches(f: LogFile, kind: str, batch_rows: int = 10_000) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+    """(row numbers, rows) of a Parquet or CSV file: Parquet rows count from 1, CSV rows by the line where the row
+    starts (the header is line 1)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with f.open() as fh:
+            row = 1
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
+                rows = batch.to_pylist()
+                yield list(range(row, row + len(rows))), rows
+                row += len(rows)
+        return
+    with f.open() as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
+        reader = csv.DictReader(text)
+        numbers: list[int] = []
+        rows: list[dict[str, Any]] = []
+        start = 2
+        for r in reader:
+            numbers.append(start)
+            start = reader.line_num + 1
+            rows.append({k: (v if v != "" else None) for k, v in r.items() if k is not None})
+            if len(rows) >= batch_rows:
+                yield numbers, rows
+                numbers, rows = [], []
+        if rows:
+            yield numbers, rows
