@@ -1,9 +1,11 @@
 """Reading what the train stage wrote: the contract between train and the stages after it.
 
-``train/student.json`` says what was trained: ``{"method": "full"|"lora", "base": ..., "base_revision": ...}``.
-Full fine-tuning leaves ``train/model/`` (weights, config, tokenizer). LoRA leaves ``train/adapter/``
-(adapter and tokenizer) and, when the base was built from config rather than loaded, ``train/base/``.
-Weights are loaded from safetensors only.
+``train/student.json`` says what was trained: ``{"method": "full"|"lora"|"qlora", "objective": ..., "base": ...,
+"base_path": ..., "base_revision": ..., "teacher": ..., "world_size": ...}`` (``base`` as the recipe names it,
+``base_path`` its absolute path when it is a local folder). Full fine-tuning leaves ``train/model/`` (weights,
+config, tokenizer). LoRA and QLoRA leave ``train/adapter/`` (adapter and tokenizer) and, when the base was built
+from config rather than loaded, ``train/base/``; a QLoRA adapter is applied to the unquantized base here (so
+``merge`` gives a full-precision model). Weights are loaded from safetensors only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def load_trained_student(train_dir: Path, merge: bool = False, dtype=None):
         return model, tokenizer
     from peft import PeftModel
 
-    base = train_dir / "base" if (train_dir / "base").is_dir() else info["base"]
+    base = train_dir / "base"
+    if not base.is_dir():
+        local = info.get("base_path")
+        base = local if local and Path(local).is_dir() else info["base"]
     model = AutoModelForCausalLM.from_pretrained(
         base, revision=None if Path(str(base)).is_dir() else info.get("base_revision"), dtype=dtype,
         use_safetensors=True, trust_remote_code=remote,

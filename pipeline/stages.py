@@ -8,8 +8,10 @@ changed files rerun it.
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline.recipe import Recipe
-from pipeline.rundir import STAGE_INPUTS, STAGES, RunDir, digest, fingerprint
+from pipeline.rundir import STAGE_INPUTS, STAGES, RunDir, RunLockedError, digest, fingerprint
 
 STAGE_MODULES = {
     "harvest": "curation.harvest",
@@ -42,6 +44,14 @@ def data_digest(outputs: dict[str, str]) -> str:
 
 # Stages that read files outside the run directory: a function giving those files' content hashes.
 EXTERNAL_INPUTS = {"harvest": "curation.harvest:external_inputs"}
+
+# Checks that need files (tokenizers, model configs) and run before any stage does work when the stage is due;
+# each raises ValueError naming the recipe field.
+PREFLIGHT = {"train": "training.preflight:check"}
+
+# Stages that every process of a multi-process launch (accelerate launch, torchrun) runs together; the others run
+# on rank 0 alone while the rest wait. Rank 0 holds the lock, prepares the partial folder and writes the manifest.
+DISTRIBUTED_STAGES = ("train",)
 
 
 @dataclass
@@ -126,16 +136,20 @@ def _summary_table(stage: str, result: StageResult, seconds: float) -> Table:
     return table
 
 
-def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: bool = False) -> dict[str, Any]:
-    """Run one stage unless a complete manifest with the same fingerprint exists."""
+def _prepare(recipe: Recipe, run: RunDir, stage: str, force: bool) -> tuple[str, Path | None, dict | None]:
+    """(fingerprint, work folder or None when the stage is skipped, the complete manifest when skipped)."""
     fp = expected_fingerprint(recipe, run, stage)
     if fp is None:
         raise StageFailed(stage, f"its inputs {STAGE_INPUTS[stage]} are not complete")
     done = run.manifest(stage)
     if done is not None and done.get("fingerprint") == fp and not force:
-        console.print(f"[dim]{stage}: unchanged since {done.get('finished_at', '?')}, skipped[/]")
-        return done
-    work = run.begin(stage, fp)
+        return fp, None, done
+    return fp, run.begin(stage, fp), None
+
+
+def _execute(recipe: Recipe, run: RunDir, stage: str, work: Path, console: Console,
+             rank: int = 0) -> tuple[StageResult, float, float]:
+    """Run the stage's module in its work folder; a failure keeps its traceback in the run directory."""
     ctx = StageContext(recipe, run, work, {d: run.stage_dir(d) for d in STAGE_INPUTS[stage]}, console)
     console.rule(f"[bold]{stage}")
     started = time.time()
@@ -145,9 +159,14 @@ def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: 
         raise
     except Exception as err:  # noqa: BLE001 - reported with the stage name, traceback kept in the run dir
         (run.path / ".partial").mkdir(parents=True, exist_ok=True)
-        (run.path / ".partial" / f"{stage}.error.txt").write_text(traceback.format_exc())
+        name = f"{stage}.error.txt" if rank == 0 else f"{stage}.rank{rank}.error.txt"
+        (run.path / ".partial" / name).write_text(traceback.format_exc())
         raise StageFailed(stage, f"{type(err).__name__}: {err}") from err
-    finished = time.time()
+    return result, started, time.time()
+
+
+def _finish(recipe: Recipe, run: RunDir, stage: str, fp: str, result: StageResult, started: float,
+            finished: float, console: Console) -> dict[str, Any]:
     manifest = {
         "stage": stage,
         "recipe": recipe.name,
@@ -165,9 +184,99 @@ def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: 
     return manifest
 
 
+def _skipped(console: Console, stage: str, done: dict[str, Any]) -> None:
+    console.print(f"[dim]{stage}: unchanged since {done.get('finished_at', '?')}, skipped[/]")
+
+
+def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: bool = False) -> dict[str, Any]:
+    """Run one stage unless a complete manifest with the same fingerprint exists."""
+    fp, work, done = _prepare(recipe, run, stage, force)
+    if work is None:
+        _skipped(console, stage, done)
+        return done
+    return _finish(recipe, run, stage, fp, *_execute(recipe, run, stage, work, console), console)
+
+
+def preflight(recipe: Recipe, stages: list[str], force: list[str]) -> None:
+    """Run the early checks of the planned stages that are due (not already complete with this recipe)."""
+    run = RunDir(recipe.run_path)
+    for stage in stages:
+        if stage in PREFLIGHT and (stage in force or stage_state(recipe, run, stage)[0] != "complete"):
+            module, func = PREFLIGHT[stage].split(":")
+            getattr(importlib.import_module(module), func)(recipe)
+
+
 def run_pipeline(recipe: Recipe, targets: list[str], console: Console, force: list[str] | None = None) -> None:
-    """Run the targets and what they need, under the run directory's lock."""
+    """Run the targets and what they need, under the run directory's lock (held by rank 0 under a launcher)."""
+    stages, force = plan(targets), force or []
+    preflight(recipe, stages, force)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _run_ranked(recipe, stages, console, force)
+        return
     run = RunDir(recipe.run_path)
     with run.lock():
-        for stage in plan(targets):
-            run_stage(recipe, run, stage, console, force=stage in (force or []))
+        for stage in stages:
+            run_stage(recipe, run, stage, console, force=stage in force)
+
+
+def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list[str]) -> None:
+    """The pipeline in one process of several (WORLD_SIZE > 1). Rank 0 takes the lock and runs the other stages
+    alone; a distributed stage is prepared by rank 0, run by every rank, and completed by rank 0 once all ranks
+    are done. Rank 0's decisions and failures reach the other ranks, which then stop with the same exit code."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    # The process group the Trainer then reuses; the other ranks may wait this long for rank 0's harvest and curate.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=2))
+    main, rank = state.is_main_process, state.process_index
+    if not main:
+        console = Console(quiet=True)
+
+    def share(obj: Any) -> Any:
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def follow(failure: tuple | None, err: Exception | None) -> None:
+        if failure is None:
+            return
+        if err is not None:
+            raise err
+        kind, stage, code = failure
+        if kind == "locked":
+            raise RunLockedError(f"run directory {run.path} is in use (rank 0 could not take its lock)")
+        raise StageFailed(stage, "rank 0 failed it (see rank 0's output)", code)
+
+    run = RunDir(recipe.run_path)
+    with ExitStack() as stack:
+        failure, err = None, None
+        if main:
+            try:
+                stack.enter_context(run.lock())
+            except RunLockedError as e:
+                failure, err = ("locked", "", 3), e
+        follow(share(failure), err)
+        for stage in stages:
+            decision, err = None, None
+            if main:
+                try:
+                    if stage in DISTRIBUTED_STAGES:
+                        fp, work, done = _prepare(recipe, run, stage, stage in force)
+                        if work is None:
+                            _skipped(console, stage, done)
+                        decision = {"fp": fp, "work": str(work) if work else None}
+                    else:
+                        run_stage(recipe, run, stage, console, force=stage in force)
+                except StageFailed as e:
+                    decision, err = {"failure": ("stage", stage, e.exit_code)}, e
+            decision = share(decision)
+            follow(decision and decision.get("failure"), err)
+            if stage not in DISTRIBUTED_STAGES or decision["work"] is None:
+                continue
+            result, started, finished = _execute(recipe, run, stage, Path(decision["work"]), console, rank)
+            state.wait_for_everyone()  # every rank has written what it writes before the folder moves into place
+            if main:
+                _finish(recipe, run, stage, decision["fp"], result, started, finished, console)

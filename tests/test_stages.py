@@ -1,9 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import yaml
 
@@ -11,8 +6,6 @@ from pipeline.cli import main as cli
 from pipeline.recipe import load_recipe
 from pipeline.rundir import RunDir
 from pipeline.stages import stage_state
-
-from conftest import ROOT
 
 
 def manifests(run):
@@ -96,31 +89,7 @@ def test_a_failed_stage_leaves_nothing_complete_and_a_rerun_finishes(project, mo
     assert json.loads((run / "curate" / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_killed_training_resumes_from_its_checkpoint(project):
-    """SIGKILL mid-training, then the same command again: it resumes and completes."""
-    recipe = project(train={"max_steps": 400, "save_steps": 10, "logging_steps": 10})
-    assert cli(["curate", str(recipe)]) == 0
-    run = recipe.parent / "runs" / "t"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "training.train", str(recipe)], cwd=recipe.parent, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpts = run / ".partial" / "train" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(ckpts.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert any(ckpts.glob("checkpoint-*")), "training never wrote a checkpoint"
-    assert not (run / "train").exists(), "a killed stage must not look complete"
-    data = yaml.safe_load(recipe.read_text())
-    assert data["train"]["max_steps"] == 400
-    done = subprocess.run([sys.executable, "-m", "training.train", str(recipe)], cwd=recipe.parent, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "resuming from" in done.stdout
-    info = json.loads((run / "train" / "student.json").read_text())
-    assert info["steps"] == 400
+# The kill-and-resume test of the train stage lives in tests/test_train_resume.py.
 
 
 def test_a_forced_rerun_that_reproduces_the_data_does_not_rerun_what_follows(project, capsys):

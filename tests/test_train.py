@@ -17,7 +17,7 @@ def losses(run):
 
 
 def test_full_finetune_learns_and_changes_every_weight(project):
-    recipe = project(train={"max_steps": 60, "eval_steps": 30})
+    recipe = project(train={"max_steps": 40, "eval_steps": 20})
     assert cli(["train", str(recipe)]) == 0
     run = recipe.parent / "runs" / "t"
     train, val = losses(run)
@@ -36,7 +36,7 @@ def test_full_finetune_learns_and_changes_every_weight(project):
 
 
 def test_lora_trains_only_the_adapter(project):
-    recipe = project(train={"method": "lora", "max_steps": 40, "learning_rate": 5e-3, "lora": {"r": 8, "alpha": 16}})
+    recipe = project(train={"method": "lora", "max_steps": 24, "learning_rate": 1e-2, "lora": {"r": 8, "alpha": 16}})
     assert cli(["train", str(recipe)]) == 0
     run = recipe.parent / "runs" / "t"
     train, _ = losses(run)
@@ -71,17 +71,20 @@ def _checkpoint(folder, max_positions=512):
 
 
 def test_student_from_a_checkpoint_folder(project):
-    recipe = project(train={"student": {"from_config": None, "checkpoint": "ckpt"}, "max_steps": 20})
+    recipe = project(train={"student": {"from_config": None, "checkpoint": "ckpt"}, "max_steps": 12,
+                            "batch_size": 8})
     _checkpoint(recipe.parent / "ckpt")
     assert cli(["train", str(recipe)]) == 0
     info = json.loads((recipe.parent / "runs/t/train/student.json").read_text())
-    assert info["base"] == "ckpt" and info["steps"] == 20
+    assert info["base"] == "ckpt" and info["steps"] == 12
     train, _ = losses(recipe.parent / "runs" / "t")
     assert train[-1] < train[0]
 
 
 def test_max_length_must_fit_the_model(project, capsys):
+    """Checked before any stage does work (no harvest, no curate), with exit code 2 like any recipe error."""
     recipe = project(train={"student": {"from_config": None, "checkpoint": "ckpt"}, "max_length": 160})
     _checkpoint(recipe.parent / "ckpt", max_positions=128)
-    assert cli(["train", str(recipe)]) == 1
-    assert "train.max_length (160) exceeds the student's context (128 tokens)" in capsys.readouterr().out
+    assert cli(["train", str(recipe)]) == 2
+    assert "train.max_length (160) exceeds the student's context (128 tokens)" in capsys.readouterr().err
+    assert not (recipe.parent / "runs").exists()

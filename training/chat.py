@@ -34,19 +34,45 @@ def training_messages(record: dict[str, Any]) -> list[dict[str, str]]:
     return [*prompt_messages(record), {"role": "assistant", "content": record["output"]["content"] or ""}]
 
 
-def check_assistant_mask(tokenizer) -> None:
-    """Fail early when the chat template does not mark assistant turns (the loss mask would be all zeros)."""
+def has_generation_markers(template: str | None) -> bool:
+    return bool(re.search(r"{%-?\s*generation\s*-?%}", template or ""))
+
+
+def training_template(tokenizer) -> str:
+    """The chat template to tokenize training examples with: the tokenizer's own when it marks assistant turns
+    with {% generation %}, else TRL's training variant of a known template (Qwen, Llama 3, Gemma, Phi, ...).
+    The tokenizer itself is left as it is, so the saved student keeps its own template."""
     template = tokenizer.chat_template or ""
-    if not re.search(r"{%-?\s*generation\s*-?%}", template):
-        raise ValueError(
-            "the student's chat template has no {% generation %} block, so assistant-only loss would train on "
-            "nothing. Use a tokenizer whose template marks assistant turns, or set the template to "
-            "training.chat.CHATML_TEMPLATE."
-        )
+    if isinstance(template, dict):
+        template = template.get("default", "")
+    if has_generation_markers(template):
+        return template
+    if template:
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            patched = get_training_chat_template(tokenizer)
+        except ValueError:
+            patched = None
+        if patched:
+            return patched
+    raise ValueError(
+        "the student's chat template has no {% generation %} block, so assistant-only loss would train on "
+        "nothing. Use a tokenizer whose template marks assistant turns, or set the template to "
+        "training.chat.CHATML_TEMPLATE."
+    )
+
+
+def check_assistant_mask(tokenizer) -> str:
+    """Fail early when the chat template does not mark assistant turns (the loss mask would be all zeros);
+    returns the template training will use."""
+    template = training_template(tokenizer)
     probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    enc = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    enc = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
     if not any(enc["assistant_masks"]):
         raise ValueError("the chat template marks no assistant tokens (empty assistant mask)")
+    return template
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):

@@ -28,16 +28,22 @@ def build_from_config(cfg: StudentFromConfig, tokenizer, max_length: int, seed: 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A tokenizer from a local folder or hub id, with a pad token (the eos token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_checkpoint(cfg: StudentConfig, dtype=None):
     """(model, tokenizer) from a local folder or hub id; safetensors only, remote code only if allowed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         cfg.checkpoint, revision=cfg.revision, dtype=dtype or "auto", use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code,
     )
-    tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint, revision=cfg.revision,
-                                              trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_tokenizer(cfg.checkpoint, cfg.revision, cfg.trust_remote_code)

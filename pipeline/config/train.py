@@ -1,12 +1,37 @@
-"""Recipe section `train`: the student, the method and the optimisation settings."""
+"""Recipe section `train`: the student, the method, the objective (SFT or logit distillation), the optimisation
+settings and the distributed setup.
+
+Checks that need no files are made here, when the recipe is validated. Checks that must load tokenizers or
+configs (teacher and student share a vocabulary, the chat template marks assistant turns, max_length fits the
+model) run in ``training.preflight`` before any stage does work.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.config.base import Section
+
+# DeepSpeed configs shipped in recipes/deepspeed/, by the name a recipe may use instead of a path.
+SHIPPED_DEEPSPEED = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+
+
+def deepspeed_stage(value: str) -> int:
+    """ZeRO stage of a shipped DeepSpeed config name or of a DeepSpeed JSON file."""
+    if value in SHIPPED_DEEPSPEED:
+        return SHIPPED_DEEPSPEED[value]
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"'{value}' is neither a shipped config ({', '.join(SHIPPED_DEEPSPEED)}) nor a JSON file")
+    try:
+        stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{value} is not a DeepSpeed JSON config: {err}") from None
+    return int(stage)
 
 
 class StudentFromConfig(Section):
@@ -17,6 +42,11 @@ class StudentFromConfig(Section):
     num_kv_heads: int | None = Field(None, gt=0, description="Key/value heads for grouped-query attention.")
     intermediate_size: int | None = Field(None, gt=0, description="MLP width; default 4 x hidden_size.")
     vocab_size: int = Field(2048, ge=300, description="Size of the BPE tokenizer trained on the curated data.")
+    tokenizer: str | None = Field(
+        None,
+        description="Reuse this tokenizer (local folder or hub id) instead of training one on the curated data; "
+        "logit distillation needs it to be the teacher's. vocab_size is then ignored.",
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> StudentFromConfig:
@@ -51,24 +81,122 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
 
 
+class QLoraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+
+
+class DistillConfig(Section):
+    """How the student learns from the teacher when train.objective is a distillation objective."""
+
+    teacher: str | None = Field(
+        None,
+        description="Teacher checkpoint (local folder or hub id) for dense_kd and on_policy_kd; it must share the "
+        "student's tokenizer. Not used by sparse_kd, which reads the top-k logprobs logged on the records.",
+    )
+    teacher_revision: str | None = Field(None, description="Hub revision of the teacher checkpoint.")
+    teacher_trust_remote_code: bool = Field(False, description="Allow the teacher checkpoint's own Python code.")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl",
+        description="Divergence between teacher and student next-token distributions: forward_kl KL(teacher||student) "
+        "(mass-covering), reverse_kl KL(student||teacher) (mode-seeking), jsd the generalised Jensen-Shannon "
+        "divergence with weight beta.",
+    )
+    beta: float = Field(0.5, gt=0, lt=1, description="jsd only: mixture weight of the teacher in M = beta P + (1-beta) Q.")
+    temperature: float = Field(
+        1.0, gt=0, description="Both distributions are softened by this temperature; the loss is scaled by T^2."
+    )
+    ce_weight: float = Field(
+        0.5, ge=0, le=1,
+        description="Loss = ce_weight x cross-entropy on the teacher's text + (1 - ce_weight) x divergence.",
+    )
+    top_k: int = Field(
+        20, gt=0, le=100,
+        description="sparse_kd: keep at most this many logged alternatives per token; the probability mass the "
+        "logs do not cover goes to one 'rest' bucket.",
+    )
+    max_new_tokens: int = Field(128, gt=0, description="on_policy_kd: longest completion the student samples.")
+
+
+Objective = Literal["sft", "dense_kd", "sparse_kd", "on_policy_kd"]
+
+
 class TrainConfig(Section):
     student: StudentConfig
-    method: Literal["full", "lora"] = Field("lora", description="Full fine-tuning or a LoRA adapter.")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="Full fine-tuning, a LoRA adapter, or QLoRA (a LoRA adapter on a 4-bit base)."
+    )
+    objective: Objective = Field(
+        "sft",
+        description="sft: cross-entropy on the teacher's outputs. dense_kd: match the full next-token distribution "
+        "of a local teacher checkpoint (train.distill.teacher). sparse_kd: match the top-k teacher logprobs logged on "
+        "the records. on_policy_kd: the student samples its own answers and the teacher scores them (TRL).",
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Logit distillation settings.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QLoraConfig = Field(default_factory=QLoraConfig)
     epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(8, gt=0, description="Sequences per device per step.")
+    batch_size: int = Field(8, gt=0, description="Sequences (packed rows when packing) per device per step.")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(512, gt=8, description="Longest tokenized example; longer ones are truncated.")
-    packing: bool = Field(False, description="Pack several examples per row (kept apart by position ids).")
+    packing: bool = Field(
+        False,
+        description="Pack several examples per row of max_length tokens (best-fit decreasing); position ids keep "
+        "them apart, so no example attends to or is scored across another.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     logging_steps: int = Field(10, gt=0, description="Write a metrics.jsonl line every N steps.")
     save_steps: int = Field(200, gt=0, description="Checkpoint every N steps (training resumes from the last one).")
     eval_steps: int | None = Field(None, gt=0, description="Validation loss every N steps (default: each epoch).")
+    early_stopping_patience: int | None = Field(
+        None, gt=0,
+        description="Stop when validation loss has not improved for this many evaluations, and keep the best "
+        "checkpoint. Needs eval_steps, and save_steps a multiple of it.",
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest validation loss drop that counts.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto' is bf16 on a GPU that supports it, fp32 on CPU."
     )
+    deepspeed: str | None = Field(
+        None,
+        description="DeepSpeed config for the Trainer: a shipped one (zero2, zero3, zero3_offload from "
+        "recipes/deepspeed/) or a JSON file. Alternatively launch with recipes/accelerate/zero*.yaml.",
+    )
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list, description="Extra loggers.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        kd = self.objective in ("dense_kd", "on_policy_kd")
+        if kd and not self.distill.teacher:
+            raise ValueError(f"objective '{self.objective}' needs train.distill.teacher (a local folder or hub id)")
+        if self.objective in ("sft", "sparse_kd") and self.distill.teacher:
+            raise ValueError(f"train.distill.teacher is not used by objective '{self.objective}'; remove it")
+        fc = self.student.from_config
+        if kd and fc is not None and fc.tokenizer is None:
+            raise ValueError(
+                "a student built from_config trains its own tokenizer, which no teacher shares: set "
+                "train.student.from_config.tokenizer to the teacher's, or use train.student.checkpoint"
+            )
+        if self.objective == "on_policy_kd" and self.packing:
+            raise ValueError("packing does not apply to on_policy_kd (the student generates its own sequences)")
+        if self.deepspeed is not None:
+            stage = deepspeed_stage(self.deepspeed)
+            if self.method == "qlora" and stage == 3:
+                raise ValueError(
+                    f"QLoRA cannot run under DeepSpeed ZeRO-3 (train.deepspeed: {self.deepspeed}): ZeRO-3 shards "
+                    "parameters and cannot partition 4-bit weights. Use zero2, or method: lora"
+                )
+        if self.early_stopping_patience is not None:
+            if self.eval_steps is None:
+                raise ValueError("early_stopping_patience needs eval_steps (how often validation loss is measured)")
+            if self.save_steps % self.eval_steps:
+                raise ValueError(
+                    f"early_stopping_patience keeps the best checkpoint, so save_steps ({self.save_steps}) must be a "
+                    f"multiple of eval_steps ({self.eval_steps})"
+                )
+        return self
