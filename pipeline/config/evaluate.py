@@ -1,8 +1,12 @@
-"""Recipe section `evaluate`: held-out evaluation, prices for cost per 1,000 requests."""
+"""Recipe section `evaluate`: held-out evaluation, its tables, the optional LLM judge, the quality gate and
+the prices for cost per 1,000 requests."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import Section
 
@@ -16,9 +20,110 @@ class StudentPrice(Section):
     usd_per_hour: float = Field(ge=0, description="What the machine serving the student costs per hour.")
 
 
+class JudgeConfig(Section):
+    """An LLM judge behind an OpenAI-compatible chat-completions endpoint grades student and teacher answers."""
+
+    base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://localhost:8000/v1.")
+    model: str = Field(description="Judge model name sent in each request.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (the key itself never goes in "
+                          "a recipe). None: no Authorization header."
+    )
+    functions: list[str] | None = Field(None, description="Judge only these functions (default: all).")
+    judge_teacher: bool = Field(True, description="Also grade the teacher's answers, so the gate compares like "
+                                                  "with like.")
+    max_concurrency: int = Field(8, gt=0, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one judge request.")
+    retries: int = Field(2, ge=0, description="Retries of a failed request (HTTP 429/5xx, timeouts), with backoff.")
+    max_records: int | None = Field(None, gt=0, description="Judge at most this many test records.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class GateConfig(Section):
+    """When a student may be published. Points are percentage points of the quality metric (0-100)."""
+
+    max_points_below_teacher: float | None = Field(
+        None, ge=0, le=100,
+        description="Each function's student quality may be at most this many points below the teacher's. "
+                    "None: not checked.",
+    )
+    functions: dict[str, float] = Field(
+        default_factory=dict, description="Per-function overrides of max_points_below_teacher, e.g. {faq: 5}."
+    )
+    max_regression_points: float | None = Field(
+        1.0, ge=0, le=100,
+        description="Each function may lose at most this many points against the student currently published "
+                    "in the store (0: strictly no regression; None: not checked).",
+    )
+    min_records: int = Field(
+        1, gt=0, description="Functions with fewer held-out records than this are reported but not gated."
+    )
+
+    @field_validator("functions")
+    @classmethod
+    def _points(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if not 0 <= x <= 100]
+        if bad:
+            raise ValueError(f"points must be within 0-100 (function {bad[0]!r})")
+        return v
+
+
 class EvaluateConfig(Section):
     max_new_tokens: int = Field(128, gt=0, description="Longest student answer generated.")
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
     max_records: int | None = Field(None, gt=0, description="Evaluate at most this many test records.")
+    quality: Literal["auto", "exact_match", "field_accuracy", "chrf", "judge"] = Field(
+        "auto",
+        description="Per-answer quality that the gate, the tables and the artefact checks use. 'auto': JSON field "
+                    "accuracy where the teacher answered a JSON object, exact match elsewhere; 'chrf': character "
+                    "n-gram F-score (sacrebleu) against the teacher; 'judge': the LLM judge's grade.",
+    )
+    length_buckets: list[int] = Field(
+        [64, 128, 256, 512, 1024, 2048],
+        description="Upper edges (student input tokens) of the input-length buckets of the tables.",
+    )
+    languages: list[str] = Field(
+        ["en", "es", "de", "fr", "it", "pt", "nl"],
+        description="ISO 639-1 codes the language identifier chooses among (lingua); others count as 'other'.",
+    )
+    latency_samples: int = Field(
+        8, ge=0, description="Prompts also timed alone (batch of one) for single-request latency (0: skip)."
+    )
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    judge: JudgeConfig | None = Field(None, description="Optional LLM judge (OpenAI-compatible endpoint).")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Quality gate checked before export publishes.")
     teacher_price: TeacherPrice = Field(description="Token prices of the teacher, for cost per 1,000 requests.")
     student_price: StudentPrice = Field(description="Hourly cost of serving the student.")
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= 0 for b in v) or any(b >= c for b, c in zip(v, v[1:], strict=False)):
+            raise ValueError("must be a non-empty list of increasing positive token counts")
+        return v
+
+    @field_validator("languages")
+    @classmethod
+    def _iso(cls, v: list[str]) -> list[str]:
+        from lingua import Language
+
+        known = {lang.iso_code_639_1.name.lower() for lang in Language.all()}
+        bad = [c for c in v if c.lower() not in known]
+        if bad:
+            raise ValueError(f"unknown ISO 639-1 code {bad[0]!r}")
+        if len(v) < 2:
+            raise ValueError("name at least two languages")
+        return [c.lower() for c in v]
+
+    @model_validator(mode="after")
+    def _judge_quality(self) -> EvaluateConfig:
+        if self.quality == "judge" and self.judge is None:
+            raise ValueError("quality 'judge' needs a judge section")
+        return self
