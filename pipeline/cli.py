@@ -15,26 +15,35 @@ from pipeline.recipe import RecipeError, load_recipe
 from pipeline.rundir import STAGES, RunDir, RunLockedError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_DRIFT = 6
 
 EPILOG = """\
 stages (each reads the run directory <run_dir>/<name>/ and writes its own folder there):
-  harvest   logged teacher traffic -> canonical records (harvest/records-*.parquet, quarantine.jsonl)
-  curate    filters, dedup, PII redaction, stable train/val/test split (curate/*.parquet, report.json)
-  train     SFT of a LoRA or full student on teacher outputs (train/model or train/adapter, metrics.jsonl)
-  evaluate  student vs teacher on the test split: exact match, JSON field accuracy, cost (evaluate/scores.json)
+  harvest   logs (OpenAI, TensorZero, OpenPipe, mapped JSONL/Parquet/CSV, SQL) -> canonical records; feedback joined;
+            only what is new since the last run; optional teacher re-generation (harvest/records-*.parquet)
+  curate    PII/secret redaction, error/refusal/schema/length/language filters, exact + near dedup,
+            decontamination, balance, stable train/val/test split (curate/*.parquet, rejected.parquet, report.json)
+  train     SFT or logit distillation (dense, sparse top-k, on-policy) of a full, LoRA or QLoRA student;
+            also `accelerate launch -m training.train RECIPE` for DDP / DeepSpeed (train/, metrics.jsonl)
+  evaluate  student vs teacher on the test split: exact match, JSON field accuracy, chrF, confidence intervals,
+            tables, cost per 1,000 requests, quality gate (evaluate/scores.json, gate.json)
   route     routing_policy.json: which requests the student may answer, fitted on the held-out results
-  export    merged student + routing policy + manifest published to the store as an immutable version
+  export    merged master + quantized formats (each re-evaluated) + routing policy + manifest, published to
+            the store as an immutable version (not when the gate failed)
 
 A stage whose config and inputs did not change is skipped; running one stage runs what it needs first.
 
 exit codes: 0 done, 1 a stage failed, 2 bad recipe or arguments, 3 run directory in use,
-            4 a checksum did not match (pull)
+            4 a checksum did not match (pull), 5 the student failed the quality gate (export: not published),
+            6 route-check found drift (recent traffic no longer looks like the calibration)
 
 examples:
   distill run recipes/demo.yaml
   distill train recipes/demo.yaml --force
   distill status recipes/demo.yaml
   distill pull store demo-student@v1 ./student
+  distill serve-router recipes/demo.yaml --student-url http://localhost:8000/v1 --teacher-url URL --log-dir logs/router
+  distill route-check recipes/demo.yaml --logs logs/router
 """
 
 
@@ -65,6 +74,40 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("dest", help="destination folder (must not exist or be empty)")
     ls = sub.add_parser("list", help="list the students and versions in a store")
     ls.add_argument("store")
+    sr = sub.add_parser("serve-router", help="OpenAI-compatible proxy applying a routing policy (student or teacher)",
+                        description="Serve POST /v1/chat/completions: each request goes to the student when the "
+                        "routing policy allows it (and its answer is confident enough), else to the teacher. The "
+                        "decision is in the x-distill-route / x-distill-reasons response headers; every call is "
+                        "logged in the format `distill harvest` reads (teacher-*.jsonl: training data for the next "
+                        "run; student-*.jsonl: for route-check).")
+    sr.add_argument("policy", help="a recipe (its run's route stage), a routing_policy.json or a folder holding one "
+                                   "(e.g. a pulled store version)")
+    sr.add_argument("--student-url", required=True, help="base URL of the student's OpenAI-compatible API (…/v1)")
+    sr.add_argument("--teacher-url", required=True, help="base URL of the teacher's OpenAI-compatible API (…/v1)")
+    sr.add_argument("--student-model", help="model name sent to the student (default: the policy's student name)")
+    sr.add_argument("--teacher-model", help="model name sent to the teacher (default: the one the client sent)")
+    sr.add_argument("--student-key-env", help="NAME of the env var holding the student's API key (never the key)")
+    sr.add_argument("--teacher-key-env", help="NAME of the env var holding the teacher's API key (never the key)")
+    sr.add_argument("--log-dir", default="logs/router", help="where request logs go (default: logs/router)")
+    sr.add_argument("--host", default="127.0.0.1")
+    sr.add_argument("--port", type=int, default=8080)
+    sr.add_argument("--timeout", type=float, default=120.0, help="seconds per upstream call")
+    sr.add_argument("--no-embeddings", action="store_true", help="skip the distance rule (no torch, no MiniLM)")
+    sr.add_argument("--no-language", action="store_true", help="skip the language rule")
+    sr.add_argument("--before-only", action="store_true", help="do not check the student's confidence after it answers")
+    rc = sub.add_parser("route-check", help="compare recent logs with the routing policy's calibration (drift)",
+                        description="Replays the routing policy's pre-generation rules on logged requests and compares "
+                        "per function the escalation rates and the distance and length distributions with "
+                        f"calibration. Exit code {EXIT_DRIFT} when they moved (drift), 0 when not.")
+    rc.add_argument("recipe", help="a recipe (its run's route stage), a routing_policy.json or its folder")
+    rc.add_argument("--logs", required=True, help="a .jsonl(.gz) file, a folder or a glob of OpenAI-format logs")
+    rc.add_argument("--max-rate-change", type=float, default=0.1,
+                    help="flag an escalation rate that moved more than this from calibration (default 0.1)")
+    rc.add_argument("--max-psi", type=float, default=0.2,
+                    help="flag a distance or length distribution whose PSI exceeds this (default 0.2)")
+    rc.add_argument("--min-requests", type=int, default=30, help="functions with fewer requests are never flagged")
+    rc.add_argument("--no-embeddings", action="store_true", help="do not compare distances (no torch)")
+    rc.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
     dd = sub.add_parser("demo-data", help="write the deterministic demo traffic (two days of logs)")
     dd.add_argument("out", nargs="?", default="recipes/data/demo-traffic")
     return p
@@ -87,6 +130,61 @@ def _status(recipe_path: str, console: Console) -> int:
     console.print(table)
     console.print("[dim]complete: up to date; stale: config or inputs changed since; partial: interrupted "
                   "(rerun to finish); missing: not run; waiting: needs an earlier stage[/]")
+    return EXIT_OK
+
+
+def _serve_router(args: argparse.Namespace, console: Console) -> int:
+    from export.proxy import ProxyConfig, serve
+
+    for name in (args.student_key_env, args.teacher_key_env):
+        if name and name not in os.environ:
+            console.print(f"[yellow]warning:[/] environment variable {name} is not set; calls go without a key")
+    cfg = ProxyConfig(student_url=args.student_url, teacher_url=args.teacher_url, log_dir=Path(args.log_dir),
+                      student_model=args.student_model, teacher_model=args.teacher_model,
+                      student_key_env=args.student_key_env, teacher_key_env=args.teacher_key_env,
+                      timeout_s=args.timeout, check_after=not args.before_only)
+    try:
+        serve(args.policy, cfg, args.host, args.port, language=not args.no_language,
+              embeddings=not args.no_embeddings, print_fn=lambda m: console.print(m, soft_wrap=True))
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _route_check(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from export.drift import check, fmt, read_logs
+    from export.proxy import policy_path
+    from export.router import Router
+
+    path = policy_path(args.recipe)
+    try:
+        router = Router.load(path, embeddings=not args.no_embeddings)
+    except ImportError as err:  # no MiniLM here: compare what can be compared
+        console.print(f"[yellow]warning:[/] {err}; distances are not compared", soft_wrap=True)
+        router = Router.load(path, embeddings=False)
+    lines, bad = read_logs(args.logs)
+    report = check(router, lines, args.max_rate_change, args.max_psi, args.min_requests)
+    report["unreadable_lines"] = bad
+    table = Table(title=f"route-check: {report['requests']} logged requests vs the calibration of {path}",
+                  title_justify="left")
+    for col in ("function", "metric", "calibration", "live", "n", "", "note"):
+        table.add_column(col)
+    for r in report["rows"]:
+        table.add_row(r["function"], r["metric"], fmt(r["calibration"]), fmt(r["live"]), str(r["n"]),
+                      "[bold red]DRIFT[/]" if r["drift"] else "[green]ok[/]", r["note"])
+    console.print(table)
+    if bad:
+        console.print(f"[dim]{bad} log lines could not be read (not JSON or no request.messages)[/]")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if report["drift"]:
+        console.print(f"[bold red]drift:[/] recent traffic moved away from what the policy was calibrated on; "
+                      f"rerun the pipeline on recent logs (exit code {EXIT_DRIFT})", soft_wrap=True)
+        return EXIT_DRIFT
+    console.print("[green]no drift[/]: recent traffic matches the calibration")
     return EXIT_OK
 
 
@@ -124,16 +222,27 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 dest = pull(args.store, args.name, args.dest)
             except ChecksumError as err:
-                console.print(f"[bold red]checksum mismatch:[/] {err}")
+                console.print(f"[bold red]checksum mismatch:[/] {err}", soft_wrap=True)
                 return 4
-            console.print(f"pulled {args.name} to {dest}; every checksum verified")
+            from export.store import describe
+
+            console.print(f"pulled {args.name} to {dest}; every checksum verified", soft_wrap=True)
+            for line in describe(dest):
+                console.print(f"  {line}", soft_wrap=True)
             return EXIT_OK
         if args.command == "list":
-            from export.store import list_store
+            from export.store import describe, list_store, manifest
 
             for name, versions, latest in list_store(args.store):
-                console.print(f"{name}: {', '.join(versions)}  (latest: {latest})")
+                console.print(f"{name}: {', '.join(versions)}  (latest: {latest})", soft_wrap=True)
+                if latest:
+                    for line in describe(manifest(args.store, name, latest)):
+                        console.print(f"  {latest}: {line}", soft_wrap=True)
             return EXIT_OK
+        if args.command == "serve-router":
+            return _serve_router(args, console)
+        if args.command == "route-check":
+            return _route_check(args, console)
         if args.command == "demo-data":
             from curation.demo_traffic import write_demo
 

@@ -25,10 +25,10 @@ def test_every_shipped_recipe_validates(path: Path):
 
 def test_bad_value_names_field_value_and_allowed():
     with pytest.raises(RecipeError) as err:
-        parse_recipe(merge(BASE_RECIPE, {"train": {"method": "qlora"}}), "r.yaml")
+        parse_recipe(merge(BASE_RECIPE, {"train": {"method": "dpo"}}), "r.yaml")
     msg = str(err.value)
-    assert "r.yaml" in msg and "train.method" in msg and "'qlora'" in msg
-    assert "'full' or 'lora'" in msg
+    assert "r.yaml" in msg and "train.method" in msg and "'dpo'" in msg
+    assert "'full', 'lora' or 'qlora'" in msg
 
 
 def test_unknown_field_suggests_the_right_one():
