@@ -111,6 +111,9 @@ def quiet_hf() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
+    # bitsandbytes warns on import that an optional CPU kernel package is missing; DeepSpeed that it found no GPU.
+    for name in ("bitsandbytes", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _precision(name: str) -> dict[str, bool]:
