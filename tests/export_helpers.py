@@ -3,15 +3,15 @@ overrides, and a real OpenAI-compatible judge server (aiohttp) on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
+from loopback import LoopbackServer
 
 from conftest import merge
 
@@ -45,7 +45,7 @@ def judge_rule(answer: str) -> int:
     return 8 if answer.strip().endswith(".") and re.search(r"\bthe\b", answer, re.I) else 2
 
 
-class JudgeServer:
+class JudgeServer(LoopbackServer):
     """An OpenAI-compatible /v1/chat/completions endpoint on 127.0.0.1 that grades with :func:`judge_rule`.
 
     Answers containing FLAKY fail with HTTP 503 on their first request; answers containing GARBAGE always get
@@ -55,13 +55,8 @@ class JudgeServer:
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
         self.seen: set[str] = set()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
 
-    async def _handle(self, request):
-        from aiohttp import web
-
+    async def handle(self, request):
         body = await request.json()
         self.requests.append({"headers": dict(request.headers), "body": body})
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
@@ -77,31 +72,3 @@ class JudgeServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 9},
         })
-
-    def _serve(self):
-        from aiohttp import web
-
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> JudgeServer:
-        self.thread.start()
-        assert self.ready.wait(10), "judge server did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)

@@ -4,18 +4,18 @@ and an API key that never reaches the disk."""
 
 import asyncio
 import contextlib
-import threading
 
 import pytest
 from aiohttp import web
 from harvest_helpers import by_id, harvest, in_tmp, jsonl, openai_row, write_recipe  # noqa: F401
+from loopback import LoopbackServer
 
 from pipeline.cli import main as cli
 
 KEY = "sk-test-8c1f0e7d5b3a"
 
 
-class Teacher:
+class Teacher(LoopbackServer):
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1, run in a thread. ``script`` lists what the next
     calls get (an HTTP status, or 'ok'); ``die_after`` stops the server for good after that many answers."""
 
@@ -28,27 +28,7 @@ class Teacher:
         self.answers = 0
         self.inflight = self.max_inflight = 0
         self.dying = None
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        self.ready.wait(10)
-
-    def _serve(self):
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}/v1"
+        self.start()
 
     async def handle(self, request):
         self.inflight += 1
@@ -92,13 +72,8 @@ class Teacher:
                 for w in words]}
         return web.json_response(out)
 
-    def stop(self):
-        async def down():
-            await (self.dying if self.dying is not None else self.runner.cleanup())
-
-        asyncio.run_coroutine_threadsafe(down(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    async def shutdown(self):
+        await (self.dying if self.dying is not None else self.runner.cleanup())
 
 
 @pytest.fixture
