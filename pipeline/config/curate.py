@@ -83,20 +83,13 @@ class PIIConfig(Section):
     )
     min_score: float = Field(0.3, ge=0, le=1, description="presidio confidence below which a match is ignored.")
 
-    @field_validator("entities")
+    @field_validator("entities", "secrets")
     @classmethod
-    def _entities(cls, v: list[str]) -> list[str]:
-        bad = [e for e in v if e not in PII_ENTITIES]
+    def _known_kinds(cls, v: list[str], info) -> list[str]:
+        allowed, what = (PII_ENTITIES, "entity") if info.field_name == "entities" else (SECRET_KINDS, "secret kind")
+        bad = [e for e in v if e not in allowed]
         if bad:
-            raise ValueError(f"unknown entity {bad[0]!r}; allowed: {', '.join(PII_ENTITIES)}")
-        return v
-
-    @field_validator("secrets")
-    @classmethod
-    def _secrets(cls, v: list[str]) -> list[str]:
-        bad = [e for e in v if e not in SECRET_KINDS]
-        if bad:
-            raise ValueError(f"unknown secret kind {bad[0]!r}; allowed: {', '.join(SECRET_KINDS)}")
+            raise ValueError(f"unknown {what} {bad[0]!r}; allowed: {', '.join(allowed)}")
         return v
 
     @field_validator("phone_regions")
