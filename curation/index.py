@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: band keys from the one-permutation sketch
 REDUCE_SCHEMA = pa.schema([
     ("uid", pa.uint64()),
     ("id", pa.string()),

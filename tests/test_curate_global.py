@@ -68,10 +68,45 @@ def test_near_dedup_clusters_pairs_above_the_threshold_and_keeps_the_best(monkey
     # shingling and LSH in bounded chunks give the same clusters
     monkeypatch.setattr(dedup, "CHUNK", 7)
     assert near_dedup(t, alive(len(rows)), rank(t), cfg) == out
+    monkeypatch.setattr(dedup, "SKETCH_CHUNK", 5)
+    assert near_dedup(t, alive(len(rows)), rank(t), cfg) == out
+    # every copy in a later chunk than its original: the same clusters
+    later = [r for r in rows if r["id"].startswith("b")] + [r for r in rows if not r["id"].startswith("b")]
+    t2 = reduce_table(later)
+    out2 = near_dedup(t2, alive(len(later)), rank(t2), cfg)
+    assert {later[i]["id"]: reason for i, reason in out2.items()} == dropped
+    # word 3-grams (one changed word leaves about 20 of 26 distinct 3-grams shared): the same pairs
+    words = near_dedup(t, alive(len(rows)), rank(t), NearDedup(threshold=0.6, shingle="word", ngram=3))
+    assert {rows[i]["id"] for i in words} == set(dropped)
     # the same text in another function is not a duplicate
-    t2 = reduce_table([{"text": bases[0]}, {"text": bases[0], "function": "g"}])
-    assert near_dedup(t2, alive(2), rank(t2), cfg) == {}
+    t3 = reduce_table([{"text": bases[0]}, {"text": bases[0], "function": "g"}])
+    assert near_dedup(t3, alive(2), rank(t3), cfg) == {}
     assert lsh_params(cfg) == (16, 8)  # datasketch's optimum for 0.8, weighted for recall
+
+
+def test_sketch_bins_agree_about_as_often_as_the_jaccard_similarity():
+    """The one-permutation sketch behind the LSH band keys: for pairs of texts of known shingle Jaccard
+    similarity, the share of equal bins tracks it (as with independent MinHashes), a text always gives the same
+    sketch, and texts too short to fill many bins are densified from their own shingles."""
+    rng = random.Random(1)
+    words = [f"w{i}" for i in range(400)]
+    cfg = NearDedup()
+    est, true = [], []
+    for _ in range(150):
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
+        b = _rewrite(a, rng, rng.randint(0, 15))
+        flat, offsets = char_shingles([a, b], cfg.ngram)
+        sig = dedup.sketch(flat, offsets, 128, cfg.seed)
+        sa, sb = (set(flat[offsets[i]:offsets[i + 1]].tolist()) for i in (0, 1))
+        true.append(len(sa & sb) / len(sa | sb))
+        est.append(float((sig[0] == sig[1]).mean()))
+    err = np.array(est) - np.array(true)
+    assert abs(err.mean()) < 0.02 and np.abs(err).max() < 0.2  # unbiased; 128 bins: s.d. about 0.04
+    assert min(true) < 0.3 and max(true) > 0.95  # the pairs span the range
+    flat, offsets = char_shingles(["hello world", "hello world", "hi", "h"], cfg.ngram)
+    sig = dedup.sketch(flat, offsets, 128, cfg.seed)
+    assert (sig[0] == sig[1]).all() and not (sig[2] == sig[3]).all()
+    assert (sig[2] == sig[2][0]).all()  # one shingle: every bin holds its value
 
 
 def test_char_shingles_match_a_direct_computation():
@@ -80,7 +115,7 @@ def test_char_shingles_match_a_direct_computation():
     for i, t in enumerate(texts):
         data = "".join(t.lower().split()).encode()  # lower-cased, whitespace dropped, UTF-8 bytes
         windows = [data[s:s + 5] for s in range(len(data) - 4)] or [data]
-        want = [int.from_bytes(w, "big") for w in windows]  # k <= 8: the bytes themselves, as one integer
+        want = [int.from_bytes(w, "little") for w in windows]  # k <= 8: the bytes themselves, as one integer
         assert flat[int(offsets[i]):int(offsets[i + 1])].tolist() == want, t
     long_flat, long_offsets = char_shingles(texts, 9)  # longer shingles: a rolling hash
     data = b"helloworld"
