@@ -113,19 +113,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _short(value: object) -> str:
+    """A count as the status table shows it: thousands separated, fractions to three significant digits."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
+
+
 def _status(recipe_path: str, console: Console) -> int:
     from pipeline.stages import stage_state
 
     recipe = load_recipe(recipe_path)
     run = RunDir(recipe.run_path)
     table = Table(title=f"run directory {run.path}", title_justify="left")
-    for col in ("stage", "state", "finished", "took", "counts"):
-        table.add_column(col)
+    for col in ("stage", "state", "finished", "took"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("counts", ratio=1)  # the one column that wraps, so the table fits an 80-column terminal
     colors = {"complete": "green", "stale": "yellow", "partial": "red", "missing": "dim", "waiting": "dim"}
     for stage in STAGES:
         state, m = stage_state(recipe, run, stage)
-        counts = ", ".join(f"{k}={v}" for k, v in (m or {}).get("counts", {}).items() if not isinstance(v, dict))
-        table.add_row(stage, f"[{colors[state]}]{state}[/]", (m or {}).get("finished_at", ""),
+        counts = ", ".join(f"{k}={_short(v)}" for k, v in (m or {}).get("counts", {}).items()
+                           if not isinstance(v, dict | list))
+        finished = (m or {}).get("finished_at", "")
+        table.add_row(stage, f"[{colors[state]}]{state}[/]", finished[5:16].replace("T", " "),
                       f"{m['duration_s']:.1f}s" if m else "", counts)
     console.print(table)
     console.print("[dim]complete: up to date; stale: config or inputs changed since; partial: interrupted "

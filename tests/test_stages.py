@@ -2,6 +2,7 @@ import json
 
 import yaml
 
+from pipeline.cli import _short
 from pipeline.cli import main as cli
 from pipeline.recipe import load_recipe
 from pipeline.rundir import RunDir
@@ -36,8 +37,12 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(project, capsys):
     assert stage_state(r, RunDir(run), "curate")[0] == "stale"
     assert stage_state(r, RunDir(run), "train")[0] == "missing"
     assert stage_state(r, RunDir(run), "evaluate")[0] == "waiting"
-    assert cli(["status", str(recipe)]) == 0
     capsys.readouterr()
+    assert cli(["status", str(recipe)]) == 0
+    status = capsys.readouterr().out
+    assert "stale" in status and "records_in=" in status and "…" not in status  # counts wrap, never cut
+    assert max(len(line) for line in status.splitlines()) <= 80
+    assert [_short(v) for v in (0.9965870307, 3055, True, "full")] == ["0.997", "3,055", "True", "full"]
     assert cli(["curate", str(recipe)]) == 0
     out = capsys.readouterr().out
     second = manifests(run)
