@@ -104,6 +104,10 @@ def _progress_callback(console):
 
 def quiet_hf() -> None:
     """Silence transformers' and datasets' own progress bars and info logs: stages print their own."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed falls back to anyway, without its warning
     import datasets
     import transformers
 
