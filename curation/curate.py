@@ -74,7 +74,8 @@ def input_schema(files: list[Path]) -> pa.Schema:
 
 def config_fingerprint(ctx: StageContext) -> str:
     """What the index depends on: the curate section (less the executor, which never changes results), the
-    student whose tokens lengths are counted in, the seed, distill's version and rensa's (candidates are verified with its MinHash)."""
+    student whose tokens lengths are counted in, the seed, distill's version and rensa's (candidates are verified
+    with its MinHash)."""
     section = ctx.recipe.section("curate")
     section["curate"] = {k: v for k, v in section["curate"].items() if k not in ("executor", "incremental")}
     from importlib.metadata import version

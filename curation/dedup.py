@@ -64,8 +64,7 @@ def exact_dedup(table: pa.Table, alive: np.ndarray, ranks: np.ndarray) -> Reason
     return {int(i): f"duplicate of {w}" for i, w in zip(idx[order][dropped], ids, strict=True)}
 
 
-CHUNK = 50_000  # rows whose shingles are in memory at once for rensa's signatures
-SKETCH_CHUNK = 8_192  # rows per sketch: its arrays stay in the CPU caches (2-3x faster than 50,000 rows)
+SKETCH_CHUNK = 8_192  # rows per sketch or signature batch: the arrays stay in the CPU caches (2-3x faster than 50k)
 
 
 def normalise(text: str) -> str:
@@ -235,7 +234,8 @@ def _verified(sig: np.ndarray, left: np.ndarray, right: np.ndarray, threshold: f
 
 
 MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
-DENSIFY_TRIES = 8
+DENSIFY_TRIES = 64  # with 8, a text of 16 shingles filled a third of its bins from the fallback (less recall)
+PROBES = 2  # bins each shingle goes to
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -253,24 +253,27 @@ def _mix(x: np.ndarray) -> np.ndarray:
 def _borrow_table(num_perm: int, seed: int) -> np.ndarray:
     """For densification: the bins each empty bin tries in turn (DENSIFY_TRIES x num_perm), the same for every
     text, so two texts with the same shingles always fill a bin from the same place."""
-    x = _mix(np.arange(DENSIFY_TRIES * num_perm, dtype=np.uint64) + _mix(np.array([seed + 1], np.uint64)))
+    x = _mix(np.arange(DENSIFY_TRIES * num_perm, dtype=np.uint64) + _mix(np.array([(seed + 1) % 2**64], np.uint64)))
     return ((x >> np.uint64(32)) * np.uint64(num_perm) >> np.uint64(32)).astype(np.int64).reshape(DENSIFY_TRIES,
                                                                                                  num_perm)
 
 
 def sketch(flat: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
     """One-permutation MinHash with densification (rows x num_perm, uint32), in O(shingles) numpy work: each
-    shingle is hashed once, its high bits pick one of num_perm bins and its low 32 bits are its value; a bin keeps
-    its smallest value. An empty bin takes the value of the first non-empty bin in a fixed sequence of tries
-    (``_borrow_table``) and, failing those, the text's smallest value over all bins. Two texts agree on a bin with
-    probability about their Jaccard similarity, as with num_perm independent MinHashes, so LSH bands cut from
-    this find the same candidates at a fraction of the cost (Shrivastava 2017, optimal densification)."""
+    shingle is hashed PROBES times, each hash's high bits pick one of num_perm bins and its low 32 bits are its
+    value; a bin keeps its smallest value. An empty bin takes the value of the first non-empty bin in a fixed
+    sequence of tries (``_borrow_table``) and, failing those, the text's smallest value. Two texts agree on a bin
+    with probability about their Jaccard similarity, as with num_perm independent MinHashes, so LSH bands cut from
+    this find the same candidates at a fraction of the cost (Shrivastava 2017, optimal densification; the second
+    probe keeps short texts' bins from all borrowing the same few values, which would cost them recall)."""
     n = len(offsets) - 1
-    counts = np.diff(offsets).astype(np.int64)
-    h = _mix(flat ^ _mix(np.array([seed], np.uint64))[0])
-    slot = np.repeat(np.arange(n, dtype=np.int64) * num_perm, counts)
-    slot += ((h >> np.uint64(32)) * np.uint64(num_perm) >> np.uint64(32)).astype(np.int64)
-    value = h.astype(np.uint32)  # the low 32 bits
+    base = np.repeat(np.arange(n, dtype=np.int64) * num_perm, np.diff(offsets).astype(np.int64))
+    slots, values = [], []
+    for probe in range(PROBES):
+        h = _mix(flat ^ _mix(np.array([(seed + 7919 * probe) % 2**64], np.uint64))[0])
+        slots.append(base + ((h >> np.uint64(32)) * np.uint64(num_perm) >> np.uint64(32)).astype(np.int64))
+        values.append(h.astype(np.uint32))  # the low 32 bits
+    slot, value = np.concatenate(slots), np.concatenate(values)
     sig = np.full(n * num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
     np.minimum.at(sig, slot, value)
     filled = np.zeros(n * num_perm, dtype=bool)

@@ -5,6 +5,7 @@ import json
 import random
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from curate_helpers import alive, reduce_table
 
@@ -65,9 +66,7 @@ def test_near_dedup_clusters_pairs_above_the_threshold_and_keeps_the_best(monkey
     for a, b, base, edit in far:
         assert _jaccard(a, b) < 0.6 and base not in dropped and edit not in dropped
     assert len(dropped) == len(near)
-    # shingling and LSH in bounded chunks give the same clusters
-    monkeypatch.setattr(dedup, "CHUNK", 7)
-    assert near_dedup(t, alive(len(rows)), rank(t), cfg) == out
+    # shingling, sketches and signatures in bounded chunks give the same clusters
     monkeypatch.setattr(dedup, "SKETCH_CHUNK", 5)
     assert near_dedup(t, alive(len(rows)), rank(t), cfg) == out
     # every copy in a later chunk than its original: the same clusters
@@ -103,10 +102,26 @@ def test_sketch_bins_agree_about_as_often_as_the_jaccard_similarity():
     err = np.array(est) - np.array(true)
     assert abs(err.mean()) < 0.02 and np.abs(err).max() < 0.2  # unbiased; 128 bins: s.d. about 0.04
     assert min(true) < 0.3 and max(true) > 0.95  # the pairs span the range
+    # short texts (under 24 shingles) too: pairs at Jaccard 0.8-0.9 share a band about as often as 16 bands of
+    # 8 independent MinHashes would (1 - (1 - J^8)^16, about 0.98), not less
+    pairs, expected = [], []
+    while len(pairs) < 400:
+        a = " ".join(rng.choice(words) for _ in range(12))[:rng.randint(24, 40)]
+        i = rng.randrange(len(a))
+        b = a[:i] + "#" + a[i + 1:]
+        flat, offsets = char_shingles([a, b], cfg.ngram)
+        sa, sb = (set(flat[offsets[i]:offsets[i + 1]].tolist()) for i in (0, 1))
+        j = len(sa & sb) / len(sa | sb)
+        if 0.8 <= j < 0.9:
+            pairs += [a, b]
+            expected.append(1 - (1 - j ** 8) ** 16)
+    keys = dedup.band_keys(pa.array(pairs), cfg)
+    found = (keys[0::2] == keys[1::2]).any(axis=1).mean()
+    assert found >= np.mean(expected) - 0.03, (found, np.mean(expected))
     flat, offsets = char_shingles(["hello world", "hello world", "hi", "h"], cfg.ngram)
     sig = dedup.sketch(flat, offsets, 128, cfg.seed)
     assert (sig[0] == sig[1]).all() and not (sig[2] == sig[3]).all()
-    assert (sig[2] == sig[2][0]).all()  # one shingle: every bin holds its value
+    assert len(set(sig[2].tolist())) == dedup.PROBES  # one shingle: every bin holds one of its hash values
 
 
 def test_char_shingles_match_a_direct_computation():

@@ -189,7 +189,7 @@ class NearDedup(Section):
         None, gt=0, description="LSH bands (rows per band = num_perm // bands); default: datasketch's optimum for the "
         "threshold, weighted for recall (candidates are verified by estimated Jaccard afterwards).",
     )
-    seed: int = Field(1, description="Seed of the MinHash permutations.")
+    seed: int = Field(1, ge=0, lt=2**64, description="Seed of the MinHash permutations.")
 
 
 class SemanticDedup(Section):
