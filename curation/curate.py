@@ -34,18 +34,11 @@ from curation.balance import balance
 from curation.chain import EXTRA_NAMES, assign_split, output_schema, uids  # noqa: F401  (assign_split: API)
 from curation.columns import codes, conform, map_value, runs
 from curation.decontaminate import decontaminate, load_external
-from curation.dedup import (
-    exact_dedup,
-    from_f16_bytes,
-    load_embedder,
-    near_dedup,
-    rank,
-    semantic_dedup,
-    to_f16_bytes,
-)
+from curation.dedup import exact_dedup, near_dedup, rank
 from curation.executors import choose, count_rows, run_map
 from curation.filters import length_mode, plan_for
 from curation.pii import scrub
+from curation.semantic import from_f16_bytes, load_embedder, semantic_dedup, to_f16_bytes
 from pipeline import __version__
 from pipeline.record import RECORD_SCHEMA
 from pipeline.rundir import digest, sha256_file, write_json_atomic

