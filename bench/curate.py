@@ -116,18 +116,8 @@ def synth_lines(n: int, day: str, seed: int = 0) -> list[str]:
             if len(history) > 5000:
                 history.pop(0)
         ts = start + timedelta(seconds=int(i * 86400 / n))
-        status, finish, feedback = 200, "stop", None
-        r = rng.random()
-        if r < 0.03:
-            status = rng.choice([429, 500, 503])
-        elif r < 0.045:
-            out = ""
-        elif r < 0.055:
-            out, finish = out[: max(3, len(out) // 2)], "length"
-        elif r < 0.075:
-            out = d.REFUSAL
-        elif r < 0.095:
-            feedback = {"thumbs_up": 0}
+        status, out, finish, r = d.teacher_outcome(rng, out)
+        feedback = {"thumbs_up": 0} if 0.075 <= r < 0.095 else None
         if feedback is None and rng.random() < 0.3:
             feedback = {"thumbs_up": 1}
         line = {"id": f"b{day.replace('-', '')}_{i:07d}", "timestamp": ts.isoformat().replace("+00:00", "Z"),

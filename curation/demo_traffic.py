@@ -181,6 +181,22 @@ def _near_duplicate(rng: random.Random, text: str) -> str:
     return text + " " if not text.endswith(" ") else text.rstrip()
 
 
+def teacher_outcome(rng: random.Random, out: str) -> tuple[int, str, str, float]:
+    """How one logged teacher call went, at the demo's rates: (HTTP status, output, finish_reason, the draw).
+    3 % failed (429/5xx), 1.5 % came back empty, 1 % were cut off by the length limit, 2 % were refusals; a
+    caller adds rarer outcomes of its own for draws of 0.075 and up."""
+    status, finish = 200, "stop"
+    r = rng.random()
+    if r < 0.03:
+        status = rng.choice([429, 500, 503])
+    elif r < 0.045:
+        out = ""
+    elif r < 0.055:
+        out, finish = out[: max(3, len(out) // 2)], "length"
+    elif r < 0.075:
+        out = REFUSAL
+    return status, out, finish, r
+
 def generate(n: int, day: str, seed: int = 0) -> list[str]:
     """``n`` log lines (JSON strings; some deliberately broken) for one day, deterministic in ``seed``."""
     rng = random.Random(f"{seed}-{day}")
@@ -206,19 +222,9 @@ def generate(n: int, day: str, seed: int = 0) -> list[str]:
             base = {"request": body, "output": out}
         body, out = base["request"], base["output"]
         function = body["metadata"]["function"]
-        finish = "stop"
-        status = 200
+        status, out, finish, r = teacher_outcome(rng, out)
         feedback = None
-        r = rng.random()
-        if r < 0.03:
-            status = rng.choice([429, 500, 503])
-        elif r < 0.045:
-            out = ""
-        elif r < 0.055:
-            out, finish = out[: max(3, len(out) // 2)], "length"
-        elif r < 0.075:
-            out = REFUSAL
-        elif r < 0.105 and function == "ticket_triage":  # the teacher gets it wrong ...
+        if 0.075 <= r < 0.105 and function == "ticket_triage":  # the teacher gets it wrong ...
             label = json.loads(out)
             label["intent"] = rng.choice([k for k in INTENTS if k != label["intent"]])
             out = json.dumps(label)
