@@ -36,8 +36,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from curation.dedup import SKETCH_CHUNK, band_keys, lsh_params, near_dedup, rank, signatures  # noqa: E402
-from curation.index import REDUCE_SCHEMA  # noqa: E402
+from curation.curate.dedup import SKETCH_CHUNK, band_keys, lsh_params, near_dedup, rank, signatures  # noqa: E402
+from curation.curate.index import REDUCE_SCHEMA  # noqa: E402
 from pipeline.config.curate import NearDedup  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
@@ -61,7 +61,7 @@ def synth_lines(n: int, day: str, seed: int = 0) -> list[str]:
     duplicates), e-mail addresses and phone numbers in 14% of tickets, order numbers of 5 to 9 digits in half of
     them, a few API keys, and the demo's rates of HTTP errors, empty, cut-off and refused outputs and negative
     feedback."""
-    from curation import demo_traffic as d
+    from curation.harvest import demo_traffic as d
 
     rng = random.Random(f"bench-{seed}-{day}")
     vocab = _vocab(random.Random(seed))

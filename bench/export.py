@@ -31,13 +31,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from export import quantize  # noqa: E402
-from pipeline.artifacts import load_trained_student  # noqa: E402
+from export.export import quantize  # noqa: E402
 from pipeline.config.export import FORMATS  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.record import from_table  # noqa: E402
-from training.chat import training_messages  # noqa: E402
-from training.evaluate import evaluate_model  # noqa: E402
+from training.evaluate.stage import evaluate_model  # noqa: E402
+from training.train.chat_template import training_messages  # noqa: E402
+from training.train.outputs import load_trained_student  # noqa: E402
 
 TARGETS = {  # format: (max points lost, max bytes vs the bf16 master)
     "bnb-8bit": (0.5, 0.55), "w8a8": (0.5, 0.55), "gguf-q8_0": (0.5, 0.55),
@@ -56,7 +56,7 @@ def main() -> None:
 
     import torch
 
-    from training.train import quiet_hf
+    from training.train.stage import quiet_hf
 
     quiet_hf()
     torch.manual_seed(0)

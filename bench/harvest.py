@@ -51,7 +51,7 @@ print(good)
 NAIVE = """
 import json, sys
 import pyarrow as pa, pyarrow.parquet as pq
-from curation.openai_logs import BadRecord, parse_openai
+from curation.harvest.importers.openai import BadRecord, parse_openai
 from pipeline.record import RECORD_SCHEMA
 
 def write(batch, part):
@@ -77,7 +77,7 @@ print(n)
 
 def write_logs(path: Path, lines: int) -> int:
     """The demo traffic, repeated with unique ids and later timestamps, to ``lines`` lines; returns the byte size."""
-    from curation.demo_traffic import generate
+    from curation.harvest.demo_traffic import generate
 
     templates = generate(3000, "2026-11-23") + generate(3000, "2026-11-24", seed=1)
     with open(path, "w") as f:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from export.router import Router  # noqa: E402
+from export.route.router import Router  # noqa: E402
 
 
 def requests_of(run: Path) -> list[tuple[dict, list]]:

@@ -62,9 +62,9 @@ def conversations(records: list[dict], n: int, seed: int = 0) -> list[dict]:
 
 def prepare(root: Path, n: int) -> tuple[Path, list[dict]]:
     """Demo logs -> `distill curate` -> mixed-length conversations; returns (recipe path, conversations)."""
-    from curation.demo_traffic import write_demo
+    from curation.harvest.demo_traffic import write_demo
     from pipeline.cli import main as cli
-    from training.train import read_split
+    from training.train.stage import read_split
 
     write_demo(root / "logs", {"2026-11-23": 1500})
     recipe = {
@@ -84,7 +84,7 @@ def prepare(root: Path, n: int) -> tuple[Path, list[dict]]:
 
 
 def save_tokenizer(root: Path, convs: list[dict], vocab: int) -> Path:
-    from training.chat import tokenizer_corpus, train_tokenizer
+    from training.train.chat_template import tokenizer_corpus, train_tokenizer
 
     folder = root / "tokenizer"
     train_tokenizer(tokenizer_corpus(convs), vocab).save_pretrained(folder)
@@ -131,8 +131,8 @@ def run_trl(convs: list[dict], tok_dir: Path, args, round_: int) -> dict:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from pipeline.config.train import StudentFromConfig
-    from training.chat import training_messages
-    from training.student import build_from_config
+    from training.train.chat_template import training_messages
+    from training.train.student import build_from_config
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = build_from_config(StudentFromConfig(**STUDENT), tok, args.max_length, seed=0)
@@ -180,7 +180,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     STUDENT["hidden_size"] = args.hidden
 
-    from training.train import quiet_hf
+    from training.train.stage import quiet_hf
 
     quiet_hf()
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -188,7 +188,7 @@ def main() -> None:
     tok_dir = save_tokenizer(root, convs, 2048)
     from transformers import AutoTokenizer
 
-    from training.chat import training_messages
+    from training.train.chat_template import training_messages
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     lengths = sorted(len(tok.apply_chat_template(training_messages(c), tokenize=True, return_dict=True)["input_ids"])

@@ -78,9 +78,9 @@ def bench(method: str, args, config: dict) -> dict:
     from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
 
     from pipeline.config.train import TrainConfig
-    from training.chat import train_tokenizer
-    from training.packing import pack
-    from training.train import make_trainer, training_arguments
+    from training.train.chat_template import train_tokenizer
+    from training.train.packing import pack
+    from training.train.stage import make_trainer, training_arguments
 
     cuda = torch.cuda.is_available()
     steps = args.warmup + args.steps
@@ -147,7 +147,7 @@ def main() -> None:
 
     import torch
 
-    from training.train import quiet_hf
+    from training.train.stage import quiet_hf
 
     quiet_hf()
     config = SMOKE if args.smoke else QWEN_05B

@@ -144,7 +144,7 @@ def _status(recipe_path: str, console: Console) -> int:
 
 
 def _serve_router(args: argparse.Namespace, console: Console) -> int:
-    from export.proxy import ProxyConfig, serve
+    from export.route.proxy import ProxyConfig, serve
 
     for name in (args.student_key_env, args.teacher_key_env):
         if name and name not in os.environ:
@@ -165,9 +165,9 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
 def _route_check(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from export.drift import check, fmt, read_logs
-    from export.proxy import policy_path
-    from export.router import Router
+    from export.route.drift import check, fmt, read_logs
+    from export.route.proxy import policy_path
+    from export.route.router import Router
 
     path = policy_path(args.recipe)
     try:
@@ -227,21 +227,21 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"recipe '{recipe.name}' is valid; run directory {recipe.run_path}")
             return EXIT_OK
         if args.command == "pull":
-            from export.store import ChecksumError, pull
+            from pipeline.store import ChecksumError, pull
 
             try:
                 dest = pull(args.store, args.name, args.dest)
             except ChecksumError as err:
                 console.print(f"[bold red]checksum mismatch:[/] {err}", soft_wrap=True)
                 return 4
-            from export.store import describe
+            from pipeline.store import describe
 
             console.print(f"pulled {args.name} to {dest}; every checksum verified", soft_wrap=True)
             for line in describe(dest):
                 console.print(f"  {line}", soft_wrap=True)
             return EXIT_OK
         if args.command == "list":
-            from export.store import describe, list_store, manifest
+            from pipeline.store import describe, list_store, manifest
 
             for name, versions, latest in list_store(args.store):
                 console.print(f"{name}: {', '.join(versions)}  (latest: {latest})", soft_wrap=True)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "route-check":
             return _route_check(args, console)
         if args.command == "demo-data":
-            from curation.demo_traffic import write_demo
+            from curation.harvest.demo_traffic import write_demo
 
             for path in write_demo(Path(args.out)):
                 console.print(str(path))

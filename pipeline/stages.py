@@ -24,12 +24,12 @@ from pipeline.recipe import Recipe
 from pipeline.rundir import STAGE_INPUTS, STAGES, RunDir, RunLockedError, digest, fingerprint
 
 STAGE_MODULES = {
-    "harvest": "curation.harvest",
-    "curate": "curation.curate",
-    "train": "training.train",
-    "evaluate": "training.evaluate",
-    "export": "export.publish",
-    "route": "export.route",
+    "harvest": "curation.harvest.stage",
+    "curate": "curation.curate.stage",
+    "train": "training.train.stage",
+    "evaluate": "training.evaluate.stage",
+    "export": "export.export.stage",
+    "route": "export.route.stage",
 }
 
 # Output files that describe a run rather than feed the next stage (they hold timings): they do not count in the
@@ -43,11 +43,11 @@ def data_digest(outputs: dict[str, str]) -> str:
 
 
 # Stages that read files outside the run directory: a function giving those files' content hashes.
-EXTERNAL_INPUTS = {"harvest": "curation.harvest:external_inputs"}
+EXTERNAL_INPUTS = {"harvest": "curation.harvest.stage:external_inputs"}
 
 # Checks that need files (tokenizers, model configs) and run before any stage does work when the stage is due;
 # each raises ValueError naming the recipe field.
-PREFLIGHT = {"train": "training.preflight:check"}
+PREFLIGHT = {"train": "training.train.preflight:check"}
 
 # Stages that every process of a multi-process launch (accelerate launch, torchrun) runs together; the others run
 # on rank 0 alone while the rest wait. Rank 0 holds the lock, prepares the partial folder and writes the manifest.

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from curation.demo_traffic import write_demo  # noqa: E402
+from curation.harvest.demo_traffic import write_demo  # noqa: E402
 from pipeline.cli import main as cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,209 @@
+"""The per-record (map) half of the curate chain: one Arrow batch in, one Arrow batch out.
+
+``map_batch`` runs the recipe's per-record operators in order; a row dropped by one is not seen by the next. The
+batch it returns holds the rows that survived, in input order, with the columns the global (reduce) half needs,
+then the dropped rows, in input order, with the operator and reason. It depends on nothing but the batch, so
+in-process, ``datasets`` and Ray executors give the same rows however they cut the data.
+
+Columns added (all start with '_'): ``_rejected_by``, ``_reason`` (null for survivors); for survivors ``_uid``
+(64-bit hash of id and source), ``_key`` (the input key, function + normalised user turns, as 64 bits),
+``_split`` (stable hash split of the input key), ``_text`` (the redacted user turns), ``_score`` (feedback,
+neutral when missing), ``_bands`` (the near-duplicate LSH band keys, computed here so that they use every core); and ``_stats`` on the first row: per operator [rows in, dropped, wall s, CPU s] as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.curate import columns, dedup
+from curation.curate.filters import Plan, operators
+from pipeline.config.curate import SplitConfig
+
+EXTRA_FIELDS = [
+    pa.field("_rejected_by", pa.string()),
+    pa.field("_reason", pa.string()),
+    pa.field("_uid", pa.uint64()),
+    pa.field("_key", pa.uint64()),
+    pa.field("_split", pa.string()),
+    pa.field("_text", pa.string()),
+    pa.field("_score", pa.float64()),
+    pa.field("_bands", pa.list_(pa.uint64())),
+    pa.field("_stats", pa.string()),
+]
+EXTRA_NAMES = [f.name for f in EXTRA_FIELDS]
+
+
+def output_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema of map_batch's output for an input schema."""
+    for f in EXTRA_FIELDS:
+        schema = schema.append(f)
+    return schema
+
+
+def input_key(function: str | None, user_text: str) -> str:
+    """Stable key of a record's input: function plus normalised user turns (as pipeline.record.input_key)."""
+    normalised = " ".join(user_text.split()).lower()
+    return hashlib.sha256(f"{function}\x00{normalised}".encode()).hexdigest()
+
+
+def assign_split(key: str, cfg: SplitConfig) -> str:
+    """Stable split of an input key: the same input lands in the same split on every run."""
+    bucket = int(hashlib.sha256(f"{cfg.salt}\x00{key}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+    if bucket < cfg.test_fraction:
+        return "test"
+    if bucket < cfg.test_fraction + cfg.val_fraction:
+        return "val"
+    return "train"
+
+
+def uid(record_id: str | None, source: str | None) -> int:
+    """64-bit identity of a record (id and where it came from)."""
+    h = hashlib.blake2b(f"{record_id}\x00{source}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+def uids(table: pa.Table) -> np.ndarray:
+    ids = table.column("id").to_pylist()
+    sources = table.column("source").to_pylist()
+    return np.fromiter((uid(i, s) for i, s in zip(ids, sources, strict=True)), dtype=np.uint64, count=len(ids))
+
+
+def scores(table: pa.Table, plan: Plan) -> np.ndarray:
+    """Feedback as a number where higher is better; a record without it counts as the threshold (neutral)."""
+    fb = plan.cfg.feedback
+    if fb is None or table.num_rows == 0:
+        return np.zeros(table.num_rows)
+    v = pc.fill_null(columns.map_value(table, "feedback", fb.metric).cast(pa.float64()), fb.min_value)
+    arr = v.to_numpy(zero_copy_only=False).astype(np.float64)
+    return arr if fb.higher_is_better else -arr
+
+
+def reduce_columns(table: pa.Table, plan: Plan) -> dict[str, pa.Array]:
+    """The columns the global half of the chain reads, for surviving rows."""
+    texts = columns.user_texts(table).to_pylist()
+    functions = table.column("function").to_pylist()
+    keys = [input_key(f, t) for f, t in zip(functions, texts, strict=True)]
+    return {
+        "_uid": pa.array(uids(table), pa.uint64()),
+        "_key": pa.array([int(k[:16], 16) for k in keys], pa.uint64()),
+        "_split": pa.array([assign_split(k, plan.cfg.split) for k in keys], pa.string()),
+        "_text": pa.array(texts, pa.string()),
+        "_score": pa.array(scores(table, plan), pa.float64()),
+    }
+
+
+def band_column(text: pa.Array, plan: Plan) -> pa.Array:
+    """Near-duplicate LSH band keys of the surviving rows (null when near dedup is off)."""
+    near = plan.cfg.near_dedup
+    if near is None or len(text) == 0:
+        return pa.nulls(len(text), pa.list_(pa.uint64()))
+    return dedup.bands_array(dedup.band_keys(text, near))
+
+
+def map_batch(batch: pa.Table | pa.RecordBatch, plan: Plan, schema: pa.Schema | None = None) -> pa.Table:
+    """Run the per-record operators on one batch (see the module docstring for what comes back)."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    schema = schema or table.schema
+    table = columns.conform(table, schema)
+    n = table.num_rows
+    pos = np.arange(n)
+    stats: dict[str, list[float]] = {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    if warm_up(plan):
+        stats["setup"] = [0, 0, time.perf_counter() - t0, time.process_time() - c0]
+    rejected: list[tuple[np.ndarray, pa.Table, list[str], list[str]]] = []
+    extra: Counter[str] = Counter()
+    for name, op in operators(plan.cfg):
+        if table.num_rows == 0:
+            stats[name] = [0, 0, 0.0, 0.0]
+            continue
+        t0, c0 = time.perf_counter(), time.process_time()
+        table, reasons = op(table, plan)
+        drop = np.array([r is not None for r in reasons], dtype=bool)
+        stats[name] = [table.num_rows, int(drop.sum()), time.perf_counter() - t0, time.process_time() - c0]
+        if name == "refusal" and not plan.cfg.drop_refusals:
+            extra["refusals_labelled"] += _count_tag(table, "refusal")
+        if drop.any():
+            idx = np.flatnonzero(drop)
+            rejected.append((pos[idx], table.take(pa.array(idx)), [name] * len(idx), [reasons[i] for i in idx]))
+            keep = np.flatnonzero(~drop)
+            table = table.take(pa.array(keep))
+            pos = pos[keep]
+    if plan.cfg.pii.action != "keep" or plan.cfg.pii.secrets:
+        extra.update(_pii_counts(table, rejected))
+    t0, c0 = time.perf_counter(), time.process_time()
+    kept = table
+    for f, arr in zip(EXTRA_FIELDS[:2], [pa.nulls(kept.num_rows, pa.string())] * 2, strict=True):
+        kept = kept.append_column(f, arr)
+    for name, arr in reduce_columns(table, plan).items():
+        kept = kept.append_column(pa.field(name, arr.type), arr)
+    stats["keys"] = [table.num_rows, 0, time.perf_counter() - t0, time.process_time() - c0]
+    t0, c0 = time.perf_counter(), time.process_time()
+    kept = kept.append_column(pa.field("_bands", pa.list_(pa.uint64())), band_column(kept.column("_text"), plan))
+    stats["band_keys"] = [table.num_rows, 0, time.perf_counter() - t0, time.process_time() - c0]
+    kept = kept.append_column(EXTRA_FIELDS[-1], pa.nulls(kept.num_rows, pa.string()))
+    parts = [kept]
+    if rejected:
+        order = np.argsort(np.concatenate([r[0] for r in rejected]), kind="stable")
+        rej = pa.concat_tables([r[1] for r in rejected]).take(pa.array(order))
+        by = np.concatenate([np.array(r[2], dtype=object) for r in rejected])[order]
+        why = np.concatenate([np.array(r[3], dtype=object) for r in rejected])[order]
+        rej = rej.append_column(EXTRA_FIELDS[0], pa.array(list(by), pa.string()))
+        rej = rej.append_column(EXTRA_FIELDS[1], pa.array(list(why), pa.string()))
+        for f in EXTRA_FIELDS[2:]:
+            rej = rej.append_column(f, pa.nulls(rej.num_rows, f.type))
+        parts.append(rej)
+    out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    if out.num_rows:
+        blob = json.dumps({"ops": stats, "extra": dict(extra), "rows": n})
+        stats_col = pa.array([blob] + [None] * (out.num_rows - 1), pa.string())
+        out = out.set_column(out.schema.get_field_index("_stats"), EXTRA_FIELDS[-1], stats_col)
+    return out
+
+
+_WARM: set[int] = set()
+
+
+def warm_up(plan: Plan) -> bool:
+    """Build the heavy per-process parts (presidio's recognizers, the language detector, the student's tokenizer)
+    once, outside the operators' timings. True when it did work."""
+    if id(plan) in _WARM:
+        return False
+    from curation.curate import filters, pii
+
+    cfg = plan.cfg
+    if cfg.pii.action != "keep" or cfg.pii.secrets:
+        pii.detector(cfg.pii).find("warm up: jane@example.com +1 555 123 4567 4111 1111 1111 1111 10.0.0.1")
+    if cfg.language is not None:
+        filters._language_detector(filters.language_codes(cfg.language))
+    if cfg.lengths.enabled and plan.student is not None and plan.student.checkpoint:
+        filters._student_tokenizer(plan.student)
+    _WARM.add(id(plan))
+    return True
+
+
+def _count_tag(table: pa.Table, key: str) -> int:
+    if "tags" not in table.column_names or table.num_rows == 0:
+        return 0
+    return int(pc.sum(pc.is_valid(columns.map_value(table, "tags", key))).as_py() or 0)
+
+
+def _pii_counts(kept: pa.Table, rejected) -> Counter[str]:
+    """Records per PII/secret kind found (kept and dropped rows), from the pii_redacted tag."""
+    counts: Counter[str] = Counter()
+    for t in [kept, *(r[1] for r in rejected)]:
+        if "tags" not in t.column_names or t.num_rows == 0:
+            continue
+        for v in columns.map_value(t, "tags", "pii_redacted").to_pylist():
+            if v:
+                counts["records_with_pii_or_secrets"] += 1
+                for k in v.split(","):
+                    counts[f"pii:{k}"] += 1
+    return counts

@@ -1,0 +1,355 @@
+"""The harvest stage: logged teacher traffic -> canonical records in Parquet.
+
+Each run reads what is new in every source (see ``curation.watermarks``), converts it to records (importers in
+``curation.importers``; inline or in worker processes), carries earlier batches forward, joins feedback kept apart
+from the logs (``curation.harvest.feedback``) and, where the recipe asks, replaces poor outputs with a teacher's fresh
+answer (``curation.regenerate``). It writes:
+
+- ``batches/*.parquet``: the records as imported, one set per run, carried forward by hard links;
+- ``records-*.parquet``: what curation reads -- the batches with feedback joined and re-generated outputs;
+- ``quarantine.jsonl``: one line per unreadable row (source, file, line, reason; never the row's text, so no PII);
+- ``watermarks.json``: how far each source has been read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from curation.harvest import watermarks
+from curation.harvest.feedback import FeedbackIndex
+from curation.harvest.ingest import Ingest, Runner, auto_workers, ingest_files, ingest_sql
+from curation.harvest.sources import list_files
+from pipeline.config.harvest import HarvestConfig, Source
+from pipeline.recipe import Recipe
+from pipeline.record import from_table, to_table
+from pipeline.stages import StageContext, StageResult
+
+QUARANTINE = "quarantine.jsonl"
+
+
+def source_label(src: Source) -> str:
+    return src.name or src.label
+
+
+def external_inputs(recipe: Recipe) -> dict[str, str]:
+    """What harvest reads from outside the run directory, so that new or changed logs rerun it: a content hash of
+    every local file, size and ETag of remote ones, row count and newest timestamp of SQL sources."""
+    from curation.harvest.sql_source import probe
+
+    out = {}
+    cfg = recipe.harvest
+    for i, loc in enumerate([*cfg.sources, *cfg.feedback]):
+        if loc.sql is not None:
+            out[f"sql:{i}:{loc.label}"] = probe(loc.sql)
+            continue
+        what = "harvest.sources" if i < len(cfg.sources) else "harvest.feedback"
+        for f in list_files(loc, what):
+            out[f"file:{f.url}"] = f.content_hash()
+    return out
+
+
+def _reset(work: Path) -> None:
+    """Empty the work folder left by a failed attempt (its .started.json stays)."""
+    for p in work.iterdir():
+        if p.name != ".started.json":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _progress(ctx: StageContext) -> Progress:
+    return Progress(TextColumn("harvest {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(), console=ctx.console,
+                    transient=True)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: HarvestConfig = ctx.recipe.harvest
+    work = ctx.work
+    _reset(work)
+    (work / "batches").mkdir()
+    prev = ctx.run.stage_dir("harvest")
+    incremental = cfg.incremental and ctx.run.manifest("harvest") is not None
+    last_batch, old_states = watermarks.load(prev) if incremental else (0, {})
+    batch = last_batch + 1
+    keys = [watermarks.source_key(s) for s in cfg.sources]
+    files = {k: list_files(s) for k, s in zip(keys, cfg.sources, strict=True) if s.sql is None}
+    nbytes = sum(int(f.fs.info(f.path).get("size") or 0) for fs in files.values() for f in fs)
+    runner = Runner(auto_workers(cfg.workers, nbytes))
+    states: dict[str, watermarks.SourceState] = {}
+    ingests: list[Ingest] = []
+    t0 = time.perf_counter()
+    with open(work / QUARANTINE, "w") as quarantine, _progress(ctx) as progress:
+        carried_labels = {source_label(s) for k, s in zip(keys, cfg.sources, strict=True) if k in old_states}
+        if (prev / QUARANTINE).is_file() and incremental:
+            with open(prev / QUARANTINE) as old_q:
+                for line in old_q:
+                    if orjson.loads(line).get("source") in carried_labels:
+                        quarantine.write(line)
+        task = progress.add_task("sources", total=len(cfg.sources), rows=0)
+        try:
+            for key, src in zip(keys, cfg.sources, strict=True):
+                state = old_states.get(key) or watermarks.SourceState(key, source_label(src))
+                state.label = source_label(src)
+                seen = watermarks.Seen(watermarks.carry_forward(prev, work, state) if key in old_states
+                                       else np.zeros(0, np.uint64))
+                ing = Ingest(src, key, state, seen, batch, work / "batches", quarantine,
+                             progress=lambda n: progress.update(task, rows=progress.tasks[0].fields["rows"] + n))
+                progress.update(task, description=state.label)
+                if src.sql is not None:
+                    ingest_sql(ing, runner, cfg.batch_size, cfg.incremental)
+                else:
+                    ingest_files(ing, runner, files[key], cfg.batch_size, cfg.incremental)
+                runner.finish()
+                state.batches = [*state.batches, *sorted(ing.new_batches)]
+                for k in watermarks.COUNT_KEYS:
+                    state.counts[k] = state.counts.get(k, 0) + ing.counts.get(k, 0)
+                states[key] = state
+                ingests.append(ing)
+                progress.advance(task)
+        finally:
+            runner.close()
+        read_s = time.perf_counter() - t0
+        fb = _load_feedback(cfg, quarantine)
+        regen = _Regeneration(ctx, cfg) if cfg.regenerate else None
+        batch_files = sorted(n for s in states.values() for n in s.batches)
+        try:
+            if regen is not None:
+                regen.prepare(work, batch_files, fb)
+                regen.call(progress)
+            totals = _assemble(work, batch_files, fb, regen)
+        finally:
+            if regen is not None:
+                regen.finish()
+    wrote = any(i.new_batches for i in ingests)
+    watermarks.save(work, batch if wrote else last_batch, states)
+    return _result(ctx, cfg, ingests, states, totals, fb, regen, read_s, runner.workers)
+
+
+def _load_feedback(cfg: HarvestConfig, quarantine) -> FeedbackIndex | None:
+    if not cfg.feedback:
+        return None
+    from curation.harvest.feedback import load
+
+    fb = load(cfg.feedback)
+    for q in fb.quarantine:
+        quarantine.write(orjson.dumps(q).decode() + "\n")
+    return fb
+
+
+class _Regeneration:
+    """The re-generation pass: choose records, call the teacher for what the cache lacks, apply answers."""
+
+    def __init__(self, ctx: StageContext, cfg: HarvestConfig):
+        from curation.harvest import regenerate
+
+        self.mod = regenerate
+        self.cfg = cfg.regenerate
+        self.cache = regenerate.Cache(ctx.run.path / "cache" / "teacher")
+        self.chosen: dict[str, tuple[str, str]] = {}  # record id -> (request key, reason)
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.answers: dict[str, tuple[dict[str, Any], float | None]] = {}
+        self.stats = regenerate.CallStats()
+        self.cached = 0
+        self.reasons: Counter[str] = Counter()
+
+    def prepare(self, work: Path, batch_files: list[str], fb: FeedbackIndex | None) -> None:
+        for name in batch_files:
+            table = pq.read_table(work / "batches" / name)
+            touched = fb.touches(table) if fb else None
+            mask = self.mod.candidates(table, self.cfg, touched)
+            if not pc.any(mask).as_py():
+                continue
+            for rec in from_table(table.filter(mask)):
+                if fb:
+                    fb.apply(rec)
+                why = self.mod.reason(rec, self.cfg)
+                if why is None:
+                    continue
+                body = self.mod.request_body(rec, self.cfg)
+                key = self.mod.request_key(body)
+                self.chosen[rec["id"]] = (key, why)
+                self.bodies[key] = body
+                self.reasons[why.split(" (")[0] if why.startswith("negative") else
+                             "old teacher" if why.startswith("old teacher") else why] += 1
+        self.answers = self.cache.get(list(self.bodies))
+        self.cached = len(self.answers)
+
+    def call(self, progress: Progress) -> None:
+        todo = {k: b for k, b in self.bodies.items() if k not in self.answers}
+        if self.cfg.max_calls is not None and len(todo) > self.cfg.max_calls:
+            raise self.mod.RegenerateError(
+                f"re-generation needs {len(todo):,} new calls, more than harvest.regenerate.max_calls "
+                f"({self.cfg.max_calls:,}); raise the limit or narrow harvest.regenerate.when")
+        if not todo:
+            return
+        task = progress.add_task(f"teacher {self.cfg.model}", total=len(todo), rows=0)
+        self.stats = self.mod.call_all(todo, self.cfg, self.cache, lambda: progress.advance(task))
+        self.answers.update(self.cache.get([k for k in todo if k not in self.stats.failures]))
+        if self.stats.failures and self.cfg.on_failure == "fail":
+            kinds = Counter(self.stats.failures.values())
+            raise self.mod.RegenerateError(
+                f"{len(self.stats.failures):,} of {len(todo):,} teacher calls failed "
+                f"({'; '.join(f'{n} x {k}' for k, n in kinds.most_common(3))}). The {self.stats.answered:,} answers "
+                f"received are cached in {self.cache.path.parent}; rerun the same command to send only the rest "
+                "(or set harvest.regenerate.on_failure: keep)")
+
+    def apply(self, rec: dict[str, Any]) -> bool:
+        hit = self.chosen.get(rec["id"])
+        if hit is None:
+            return False
+        key, why = hit
+        if key not in self.answers:
+            rec["tags"] = {**(rec.get("tags") or {}), "regenerate_failed": self.stats.failures.get(key, "no answer")}
+            return True
+        answer, latency = self.answers[key]
+        self.mod.apply(rec, answer, latency, self.cfg, why)
+        return True
+
+    def finish(self) -> None:
+        self.cache.close()
+
+    def summary(self) -> dict[str, Any]:
+        tin = tout = 0
+        cost = 0.0
+        for key in {k for k, _ in self.chosen.values()}:
+            if key in self.answers:
+                usage = self.answers[key][0].get("usage") or {}
+                tin += usage.get("prompt_tokens") or 0
+                tout += usage.get("completion_tokens") or 0
+                cost += self.mod.cost(self.cfg, usage.get("prompt_tokens"), usage.get("completion_tokens")) or 0.0
+        new = self.stats.answered
+        return {"records": len(self.chosen), "requests": len(self.bodies), "cached": self.cached,
+                "new_answers": new, "http_calls": self.stats.calls, "retries": self.stats.retries,
+                "failed": len(self.stats.failures), "reasons": dict(self.reasons), "input_tokens": tin,
+                "output_tokens": tout, "cost_usd": round(cost, 6) if self.cfg.price else None,
+                "statuses": dict(self.stats.statuses)}
+
+
+def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
+              regen: _Regeneration | None) -> dict[str, Any]:
+    """records-*.parquet from the batches: a hard link where nothing joins onto a batch, else a rewritten copy."""
+    records = changed = 0
+    functions: Counter[str] = Counter()
+    matched_feedback = 0
+    columns = {"function"} | ({"id", "episode_id"} if fb else set()) | ({"id"} if regen is not None else set())
+    for name in batch_files:
+        src = work / "batches" / name
+        dst = work / f"records-{name}"
+        table = pq.read_table(src, columns=sorted(columns))
+        records += table.num_rows
+        mask = None
+        touched = fb.touches(table) if fb else None
+        if touched is not None:
+            matched_feedback += pc.sum(touched).as_py() or 0
+            mask = touched
+        if regen is not None:
+            ids = pa.array(list(regen.chosen), pa.string())
+            hit = pc.is_in(table["id"], value_set=ids)
+            mask = hit if mask is None else pc.or_kleene(mask, hit)
+        if table.num_rows:
+            vc = pc.value_counts(table["function"])
+            functions.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
+        if mask is None or not pc.any(mask).as_py():
+            watermarks.link(src, dst)
+            continue
+        table = pq.read_table(src)
+        idx = pc.indices_nonzero(mask)
+        rows = from_table(table.take(idx))
+        for rec in rows:
+            if fb:
+                fb.apply(rec)
+            if regen is not None:
+                regen.apply(rec)
+        changed += len(rows)
+        new = to_table(rows).append_column("__row", idx.cast(pa.int64()))
+        rest = table.filter(pc.invert(mask))
+        rest = rest.append_column("__row", pc.indices_nonzero(pc.invert(mask)).cast(pa.int64()))
+        out = pa.concat_tables([rest, new]).sort_by("__row").drop_columns(["__row"])
+        tmp = dst.with_suffix(".tmp")
+        pq.write_table(out, tmp, compression="zstd")
+        os.replace(tmp, dst)
+    if not batch_files:  # an empty but typed table, so later stages read a schema
+        pq.write_table(to_table([]), work / "records-empty.parquet")
+    return {"records": records, "changed": changed, "functions": functions, "feedback_matched": matched_feedback}
+
+
+def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states: dict[str, Any],
+            totals: dict[str, Any], fb: FeedbackIndex | None, regen: _Regeneration | None, read_s: float,
+            workers: int) -> StageResult:
+    this_run: Counter[str] = Counter(dict.fromkeys(watermarks.COUNT_KEYS, 0))
+    reasons: Counter[str] = Counter()
+    for ing in ingests:
+        this_run.update(ing.counts)
+        reasons.update(ing.reasons)
+    cumulative: Counter[str] = Counter()
+    for st in states.values():
+        cumulative.update(st.counts)
+    quarantined = cumulative["quarantined"] + (len(fb.quarantine) if fb else 0)
+    functions = {str(k): int(v) for k, v in totals["functions"].most_common()}
+    counts: dict[str, Any] = {
+        "files": sum(i.files_read + i.unchanged_files for i in ingests),
+        "lines": cumulative["lines"], "records": totals["records"], "quarantined": quarantined,
+        "skipped_old": cumulative["skipped_old"], "duplicates": cumulative["duplicates"],
+        "extra_choices": cumulative["extra_choices"],
+        "quarantine_reasons": dict(reasons), "functions": functions,
+        "this_run": {"files_read": sum(i.files_read for i in ingests),
+                     "files_unchanged": sum(i.unchanged_files for i in ingests), **dict(this_run),
+                     "records_per_s": round(this_run["records"] / read_s, 1) if read_s > 0 else None,
+                     "workers": workers},
+        "sources": {st.label: {**st.counts, "watermark": _iso(st.max_ms), "batches": len(st.batches)}
+                    for st in states.values()},
+    }
+    n_new, n_lines = this_run["records"], this_run["lines"]
+    summary = [
+        ("sources", ", ".join(f"{st.label} ({st.counts['records']:,} records, up to {_iso(st.max_ms) or '-'})"
+                              for st in states.values())),
+        ("this run", f"{n_lines:,} rows read from {counts['this_run']['files_read']} files "
+                     f"({counts['this_run']['files_unchanged']} unchanged, skipped) -> {n_new:,} new records"
+                     + (f" at {n_new / read_s:,.0f}/s" if read_s > 0 and n_new else "")),
+    ]
+    skipped = [f"{this_run[k]:,} {label}" for k, label in (("skipped_old", "at or before the watermark"),
+                                                          ("duplicates", "already harvested"),
+                                                          ("extra_choices", "extra choices (n > 1)"))
+               if this_run[k]]
+    if skipped:
+        summary.append(("of which", "; ".join(skipped)))
+    summary.append(("records", f"{totals['records']:,}  ({', '.join(f'{k}: {v:,}' for k, v in functions.items())})"))
+    if this_run["quarantined"] or quarantined:
+        summary.append(("quarantined", f"{this_run['quarantined']:,} this run, {quarantined:,} in all"
+                        + (f"  ({', '.join(f'{k}: {v}' for k, v in reasons.most_common())})" if reasons else "")))
+        summary.append(("see", str(ctx.run.stage_dir("harvest") / QUARANTINE)))
+    if fb is not None:
+        counts["feedback"] = {"rows": fb.rows, "quarantined": len(fb.quarantine), "metrics": dict(fb.by_metric),
+                              "records_matched": totals["feedback_matched"],
+                              "demonstrations": len(fb.demonstrations), "comments_dropped": fb.dropped_comments}
+        summary.append(("feedback", f"{fb.rows:,} rows ({', '.join(f'{k}: {v:,}' for k, v in fb.by_metric.items())})"
+                        f" -> {totals['feedback_matched']:,} records"
+                        + (f", {len(fb.demonstrations):,} demonstrations" if fb.demonstrations else "")))
+    if regen is not None:
+        s = regen.summary()
+        counts["regenerate"] = s
+        cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
+        summary.append(("re-generated", f"{s['records']:,} records ({', '.join(f'{k}: {v}' for k, v in s['reasons'].items())})"
+                        f"; {s['cached']:,} from the cache, {s['new_answers']:,} new answers in {s['http_calls']:,} "
+                        f"calls ({s['retries']:,} retries); {s['input_tokens']:,} + {s['output_tokens']:,} tokens{cost}"))
+        if s["failed"]:
+            summary.append(("not re-generated", f"{s['failed']:,} calls failed; the records keep their logged "
+                                                "output (tag regenerate_failed)"))
+    return StageResult(counts=counts, summary=summary)
+
+
+def _iso(t: int | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t / 1000))

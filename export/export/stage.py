@@ -1,0 +1,391 @@
+"""The export stage: check the quality gate, merge the student (LoRA folded in) into one master in the recipe's
+dtype, make every quantized format from that master, evaluate each again on the test split, and publish the
+master, the artefacts that kept their quality, the routing policy, a model card and a manifest to the store as
+one immutable version.
+
+    export/<model_name>/            the version's files: master at the top, one folder per format, README.md
+                                    (model card), routing_policy.json and the policy's own files
+    export/flagged/<format>/        artefacts that lost more than the tolerance: kept for inspection, not published
+    export/evals/<format>.json      per-artefact re-evaluation (a rerun of an interrupted export reuses them)
+    export/published.json           where the version went
+
+A student that fails the gate is not published: the stage fails with exit code 5 and names each function that
+failed and by how much.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from export.export import quantize
+from export.export.modelcard import model_card
+from pipeline.config.export import FORMATS
+from pipeline.record import from_table
+from pipeline.rundir import digest, sha256_file
+from pipeline.stages import StageContext, StageFailed, StageResult
+from pipeline.store import latest_manifest, publish
+from training.evaluate import gate, metrics
+from training.evaluate import tables as eval_tables
+from training.train.outputs import load_trained_student, student_info
+
+SCHEMA = "distill-export/v1"
+
+
+def _reload_check(model, folder) -> float:
+    """Max absolute difference between the merged model's parameters and the saved copy's, reloaded by
+    transformers from safetensors (0.0 when the copy is exact)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, use_safetensors=True)
+    saved = dict(reloaded.named_parameters())
+    diff = 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in saved or saved[name].shape != p.shape:
+                return float("inf")
+            diff = max(diff, float((saved[name].float() - p.float()).abs().max()))
+    return diff
+
+
+def _packages(formats: list[str]) -> dict[str, str]:
+    names = ["distill", "torch", "transformers", "peft", "trl", "safetensors", "tokenizers"]
+    if any(f.startswith("gguf-") for f in formats):
+        names.append("gguf")
+    if any(f.startswith("bnb-") for f in formats):
+        names.append("bitsandbytes")
+    if any(f in ("w8a8", "w4a16") for f in formats):
+        names += ["llmcompressor", "compressed-tensors"]
+    out = {}
+    for p in names:
+        try:
+            out[p] = pkg_version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def check_gate(ctx: StageContext) -> dict[str, Any]:
+    """The evaluate stage's gate, with the regression part checked again against the store as it is now.
+    Raises StageFailed (exit code 5) when the student fails."""
+    cfg, ecfg = ctx.recipe.export, ctx.recipe.evaluate
+    scores = json.loads((ctx.inputs["evaluate"] / "scores.json").read_text())
+    try:
+        published = latest_manifest(cfg.store, cfg.model_name)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: fsspec lacks the URL's backend (extra cloud)
+        raise StageFailed("export", f"cannot read the store {cfg.store}: {err}") from err
+    result = gate.check(scores["functions"], ecfg.gate, scores.get("quality_metric", ecfg.quality), published)
+    (ctx.work / "gate.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not result["passed"]:
+        raise StageFailed(
+            "export",
+            "the student failed the quality gate and was not published:\n  " + "\n  ".join(result["failures"])
+            + "\n(evaluate.gate in the recipe sets the limits; details in "
+            f"{ctx.run.path / '.partial' / 'export' / 'gate.json'})",
+            exit_code=gate.EXIT_GATE_FAILED,
+        )
+    return result
+
+
+def _copy_policy(route_dir: Path, art: Path) -> dict[str, str]:
+    """routing_policy.json and every file it names, into the artefact; returns {file: sha256}."""
+    if (route_dir / "tokenizer.json").read_bytes() != (art / "tokenizer.json").read_bytes():
+        raise RuntimeError("the routing policy was fitted with another tokenizer than the exported student's")
+    policy = json.loads((route_dir / "routing_policy.json").read_text())
+    copied = {"routing_policy.json": sha256_file(route_dir / "routing_policy.json")}
+    shutil.copyfile(route_dir / "routing_policy.json", art / "routing_policy.json")
+    for rel, want in (policy.get("files") or {}).items():
+        p = Path(rel)
+        if p.is_absolute() or ".." in p.parts or not rel:
+            raise RuntimeError(f"routing_policy.json names a file outside the route folder: {rel!r}")
+        src = route_dir / p
+        if not src.is_file():
+            raise RuntimeError(f"routing_policy.json names {rel}, which the route stage did not write")
+        got = sha256_file(src)
+        if want and got != want:
+            raise RuntimeError(f"{rel} in the route folder does not match the sha256 in routing_policy.json")
+        if (art / p).exists() and sha256_file(art / p) == got:
+            copied[rel] = got
+            continue
+        (art / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, art / p)
+        copied[rel] = got
+    return copied
+
+
+def _routed_cost(route_dir: Path, route_manifest: dict[str, Any] | None, cost: dict[str, Any]) -> dict[str, Any]:
+    """Cost per 1,000 requests of the routed blend, from the operating point route measured on held-out traffic
+    (requests the student tried and escalated pay for both models)."""
+    policy = json.loads((route_dir / "routing_policy.json").read_text())
+    op = policy.get("operating_point") or (route_manifest or {}).get("operating_point") or {}
+    share = op.get("student_share")
+    routed = op.get("cost_per_1k_routed_usd", op.get("cost_per_1k_routed"))
+    if routed is None and share is not None:
+        routed = share * cost["student"] + (1 - share) * cost["teacher"]
+    out = {**cost, "routed": routed, "routed_student_share": share}
+    for key, name in (("cost_per_1k_routed_usd_ci", "routed_ci"), ("student_share_ci", "routed_student_share_ci")):
+        if op.get(key) is not None:
+            out[name] = op[key]
+    if routed is not None and cost.get("teacher"):
+        out["routed_saving"] = 1 - routed / cost["teacher"]
+    return out
+
+
+def _calibration_texts(curate_dir: Path, tokenizer, n: int, seed: int) -> list[str]:
+    """``n`` curated training examples (prompt and teacher answer) in the chat format, chosen by seed."""
+    from training.train.chat_template import training_messages
+
+    records = from_table(pq.read_table(curate_dir / "train.parquet"))
+    chosen = random.Random(seed).sample(records, min(n, len(records)))
+    return [tokenizer.apply_chat_template(training_messages(r), tokenize=False) for r in chosen]
+
+
+def _evaluate(model, tokenizer, records, ecfg, progress, label: str, metric: str) -> dict[str, Any]:
+    from training.evaluate.stage import evaluate_model
+
+    rows, wall = evaluate_model(model, tokenizer, records, ecfg, progress, label, metric=metric)
+    return {"rows": [{k: r[k] for k in ("id", "function", "prediction", "quality", "exact_match")} for r in rows],
+            "seconds": wall}
+
+
+def _compare(rows: list[dict[str, Any]], master_rows: list[dict[str, Any]], ecfg, seed: int) -> dict[str, Any]:
+    """Quality of an artefact's answers and its change against the master's on the same records (points), with
+    a paired bootstrap interval of the change."""
+    q = [r["quality"] for r in rows]
+    m = [r["quality"] for r in master_rows]
+    pairs = [(a, b) for a, b in zip(q, m, strict=True) if a is not None and b is not None]
+    quality = sum(a for a, _ in pairs) / len(pairs) if pairs else None
+    master = sum(b for _, b in pairs) / len(pairs) if pairs else None
+    out = {
+        "quality": quality,
+        "points_vs_master": None if quality is None else 100 * (quality - master),
+        "agreement_with_master": sum(a["prediction"] == b["prediction"] for a, b in zip(rows, master_rows, strict=True))
+        / len(rows),
+        "functions": {},
+    }
+    ci = eval_tables.bootstrap_ci([100 * (a - b) for a, b in pairs], ecfg.bootstrap, ecfg.confidence, seed)
+    if ci:
+        out["points_vs_master_ci"] = ci
+    fns = sorted({r["function"] for r in rows})
+    for fn in fns:
+        xs = [r["quality"] for r in rows if r["function"] == fn and r["quality"] is not None]
+        out["functions"][fn] = sum(xs) / len(xs) if xs else None
+    return out
+
+
+def run(ctx: StageContext) -> StageResult:
+    from training.train.stage import quiet_hf
+
+    quiet_hf()
+    import torch
+
+    cfg, ecfg = ctx.recipe.export, ctx.recipe.evaluate
+    quantize.check_extras(cfg.formats)  # before any work: a missing extra is named at once
+    gate_result = check_gate(ctx)
+    dtype = getattr(torch, cfg.dtype)
+    train_dir, curate_dir, route_dir = ctx.inputs["train"], ctx.inputs["curate"], ctx.inputs["route"]
+    scores = json.loads((ctx.inputs["evaluate"] / "scores.json").read_text())
+    # Artefacts are compared on an agreement metric: the LLM judge is not called again for each of them.
+    metric = scores.get("quality_metric", ecfg.quality)
+    metric = "auto" if metric == "judge" else metric
+
+    # 1. The master: merged, in the recipe's dtype, saved and checked to reproduce the merged model.
+    model, tokenizer = load_trained_student(train_dir, merge=True)
+    model = model.to(dtype)
+    art = ctx.work / cfg.model_name
+    art.mkdir(exist_ok=True)
+    model.save_pretrained(art, safe_serialization=True)
+    tokenizer.save_pretrained(art)
+    diff = _reload_check(model, art)
+    if diff != 0.0:
+        raise RuntimeError(f"the saved master does not hold the merged weights (max difference {diff:.3g})")
+    del model
+    policy_files = _copy_policy(route_dir, art)
+
+    records = from_table(pq.read_table(curate_dir / "test.parquet"))
+    records = records[: min(ecfg.max_records or len(records), cfg.max_eval_records or len(records))]
+    evals, flagged_dir, build = ctx.work / "evals", ctx.work / "flagged", ctx.work / "build"
+    evals.mkdir(exist_ok=True)
+    calibration = None
+    if any(f in ("w8a8", "w4a16") for f in cfg.formats):
+        calibration = _calibration_texts(curate_dir, tokenizer, cfg.calibration_samples, ctx.recipe.seed)
+
+    lineage: dict[str, Any] = _lineage(ctx)
+    gguf_meta = {"description": f"distilled student of {', '.join(lineage['teacher_models']) or 'a teacher'}",
+                 "license": cfg.license, "tags": ["distill"],
+                 "base_model": None if lineage["base_model"] == "built from config" else lineage["base_model"],
+                 "distill": {"recipe_sha256": lineage["recipe_sha256"], "data_sha256": lineage["data_sha256"],
+                             "teacher_models": ",".join(lineage["teacher_models"])}}
+    artefacts: list[dict[str, Any]] = []
+    with Progress(TextColumn("export {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=ctx.console, transient=True) as progress:
+        # 2. The master evaluated again (in its stored dtype) against the student evaluate scored.
+        evaluated = pq.read_table(ctx.inputs["evaluate"] / "predictions.parquet").to_pylist()[: len(records)]
+        for r in evaluated:
+            r["quality"] = metrics.quality(r, metric)
+        cached = evals / "master.json"
+        if not cached.is_file():
+            if cfg.dtype == "float32" and student_info(train_dir)["method"] == "full" and not torch.cuda.is_available():
+                # The very float32 weights evaluate scored (no adapter folded in), on the same device: its answers
+                # are the master's.
+                master_eval = {"rows": [{k: r[k] for k in ("id", "function", "prediction", "quality", "exact_match")}
+                                        for r in evaluated], "seconds": 0.0, "reused": "evaluate"}
+            else:
+                master_model = quantize.load("master", art, cfg.model_name)
+                master_eval = _evaluate(master_model, tokenizer, records, ecfg, progress, "master", metric)
+                del master_model
+            cached.write_text(json.dumps(master_eval))
+        master_eval = json.loads(cached.read_text())
+        master_rows = master_eval["rows"]
+        master_cmp = _compare(master_rows, evaluated, ecfg, ctx.recipe.seed)
+        master_bytes = quantize.weight_bytes("master", art)
+        master_entry = {"format": "master", "path": ".", "dtype": cfg.dtype, "bytes": master_bytes,
+                        "total_bytes": _folder_bytes(art, exclude_dirs=True), "size_vs_master": 1.0,
+                        "quality": master_cmp["quality"], "points_vs_master": 0.0,
+                        "points_vs_evaluated_student": master_cmp["points_vs_master"],
+                        "agreement_with_evaluated_student": master_cmp["agreement_with_master"],
+                        "functions": master_cmp["functions"], "flagged": False, "published": True,
+                        "eval_seconds": master_eval["seconds"],
+                        "evaluation": "answers of the evaluate stage (identical float32 weights)"
+                        if master_eval.get("reused") else "evaluated again"}
+        allowed = cfg.max_points_lost
+        if master_cmp["points_vs_master"] is not None and -master_cmp["points_vs_master"] > allowed + 1e-9:
+            raise StageFailed("export", f"the {cfg.dtype} master loses {-master_cmp['points_vs_master']:.1f} points "
+                                        f"against the evaluated student (allowed {allowed:g}); export in float32 "
+                                        "(export.dtype) or raise export.max_points_lost",
+                              exit_code=gate.EXIT_GATE_FAILED)
+        artefacts.append(master_entry)
+
+        # 3. Every format, made from the master and evaluated again on the same records.
+        for fmt in cfg.formats:
+            done = evals / f"{fmt}.json"
+            if done.is_file() and ((art / fmt).is_dir() or (flagged_dir / fmt).is_dir()):
+                artefacts.append(json.loads(done.read_text()))
+                continue
+            task = progress.add_task(f"{fmt}: quantize", total=None)
+            out = build / fmt
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            quantize.make(fmt, art, out, name=cfg.model_name, dtype=dtype, calibration=calibration,
+                          max_length=ctx.recipe.train.max_length, metadata=gguf_meta)
+            made_s = time.perf_counter() - t0
+            progress.remove_task(task)
+            qmodel = quantize.load(fmt, out, cfg.model_name)
+            with quantize.quiet():
+                ev = _evaluate(qmodel, tokenizer, records, ecfg, progress, fmt, metric)
+            del qmodel
+            cmp = _compare(ev["rows"], master_rows, ecfg, ctx.recipe.seed)
+            limit = cfg.points_allowed(fmt)
+            lost = -cmp["points_vs_master"] if cmp["points_vs_master"] is not None else 0.0
+            flagged = lost > limit + 1e-9
+            wbytes = quantize.weight_bytes(fmt, out)
+            entry = {
+                "format": fmt, "path": f"{fmt}/" + (quantize.gguf_file(fmt, cfg.model_name) if fmt.startswith("gguf-")
+                                                    else ""),
+                "needs_extra": FORMATS[fmt], "bytes": wbytes, "total_bytes": _folder_bytes(out),
+                "size_vs_master": wbytes / master_bytes, **{k: v for k, v in cmp.items()},
+                "allowed_points_lost": limit, "flagged": flagged, "published": not flagged,
+                "make_seconds": made_s, "eval_seconds": ev["seconds"],
+            }
+            if flagged:
+                entry["why"] = (f"loses {lost:.2f} points against the master (allowed {limit:g}): not published; "
+                                f"kept in {ctx.run.stage_dir('export') / 'flagged' / fmt}")
+            dest = (flagged_dir if flagged else art) / fmt
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.move(str(out), str(dest))
+            done.write_text(json.dumps(entry, indent=2) + "\n")
+            artefacts.append(entry)
+    shutil.rmtree(build, ignore_errors=True)
+
+    # 4. The card, the manifest, the store.
+    route_manifest = ctx.run.manifest("route")
+    cost = _routed_cost(route_dir, route_manifest, scores["cost_per_1k_requests_usd"])
+    published_arts = [a for a in artefacts if a["published"]]
+    meta: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "format": f"safetensors ({cfg.dtype})",
+        "lineage": lineage,
+        "scores": {k: scores[k] for k in ("quality_metric", "quality_description", "bootstrap", "overall", "functions",
+                                          "by_length", "by_language", "tokens", "latency_ms") if k in scores}
+                  | {"cost_per_1k_requests_usd": cost},
+        "gate": gate_result,
+        "artefacts": published_arts,
+        "flagged": [a for a in artefacts if a["flagged"]],
+        "evaluation": {"records": len(records), "max_new_tokens": ecfg.max_new_tokens, "quality_metric": metric,
+                       "compute": "float32 on CPU" if not torch.cuda.is_available() else "the artefact's dtype on GPU"},
+        "reload_max_weight_diff": diff,
+        "routing_policy_sha256": policy_files["routing_policy.json"],
+        "routing_policy_files": policy_files,
+        "packages": _packages(cfg.formats),
+    }
+    card_meta = {k: meta[k] for k in ("lineage", "scores", "gate", "artefacts", "routing_policy_sha256")}
+    card_meta["gate"] = {"passed": gate_result["passed"]}  # the card holds nothing that changes on a rerun
+    (art / "README.md").write_text(model_card(cfg.model_name, card_meta, cfg.intended_use, cfg.license))
+    version = publish(cfg.store, cfg.model_name, art, meta)
+    (ctx.work / "published.json").write_text(json.dumps({"store": cfg.store, "name": cfg.model_name,
+                                                         "version": version}, indent=2) + "\n")
+    return StageResult(
+        counts={"bytes": _folder_bytes(art), "files": sum(1 for p in art.rglob("*") if p.is_file()),
+                "formats": len(published_arts) - 1, "flagged": len(meta["flagged"])},
+        summary=_summary(cfg, artefacts, lineage, version, cost),
+        extra={"lineage": lineage, "published": {"store": cfg.store, "name": cfg.model_name, "version": version},
+               "artefacts": [{k: a.get(k) for k in ("format", "bytes", "size_vs_master", "quality",
+                                                    "points_vs_master", "flagged")} for a in artefacts],
+               "cost_per_1k_requests_usd": cost},
+    )
+
+
+def _lineage(ctx: StageContext) -> dict[str, Any]:
+    info = student_info(ctx.inputs["train"])
+    train_table = pq.read_table(ctx.inputs["curate"] / "train.parquet", columns=["teacher"])
+    teachers = sorted({t["model"] for t in train_table.column("teacher").to_pylist() if t and t.get("model")})
+    return {
+        "recipe": ctx.recipe.name,
+        "recipe_sha256": digest(ctx.recipe.model_dump(mode="json")),
+        "data_sha256": ctx.run.manifest("curate")["outputs"]["train.parquet"],
+        "test_data_sha256": ctx.run.manifest("curate")["outputs"].get("test.parquet"),
+        "base_model": info["base"],
+        "base_revision": info.get("base_revision"),
+        "method": info["method"],
+        "teacher_models": teachers,
+        "train_records": info["train_records"],
+        "train_fingerprint": ctx.run.manifest("train")["fingerprint"],
+    }
+
+
+def _folder_bytes(folder: Path, exclude_dirs: bool = False) -> int:
+    files = folder.iterdir() if exclude_dirs else folder.rglob("*")
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
+def _summary(cfg, artefacts, lineage, version, cost) -> list[tuple[str, str]]:
+    out = []
+    for a in artefacts:
+        pts = a.get("points_vs_master")
+        q = "-" if a.get("quality") is None else f"{100 * a['quality']:.1f}%"
+        change = "" if a["format"] == "master" or pts is None else f" ({pts:+.2f} points vs master)"
+        state = ("[bold red]flagged, not published[/]: " + a["why"]) if a["flagged"] else "published"
+        out.append((a["format"], f"{a['bytes'] / 1e6:.2f} MB ({a['size_vs_master']:.2f}x), quality {q}{change}, "
+                                 f"{state}"))
+    out.append(("master dtype", f"{cfg.dtype}; the saved copy holds exactly the merged weights"))
+    if cost.get("routed") is not None:
+        out.append(("cost / 1k requests", f"teacher ${cost['teacher']:.4f}, student ${cost['student']:.4f}, routed "
+                                          f"${cost['routed']:.4f} ({100 * (cost['routed_student_share'] or 0):.0f}% "
+                                          "to the student)"))
+    out.append(("published", f"{cfg.store}/{cfg.model_name}/{version} (latest -> {version})"))
+    out.append(("lineage", f"base {lineage['base_model']}, teacher {', '.join(lineage['teacher_models']) or '?'}, "
+                           f"data {lineage['data_sha256'][:12]}"))
+    out.append(("pull", f"distill pull {cfg.store} {cfg.model_name}@{version} DEST"))
+    return out

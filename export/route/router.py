@@ -1,0 +1,353 @@
+"""The Router: applies a ``routing_policy.json`` to one request and says student or teacher, with reasons.
+
+Dependencies: the standard library and ``tokenizers``; ``fasttext-predict`` when the policy checks the input's
+language; numpy, safetensors and the MiniLM embedder (extra ``semantic``, torch) only when it checks the
+distance from the training inputs and the Router is loaded with ``embeddings=True`` (the default). Two phases:
+
+    router = Router.load("runs/demo/route")        # a policy file, or the folder holding routing_policy.json
+    d = router.before(request)                     # function, input length, language, distance
+    if d.route == "student":
+        answer, logprobs = call_student(request)   # logprobs: floats, or OpenAI logprobs.content with top_logprobs
+        d = router.after(request, logprobs, before=d)   # the student's confidence in its own answer
+    # d.route is "student" or "teacher"; d.reasons lists the checks in order, the last one decided;
+    # d.signals holds the measured values (input_tokens, language, distance, confidence)
+
+``request`` is an OpenAI chat-completions body; its function is read from ``metadata.function`` unless given.
+
+Policy schema ``distill-routing/v2`` (``POLICY_JSON_SCHEMA`` below is the formal version; the Router refuses
+other major versions and upgrades v1 policies in memory):
+
+- ``schema``, ``created_at``, ``student`` {name, train_fingerprint}, ``teacher`` {models}
+- ``quality`` {metric, tolerance, guarantee, confidence_level}: what the thresholds were chosen to keep
+- ``tokenizer`` {file, sha256}: the student's tokenizer.json, beside the policy; input length is counted with it
+- ``length`` {count}: "exact", "bounded" or "estimate" (see ``export.signals.TokenCounter``)
+- ``language``: null, or {detector, file, sha256, min_confidence}: fastText lid.176, beside the policy
+- ``embedder``: null, or {name, package, weights_sha256, dim, normalized, text}; ``distance``: null, or
+  {method: "knn-cosine", k, file, sha256}: unit-norm training embeddings per function (safetensors)
+- ``confidence`` {top_logprobs}: top-k the student endpoint must return for the entropy signals
+- ``unknown_function``: "teacher"
+- ``functions`` {name: {enabled, why, before {max_input_tokens, token_estimate {coef, residual} | null,
+  languages [codes] | null, max_distance | null}, after {signal, threshold | null}, calibration {...}}}
+- ``operating_point``: the held-out share, quality, cost and their bootstrap intervals
+- ``drift``: per function, the reference distributions `distill route-check` compares live traffic with
+- ``files`` {relative name: sha256}: every file beside the policy that it needs (published with it)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.route.signals import (
+    ENTROPY_SIGNALS,
+    SIGNALS,
+    LanguageDetector,
+    TokenCounter,
+    signal_value,
+    split_logprobs,
+    user_text,
+)
+
+POLICY_SCHEMA = "distill-routing/v2"
+POLICY_FILE = "routing_policy.json"
+
+_NUM_OR_NULL = {"type": ["number", "null"]}
+POLICY_JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "distill routing policy v2",
+    "type": "object",
+    "required": ["schema", "tokenizer", "functions", "unknown_function"],
+    "properties": {
+        "schema": {"const": POLICY_SCHEMA},
+        "tokenizer": {"type": ["object", "null"], "required": ["file", "sha256"]},
+        "length": {"type": "object", "properties": {"count": {"enum": ["exact", "bounded", "estimate"]}}},
+        "language": {"type": ["object", "null"], "required": ["file", "sha256", "min_confidence"]},
+        "embedder": {"type": ["object", "null"], "required": ["name", "weights_sha256"]},
+        "distance": {"type": ["object", "null"], "required": ["method", "k", "file", "sha256"]},
+        "unknown_function": {"const": "teacher"},
+        "files": {"type": "object", "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        "functions": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["enabled", "before", "after"],
+                "properties": {
+                    "enabled": {"type": "boolean"},
+                    "why": {"type": "string"},
+                    "before": {
+                        "type": "object",
+                        "required": ["max_input_tokens"],
+                        "properties": {
+                            "max_input_tokens": {"type": ["integer", "null"], "minimum": 0},
+                            "token_estimate": {"type": ["object", "null"], "required": ["coef", "residual"]},
+                            "languages": {"type": ["array", "null"], "items": {"type": "string"}},
+                            "max_distance": _NUM_OR_NULL,
+                        },
+                    },
+                    "after": {
+                        "type": "object",
+                        "required": ["signal", "threshold"],
+                        "properties": {"signal": {"enum": list(SIGNALS)}, "threshold": _NUM_OR_NULL},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+class PolicyError(ValueError):
+    """A routing policy that cannot be used: unknown schema version, missing or tampered files."""
+
+
+@dataclass(slots=True)
+class Decision:
+    route: str  # "student" | "teacher"
+    reasons: list[str] = field(default_factory=list)  # the checks in order; the last one decided
+    phase: str = "before"  # "before" | "after"
+    signals: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def to_student(self) -> bool:
+        return self.route == "student"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"route": self.route, "phase": self.phase, "reasons": self.reasons, "signals": self.signals}
+
+
+def confidence(logprobs: Sequence[float]) -> float:
+    """The v1 confidence signal (lowest token logprob); kept for callers of the first API."""
+    return signal_value("min_logprob", list(logprobs))
+
+
+def upgrade_v1(policy: dict[str, Any]) -> dict[str, Any]:
+    """A distill-routing/v1 policy in the v2 layout (v1 had function, length and min-logprob rules only)."""
+    functions = {}
+    for fn, r in policy.get("functions", {}).items():
+        functions[fn] = {
+            "enabled": r.get("enabled", True), "why": r.get("why", ""),
+            "before": {"max_input_tokens": r.get("max_input_tokens"), "token_estimate": None, "languages": None,
+                       "max_distance": None},
+            "after": {"signal": "min_logprob", "threshold": (r.get("confidence") or {}).get("threshold")},
+            "calibration": r.get("calibration"),
+        }
+    return {**policy, "schema": POLICY_SCHEMA, "upgraded_from": policy.get("schema"), "length": {"count": "exact"},
+            "language": None, "embedder": None, "distance": None, "confidence": {"top_logprobs": 0},
+            "unknown_function": "teacher", "functions": functions}
+
+
+def check_schema(policy: dict[str, Any]) -> dict[str, Any]:
+    """The policy in the v2 layout; PolicyError for an unknown major version."""
+    schema = str(policy.get("schema", ""))
+    name, _, version = schema.partition("/v")
+    major = version.split(".")[0]
+    if name != "distill-routing" or not major.isdigit():
+        raise PolicyError(f"not a distill routing policy (schema {schema!r}; expected {POLICY_SCHEMA!r})")
+    if major == "1":
+        return upgrade_v1(policy)
+    if major != "2":
+        raise PolicyError(f"routing policy schema {schema!r} is newer than this Router understands ({POLICY_SCHEMA}): "
+                          "upgrade distill to read it")
+    return policy
+
+
+class _Rule:
+    """One function's rule, unpacked once so that a decision is a few attribute reads."""
+
+    __slots__ = ("enabled", "why", "limit", "estimate", "languages", "max_distance", "signal", "threshold", "entropy")
+
+    def __init__(self, r: dict[str, Any]):
+        b, a = r.get("before") or {}, r.get("after") or {}
+        self.enabled = bool(r.get("enabled", True))
+        self.why = r.get("why") or "disabled"
+        self.limit = b.get("max_input_tokens")
+        self.estimate = b.get("token_estimate")
+        self.languages = frozenset(b["languages"]) if b.get("languages") is not None else None
+        self.max_distance = b.get("max_distance")
+        self.signal = a.get("signal", "min_logprob")
+        self.threshold = a.get("threshold")
+        self.entropy = self.signal in ENTROPY_SIGNALS
+
+
+class Router:
+    """Decides, per request, whether the student may answer.
+
+    ``encode`` (text -> token ids) counts input length; ``language`` (text -> (code, probability)) and
+    ``embed`` (texts -> unit-norm embeddings) with ``reference`` (function -> training embeddings) serve the
+    language and distance rules. A rule the policy holds but whose helper is missing is an error unless named
+    in ``skip`` ("language", "distance"); skipped rules are reported in the reasons.
+    """
+
+    def __init__(self, policy: dict[str, Any], encode: Callable[[str], list[int]] | None = None, *,
+                 language: Callable[[str], tuple[str, float]] | None = None,
+                 embed: Callable[[list[str]], Any] | None = None, reference: dict[str, Any] | None = None,
+                 skip: Sequence[str] = ()):
+        policy = check_schema(policy)
+        self.policy = policy
+        self.functions: dict[str, dict[str, Any]] = policy["functions"]
+        self.length_mode = (policy.get("length") or {}).get("count", "exact")
+        self._rules = {fn: _Rule(r) for fn, r in self.functions.items()}
+        self.encode = encode
+        self.counter = TokenCounter(encode) if encode else None
+        if encode is None and any(r.limit is not None for r in self._rules.values()):
+            raise PolicyError("this policy limits input length: pass encode= or load it with Router.load")
+        self.language = language
+        self.min_language_confidence = float((policy.get("language") or {}).get("min_confidence", 0.5))
+        self.embed, self.reference = embed, reference or {}
+        self.k = int((policy.get("distance") or {}).get("k", 5))
+        self.skipped: list[str] = []
+        for what, present, helper in (
+            ("language", any(r.languages is not None for r in self._rules.values()), language),
+            ("distance", any(r.max_distance is not None for r in self._rules.values()), embed),
+        ):
+            if present and helper is None:
+                if what not in skip:
+                    raise PolicyError(f"this policy checks {what}: pass its helper or skip=('{what}',)")
+                self.skipped.append(what)
+
+    @classmethod
+    def load(cls, path: str | Path, *, language: bool = True, embeddings: bool = True) -> Router:
+        """Read a policy (file, or folder holding routing_policy.json) and the files beside it, each checked
+        against its sha256 in the policy. ``language=False`` / ``embeddings=False`` skip those rules (no
+        fastText / no torch); the reasons then say so."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / POLICY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no routing policy at {path}")
+        try:
+            policy = check_schema(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise PolicyError(f"{path} is not valid JSON: {err}") from None
+        if policy.get("upgraded_from") is None:
+            import jsonschema
+
+            try:
+                jsonschema.validate(policy, POLICY_JSON_SCHEMA)
+            except jsonschema.ValidationError as err:
+                where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+                raise PolicyError(f"{path}: {where}: {err.message}") from None
+
+        def local(entry: dict[str, Any] | None) -> Path | None:
+            if not entry:
+                return None
+            f = (path.parent / entry["file"]).resolve()
+            if path.parent.resolve() not in f.parents:
+                raise PolicyError(f"{path}: file {entry['file']!r} is outside the policy's folder")
+            if not f.is_file():
+                raise PolicyError(f"{f} is missing: it is listed in the policy (copy every file in policy['files'])")
+            if hashlib.sha256(f.read_bytes()).hexdigest() != entry["sha256"]:
+                raise PolicyError(f"{f} does not match the policy's sha256")
+            return f
+
+        encode = None
+        tok_path = local(policy.get("tokenizer"))
+        if tok_path:
+            from tokenizers import Tokenizer
+
+            t = Tokenizer.from_file(str(tok_path))
+            encode = lambda s: t.encode(s, add_special_tokens=False).ids  # noqa: E731
+        detector = None
+        lang_path = local(policy.get("language")) if language else None
+        if lang_path:
+            detector = LanguageDetector(lang_path)
+        embed, reference = None, None
+        dist_path = local(policy.get("distance")) if embeddings else None
+        if dist_path:
+            from safetensors.numpy import load_file
+
+            from export.route.embedder import Embedder
+
+            embed = Embedder(expected=policy.get("embedder"))
+            reference = load_file(str(dist_path))
+        return cls(policy, encode, language=detector, embed=embed, reference=reference,
+                   skip=tuple(w for w, on in (("language", language), ("distance", embeddings)) if not on))
+
+    def _function(self, request: dict[str, Any], function: str | None) -> str:
+        return function or (request.get("metadata") or {}).get("function") or "default"
+
+    def distance(self, fn: str, text: str | None = None, embedding: Any = None) -> float:
+        """Cosine distance of an input to its k-th nearest training input of the function."""
+        import numpy as np
+
+        from export.route.embedder import knn_distance
+
+        vec = np.asarray(embedding if embedding is not None else self.embed([text or ""])[0], dtype=np.float32)
+        return float(knn_distance(vec[None, :], self.reference[fn], self.k)[0])
+
+    def before(self, request: dict[str, Any], function: str | None = None, embedding: Any = None) -> Decision:
+        """Phase 1, before any model call: function known and enabled, input length, language, distance.
+        ``embedding``: the input's unit-norm MiniLM embedding, when the caller computed it (batching)."""
+        fn = self._function(request, function)
+        rule = self._rules.get(fn)
+        signals: dict[str, Any] = {"function": fn}
+        if rule is None:
+            return Decision("teacher", [f"function '{fn}' was not trained or not calibrated"], "before", signals)
+        if not rule.enabled:
+            return Decision("teacher", [f"function '{fn}' is routed to the teacher: {rule.why}"], "before", signals)
+        reasons = [f"function '{fn}' is calibrated"]
+        messages = request.get("messages") or []
+        if rule.limit is not None:
+            ok, n, how = self.counter.check(messages, rule.limit, rule.estimate, self.length_mode)
+            signals["input_tokens"] = n
+            shown = f"{n}" if how == "exact" else f"{how} {n}"
+            if not ok:
+                reasons.append(f"input is {shown} tokens, over the {rule.limit} seen in training")
+                return Decision("teacher", reasons, "before", signals)
+            reasons.append(f"input {shown} tokens <= {rule.limit}")
+        text = None
+        if rule.languages is not None and self.language is not None:
+            text = user_text(messages)
+            lang, p = self.language(text)
+            signals["language"], signals["language_p"] = lang, round(p, 3)
+            if p < self.min_language_confidence:
+                reasons.append(f"language uncertain ('{lang}' p={p:.2f})")
+            elif lang not in rule.languages:
+                reasons.append(f"language '{lang}' (p={p:.2f}) was not in training ({', '.join(sorted(rule.languages))})")
+                return Decision("teacher", reasons, "before", signals)
+            else:
+                reasons.append(f"language '{lang}' was in training")
+        if rule.max_distance is not None and self.embed is not None:
+            d = self.distance(fn, user_text(messages) if text is None else text, embedding)
+            signals["distance"] = round(d, 4)
+            if d > rule.max_distance:
+                reasons.append(f"distance {d:.3f} from the training inputs is over the limit {rule.max_distance:.3f}")
+                return Decision("teacher", reasons, "before", signals)
+            reasons.append(f"distance {d:.3f} <= {rule.max_distance:.3f}")
+        if self.skipped:
+            reasons.append(f"not checked: {', '.join(self.skipped)}")
+        return Decision("student", reasons, "before", signals)
+
+    def after(self, request: dict[str, Any], logprobs: Sequence[Any], function: str | None = None,
+              before: Decision | None = None) -> Decision:
+        """Phase 2, after the student answered: keep its answer only if it was confident enough.
+        ``logprobs``: the answer's token logprobs (floats), or OpenAI ``logprobs.content`` (needed, with
+        ``top_logprobs``, by the entropy signals). ``before``: the phase-1 decision, to skip recomputing it."""
+        first = before if before is not None else self.before(request, function)
+        signals = dict(first.signals)
+        if not first.to_student:
+            return Decision("teacher", list(first.reasons), "after", signals)
+        rule = self._rules[signals["function"]]
+        chosen, tops = split_logprobs(logprobs, rule.entropy)
+        if not chosen:
+            return Decision("teacher", [*first.reasons, "the student's answer is empty"], "after", signals)
+        if rule.entropy and tops is None:
+            raise ValueError(f"function '{signals['function']}' routes on {rule.signal}: pass logprobs as OpenAI "
+                             f"logprobs.content with top_logprobs (ask the student endpoint for top_logprobs)")
+        c = signal_value(rule.signal, chosen, tops)
+        signals["confidence"] = c
+        if rule.threshold is not None and (c < rule.threshold or math.isnan(c)):
+            return Decision("teacher", [*first.reasons, f"student confidence {c:.3f} ({rule.signal}) < threshold "
+                                                        f"{rule.threshold:.3f}"], "after", signals)
+        shown = "no threshold" if rule.threshold is None else f">= threshold {rule.threshold:.3f}"
+        return Decision("student", [*first.reasons, f"student confidence {c:.3f} ({rule.signal}) {shown}"],
+                        "after", signals)
+
+    def decide(self, request: dict[str, Any], logprobs: Sequence[Any] | None = None,
+               function: str | None = None) -> Decision:
+        return self.before(request, function) if logprobs is None else self.after(request, logprobs, function)

@@ -1,0 +1,117 @@
+"""Shared pieces of the routing tests: the e2e run's Router (loaded once: MiniLM takes seconds), requests built
+in and out of band, and OpenAI-compatible stand-ins for a student and a teacher served on loopback."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from export.route.router import Router
+
+FAQ = "product_faq"
+TRIAGE = "ticket_triage"
+IN_BAND_FAQ = "Is the Echo Speaker in stock?"
+FAR_FAQ = "Write a haiku about the moon."
+ITALIAN_FAQ = "Il Echo Speaker è disponibile adesso?"
+FAQ_SYSTEM = "You answer customer questions about our products in one short sentence."
+
+
+def request(text: str, function: str | None = FAQ, system: str | None = FAQ_SYSTEM) -> dict[str, Any]:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return {"model": "gpt-4o", "messages": msgs, **({"metadata": {"function": function}} if function else {})}
+
+
+@lru_cache(maxsize=4)
+def full_router(route_dir: str) -> Router:
+    """The policy with every rule loaded (tokenizer, fastText, MiniLM)."""
+    return Router.load(route_dir)
+
+
+def with_rule(router: Router, function: str, **after: Any) -> Router:
+    """The same Router with one function enabled and its post-generation rule replaced (shares the helpers)."""
+    policy = copy.deepcopy(router.policy)
+    rule = policy["functions"][function]
+    rule["enabled"] = True
+    rule["after"] = {**rule["after"], **after}
+    return Router(policy, router.encode, language=router.language, embed=router.embed, reference=router.reference,
+                  skip=tuple(router.skipped))
+
+
+def content_logprobs(values: list[float], top: int = 3) -> list[dict[str, Any]]:
+    """OpenAI ``logprobs.content``: each token with its logprob and a top-k where it is the best choice."""
+    out = []
+    for i, lp in enumerate(values):
+        rest = max(1e-9, 1 - math.exp(lp))
+        alts = [{"token": f"alt{j}", "logprob": math.log(rest / top)} for j in range(top - 1)]
+        out.append({"token": f"t{i}", "logprob": lp, "top_logprobs": [{"token": f"t{i}", "logprob": lp}, *alts]})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def completion(content: str, model: str, logprobs: list[dict[str, Any]] | None = None, rid: str = "x") -> dict:
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content},
+                              "finish_reason": "stop"}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    return {"id": rid, "object": "chat.completion", "created": 1764000000, "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28}}
+
+
+class Upstream:
+    """A stand-in OpenAI-compatible server. The student answers with confident logprobs, or unsure ones when the
+    user turn contains UNSURE, and fails with HTTP 503 on FAIL; the teacher always answers. Every request body
+    and Authorization header it receives is kept."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.bodies: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        self.auth.append(request.headers.get("Authorization"))
+        user = " ".join(m.get("content") or "" for m in body["messages"] if m["role"] == "user")
+        n = len(self.bodies)
+        if self.kind == "teacher":
+            return web.json_response(completion(json.dumps({"answer": "from the teacher"}), "gpt-4o-2024-08-06",
+                                                rid=f"chatcmpl-teacher-{n}"))
+        if "FAIL" in user:
+            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+        values = [-0.01, -0.02, -4.5, -0.01] if "UNSURE" in user else [-0.01, -0.03, -0.02, -0.01]
+        return web.json_response(completion("The Echo Speaker is in stock.", body.get("model", "?"),
+                                            content_logprobs(values, body.get("top_logprobs") or 3),
+                                            rid=f"chatcmpl-student-{n}"))
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self.url
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

@@ -1,0 +1,298 @@
+"""The evaluate stage: the student answers the held-out test split, batched and greedy; every answer is scored
+against the teacher's (exact match, schema-aware JSON field accuracy, schema validity, chrF, and optionally an
+LLM judge's grade of both answers), with bootstrap confidence intervals, tables per function, per input-length
+bucket and per language, tokens, latency, cost per 1,000 requests, and the quality gate.
+
+Writes ``predictions.parquet`` (one row per test record, with the student's per-token logprobs that the
+route stage calibrates on), ``scores.json`` and ``gate.json``. The export stage reuses :func:`evaluate_model`
+to re-evaluate every artefact it makes on the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.config.evaluate import EvaluateConfig
+from pipeline.record import from_table
+from pipeline.stages import StageContext, StageResult
+from training.evaluate import gate, metrics
+from training.evaluate import tables as eval_tables
+from training.train.chat_template import prompt_messages
+from training.train.outputs import load_trained_student
+
+
+def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
+             progress=None, label: str = "generate") -> list[dict[str, Any]]:
+    """Greedy answers with per-token logprobs, batched with left padding."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    model.eval()
+    device = getattr(model, "device", None) or torch.device("cpu")
+    out: list[dict[str, Any]] = []
+    task = progress.add_task(label, total=len(prompts)) if progress else None
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        seconds = time.perf_counter() - t0
+        new = gen.sequences[:, enc["input_ids"].shape[1] :]
+        logprobs = model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
+        for j in range(len(chunk)):
+            ids, lps = [], []
+            for tok, lp in zip(new[j].tolist(), logprobs[j].tolist(), strict=True):
+                if tok == tokenizer.pad_token_id:
+                    break
+                ids.append(tok)
+                lps.append(lp)
+                if tok == tokenizer.eos_token_id:
+                    break
+            out.append({
+                "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                "token_ids": ids,
+                "input_tokens": int(enc["attention_mask"][j].sum()),
+                "output_tokens": len(ids),
+                "logprobs": [float(x) if math.isfinite(x) else -100.0 for x in lps],
+                "batch_seconds": seconds,
+                "batch_size": len(chunk),
+            })
+        if progress:
+            progress.advance(task, len(chunk))
+    return out
+
+
+def single_request_latency(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> list[float]:
+    """Milliseconds of a lone request (batch of one, greedy) for each prompt."""
+    out = []
+    for p in prompts:
+        t0 = time.perf_counter()
+        generate(model, tokenizer, [p], max_new_tokens, 1)
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
+def _user_text(record: dict[str, Any]) -> str:
+    users = [m["content"] or "" for m in record["messages"] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def teacher_cost_usd(record: dict[str, Any], cfg: EvaluateConfig) -> float:
+    """What the logged teacher call cost at the recipe's token prices."""
+    usage = record.get("usage") or {}
+    return ((usage.get("input_tokens") or 0) * cfg.teacher_price.input_per_mtok
+            + (usage.get("output_tokens") or 0) * cfg.teacher_price.output_per_mtok) / 1e6
+
+
+def evaluate_model(model, tokenizer, records: list[dict[str, Any]], cfg: EvaluateConfig, progress=None,
+                   label: str = "student", detect: Callable[[list[str]], list[str]] | None = None,
+                   metric: str | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Generate and score answers to ``records``; returns (rows, wall seconds of generation).
+
+    ``metric`` is the per-answer quality written to each row (default: the recipe's; 'judge' rows get it once
+    the judge has graded them)."""
+    metric = metric or cfg.quality
+    t0 = time.perf_counter()
+    gens = generate(model, tokenizer, [prompt_messages(r) for r in records], cfg.max_new_tokens, cfg.batch_size,
+                    progress, label)
+    wall = time.perf_counter() - t0
+    languages = detect([_user_text(r) for r in records]) if detect else [None] * len(records)
+    rows = []
+    for r, g, lang in zip(records, gens, languages, strict=True):
+        ref = r["output"]["content"] or ""
+        schema = metrics.response_schema(r.get("response_format"))
+        usage = r.get("usage") or {}
+        row = {
+            "id": r["id"], "function": r["function"], "reference": ref,
+            **{k: v for k, v in g.items() if k not in ("batch_seconds", "batch_size", "token_ids")},
+            **metrics.score(g["prediction"], ref, schema),
+            "latency_ms": 1000 * g["batch_seconds"],
+            "latency_per_request_ms": 1000 * g["batch_seconds"] / g["batch_size"],
+            "length_bucket": eval_tables.length_bucket(g["input_tokens"], cfg.length_buckets),
+            "teacher_input_tokens": usage.get("input_tokens"),
+            "teacher_output_tokens": usage.get("output_tokens"),
+            "teacher_latency_ms": r.get("latency_ms"),
+            "teacher_cost_usd": teacher_cost_usd(r, cfg),
+        }
+        if lang is not None:
+            row["language"] = lang
+        row["quality"] = metrics.quality(row, metric)
+        rows.append(row)
+    return rows, wall
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _percentile(xs: Sequence[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def _judge(cfg: EvaluateConfig, records: list[dict[str, Any]], rows: list[dict[str, Any]], progress) -> dict[str, Any]:
+    """Grade student (and teacher) answers with the LLM judge; adds judge_student / judge_teacher to rows."""
+    from training.evaluate.judge import grade
+
+    jc = cfg.judge
+    chosen = [i for i, r in enumerate(records) if jc.functions is None or r["function"] in jc.functions]
+    chosen = chosen[: jc.max_records] if jc.max_records else chosen
+    for row in rows:
+        row["judge_student"] = None
+        row["judge_teacher"] = None
+    requests = [prompt_messages(records[i]) for i in chosen]
+    jobs = [("judge_student", [rows[i]["prediction"] for i in chosen])]
+    if jc.judge_teacher:
+        jobs.append(("judge_teacher", [rows[i]["reference"] for i in chosen]))
+    stats: dict[str, Any] = {"model": jc.model, "graded": 0, "failed": 0, "errors": {}, "prompt_tokens": 0,
+                             "completion_tokens": 0}
+    for column, answers in jobs:
+        task = progress.add_task(f"judge {column.split('_')[1]}", total=len(answers)) if progress else None
+        grades = grade(jc, requests, answers, (lambda t=task: progress.advance(t)) if progress else None)
+        for i, g in zip(chosen, grades, strict=True):
+            rows[i][column] = g["score"]
+            if g["score"] is None:
+                stats["failed"] += 1
+                stats["errors"][g["error"]] = stats["errors"].get(g["error"], 0) + 1
+            else:
+                stats["graded"] += 1
+            for k in ("prompt_tokens", "completion_tokens"):
+                stats[k] += int((g.get("usage") or {}).get(k) or 0)
+    return stats
+
+
+def run(ctx: StageContext) -> StageResult:
+    from training.train.stage import quiet_hf
+
+    quiet_hf()
+    cfg = ctx.recipe.evaluate
+    records = from_table(pq.read_table(ctx.inputs["curate"] / "test.parquet"))
+    if cfg.max_records:
+        records = records[: cfg.max_records]
+    if not records:
+        raise ValueError("the test split is empty: raise curate.split.test_fraction or add logs")
+    model, tokenizer = load_trained_student(ctx.inputs["train"])
+    detect = eval_tables.language_detector(cfg.languages)
+    judge_stats = None
+    with Progress(TextColumn("evaluate {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=ctx.console, transient=True) as progress:
+        rows, wall = evaluate_model(model, tokenizer, records, cfg, progress, "student", detect)
+        if cfg.judge is not None:
+            judge_stats = _judge(cfg, records, rows, progress)
+            if cfg.quality == "judge":
+                for row in rows:
+                    row["quality"] = row["judge_student"]
+        single = single_request_latency(model, tokenizer, [prompt_messages(r) for r in records[: cfg.latency_samples]],
+                                        cfg.max_new_tokens)
+    pq.write_table(pa.Table.from_pylist(rows), ctx.work / "predictions.parquet")
+
+    boot = (cfg.bootstrap, cfg.confidence, ctx.recipe.seed)
+    by_fn: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for x in rows:
+        by_fn[x["function"]].append(x)
+    functions = {fn: eval_tables.summarize(xs, *boot) for fn, xs in sorted(by_fn.items())}
+    for fn, s in functions.items():
+        s["teacher_quality"] = gate.teacher_score(s, cfg.quality)
+        s["teacher_cost_per_1k_usd"] = 1000 * _mean([x["teacher_cost_usd"] for x in by_fn[fn]])
+    # Cost per 1,000 requests. Teacher: logged token counts at the recipe's prices. Student: the hourly price
+    # over the measured request throughput of batched generation on this machine.
+    req_per_s = len(rows) / wall
+    student_cost = cfg.student_price.usd_per_hour / 3600 / req_per_s * 1000
+    teacher_cost = 1000 * _mean([x["teacher_cost_usd"] for x in rows])
+    published = gate.published_manifest(ctx.recipe.export.store, ctx.recipe.export.model_name)
+    gate_result = gate.check(functions, cfg.gate, cfg.quality, published)
+    scores = {
+        "quality_metric": cfg.quality,
+        "quality_description": metrics.describe_quality(cfg.quality),
+        "bootstrap": {"resamples": cfg.bootstrap, "confidence": cfg.confidence},
+        "overall": eval_tables.summarize(rows, *boot),
+        "functions": functions,
+        "by_length": eval_tables.table(rows, "length_bucket", *boot,
+                                       order=eval_tables.bucket_order(cfg.length_buckets)),
+        "by_language": eval_tables.table(rows, "language", *boot),
+        "tokens": {
+            "student_input_mean": _mean([x["input_tokens"] for x in rows]),
+            "student_output_mean": _mean([x["output_tokens"] for x in rows]),
+            "teacher_input_mean": _mean([x["teacher_input_tokens"] for x in rows]),
+            "teacher_output_mean": _mean([x["teacher_output_tokens"] for x in rows]),
+        },
+        "latency_ms": {
+            "student_batched_mean": 1000 * wall / len(rows),
+            "student_single_p50": _percentile(single, 50),
+            "student_single_p95": _percentile(single, 95),
+            "teacher_logged_mean": _mean([x["teacher_latency_ms"] for x in rows]),
+            "teacher_logged_p50": _percentile([x["teacher_latency_ms"] for x in rows
+                                               if x["teacher_latency_ms"] is not None], 50),
+        },
+        "throughput": {"requests_per_s": req_per_s, "output_tokens_per_s": sum(x["output_tokens"] for x in rows) / wall,
+                       "batch_size": cfg.batch_size, "device": str(model.device)},
+        "cost_per_1k_requests_usd": {"teacher": teacher_cost, "student": student_cost,
+                                     "saving": 1 - student_cost / teacher_cost if teacher_cost else None},
+        "gate": {"passed": gate_result["passed"], "failures": gate_result["failures"]},
+    }
+    if judge_stats is not None:
+        scores["judge"] = judge_stats
+    (ctx.work / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    (ctx.work / "gate.json").write_text(json.dumps(gate_result, indent=2) + "\n")
+    return StageResult(
+        counts={"records": len(rows), "quality": scores["overall"]["quality"],
+                "exact_match": scores["overall"]["exact_match"], "gate": "passed" if gate_result["passed"] else "failed"},
+        summary=_summary(scores, gate_result, judge_stats, model.device),
+        extra={"scores": {k: scores[k] for k in ("quality_metric", "overall", "functions", "cost_per_1k_requests_usd")},
+               "gate": {"passed": gate_result["passed"], "failures": gate_result["failures"]}},
+    )
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _with_ci(s: dict[str, Any], metric: str) -> str:
+    ci = (s.get("ci") or {}).get(metric)
+    return _pct(s.get(metric)) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def _summary(scores: dict[str, Any], gate_result: dict[str, Any], judge_stats, device) -> list[tuple[str, str]]:
+    out = []
+    for fn, s in scores["functions"].items():
+        parts = [f"quality {_with_ci(s, 'quality')}", f"exact {_pct(s['exact_match'])}"]
+        if s.get("field_accuracy") is not None:
+            parts.append(f"fields {_pct(s['field_accuracy'])}, valid JSON {_pct(s['json_valid'])}")
+        elif s.get("chrf") is not None:
+            parts.append(f"chrF {100 * s['chrf']:.1f}")
+        if s.get("judge_student") is not None:
+            parts.append(f"judge {_pct(s['judge_student'])} vs teacher {_pct(s.get('judge_teacher'))}")
+        out.append((f"{fn} (n={s['n']})", ", ".join(parts)))
+    out.append(("overall", f"quality {_with_ci(scores['overall'], 'quality')} ({scores['quality_description']})"))
+    out.append(("by input length", ", ".join(f"{k}: {_pct(v['quality'])} (n={v['n']})"
+                                             for k, v in scores["by_length"].items())))
+    out.append(("by language", ", ".join(f"{k}: {_pct(v['quality'])} (n={v['n']})"
+                                         for k, v in scores["by_language"].items())))
+    if judge_stats:
+        out.append(("judge", f"{judge_stats['model']}: {judge_stats['graded']} graded, {judge_stats['failed']} failed"))
+    lat, thr, cost = scores["latency_ms"], scores["throughput"], scores["cost_per_1k_requests_usd"]
+    out.append(("throughput", f"{thr['requests_per_s']:.1f} requests/s, {thr['output_tokens_per_s']:.0f} tokens/s "
+                              f"on {device}; one request alone {lat['student_single_p50']:.0f} ms (p50)"))
+    out.append(("cost / 1k requests", f"teacher ${cost['teacher']:.4f}, student ${cost['student']:.4f}"))
+    if gate_result["passed"]:
+        out.append(("gate", "[green]passed[/]" + (f" (against the teacher and {gate_result['published_version']})"
+                                                  if gate_result["published_version"] else "")))
+    else:
+        out.append(("gate", "[bold red]FAILED[/]: " + "; ".join(gate_result["failures"])
+                    + " (export will refuse to publish)"))
+    return out
