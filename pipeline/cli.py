@@ -12,7 +12,8 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline.recipe import RecipeError, load_recipe
-from pipeline.rundir import STAGES, RunDir, RunLockedError
+from pipeline.rundir import RunDir, RunLockedError
+from pipeline.stages import STAGES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 EXIT_DRIFT = 6

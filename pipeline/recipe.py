@@ -1,6 +1,6 @@
 """The recipe schema: one pydantic model validates a whole recipe before any work starts.
 
-Field descriptions double as the recipe reference (`distill explain` prints them, the README links here).
+Field descriptions double as the recipe reference (the README's recipe section links here).
 Relative paths in a recipe are resolved against the current working directory.
 """
 
@@ -22,14 +22,6 @@ from pipeline.config.route import RouteConfig
 from pipeline.config.train import TrainConfig
 
 __all__ = ["NAME_RE", "Recipe", "RecipeError", "load_recipe", "parse_recipe"]
-
-
-# Recipe fields outside a stage's own section that the stage reads, as dotted paths: they join its fingerprint.
-# (curate counts lengths in the student's tokens; route and export name the published student.)
-SECTION_ALSO_READS: dict[str, tuple[str, ...]] = {
-    "curate": ("train.student",),
-    "route": ("export.model_name",),
-}
 
 
 class RecipeError(ValueError):
@@ -56,10 +48,11 @@ class Recipe(Section):
     def run_path(self) -> Path:
         return Path(self.run_dir) / self.name
 
-    def section(self, stage: str) -> dict[str, Any]:
-        """The config a stage's fingerprint depends on (plus the seed, which every stage may use)."""
+    def section(self, stage: str, also_reads: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The config a stage's fingerprint depends on: its section, the seed (which every stage may use) and the
+        fields outside its section that it declares it reads (dotted paths such as ``train.student``)."""
         out: dict[str, Any] = {"seed": self.seed, stage: getattr(self, stage).model_dump(mode="json")}
-        for dotted in SECTION_ALSO_READS.get(stage, ()):
+        for dotted in also_reads:
             value: Any = self
             for part in dotted.split("."):
                 value = getattr(value, part)

@@ -23,19 +23,6 @@ from typing import Any
 
 from pipeline import __version__
 
-# route runs before export: the routing policy is fitted for this student and published with it, inside the
-# same immutable store version, so a platform team pulls the artefact and the policy that belongs to it.
-STAGES = ("harvest", "curate", "train", "evaluate", "route", "export")
-# What each stage reads from the run directory.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "harvest": (),
-    "curate": ("harvest",),
-    "train": ("curate",),
-    "evaluate": ("curate", "train"),
-    "route": ("curate", "train", "evaluate"),
-    "export": ("curate", "train", "evaluate", "route"),
-}
-
 
 class RunLockedError(RuntimeError):
     """Another process holds the run directory."""

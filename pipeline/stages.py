@@ -1,8 +1,18 @@
 """Running stages: fingerprint, skip when unchanged, run into a partial folder, complete atomically.
 
-Each stage is a module with ``run(ctx) -> StageResult``. A stage that reads files outside the run
-directory (harvest: the logs) also names a function returning their content hashes, so that new or
-changed files rerun it.
+``PIPELINE`` is the one ordered list of the six stages. Each stage lives in its own room (``<package>/<stage>/``)
+whose ``stage.py`` holds ``run(ctx) -> StageResult`` and declares the stage's contract as module attributes:
+
+- ``READS``: the stages whose run-directory folders it reads (they run first; their data joins its fingerprint);
+- ``ALSO_READS``: recipe fields outside its own section that it reads, as dotted paths (they join its fingerprint);
+- ``DISTRIBUTED``: every process of a multi-process launch runs it (else rank 0 alone, the others wait);
+- ``REPORT_FILES``: outputs that describe the run rather than feed the next stage (they hold timings), left out
+  of the fingerprints of the stages that read this one;
+- optionally ``external_inputs(recipe) -> {name: content hash}`` for files it reads outside the run directory
+  (new or changed files rerun it) and ``preflight(recipe)``, checks that need files and run before any stage
+  does work (raising ValueError naming the recipe field).
+
+Everything the runner needs (the order, the inputs, the fingerprints) is derived from these declarations.
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ import importlib
 import os
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +33,52 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline.recipe import Recipe
-from pipeline.rundir import STAGE_INPUTS, STAGES, RunDir, RunLockedError, digest, fingerprint
+from pipeline.rundir import RunDir, RunLockedError, digest, fingerprint
 
-STAGE_MODULES = {
-    "harvest": "curation.harvest.stage",
-    "curate": "curation.curate.stage",
-    "train": "training.train.stage",
-    "evaluate": "training.evaluate.stage",
-    "export": "export.export.stage",
-    "route": "export.route.stage",
-}
-
-# Output files that describe a run rather than feed the next stage (they hold timings): they do not count in the
-# fingerprint of the stages that read this one, so a rerun that reproduces the same data does not rerun them.
-REPORT_FILES = ("report.json", "metrics.jsonl", "quarantine.jsonl")
-
-
-def data_digest(outputs: dict[str, str]) -> str:
-    """Digest of a stage's output checksums, leaving out the report files."""
-    return digest({k: v for k, v in outputs.items() if k.rsplit("/", 1)[-1] not in REPORT_FILES})
+# The six stages in pipeline order, each with the module of its room that runs it. route runs before export: the
+# routing policy is fitted for this student and published with it, inside the same immutable store version.
+PIPELINE: tuple[tuple[str, str], ...] = (
+    ("harvest", "curation.harvest.stage"),
+    ("curate", "curation.curate.stage"),
+    ("train", "training.train.stage"),
+    ("evaluate", "training.evaluate.stage"),
+    ("route", "export.route.stage"),
+    ("export", "export.export.stage"),
+)
+STAGES: tuple[str, ...] = tuple(name for name, _ in PIPELINE)
 
 
-# Stages that read files outside the run directory: a function giving those files' content hashes.
-EXTERNAL_INPUTS = {"harvest": "curation.harvest.stage:external_inputs"}
+@dataclass(frozen=True)
+class Contract:
+    """What a stage declares in its stage.py (see the module docstring)."""
 
-# Checks that need files (tokenizers, model configs) and run before any stage does work when the stage is due;
-# each raises ValueError naming the recipe field.
-PREFLIGHT = {"train": "training.train.preflight:check"}
+    name: str
+    reads: tuple[str, ...]
+    also_reads: tuple[str, ...]
+    distributed: bool
+    report_files: tuple[str, ...]
+    run: Callable[..., Any]
+    external_inputs: Callable[[Recipe], dict[str, str]] | None
+    preflight: Callable[[Recipe], None] | None
 
-# Stages that every process of a multi-process launch (accelerate launch, torchrun) runs together; the others run
-# on rank 0 alone while the rest wait. Rank 0 holds the lock, prepares the partial folder and writes the manifest.
-DISTRIBUTED_STAGES = ("train",)
+
+@cache
+def contract(stage: str) -> Contract:
+    """The declared contract of a stage, read from its stage.py (imported on first use)."""
+    module = importlib.import_module(dict(PIPELINE)[stage])
+    reads = tuple(module.READS)
+    unknown = [s for s in reads if s not in STAGES[: STAGES.index(stage)]]
+    if unknown:
+        raise RuntimeError(f"{module.__name__}.READS names {unknown}: a stage reads only earlier stages")
+    return Contract(stage, reads, tuple(getattr(module, "ALSO_READS", ())), bool(getattr(module, "DISTRIBUTED", False)),
+                    tuple(getattr(module, "REPORT_FILES", ())), module.run,
+                    getattr(module, "external_inputs", None), getattr(module, "preflight", None))
+
+
+def data_digest(stage: str, outputs: dict[str, str]) -> str:
+    """Digest of a stage's output checksums, leaving out its report files."""
+    skip = contract(stage).report_files
+    return digest({k: v for k, v in outputs.items() if k.rsplit("/", 1)[-1] not in skip})
 
 
 @dataclass
@@ -81,22 +108,18 @@ class StageFailed(RuntimeError):
         self.exit_code = exit_code
 
 
-def _module(stage: str):
-    return importlib.import_module(STAGE_MODULES[stage])
-
-
 def expected_fingerprint(recipe: Recipe, run: RunDir, stage: str) -> str | None:
     """The fingerprint the stage would have now; None when an input stage is not complete."""
+    c = contract(stage)
     inputs: dict[str, str] = {}
-    for dep in STAGE_INPUTS[stage]:
+    for dep in c.reads:
         m = run.manifest(dep)
         if m is None:
             return None
-        inputs[dep] = data_digest(m["outputs"])
-    if stage in EXTERNAL_INPUTS:
-        module, func = EXTERNAL_INPUTS[stage].split(":")
-        inputs.update(getattr(importlib.import_module(module), func)(recipe))
-    return fingerprint(recipe.section(stage), inputs)
+        inputs[dep] = data_digest(dep, m["outputs"])
+    if c.external_inputs is not None:
+        inputs.update(c.external_inputs(recipe))
+    return fingerprint(recipe.section(stage, c.also_reads), inputs)
 
 
 def stage_state(recipe: Recipe, run: RunDir, stage: str) -> tuple[str, dict[str, Any] | None]:
@@ -119,7 +142,7 @@ def plan(targets: list[str]) -> list[str]:
     def add(s: str) -> None:
         if s not in need:
             need.add(s)
-            for d in STAGE_INPUTS[s]:
+            for d in contract(s).reads:
                 add(d)
 
     for t in targets:
@@ -140,7 +163,7 @@ def _prepare(recipe: Recipe, run: RunDir, stage: str, force: bool) -> tuple[str,
     """(fingerprint, work folder or None when the stage is skipped, the complete manifest when skipped)."""
     fp = expected_fingerprint(recipe, run, stage)
     if fp is None:
-        raise StageFailed(stage, f"its inputs {STAGE_INPUTS[stage]} are not complete")
+        raise StageFailed(stage, f"its inputs {contract(stage).reads} are not complete")
     done = run.manifest(stage)
     if done is not None and done.get("fingerprint") == fp and not force:
         return fp, None, done
@@ -150,11 +173,12 @@ def _prepare(recipe: Recipe, run: RunDir, stage: str, force: bool) -> tuple[str,
 def _execute(recipe: Recipe, run: RunDir, stage: str, work: Path, console: Console,
              rank: int = 0) -> tuple[StageResult, float, float]:
     """Run the stage's module in its work folder; a failure keeps its traceback in the run directory."""
-    ctx = StageContext(recipe, run, work, {d: run.stage_dir(d) for d in STAGE_INPUTS[stage]}, console)
+    c = contract(stage)
+    ctx = StageContext(recipe, run, work, {d: run.stage_dir(d) for d in c.reads}, console)
     console.rule(f"[bold]{stage}")
     started = time.time()
     try:
-        result: StageResult = _module(stage).run(ctx)
+        result: StageResult = c.run(ctx)
     except StageFailed:
         raise
     except Exception as err:  # noqa: BLE001 - reported with the stage name, traceback kept in the run dir
@@ -175,7 +199,7 @@ def _finish(recipe: Recipe, run: RunDir, stage: str, fp: str, result: StageResul
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
         "duration_s": round(finished - started, 3),
-        "inputs": {d: run.manifest(d)["fingerprint"] for d in STAGE_INPUTS[stage]},
+        "inputs": {d: run.manifest(d)["fingerprint"] for d in contract(stage).reads},
         "counts": result.counts,
         **result.extra,
     }
@@ -201,9 +225,9 @@ def preflight(recipe: Recipe, stages: list[str], force: list[str]) -> None:
     """Run the early checks of the planned stages that are due (not already complete with this recipe)."""
     run = RunDir(recipe.run_path)
     for stage in stages:
-        if stage in PREFLIGHT and (stage in force or stage_state(recipe, run, stage)[0] != "complete"):
-            module, func = PREFLIGHT[stage].split(":")
-            getattr(importlib.import_module(module), func)(recipe)
+        check = contract(stage).preflight
+        if check is not None and (stage in force or stage_state(recipe, run, stage)[0] != "complete"):
+            check(recipe)
 
 
 def run_pipeline(recipe: Recipe, targets: list[str], console: Console, force: list[str] | None = None) -> None:
@@ -263,7 +287,7 @@ def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list
             decision, err = None, None
             if main:
                 try:
-                    if stage in DISTRIBUTED_STAGES:
+                    if contract(stage).distributed:
                         fp, work, done = _prepare(recipe, run, stage, stage in force)
                         if work is None:
                             _skipped(console, stage, done)
@@ -274,7 +298,7 @@ def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list
                     decision, err = {"failure": ("stage", stage, e.exit_code)}, e
             decision = share(decision)
             follow(decision and decision.get("failure"), err)
-            if stage not in DISTRIBUTED_STAGES or decision["work"] is None:
+            if not contract(stage).distributed or decision["work"] is None:
                 continue
             result, started, finished = _execute(recipe, run, stage, Path(decision["work"]), console, rank)
             state.wait_for_everyone()  # every rank has written what it writes before the folder moves into place

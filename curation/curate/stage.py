@@ -44,6 +44,11 @@ from pipeline.record import RECORD_SCHEMA
 from pipeline.rundir import digest, sha256_file, write_json_atomic
 from pipeline.stages import StageContext, StageResult
 
+# The stage's contract (pipeline/stages.py). Lengths are counted in the student's tokens, so the student is read.
+READS = ("harvest",)
+ALSO_READS = ("train.student",)
+REPORT_FILES = ("report.json",)
+
 SPLITS = ("train", "val", "test")
 GLOBAL_OPS = ("exact_dedup", "near_dedup", "semantic_dedup", "decontaminate", "balance")
 OPERATOR_ORDER = ("pii", "http_error", "empty_output", "truncated_output", "error_text", "refusal", "feedback",
@@ -69,7 +74,7 @@ def config_fingerprint(ctx: StageContext) -> str:
     """What the index depends on: the curate section (less the executor, which never changes results), the
     student whose tokens lengths are counted in, the seed, distill's version and rensa's (candidates are verified
     with its MinHash)."""
-    section = ctx.recipe.section("curate")
+    section = ctx.recipe.section("curate", ALSO_READS)
     section["curate"] = {k: v for k, v in section["curate"].items() if k not in ("executor", "incremental")}
     from importlib.metadata import version
 

@@ -36,6 +36,10 @@ from pipeline.recipe import Recipe
 from pipeline.record import from_table, to_table
 from pipeline.stages import StageContext, StageResult
 
+# The stage's contract (pipeline/stages.py): the logs are its only input, outside the run directory.
+READS: tuple[str, ...] = ()
+REPORT_FILES = ("quarantine.jsonl",)
+
 QUARANTINE = "quarantine.jsonl"
 
 

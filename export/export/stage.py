@@ -38,6 +38,10 @@ from training.evaluate import gate, metrics
 from training.evaluate import tables as eval_tables
 from training.train.outputs import load_trained_student, student_info
 
+# The stage's contract (pipeline/stages.py).
+READS = ("curate", "train", "evaluate", "route")
+
+
 SCHEMA = "distill-export/v1"
 
 

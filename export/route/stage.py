@@ -53,6 +53,10 @@ from export.route.signals import (
 from pipeline.record import from_table
 from pipeline.stages import StageContext, StageResult
 
+# The stage's contract (pipeline/stages.py): the policy names the student it is published with.
+READS = ("curate", "train", "evaluate")
+ALSO_READS = ("export.model_name",)
+
 EXTRAS = "routing"  # the policy's other files, in a subfolder so that no weight-file glob of the artefact sees them
 
 

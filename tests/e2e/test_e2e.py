@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from export.route.router import Router
 from pipeline.cli import main as cli
-from pipeline.rundir import STAGES
+from pipeline.stages import STAGES
 from pipeline.store import ChecksumError, publish, pull, versions
 from training.evaluate.metrics import exact_match
 

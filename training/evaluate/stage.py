@@ -29,6 +29,10 @@ from training.evaluate import tables as eval_tables
 from training.train.chat_template import prompt_messages
 from training.train.outputs import load_trained_student
 
+# The stage's contract (pipeline/stages.py).
+READS = ("curate", "train")
+
+
 
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int,
              progress=None, label: str = "generate") -> list[dict[str, Any]]:

@@ -30,6 +30,19 @@ from training.train.chat_template import check_assistant_mask, tokenizer_corpus,
 from training.train.distributed import deepspeed_config_path, world_size, write_weights_digest, zero_stage
 from training.train.student import build_from_config, load_checkpoint, load_tokenizer
 
+# The stage's contract (pipeline/stages.py): every process of a launch trains; rank 0 writes the manifest.
+READS = ("curate",)
+DISTRIBUTED = True
+REPORT_FILES = ("metrics.jsonl",)
+
+
+def preflight(recipe) -> None:
+    """Checks that need files (tokenizers, model configs, the launcher's environment), before any stage works."""
+    from training.train.preflight import check
+
+    check(recipe)
+
+
 KD_OBJECTIVES = ("dense_kd", "sparse_kd")
 # bitsandbytes (imported by transformers) logs a hint about an optional CPU kernel package on import
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
