@@ -32,11 +32,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pyarrow.parquet as pq  # noqa: E402
 
 from export.export import quantize  # noqa: E402
+from pipeline.chat import training_messages  # noqa: E402
 from pipeline.config.export import FORMATS  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.record import from_table  # noqa: E402
 from training.evaluate.stage import evaluate_model  # noqa: E402
-from training.train.chat_template import training_messages  # noqa: E402
 from training.train.outputs import load_trained_student  # noqa: E402
 
 TARGETS = {  # format: (max points lost, max bytes vs the bf16 master)
@@ -56,7 +56,7 @@ def main() -> None:
 
     import torch
 
-    from training.train.stage import quiet_hf
+    from pipeline.hf import quiet_hf
 
     quiet_hf()
     torch.manual_seed(0)

@@ -130,8 +130,8 @@ def run_trl(convs: list[dict], tok_dir: Path, args, round_: int) -> dict:
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    from pipeline.chat import training_messages
     from pipeline.config.train import StudentFromConfig
-    from training.train.chat_template import training_messages
     from training.train.student import build_from_config
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -180,7 +180,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     STUDENT["hidden_size"] = args.hidden
 
-    from training.train.stage import quiet_hf
+    from pipeline.hf import quiet_hf
 
     quiet_hf()
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -188,7 +188,7 @@ def main() -> None:
     tok_dir = save_tokenizer(root, convs, 2048)
     from transformers import AutoTokenizer
 
-    from training.train.chat_template import training_messages
+    from pipeline.chat import training_messages
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     lengths = sorted(len(tok.apply_chat_template(training_messages(c), tokenize=True, return_dict=True)["input_ids"])

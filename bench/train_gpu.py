@@ -147,7 +147,7 @@ def main() -> None:
 
     import torch
 
-    from training.train.stage import quiet_hf
+    from pipeline.hf import quiet_hf
 
     quiet_hf()
     config = SMOKE if args.smoke else QWEN_05B

@@ -8,7 +8,6 @@ schema is stable whatever the logs hold.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timedelta, timezone
 from itertools import accumulate, chain
 from typing import Any
@@ -189,14 +188,3 @@ def from_table(table: pa.Table) -> list[dict[str, Any]]:
             if key in r and r[key] is not None:
                 r[key] = dict(r[key])
     return out
-
-
-def user_text(record: dict[str, Any]) -> str:
-    """The user turns of a record joined with newlines (what dedup and splits key on)."""
-    return "\n".join(m["content"] or "" for m in record["messages"] if m["role"] == "user")
-
-
-def input_key(record: dict[str, Any]) -> str:
-    """Stable key of a record's input: function plus normalised user turns."""
-    normalised = " ".join(user_text(record).split()).lower()
-    return hashlib.sha256(f"{record['function']}\x00{normalised}".encode()).hexdigest()

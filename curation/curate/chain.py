@@ -48,7 +48,7 @@ def output_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def input_key(function: str | None, user_text: str) -> str:
-    """Stable key of a record's input: function plus normalised user turns (as pipeline.record.input_key)."""
+    """Stable key of a record's input: function plus normalised user turns (pipeline.chat.user_text gives the user turns of one record)."""
     normalised = " ".join(user_text.split()).lower()
     return hashlib.sha256(f"{function}\x00{normalised}".encode()).hexdigest()
 

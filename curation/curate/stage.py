@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from curation.curate import index
 from curation.curate.balance import balance
@@ -43,6 +42,7 @@ from pipeline import __version__
 from pipeline.record import RECORD_SCHEMA
 from pipeline.rundir import digest, sha256_file, write_json_atomic
 from pipeline.stages import StageContext, StageResult
+from pipeline.ui import stage_progress
 
 # The stage's contract (pipeline/stages.py). Lengths are counted in the student's tokens, so the student is read.
 READS = ("harvest",)
@@ -224,8 +224,7 @@ def run(ctx: StageContext) -> StageResult:
     tmp = Path(tempfile.mkdtemp(prefix="curate-tmp-", dir=partial_root))
     started = time.perf_counter()
     try:
-        with Progress(TextColumn("curate {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=ctx.console, transient=True) as progress:
+        with stage_progress(ctx.console, "curate") as progress:
             result = _run(ctx, plan, external, files_sha, new_files, schema, fingerprint, prev, kind, audit, tmp,
                           progress, n_new)
     finally:

@@ -25,7 +25,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TextColumn
 
 from curation.harvest import watermarks
 from curation.harvest.feedback import FeedbackIndex
@@ -35,6 +35,7 @@ from pipeline.config.harvest import HarvestConfig, Source
 from pipeline.recipe import Recipe
 from pipeline.record import from_table, to_table
 from pipeline.stages import StageContext, StageResult
+from pipeline.ui import stage_progress
 
 # The stage's contract (pipeline/stages.py): the logs are its only input, outside the run directory.
 READS: tuple[str, ...] = ()
@@ -72,9 +73,7 @@ def _reset(work: Path) -> None:
 
 
 def _progress(ctx: StageContext) -> Progress:
-    return Progress(TextColumn("harvest {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(), console=ctx.console,
-                    transient=True)
+    return stage_progress(ctx.console, "harvest", TextColumn("{task.fields[rows]:,} rows"))
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from export.export import quantize
 from export.export.modelcard import model_card
@@ -34,6 +33,7 @@ from pipeline.record import from_table
 from pipeline.rundir import digest, sha256_file
 from pipeline.stages import StageContext, StageFailed, StageResult
 from pipeline.store import latest_manifest, publish
+from pipeline.ui import stage_progress
 from training.evaluate import gate, metrics
 from training.evaluate import tables as eval_tables
 from training.train.outputs import load_trained_student, student_info
@@ -147,7 +147,7 @@ def _routed_cost(route_dir: Path, route_manifest: dict[str, Any] | None, cost: d
 
 def _calibration_texts(curate_dir: Path, tokenizer, n: int, seed: int) -> list[str]:
     """``n`` curated training examples (prompt and teacher answer) in the chat format, chosen by seed."""
-    from training.train.chat_template import training_messages
+    from pipeline.chat import training_messages
 
     records = from_table(pq.read_table(curate_dir / "train.parquet"))
     chosen = random.Random(seed).sample(records, min(n, len(records)))
@@ -188,7 +188,7 @@ def _compare(rows: list[dict[str, Any]], master_rows: list[dict[str, Any]], ecfg
 
 
 def run(ctx: StageContext) -> StageResult:
-    from training.train.stage import quiet_hf
+    from pipeline.hf import quiet_hf
 
     quiet_hf()
     import torch
@@ -231,8 +231,7 @@ def run(ctx: StageContext) -> StageResult:
                  "distill": {"recipe_sha256": lineage["recipe_sha256"], "data_sha256": lineage["data_sha256"],
                              "teacher_models": ",".join(lineage["teacher_models"])}}
     artefacts: list[dict[str, Any]] = []
-    with Progress(TextColumn("export {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=ctx.console, transient=True) as progress:
+    with stage_progress(ctx.console, "export") as progress:
         # 2. The master evaluated again (in its stored dtype) against the student evaluate scored.
         evaluated = pq.read_table(ctx.inputs["evaluate"] / "predictions.parquet").to_pylist()[: len(records)]
         for r in evaluated:

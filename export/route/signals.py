@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.chat import message_text, user_text  # noqa: F401  (user_text: the Router's API)
+
 SIGNALS = ("min_logprob", "p10_logprob", "mean_logprob", "mean_entropy", "max_entropy")
 ENTROPY_SIGNALS = ("mean_entropy", "max_entropy")
 SIGNAL_HELP = {
@@ -86,19 +88,6 @@ def all_signals(chosen: Sequence[float], tops: Sequence[Sequence[float]] | None)
 
 
 # ---------------------------------------------------------------------------------------------- input text
-def message_text(m: dict[str, Any]) -> str:
-    c = m.get("content")
-    if isinstance(c, list):
-        return "".join(p.get("text", "") for p in c if isinstance(p, dict))
-    return c or ""
-
-
-def user_text(messages: Sequence[dict[str, Any]]) -> str:
-    """The user turns joined by newlines: what language and distance look at (system prompts are fixed per
-    function and would only dilute them)."""
-    return "\n".join(message_text(m) for m in messages if m.get("role") == "user")
-
-
 CACHED_ROLES = ("system", "developer")  # fixed per function: their token counts are cached
 
 

@@ -21,7 +21,6 @@ signals and decisions). The Router is replayed on the held-out records and must 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -32,7 +31,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from export.route import calibrate
 from export.route.calibrate import choose_threshold  # noqa: F401  (public API: re-exported)
@@ -51,17 +49,15 @@ from export.route.signals import (
     user_text,
 )
 from pipeline.record import from_table
+from pipeline.rundir import sha256_file
 from pipeline.stages import StageContext, StageResult
+from pipeline.ui import stage_progress
 
 # The stage's contract (pipeline/stages.py): the policy names the student it is published with.
 READS = ("curate", "train", "evaluate")
 ALSO_READS = ("export.model_name",)
 
 EXTRAS = "routing"  # the policy's other files, in a subfolder so that no weight-file glob of the artefact sees them
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _quantile(xs: list[int], q: float) -> int:
@@ -109,9 +105,9 @@ def score_answers(train_dir, records: list[dict[str, Any]], answers: list[str], 
     Returns (chosen, top-k, records whose re-tokenized answer has as many tokens as evaluate generated)."""
     import torch
 
-    from training.train.chat_template import prompt_messages
+    from pipeline.chat import prompt_messages
+    from pipeline.hf import quiet_hf
     from training.train.outputs import load_trained_student
-    from training.train.stage import quiet_hf
 
     quiet_hf()
     model, tok = load_trained_student(train_dir)
@@ -200,8 +196,7 @@ def run(ctx: StageContext) -> StageResult:
         before_rules[fn] = {"max_input_tokens": _quantile(lengths, cfg.length_quantile),
                             "token_estimate": fit_token_estimate(samples), "languages": None, "max_distance": None}
 
-    with Progress(TextColumn("route {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=ctx.console, transient=True) as progress:
+    with stage_progress(ctx.console, "route") as progress:
         # ---- before generation: language ---------------------------------------------------------------------
         detector, language_meta = None, None
         train_languages: dict[str, Counter] = {}
@@ -209,7 +204,7 @@ def run(ctx: StageContext) -> StageResult:
             shutil.copyfile(bundled_language_model(), work / EXTRAS / LANGUAGE_MODEL)
             detector = LanguageDetector(work / EXTRAS / LANGUAGE_MODEL)
             language_meta = {"detector": "fastText lid.176.ftz (176 languages; CC BY-SA 3.0, Joulin et al. 2016)",
-                             "file": f"{EXTRAS}/{LANGUAGE_MODEL}", "sha256": sha256(work / EXTRAS / LANGUAGE_MODEL),
+                             "file": f"{EXTRAS}/{LANGUAGE_MODEL}", "sha256": sha256_file(work / EXTRAS / LANGUAGE_MODEL),
                              "min_confidence": cfg.language.min_confidence}
             task = progress.add_task("detect languages", total=len(train))
             for fn, rows in trained.items():
@@ -253,7 +248,7 @@ def run(ctx: StageContext) -> StageResult:
                 before_rules[fn]["max_distance"] = float(np.quantile(dist, cfg.distance.quantile, method="higher"))
             save_file(reference, str(work / EXTRAS / "embeddings.safetensors"))
             distance_meta = {"method": "knn-cosine", "k": cfg.distance.k, "file": f"{EXTRAS}/embeddings.safetensors",
-                             "sha256": sha256(work / EXTRAS / "embeddings.safetensors")}
+                             "sha256": sha256_file(work / EXTRAS / "embeddings.safetensors")}
 
         # ---- the pre-generation rules replayed on the test records by the Router itself ----------------------
         draft = {"schema": POLICY_SCHEMA, "tokenizer": None, "unknown_function": "teacher",
@@ -398,7 +393,7 @@ def run(ctx: StageContext) -> StageResult:
         "teacher": {"models": teachers},
         "quality": {"metric": cfg.quality_metric, "tolerance": cfg.tolerance, "guarantee": cfg.guarantee,
                     "confidence_level": level},
-        "tokenizer": {"file": "tokenizer.json", "sha256": sha256(work / "tokenizer.json")},
+        "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(work / "tokenizer.json")},
         "length": {"count": cfg.length_count},
         "language": language_meta,
         "embedder": embedder_meta,
@@ -417,7 +412,7 @@ def run(ctx: StageContext) -> StageResult:
                           f"{EXTRAS}/tensorzero.toml": {"not_expressed": NOT_EXPRESSED["tensorzero"]}}
     names = ["tokenizer.json", *(f"{EXTRAS}/{f}" for f in (LANGUAGE_MODEL, "embeddings.safetensors", "litellm.yaml",
                                                               "tensorzero.toml"))]
-    policy["files"] = {f: sha256(work / f) for f in names if (work / f).is_file()}
+    policy["files"] = {f: sha256_file(work / f) for f in names if (work / f).is_file()}
     (work / POLICY_FILE).write_text(json.dumps(policy, indent=2) + "\n")
     (work / "calibration.json").write_text(json.dumps({
         "quality_metric": cfg.quality_metric, "tolerance": cfg.tolerance, "guarantee": cfg.guarantee,

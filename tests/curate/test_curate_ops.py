@@ -239,12 +239,12 @@ def test_map_batch_keeps_input_order_and_accounts_for_every_row():
     assert columns.user_texts(kept).to_pylist()[1] == "mail <EMAIL>"
     assert kept.column("_text").to_pylist() == ["hello", "mail <EMAIL>"]
     assert set(kept.column("_split").to_pylist()) <= {"train", "val", "test"}
-    # the split key is the record module's input key, so splits stay where earlier runs put them
-    from curation.curate.chain import assign_split
-    from pipeline.record import input_key
+    # the split key is the input key of each record's user turns, so splits stay where earlier runs put them
+    from curation.curate.chain import assign_split, input_key
+    from pipeline.chat import user_text
 
     for r, split in zip(from_table(kept), kept.column("_split").to_pylist(), strict=True):
-        assert assign_split(input_key(r), p.cfg.split) == split
+        assert assign_split(input_key(r["function"], user_text(r["messages"])), p.cfg.split) == split
     stats = orjson.loads(whole.column("_stats")[0].as_py())
     assert stats["rows"] == 6 and stats["ops"]["http_error"][:2] == [6, 1]
     # Cutting the data differently gives the same rows (what lets every executor agree).

@@ -61,7 +61,8 @@ def add_teacher_logprobs(records: list[dict[str, Any]], teacher_dir: Path, top_k
     shape: per generated token its text, logprob and the top-k alternatives)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.train.chat_template import CHATML_TEMPLATE, training_messages
+    from pipeline.chat import training_messages
+    from training.train.chat_template import CHATML_TEMPLATE
     from training.train.data import IGNORE, encode_chat
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)

@@ -19,14 +19,14 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.chat import prompt_messages, user_text
 from pipeline.config.evaluate import EvaluateConfig
 from pipeline.record import from_table
 from pipeline.stages import StageContext, StageResult
+from pipeline.ui import stage_progress
 from training.evaluate import gate, metrics
 from training.evaluate import tables as eval_tables
-from training.train.chat_template import prompt_messages
 from training.train.outputs import load_trained_student
 
 # The stage's contract (pipeline/stages.py).
@@ -89,11 +89,6 @@ def single_request_latency(model, tokenizer, prompts: list[list[dict[str, str]]]
     return out
 
 
-def _user_text(record: dict[str, Any]) -> str:
-    users = [m["content"] or "" for m in record["messages"] if m["role"] == "user"]
-    return users[-1] if users else ""
-
-
 def teacher_cost_usd(record: dict[str, Any], cfg: EvaluateConfig) -> float:
     """What the logged teacher call cost at the recipe's token prices."""
     usage = record.get("usage") or {}
@@ -113,7 +108,7 @@ def evaluate_model(model, tokenizer, records: list[dict[str, Any]], cfg: Evaluat
     gens = generate(model, tokenizer, [prompt_messages(r) for r in records], cfg.max_new_tokens, cfg.batch_size,
                     progress, label)
     wall = time.perf_counter() - t0
-    languages = detect([_user_text(r) for r in records]) if detect else [None] * len(records)
+    languages = detect([user_text(r["messages"]) for r in records]) if detect else [None] * len(records)
     rows = []
     for r, g, lang in zip(records, gens, languages, strict=True):
         ref = r["output"]["content"] or ""
@@ -181,7 +176,7 @@ def _judge(cfg: EvaluateConfig, records: list[dict[str, Any]], rows: list[dict[s
 
 
 def run(ctx: StageContext) -> StageResult:
-    from training.train.stage import quiet_hf
+    from pipeline.hf import quiet_hf
 
     quiet_hf()
     cfg = ctx.recipe.evaluate
@@ -193,8 +188,7 @@ def run(ctx: StageContext) -> StageResult:
     model, tokenizer = load_trained_student(ctx.inputs["train"])
     detect = eval_tables.language_detector(cfg.languages)
     judge_stats = None
-    with Progress(TextColumn("evaluate {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=ctx.console, transient=True) as progress:
+    with stage_progress(ctx.console, "evaluate") as progress:
         rows, wall = evaluate_model(model, tokenizer, records, cfg, progress, "student", detect)
         if cfg.judge is not None:
             judge_stats = _judge(cfg, records, rows, progress)

@@ -1,4 +1,4 @@
-"""Chat formatting for training: records to chat messages, a ChatML template that marks assistant turns
+"""Chat formatting for training: a ChatML template that marks assistant turns
 for assistant-only loss, and a BPE tokenizer trained from the curated data for students built from config.
 """
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
+
+from pipeline.chat import training_messages
 
 # ChatML. {% generation %} marks the assistant tokens, so TRL's assistant_only_loss trains on them alone.
 CHATML_TEMPLATE = (
@@ -22,16 +24,6 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-
-
-def prompt_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    """The input turns of a canonical record as plain chat messages."""
-    return [{"role": m["role"], "content": m["content"] or ""} for m in record["messages"]]
-
-
-def training_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    """Input turns plus the teacher's output as the final assistant turn."""
-    return [*prompt_messages(record), {"role": "assistant", "content": record["output"]["content"] or ""}]
 
 
 def has_generation_markers(template: str | None) -> bool:

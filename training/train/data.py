@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.train.chat_template import prompt_messages, training_messages
+from pipeline.chat import prompt_messages, training_messages
 
 IGNORE = -100
 

@@ -24,8 +24,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.hf import quiet_hf
 from pipeline.record import from_table
 from pipeline.stages import StageContext, StageResult
+from pipeline.ui import stage_progress
 from training.train.chat_template import check_assistant_mask, tokenizer_corpus, train_tokenizer
 from training.train.distributed import deepspeed_config_path, world_size, write_weights_digest, zero_stage
 from training.train.student import build_from_config, load_checkpoint, load_tokenizer
@@ -70,11 +72,7 @@ def _metrics_callback(path: Path):
 def _progress_callback(console):
     """A rich progress bar over optimizer steps showing the latest train and validation loss."""
     from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
         TextColumn,
-        TimeElapsedColumn,
         TimeRemainingColumn,
     )
     from transformers import TrainerCallback
@@ -87,11 +85,10 @@ def _progress_callback(console):
 
         def on_train_begin(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                         TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
-                                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+                self.progress = stage_progress(console, "train", TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
+                                               TimeRemainingColumn())
                 self.progress.start()
-                self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step,
                                                    loss="-", val="-")
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -112,24 +109,6 @@ def _progress_callback(console):
                 self.progress = None
 
     return RichProgress()
-
-
-def quiet_hf() -> None:
-    """Silence transformers' and datasets' own progress bars and info logs: stages print their own."""
-    import torch
-
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed falls back to anyway, without its warning
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
-    # bitsandbytes warns on import that an optional CPU kernel package is missing; DeepSpeed that it found no GPU.
-    for name in ("bitsandbytes", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _precision(name: str) -> dict[str, bool]:
