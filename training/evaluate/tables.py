@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.stats import bootstrap_counts
+
 # Metrics summarised per group (None values, e.g. field accuracy of free-text answers, are left out).
 SUMMARY_METRICS = ("quality", "exact_match", "field_accuracy", "json_valid", "schema_valid", "chrf",
                    "judge_student", "judge_teacher")
@@ -19,11 +21,7 @@ def bootstrap_ci(values: Sequence[float], resamples: int, confidence: float, see
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if resamples <= 0 or len(x) < 2:
         return None
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 256):  # chunks keep memory flat on large test splits
-        stop = min(resamples, start + 256)
-        means[start:stop] = x[rng.integers(0, len(x), size=(stop - start, len(x)))].mean(axis=1)
+    means = np.concatenate([counts @ x / len(x) for counts in bootstrap_counts(len(x), resamples, seed)])
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return [float(lo), float(hi)]
