@@ -1,14 +1,16 @@
 """The per-record (map) half of the curate chain: one Arrow batch in, one Arrow batch out.
 
-``map_batch`` runs the recipe's per-record operators in order; a row dropped by one is not seen by the next. The
-batch it returns holds the rows that survived, in input order, with the columns the global (reduce) half needs,
-then the dropped rows, in input order, with the operator and reason. It depends on nothing but the batch, so
+``map_batch`` runs the recipe's per-record operators (``curation.curate.filters.PER_RECORD``, by
+``run_operators``) in order; a row dropped by one is not seen by the next. The batch it returns holds the rows that
+survived, in input order, with the columns the global (reduce) half needs, then the dropped rows, in input order,
+with the operator and reason. It depends on nothing but the batch, so
 in-process, ``datasets`` and Ray executors give the same rows however they cut the data.
 
 Columns added (all start with '_'): ``_rejected_by``, ``_reason`` (null for survivors); for survivors ``_uid``
 (64-bit hash of id and source), ``_key`` (the input key, function + normalised user turns, as 64 bits),
 ``_split`` (stable hash split of the input key), ``_text`` (the redacted user turns), ``_score`` (feedback,
-neutral when missing), ``_bands`` (the near-duplicate LSH band keys, computed here so that they use every core); and ``_stats`` on the first row: per operator [rows in, dropped, wall s, CPU s] as JSON.
+neutral when missing), ``_bands`` (the near-duplicate LSH band keys, computed here so that they use every core);
+and ``_stats`` on the first row: per operator [rows in, dropped, wall s, CPU s] as JSON.
 """
 
 from __future__ import annotations
@@ -107,35 +109,47 @@ def band_column(text: pa.Array, plan: Plan) -> pa.Array:
     return dedup.bands_array(dedup.band_keys(text, near))
 
 
+Dropped = tuple[np.ndarray, pa.Table, list[str], list[str]]  # input positions, rows, operator, reasons
+
+
+def run_operators(table: pa.Table, plan: Plan, stats: dict[str, list[float]]
+                  ) -> tuple[pa.Table, list[Dropped], Counter[str]]:
+    """The runner of the per-record chain (``filters.PER_RECORD``): each operator the recipe turns on, in order,
+    over the rows the ones before it kept. Records per operator [rows in, dropped, wall s, CPU s] in `stats`;
+    returns the survivors, the dropped rows of each operator and the labels counted."""
+    pos = np.arange(table.num_rows)
+    rejected: list[Dropped] = []
+    extra: Counter[str] = Counter()
+    for op in operators(plan.cfg):
+        if table.num_rows == 0:
+            stats[op.name] = [0, 0, 0.0, 0.0]
+            continue
+        t0, c0 = time.perf_counter(), time.process_time()
+        table, reasons = op.fn(table, plan)
+        drop = np.array([r is not None for r in reasons], dtype=bool)
+        stats[op.name] = [table.num_rows, int(drop.sum()), time.perf_counter() - t0, time.process_time() - c0]
+        if op.name == "refusal" and not plan.cfg.drop_refusals:
+            extra["refusals_labelled"] += _count_tag(table, "refusal")
+        if drop.any():
+            idx = np.flatnonzero(drop)
+            rejected.append((pos[idx], table.take(pa.array(idx)), [op.name] * len(idx), [reasons[i] for i in idx]))
+            keep = np.flatnonzero(~drop)
+            table = table.take(pa.array(keep))
+            pos = pos[keep]
+    return table, rejected, extra
+
+
 def map_batch(batch: pa.Table | pa.RecordBatch, plan: Plan, schema: pa.Schema | None = None) -> pa.Table:
     """Run the per-record operators on one batch (see the module docstring for what comes back)."""
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     schema = schema or table.schema
     table = columns.conform(table, schema)
     n = table.num_rows
-    pos = np.arange(n)
     stats: dict[str, list[float]] = {}
     t0, c0 = time.perf_counter(), time.process_time()
     if warm_up(plan):
         stats["setup"] = [0, 0, time.perf_counter() - t0, time.process_time() - c0]
-    rejected: list[tuple[np.ndarray, pa.Table, list[str], list[str]]] = []
-    extra: Counter[str] = Counter()
-    for name, op in operators(plan.cfg):
-        if table.num_rows == 0:
-            stats[name] = [0, 0, 0.0, 0.0]
-            continue
-        t0, c0 = time.perf_counter(), time.process_time()
-        table, reasons = op(table, plan)
-        drop = np.array([r is not None for r in reasons], dtype=bool)
-        stats[name] = [table.num_rows, int(drop.sum()), time.perf_counter() - t0, time.process_time() - c0]
-        if name == "refusal" and not plan.cfg.drop_refusals:
-            extra["refusals_labelled"] += _count_tag(table, "refusal")
-        if drop.any():
-            idx = np.flatnonzero(drop)
-            rejected.append((pos[idx], table.take(pa.array(idx)), [name] * len(idx), [reasons[i] for i in idx]))
-            keep = np.flatnonzero(~drop)
-            table = table.take(pa.array(keep))
-            pos = pos[keep]
+    table, rejected, extra = run_operators(table, plan, stats)
     if plan.cfg.pii.action != "keep" or plan.cfg.pii.secrets:
         extra.update(_pii_counts(table, rejected))
     t0, c0 = time.perf_counter(), time.process_time()
@@ -149,23 +163,25 @@ def map_batch(batch: pa.Table | pa.RecordBatch, plan: Plan, schema: pa.Schema | 
     kept = kept.append_column(pa.field("_bands", pa.list_(pa.uint64())), band_column(kept.column("_text"), plan))
     stats["band_keys"] = [table.num_rows, 0, time.perf_counter() - t0, time.process_time() - c0]
     kept = kept.append_column(EXTRA_FIELDS[-1], pa.nulls(kept.num_rows, pa.string()))
-    parts = [kept]
-    if rejected:
-        order = np.argsort(np.concatenate([r[0] for r in rejected]), kind="stable")
-        rej = pa.concat_tables([r[1] for r in rejected]).take(pa.array(order))
-        by = np.concatenate([np.array(r[2], dtype=object) for r in rejected])[order]
-        why = np.concatenate([np.array(r[3], dtype=object) for r in rejected])[order]
-        rej = rej.append_column(EXTRA_FIELDS[0], pa.array(list(by), pa.string()))
-        rej = rej.append_column(EXTRA_FIELDS[1], pa.array(list(why), pa.string()))
-        for f in EXTRA_FIELDS[2:]:
-            rej = rej.append_column(f, pa.nulls(rej.num_rows, f.type))
-        parts.append(rej)
-    out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    out = pa.concat_tables([kept, _dropped_rows(rejected)]) if rejected else kept
     if out.num_rows:
         blob = json.dumps({"ops": stats, "extra": dict(extra), "rows": n})
         stats_col = pa.array([blob] + [None] * (out.num_rows - 1), pa.string())
         out = out.set_column(out.schema.get_field_index("_stats"), EXTRA_FIELDS[-1], stats_col)
     return out
+
+
+def _dropped_rows(rejected: list[Dropped]) -> pa.Table:
+    """Every operator's dropped rows, back in input order, with the operator and reason."""
+    order = np.argsort(np.concatenate([r[0] for r in rejected]), kind="stable")
+    rej = pa.concat_tables([r[1] for r in rejected]).take(pa.array(order))
+    by = np.concatenate([np.array(r[2], dtype=object) for r in rejected])[order]
+    why = np.concatenate([np.array(r[3], dtype=object) for r in rejected])[order]
+    rej = rej.append_column(EXTRA_FIELDS[0], pa.array(list(by), pa.string()))
+    rej = rej.append_column(EXTRA_FIELDS[1], pa.array(list(why), pa.string()))
+    for f in EXTRA_FIELDS[2:]:
+        rej = rej.append_column(f, pa.nulls(rej.num_rows, f.type))
+    return rej
 
 
 _WARM: set[int] = set()
@@ -182,9 +198,9 @@ def warm_up(plan: Plan) -> bool:
     if cfg.pii.action != "keep" or cfg.pii.secrets:
         pii.detector(cfg.pii).find("warm up: jane@example.com +1 555 123 4567 4111 1111 1111 1111 10.0.0.1")
     if cfg.language is not None:
-        filters._language_detector(filters.language_codes(cfg.language))
+        filters.language_detector(filters.language_codes(cfg.language))
     if cfg.lengths.enabled and plan.student is not None and plan.student.checkpoint:
-        filters._student_tokenizer(plan.student)
+        filters.student_tokenizer(plan.student)
     _WARM.add(id(plan))
     return True
 
@@ -195,7 +211,7 @@ def _count_tag(table: pa.Table, key: str) -> int:
     return int(pc.sum(pc.is_valid(columns.map_value(table, "tags", key))).as_py() or 0)
 
 
-def _pii_counts(kept: pa.Table, rejected) -> Counter[str]:
+def _pii_counts(kept: pa.Table, rejected: list[Dropped]) -> Counter[str]:
     """Records per PII/secret kind found (kept and dropped rows), from the pii_redacted tag."""
     counts: Counter[str] = Counter()
     for t in [kept, *(r[1] for r in rejected)]:

@@ -1,9 +1,10 @@
-"""Dedup across records: exact and near-duplicate (MinHash LSH); semantic dedup is in ``curation.semantic``.
+"""Dedup across records: exact and near-duplicate (MinHash LSH); semantic dedup is in
+``curation.curate.semantic``.
 
 These run in the global (reduce) half of the chain, over a compact table with one row per record that survived
-the per-record checks (``curation.chain.reduce_columns``: id, function, split, input key, redacted user turns,
-feedback score, timestamp), earlier nights' records included (``curation.index``). Each returns, per row, ``None``
-or the reason it is dropped; within a group of duplicates the best-ranked record stays (best feedback, then the
+the per-record checks (``curation.curate.chain.reduce_columns``: id, function, split, input key, redacted user
+turns, feedback score, timestamp), earlier nights' records included (``curation.curate.index``). Each returns, per
+row, ``None`` or the reason it is dropped; within a group of duplicates the best-ranked record stays (best feedback, then the
 earliest, then the smallest id: ``rank``).
 
 Near-duplicates in two steps, both over byte shingles computed on the Arrow buffers:
@@ -15,8 +16,8 @@ Near-duplicates in two steps, both over byte shingles computed on the Arrow buff
 - Verification. Only the candidates get rensa's (Rust) MinHash signature; every candidate pair is verified
   (estimated Jaccard >= threshold) and verified pairs are joined into clusters.
 
-LSH parameters are datasketch's optimum for the threshold. Everything derives from the text itself, so the same
-text gives the same keys on every run, executor and machine.
+LSH parameters are the optimum for the threshold (``optimal_bands``, as datasketch's MinHashLSH chooses them).
+Everything derives from the text itself, so the same text gives the same keys on every run, executor and machine.
 """
 
 from __future__ import annotations
@@ -123,14 +124,30 @@ def lsh_params(cfg: NearDedup) -> tuple[int, int]:
 
 @lru_cache(maxsize=32)
 def _lsh_params(threshold: float, num_perm: int, bands: int | None) -> tuple[int, int]:
-    """(bands, rows per band): the recipe's bands, or datasketch's optimum for the threshold with false negatives
-    weighted 0.95: every candidate pair is verified by its estimated Jaccard afterwards, so extra candidates only
-    cost time while missed ones are lost (for 0.8 and 128 permutations: 16 bands of 8, recall 0.95 at 0.8)."""
+    """(bands, rows per band): the recipe's bands, or the optimum for the threshold with false negatives weighted
+    0.95 (``optimal_bands``): every candidate pair is verified by its estimated Jaccard afterwards, so extra
+    candidates only cost time while missed ones are lost (for 0.8 and 128 permutations: 16 bands of 8, recall 0.95
+    at 0.8)."""
     if bands:
         return bands, max(1, num_perm // bands)
-    from datasketch.lsh import _optimal_param
+    return optimal_bands(threshold, num_perm, 0.05, 0.95)
 
-    b, r = _optimal_param(threshold, num_perm, 0.05, 0.95)
+
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float, fn_weight: float) -> tuple[int, int]:
+    """The (bands b, rows r) with b * r <= num_perm that minimise the weighted false positives (the area under
+    P(candidate) = 1 - (1 - s^r)^b below the threshold) and false negatives (the area above P(candidate) above it),
+    the first in (b, r) order on a tie: datasketch's MinHashLSH optimum. Both integrands are polynomials of degree
+    b * r <= num_perm, which Gauss-Legendre quadrature with num_perm // 2 + 1 nodes integrates exactly."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=np.float64)
+    x, w = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+
+    def area(lo: float, hi: float, candidate: bool) -> np.ndarray:
+        s = (hi - lo) / 2 * x + (hi + lo) / 2  # the nodes on [lo, hi]
+        missed = (1 - s[None, :] ** pairs[:, 1:]) ** pairs[:, :1]  # per (b, r) and node: no band in common
+        return ((1 - missed) if candidate else missed) @ w * (hi - lo) / 2
+
+    error = fp_weight * area(0.0, threshold, True) + fn_weight * area(threshold, 1.0, False)
+    b, r = pairs[int(np.argmin(error))]
     return int(b), int(r)
 
 

@@ -1,6 +1,6 @@
 """Where the per-record half of the chain runs: in this process, on all local cores with `datasets`, or on Ray
-Data. Each executor yields ``curation.chain.map_batch``'s output batches in input order, so the stage writes the
-same files whichever ran. The global half (dedup, decontamination, balance) then runs in the stage's process on
+Data. Each executor yields ``curation.curate.chain.map_batch``'s output batches in input order, so the stage writes
+the same files whichever ran. The global half (dedup, decontamination, balance) then runs in the stage's process on
 the compact columns the map half added.
 """
 

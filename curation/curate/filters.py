@@ -1,19 +1,24 @@
 """Per-record curation operators. Each is a function of an Arrow batch of canonical records and the plan:
 ``op(batch, plan) -> (batch, reasons)``, returning the batch (possibly rewritten: redacted, labelled) and per row
 ``None`` to keep it or the reason it is dropped. They look at one record at a time, so any executor may cut the
-data into batches as it likes (``curation.chain`` runs them; ``curation.executors`` spreads the batches).
+data into batches as it likes (``curation.curate.chain`` runs them; ``curation.curate.executors`` spreads the
+batches).
 
-Checks across records (dedup, decontamination, balance) are in ``curation.dedup``, ``curation.decontaminate`` and
-``curation.balance``: they need every record at once.
+``PER_RECORD`` at the end is the chain: every operator, in the order it runs, with the recipe setting that turns it
+on. The JSON Schema checks the ``json_schema`` operator uses are in ``curation.curate.json_schema``.
+
+Checks across records (dedup, decontamination, balance) are in ``curation.curate.dedup``,
+``curation.curate.decontaminate`` and ``curation.curate.balance``: they need every record at once
+(``curation.curate.stage.GLOBAL`` runs them).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import orjson
@@ -21,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.curate import columns
-from curation.curate.pii import pii  # noqa: F401  (the first operator of the chain)
+from curation.curate.json_schema import check_output, check_tool_calls, response_format, validator
+from curation.curate.pii import pii
 from pipeline.config.curate import CurateConfig
 from pipeline.config.train import StudentConfig
 
@@ -77,7 +83,7 @@ def plan_for(cfg: CurateConfig, student: StudentConfig | None = None) -> Plan:
             except orjson.JSONDecodeError as err:
                 raise ValueError(f"curate.json_schema.schemas.{function}: {path} is not valid JSON: {err}") from None
             schema = loaded
-        _validator(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode())  # fails early on a bad schema
+        validator(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode())  # fails early on a bad schema
         schemas[function] = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
     return Plan(cfg, student, schemas)
 
@@ -200,149 +206,6 @@ def feedback(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
     return batch, reasons
 
 
-@lru_cache(maxsize=256)
-def _validator(schema_text: str):
-    from jsonschema import Draft202012Validator
-
-    schema = orjson.loads(schema_text)
-    cls = Draft202012Validator
-    if isinstance(schema, dict) and "$schema" in schema:
-        from jsonschema.validators import validator_for
-
-        cls = validator_for(schema, default=Draft202012Validator)
-    cls.check_schema(schema)
-    return cls(schema)
-
-
-@lru_cache(maxsize=256)
-def _response_format(text: str) -> tuple[str, str | None]:
-    """('json_schema', schema text) | ('json_object', None) | ('', None) from a logged response_format."""
-    try:
-        rf = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return "", None
-    if not isinstance(rf, dict):
-        return "", None
-    kind = rf.get("type")
-    if kind == "json_schema":
-        js = rf.get("json_schema") or {}
-        schema = js.get("schema") if isinstance(js, dict) else None
-        if isinstance(schema, dict):
-            return "json_schema", orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
-        return "json_object", None
-    if kind == "json_object":
-        return "json_object", None
-    return "", None
-
-
-# Keywords of drafts 2019-09/2020-12 that fastjsonschema (drafts 4, 6, 7) does not know: schemas using them are
-# checked by jsonschema alone.
-NEW_KEYWORDS = {"prefixItems", "unevaluatedProperties", "unevaluatedItems", "dependentRequired", "dependentSchemas",
-                "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor", "minContains", "maxContains",
-                "$anchor", "$vocabulary", "$schema"}
-
-
-def _keywords(schema: Any) -> set[str]:
-    if isinstance(schema, dict):
-        return set(schema).union(*(_keywords(v) for v in schema.values()))
-    if isinstance(schema, list):
-        return set().union(*(_keywords(v) for v in schema))
-    return set()
-
-
-@lru_cache(maxsize=256)
-def _fast_validator(schema_text: str):
-    """fastjsonschema's compiled check (about 20x faster than jsonschema) for schemas it reads the same way; None
-    when it is not installed or the schema needs a newer draft."""
-    try:
-        import fastjsonschema
-    except ImportError:
-        return None
-    schema = orjson.loads(schema_text)
-    if _keywords(schema) & NEW_KEYWORDS:
-        return None
-    try:
-        return fastjsonschema.compile(schema)
-    except Exception:  # noqa: BLE001 - anything it cannot compile is left to jsonschema
-        return None
-
-
-def _schema_error(schema_text: str, instance: Any) -> str | None:
-    """None when the instance is valid; else jsonschema's best message with the path of the bad value. The fast
-    check only ever says 'valid': anything else is decided and explained by jsonschema."""
-    fast = _fast_validator(schema_text)
-    if fast is not None:
-        try:
-            fast(instance)
-            return None
-        except Exception:  # noqa: BLE001 - fastjsonschema.JsonSchemaException or odd input: ask jsonschema
-            pass
-    validator = _validator(schema_text)
-    if validator.is_valid(instance):
-        return None
-    from jsonschema.exceptions import best_match
-
-    err = best_match(validator.iter_errors(instance))
-    where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-    return f"{where}: {err.message}"[:300]
-
-
-@lru_cache(maxsize=32_768)
-def _check_output(kind: str, schema_text: str | None, text: str) -> str | None:
-    """The reason a structured output is invalid, or None (cached: structured outputs repeat a lot)."""
-    try:
-        instance = orjson.loads(text)
-    except orjson.JSONDecodeError as err:
-        return f"output is not valid JSON: {err}"[:300]
-    if kind == "json_object" and not isinstance(instance, dict):
-        return f"output is JSON but not an object (response_format json_object): {type(instance).__name__}"
-    if schema_text is not None:
-        problem = _schema_error(schema_text, instance)
-        if problem:
-            return f"output does not match the schema: {problem}"
-    return None
-
-
-@lru_cache(maxsize=256)
-def _tool_schemas(tools_text: str) -> dict[str, str | None]:
-    try:
-        tools = orjson.loads(tools_text)
-    except orjson.JSONDecodeError:
-        return {}
-    out = {}
-    for t in tools if isinstance(tools, list) else []:
-        fn = t.get("function", t) if isinstance(t, dict) else {}
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            params = fn.get("parameters")
-            out[fn["name"]] = orjson.dumps(params, option=orjson.OPT_SORT_KEYS).decode() if isinstance(params, dict) else None
-    return out
-
-
-def _check_tool_calls(calls_text: str, tools_text: str | None) -> str | None:
-    try:
-        calls = orjson.loads(calls_text)
-    except orjson.JSONDecodeError as err:
-        return f"tool calls are not valid JSON: {err}"[:300]
-    known = _tool_schemas(tools_text) if tools_text else {}
-    for call in calls if isinstance(calls, list) else []:
-        fn = call.get("function", call) if isinstance(call, dict) else {}
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if known and name not in known:
-            return f"tool call names unknown tool {name!r} (logged tools: {', '.join(sorted(known))})"[:300]
-        args = fn.get("arguments") if isinstance(fn, dict) else None
-        if isinstance(args, str):
-            try:
-                args = orjson.loads(args) if args.strip() else {}
-            except orjson.JSONDecodeError as err:
-                return f"tool call {name!r}: arguments are not valid JSON: {err}"[:300]
-        schema = known.get(name) if known else None
-        if schema is not None:
-            problem = _schema_error(schema, args)
-            if problem:
-                return f"tool call {name!r} arguments do not match the tool's parameters: {problem}"[:300]
-    return None
-
-
 def json_schema(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
     """Structured outputs: JSON outputs must be valid against the recipe's schema for the function or the logged
     response_format; tool calls must name a logged tool and match its parameter schema."""
@@ -360,13 +223,13 @@ def json_schema(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
         if schema is not None:
             kind = "json_schema"
         elif cfg.use_response_format and formats[i]:
-            kind, schema = _response_format(formats[i])
+            kind, schema = response_format(formats[i])
         if kind and not (calls[i] and not texts[i].strip()):
-            reasons[i] = _check_output(kind, schema, texts[i])
+            reasons[i] = check_output(kind, schema, texts[i])
             if reasons[i]:
                 continue
         if cfg.tool_calls and calls[i]:
-            reasons[i] = _check_tool_calls(calls[i], tools[i])
+            reasons[i] = check_tool_calls(calls[i], tools[i])
     return batch, reasons
 
 
@@ -377,7 +240,7 @@ def language_codes(cfg) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=4)
-def _language_detector(codes: tuple[str, ...]):
+def language_detector(codes: tuple[str, ...]):
     from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
     langs = [Language.from_iso_code_639_1(getattr(IsoCode639_1, c.upper())) for c in codes]
@@ -389,7 +252,7 @@ def language(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
     sure of a language that is not allowed; shorter or unclear texts are kept and labelled 'uncertain'."""
     cfg = plan.cfg.language
     assert cfg is not None
-    det = _language_detector(language_codes(cfg))
+    det = language_detector(language_codes(cfg))
     allowed = set(cfg.allowed)
     texts = _strings(columns.user_texts(batch))
     reasons: Reasons = [None] * batch.num_rows
@@ -414,7 +277,7 @@ def language(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
     return columns.add_tags(batch, labels), reasons
 
 
-def _student_tokenizer(student: StudentConfig):
+def student_tokenizer(student: StudentConfig):
     """(tokenizer, tokens each chat message adds beyond its content) for a checkpoint student; offline if
     HF_HUB_OFFLINE is set, remote code only when the recipe allows it."""
     return _load_tokenizer(student.checkpoint, student.revision, student.trust_remote_code)
@@ -458,7 +321,7 @@ def token_counts(batch: pa.Table, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
                                            pc.fill_null(columns.field(out, "tool_calls"), ""), "")
     student = plan.student
     if student is not None and student.checkpoint:
-        tok, overhead = _student_tokenizer(student)
+        tok, overhead = student_tokenizer(student)
 
         def count(arr: pa.Array) -> np.ndarray:
             texts = arr.to_pylist()
@@ -493,25 +356,33 @@ def length(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
     return batch, reasons
 
 
-def operators(cfg: CurateConfig) -> list[tuple[str, Any]]:
-    """The per-record operators a recipe turns on, in the order they run. PII comes first so that every later
-    operator, every reason and rejected.parquet see redacted text; cheap checks come before costly ones."""
-    ops: list[tuple[str, Any]] = [("pii", pii)]
-    if cfg.drop_http_errors:
-        ops.append(("http_error", http_error))
-    if cfg.drop_empty_outputs:
-        ops.append(("empty_output", empty_output))
-    if cfg.drop_truncated_outputs:
-        ops.append(("truncated_output", truncated_output))
-    if cfg.drop_error_texts:
-        ops.append(("error_text", error_text))
-    ops.append(("refusal", refusal))  # labels refusals even when they are kept
-    if cfg.feedback is not None:
-        ops.append(("feedback", feedback))
-    if cfg.json_schema.schemas or cfg.json_schema.use_response_format or cfg.json_schema.tool_calls:
-        ops.append(("json_schema", json_schema))
-    if cfg.language is not None:
-        ops.append(("language", language))
-    if cfg.lengths.enabled:
-        ops.append(("length", length))
-    return ops
+@dataclass(frozen=True)
+class Op:
+    """One block of a chain: its name (in rejected_by and report.json), its function, and whether a recipe turns
+    it on (always, by default)."""
+
+    name: str
+    fn: Callable
+    when: Callable[[CurateConfig], bool] = lambda cfg: True
+
+
+# The per-record chain, in the order it runs. PII comes first so that every later operator, every reason and
+# rejected.parquet see redacted text; cheap checks come before costly ones.
+PER_RECORD: tuple[Op, ...] = (
+    Op("pii", pii),
+    Op("http_error", http_error, when=lambda cfg: cfg.drop_http_errors),
+    Op("empty_output", empty_output, when=lambda cfg: cfg.drop_empty_outputs),
+    Op("truncated_output", truncated_output, when=lambda cfg: cfg.drop_truncated_outputs),
+    Op("error_text", error_text, when=lambda cfg: cfg.drop_error_texts),
+    Op("refusal", refusal),  # labels refusals even when they are kept
+    Op("feedback", feedback, when=lambda cfg: cfg.feedback is not None),
+    Op("json_schema", json_schema, when=lambda cfg: bool(cfg.json_schema.schemas or cfg.json_schema.use_response_format
+                                                         or cfg.json_schema.tool_calls)),
+    Op("language", language, when=lambda cfg: cfg.language is not None),
+    Op("length", length, when=lambda cfg: cfg.lengths.enabled),
+)
+
+
+def operators(cfg: CurateConfig) -> list[Op]:
+    """The per-record operators a recipe turns on, in the order they run."""
+    return [op for op in PER_RECORD if op.when(cfg)]

@@ -1,6 +1,6 @@
 """Semantic dedup: drop a record whose user turns mean the same as a better-ranked record's, by cosine similarity
 of sentence embeddings from a local model (the 'semantic' extra; the default model loads offline). Runs in the
-global half after near-duplicate removal (``curation.dedup``); embeddings of earlier nights' records are kept in
+global half after near-duplicate removal (``curation.curate.dedup``); embeddings of earlier nights' records are kept in
 the index as float16 bytes.
 """
 

@@ -211,7 +211,7 @@ def test_lengths_in_the_student_tokens_or_a_documented_approximation(tmp_path):
     p = Plan(cfg, student)
     inputs, outputs = filters.token_counts(records, p)
     want_in = len(tok("where is my order", add_special_tokens=False)["input_ids"])
-    _, overhead = filters._student_tokenizer(student)
+    _, overhead = filters.student_tokenizer(student)
     assert overhead > 0 and inputs[0] == want_in + overhead
     assert outputs[0] == len(tok("refund please", add_special_tokens=False)["input_ids"]) + overhead
     _, r = filters.length(records, p)
@@ -301,7 +301,7 @@ def test_odd_records_are_handled_not_crashed_on():
 
 
 def test_report_examples_are_scrubbed_whatever_the_recipe_keeps():
-    from curation.curate.stage import Audit
+    from curation.curate.audit import Audit
 
     audit = Audit(PIIConfig(action="keep", secrets=[]))
     audit.rejected(pa.table({"id": ["r1"], "source": ["x:1"], "rejected_by": ["refusal"],

@@ -241,6 +241,31 @@ def parse_line(line: Any, source: str, function_field: str = "request.metadata.f
     return parse_openai(line, source, function_field, feedback_field, choices="first")[0]
 
 
+def _fast_messages(msgs: list) -> list[tuple] | None:
+    """fast_row's request messages: plain text messages as message rows; None for anything else."""
+    messages = []
+    for m in msgs:
+        if type(m) is not dict or "tool_calls" in m or "function_call" in m:
+            return None
+        role, content, name, call_id = m.get("role"), m.get("content"), m.get("name"), m.get("tool_call_id")
+        if (type(role) is not str or (content is not None and type(content) is not str)
+                or (name is not None and type(name) is not str) or (call_id is not None and type(call_id) is not str)):
+            return None
+        messages.append((role, content, name, call_id, None))
+    return messages
+
+
+def _fast_epoch_ms(ts: Any) -> int | None:
+    """fast_row's timestamp in epoch milliseconds: ISO 8601 text straight through datetime, the rest as
+    ``timestamp`` reads it."""
+    if type(ts) is str and len(ts) >= 19 and ts[4] == "-":  # ISO 8601, the usual case
+        try:
+            return epoch_ms(datetime.fromisoformat(ts))
+        except ValueError:
+            pass
+    return epoch_ms(timestamp(ts))
+
+
 def fast_row(line: Any, where: str, function_field: str | None = None,
              feedback_field: str = "feedback") -> tuple | None:
     """The common case -- one choice, text messages, no stream, no error -- straight to a flat record row (see
@@ -256,15 +281,9 @@ def fast_row(line: Any, where: str, function_field: str | None = None,
     choices = resp.get("choices")
     if type(msgs) is not list or not msgs or type(choices) is not list or len(choices) != 1:
         return None
-    messages = []
-    for m in msgs:
-        if type(m) is not dict or "tool_calls" in m or "function_call" in m:
-            return None
-        role, content, name, call_id = m.get("role"), m.get("content"), m.get("name"), m.get("tool_call_id")
-        if (type(role) is not str or (content is not None and type(content) is not str)
-                or (name is not None and type(name) is not str) or (call_id is not None and type(call_id) is not str)):
-            return None
-        messages.append((role, content, name, call_id, None))
+    messages = _fast_messages(msgs)
+    if messages is None:
+        return None
     ch = choices[0]
     if type(ch) is not dict or ch.get("logprobs") is not None or ch.get("index", 0) != 0:
         return None
@@ -307,15 +326,8 @@ def fast_row(line: Any, where: str, function_field: str | None = None,
     episode = meta.get("episode_id")
     tools = req.get("tools") or req.get("functions")
     schema = req.get("response_format")
-    if type(ts) is str and len(ts) >= 19 and ts[4] == "-":  # ISO 8601, the usual case
-        try:
-            when = epoch_ms(datetime.fromisoformat(ts))
-        except ValueError:
-            when = epoch_ms(timestamp(ts))
-    else:
-        when = epoch_ms(timestamp(ts))
     return (
-        str(rid), where, when, str(fn) if fn not in (None, "") else "default",
+        str(rid), where, _fast_epoch_ms(ts), str(fn) if fn not in (None, "") else "default",
         str(episode) if episode is not None else None, messages,
         json_text(tools) if tools else None, json_text(schema) if schema else None,
         (role, content, name, call_id, None), finish if type(finish) is str else None,
