@@ -1,6 +1,6 @@
 """Training throughput and model FLOPs utilisation (MFU) on one GPU: a ~0.5B-parameter student built from config
 (Qwen2.5-0.5B's shape: 24 layers, hidden 896, GQA 14/2 heads, vocab 151,936), full fine-tuning and LoRA, bf16,
-packed rows, through distill's own training stack (training.data/packing + training.train.make_trainer, i.e.
+packed rows, through distill's own training stack (training.train.data/packing + training.train.trainer.make_trainer, i.e.
 TRL's SFTTrainer with the fused LM head and distill's position-id packing).
 
     python bench/train_gpu.py                       # on a GPU machine: both methods, 30 steps each after 5 warm-up
@@ -80,7 +80,7 @@ def bench(method: str, args, config: dict) -> dict:
     from pipeline.config.train import TrainConfig
     from training.train.chat_template import train_tokenizer
     from training.train.packing import pack
-    from training.train.stage import make_trainer, training_arguments
+    from training.train.trainer import make_trainer, training_arguments
 
     cuda = torch.cuda.is_available()
     steps = args.warmup + args.steps

@@ -3,7 +3,7 @@ settings and the distributed setup.
 
 Checks that need no files are made here, when the recipe is validated. Checks that must load tokenizers or
 configs (teacher and student share a vocabulary, the chat template marks assistant turns, max_length fits the
-model) run in ``training.preflight`` before any stage does work.
+model) run in ``training.train.preflight`` before any stage does work.
 """
 
 from __future__ import annotations

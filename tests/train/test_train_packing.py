@@ -78,7 +78,7 @@ def test_a_packed_batch_scores_each_example_as_if_it_were_alone(tiny):
 
 
 def _trainer(tiny, objective: str, batch: int, accum: int, packing: bool):
-    from training.train.stage import make_trainer, training_arguments
+    from training.train.trainer import make_trainer, training_arguments
 
     tok, _ = tiny
     section = {"student": {"from_config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2}}, "method": "full",

@@ -2,7 +2,7 @@
 distillation, the teacher's top-k alternatives lined up with the student's tokens.
 
 Examples are tokenized here rather than inside TRL so that every objective sees the same ids and labels, and so
-that sparse targets can travel with them through packing (see ``training.packing``).
+that sparse targets can travel with them through packing (see ``training.train.packing``).
 """
 
 from __future__ import annotations
