@@ -22,7 +22,8 @@ import orjson
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.harvest.importers.common import BadRecord, decode_json_text
+from curation.harvest.importers import common
+from curation.harvest.importers.common import LENIENT, BadRecord, Lenient, Parsed, decode_json_text, loads_row
 from curation.harvest.importers.formats import IMPORTERS, has_timestamps
 from curation.harvest.importers.openai import fast_row
 from pipeline.config.harvest import Source
@@ -66,6 +67,9 @@ class ChunkResult:
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     max_ms: int | None = None
     ids_at_max: list[str] = field(default_factory=list)
+    # What was kept but is worth knowing, per kind: "images" (image parts, which record text cannot hold),
+    # "records_with_images", "lenient_json" (rows read leniently: raw control characters in strings)
+    notes: Counter[str] = field(default_factory=Counter)
 
 
 def _rows(chunk: Chunk):
@@ -81,14 +85,42 @@ def _rows(chunk: Chunk):
             try:
                 yield first + i, orjson.loads(raw), False
             except orjson.JSONDecodeError as err:
-                msg = str(err).split(":")[0] if "utf-8" not in str(err).lower() else "not valid UTF-8"
-                unfinished = chunk.may_be_growing and i == last
-                yield first + i, BadRecord(f"invalid JSON: {msg}"), unfinished
+                try:  # the failure path only: a byte order mark, raw control characters in strings
+                    yield first + i, loads_row(raw, err), False
+                except BadRecord as bad:
+                    yield first + i, bad, chunk.may_be_growing and i == last
     else:
         assert isinstance(chunk.numbers, list)
         decode = chunk.cfg.format != "mapped"  # JSON text columns (CSV, SQL) hold the nested objects
         for n, row in zip(chunk.numbers, chunk.data, strict=True):
-            yield n, {k: decode_json_text(v) for k, v in row.items()} if decode else row, False
+            if type(row) is dict:
+                yield n, {k: decode_json_text(v) for k, v in row.items()} if decode else row, False
+            elif type(row) is Parsed:  # a row of a JSON document: parsed already, nothing to decode
+                yield n, dict(row), False
+            else:  # a Lenient row, a BadRecord, or a JSON value that is not an object (the importer says so)
+                yield n, row, False
+
+
+def _parse(parse: Any, row: Any, where: str, cfg: Source, default_ts: datetime, notes: Counter[str]) -> list[tuple]:
+    """The importer's records for one row, tagged where the row held image parts (``has_images``: how many) or
+    was read leniently (``lenient_json``); the slow path, for rows ``fast_row`` does not take."""
+    common.IMAGE_PARTS[0] = 0
+    recs = parse(row, where, cfg, default_ts)
+    images, lenient = common.IMAGE_PARTS[0], type(row) is Lenient
+    if images or lenient:
+        for rec in recs:
+            tags = dict(rec.get("tags") or {})
+            if images:
+                tags["has_images"] = str(images)
+            if lenient:
+                tags["lenient_json"] = LENIENT
+            rec["tags"] = tags
+        if images:
+            notes["images"] += images
+            notes["records_with_images"] += len(recs)
+        if lenient:
+            notes["lenient_json"] += 1
+    return [record_row(r) for r in recs]
 
 
 def convert(chunk: Chunk) -> ChunkResult:
@@ -148,7 +180,7 @@ def _convert(chunk: Chunk) -> ChunkResult:
                 if type(row) is BadRecord:
                     raise row
                 one = fast_row(row, where, ffield, fbfield) if fast else None
-                recs = (one,) if one is not None else [record_row(r) for r in parse(row, where, cfg, default_ts)]
+                recs = (one,) if one is not None else _parse(parse, row, where, cfg, default_ts, res.notes)
             except BadRecord as err:
                 reason = str(err)
                 res.quarantined += 1

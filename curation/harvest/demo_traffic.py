@@ -7,7 +7,7 @@ and ``product_faq`` (short free text). The mess real logs have is there on purpo
 HTTP errors, empty and cut-off outputs, exact and near duplicates, refusals, teacher mistakes with
 negative feedback, e-mail addresses and phone numbers, and some non-English tickets.
 
-    python -m curation.demo_traffic OUT_DIR   # writes the two days bundled under recipes/data/
+    python -m curation.harvest.demo_traffic OUT_DIR   # writes the two days bundled under recipes/data/
 """
 
 from __future__ import annotations

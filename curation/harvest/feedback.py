@@ -2,7 +2,9 @@
 
 Metrics (booleans become 1.0 / 0.0) land in ``record["feedback"]``, where curation reads them: the latest value of
 a metric wins; inference-level feedback beats episode-level feedback of the same metric, which reaches every
-inference of the episode. A TensorZero demonstration (a corrected answer) replaces the output; comments are dropped
+inference of the episode. A TensorZero demonstration (a corrected answer) replaces the output, and the scores that
+judged the replaced answer are set aside (tag ``replaced_output_feedback``) so none judges the correction; rows
+whose target matches no record are counted (``matched_rows``). Comments are dropped
 unless the recipe keeps them as a tag. Feedback is read whole on every run (it is small next to the logs and
 arrives late: yesterday's answers get today's thumbs).
 """
@@ -18,7 +20,14 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.harvest.importers.common import BadRecord, decode_json_text, dotted, timestamp
+from curation.harvest.importers.common import (
+    BadRecord,
+    Lenient,
+    decode_json_text,
+    dotted,
+    loads_row,
+    timestamp,
+)
 from curation.harvest.importers.formats import _tz_output, uuid7_time
 from curation.harvest.sources import line_blocks, list_files, row_batches
 from pipeline.config.harvest import FeedbackSource
@@ -38,6 +47,10 @@ class FeedbackIndex:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     dropped_comments: int = 0
     by_metric: Counter[str] = field(default_factory=Counter)
+    lenient: int = 0  # rows read leniently (raw control characters inside JSON strings)
+    # Rows kept in the index, by (level, target id): to count the rows that match no record (level "auto" matches
+    # a record id or an episode id).
+    row_targets: Counter[tuple[str, str]] = field(default_factory=Counter)
     _targets: tuple[pa.Array, pa.Array] | None = field(default=None, repr=False)
 
     def __bool__(self) -> bool:
@@ -51,14 +64,25 @@ class FeedbackIndex:
                              pa.array(sorted(set(self.episode) | set(self.comments)), pa.string()))
         return self._targets
 
+    def matched_rows(self, ids: set[str], episodes: set[str]) -> tuple[int, int]:
+        """(rows that match a record, rows that match none), given the record ids and episode ids harvested."""
+        hit = sum(n for (level, t), n in self.row_targets.items()
+                  if (level != "episode" and t in ids) or (level != "inference" and t in episodes))
+        return hit, sum(self.row_targets.values()) - hit
+
     def touches(self, table: pa.Table) -> pa.ChunkedArray:
         """Rows of a records table that some feedback targets."""
         inf, epi = self.targets()
         return pc.or_kleene(pc.is_in(table["id"], value_set=inf),
                             pc.fill_null(pc.is_in(table["episode_id"], value_set=epi), False))
 
-    def apply(self, rec: dict[str, Any]) -> bool:
-        """Join feedback onto one record (in place); True when something changed."""
+    def apply(self, rec: dict[str, Any], counts: Counter[str] | None = None) -> bool:
+        """Join feedback onto one record (in place); True when something changed. ``counts`` (when given) gets
+        ``demonstrations_applied`` and ``scores_set_aside``.
+
+        A demonstration replaces the output; every score the record had then judged the replaced answer (logged
+        and inference-level feedback, and episode-level feedback of an episode that held it), so none is left to
+        judge the correction: they move to the tag ``replaced_output_feedback`` (JSON)."""
         before = (dict(rec.get("feedback") or {}), rec.get("output"), dict(rec.get("tags") or {}))
         fb = dict(rec.get("feedback") or {})
         if rec.get("episode_id") is not None:
@@ -70,6 +94,12 @@ class FeedbackIndex:
             rec["output"] = demo[1]
             rec["finish_reason"], rec["status_code"], rec["error"] = "stop", rec.get("status_code") or 200, None
             rec["tags"] = {**(rec.get("tags") or {}), "output_source": "demonstration"}
+            if fb:
+                rec["tags"]["replaced_output_feedback"] = dumps(fb)
+                rec["feedback"] = {}
+            if counts is not None:
+                counts["demonstrations_applied"] += 1
+                counts["scores_set_aside"] += len(fb)
         notes = self.comments.get(rec["id"], []) + self.comments.get(rec.get("episode_id") or "", [])
         if notes:
             rec["tags"] = {**(rec.get("tags") or {}), "comment": "\n".join(notes)}
@@ -145,6 +175,7 @@ def add_row(index: FeedbackIndex, row: Any, src: FeedbackSource, pos: int) -> No
     if not isinstance(target, (str, int)) or isinstance(target, bool) or target == "":
         raise BadRecord("no target id (inference or episode id)")
     target = str(target)
+    kept: set[str] = set()  # the levels at which this row's values were kept
     for name, value in items:
         if not isinstance(name, str) or not name:
             raise BadRecord("no metric name")
@@ -153,10 +184,12 @@ def add_row(index: FeedbackIndex, row: Any, src: FeedbackSource, pos: int) -> No
                 old = index.demonstrations.get(target)
                 if old is None or order >= old[0]:
                     index.demonstrations[target] = (order, _demonstration(value))
+                kept.add("inference")
             continue
         if name == "comment":
             if src.comments == "tag" and isinstance(value, str):
                 index.comments.setdefault(target, []).append(value)
+                kept.add("auto")
             else:
                 index.dropped_comments += 1
             continue
@@ -164,11 +197,14 @@ def add_row(index: FeedbackIndex, row: Any, src: FeedbackSource, pos: int) -> No
             continue
         v = _value(value)
         index.by_metric[name] += 1
+        kept.add(level)
         for lvl, table in (("inference", index.inference), ("episode", index.episode)):
             if level in (lvl, "auto"):
                 slot = table.setdefault(target, {})
                 if name not in slot or order >= slot[name][0]:
                     slot[name] = (order, v)
+    if kept:
+        index.row_targets[kept.pop() if len(kept) == 1 else "auto", target] += 1
 
 
 def load(sources: list[FeedbackSource]) -> FeedbackIndex:
@@ -204,7 +240,11 @@ def load(sources: list[FeedbackSource]) -> FeedbackIndex:
                             try:
                                 row = orjson.loads(row)
                             except orjson.JSONDecodeError as err:
-                                raise BadRecord(f"invalid JSON: {str(err).split(':')[0]}") from None
+                                row = loads_row(row, err)  # a byte order mark, raw control characters
+                        if isinstance(row, BadRecord):  # a line of a .json file that is not JSON
+                            raise row
+                        if type(row) is Lenient:
+                            index.lenient += 1
                         add_row(index, row, src, pos)
                     except BadRecord as err:
                         index.quarantine.append({"source": f"feedback[{which}]", "file": origin, "line": n,

@@ -1,8 +1,9 @@
 """Where rows come from: files named by a path, directory, glob or fsspec URL (JSON lines, Parquet, CSV, gzip'd or
 not), read in chunks so memory stays bounded whatever the file size.
 
-A JSON-lines file is read as raw byte blocks cut at line ends (the parsing happens in ``curation.chunks``, possibly
-in worker processes); Parquet and CSV files as lists of row dicts.
+A JSON-lines file is read as raw byte blocks cut at line ends (the parsing happens in ``curation.harvest.chunks``, possibly
+in worker processes); Parquet and CSV files as lists of row dicts; ``.json`` files as whole JSON documents (an
+array is a row per element), or as JSON lines where the file is not one document.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import orjson
 from fsspec.implementations.local import LocalFileSystem
 
+from curation.harvest.importers.common import BadRecord, Lenient, Parsed, loads_fallback, loads_row
 from pipeline.config.harvest import Location
 
 LOG_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz", ".parquet", ".csv", ".csv.gz")
@@ -64,6 +67,8 @@ class LogFile:
         stem = self.path
         for c in COMPRESSED:
             stem = stem.removesuffix(c)
+        if stem.endswith(".json"):
+            return "json"  # JSON documents: an object, or an array of rows (JSON lines too, see json_rows)
         return "parquet" if stem.endswith(".parquet") else "csv" if stem.endswith(".csv") else "jsonl"
 
     def stamp(self) -> dict[str, Any]:
@@ -163,9 +168,51 @@ def line_blocks(f: LogFile, start: int = 0, first_line: int = 1, max_lines: int 
                 return
 
 
-def row_batches(f: LogFile, kind: str, batch_rows: int = 10_000) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
-    """(row numbers, rows) of a Parquet or CSV file: Parquet rows count from 1, CSV rows by the line where the row
-    starts (the header is line 1)."""
+def json_rows(data: bytes) -> tuple[list[int], list[Any]]:
+    """(row numbers, rows) of a ``.json`` file, read as a whole: one JSON document -- an array is a row per
+    element (numbered from 1), anything else one row -- else, when the file is not one document, JSON lines
+    (numbered by line). Rows are ``Parsed`` objects (``Lenient`` where read leniently), other JSON values, or the
+    ``BadRecord`` of a line that is not JSON."""
+    try:
+        doc, lenient = orjson.loads(data), False
+    except orjson.JSONDecodeError as err:
+        try:
+            doc, lenient = loads_fallback(data, err)
+        except BadRecord:
+            return _json_lines(data)
+    wrap = Lenient if lenient else Parsed
+    items = doc if isinstance(doc, list) else [doc]
+    return list(range(1, len(items) + 1)), [wrap(x) if isinstance(x, dict) else x for x in items]
+
+
+def _json_lines(data: bytes) -> tuple[list[int], list[Any]]:
+    numbers: list[int] = []
+    rows: list[Any] = []
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        if not raw or raw.isspace():
+            continue
+        numbers.append(i)
+        try:
+            row = orjson.loads(raw)
+            rows.append(Parsed(row) if isinstance(row, dict) else row)
+        except orjson.JSONDecodeError as err:
+            try:
+                row = loads_row(raw, err)
+                rows.append(Parsed(row) if type(row) is dict else row)
+            except BadRecord as bad:
+                rows.append(bad)
+    return numbers, rows
+
+
+def row_batches(f: LogFile, kind: str, batch_rows: int = 10_000) -> Iterator[tuple[list[int], list[Any]]]:
+    """(row numbers, rows) of a Parquet, CSV or JSON-document file: Parquet rows count from 1, CSV rows by the
+    line where the row starts (the header is line 1), JSON documents as ``json_rows`` says."""
+    if kind == "json":
+        with f.open() as fh:
+            numbers, rows = json_rows(fh.read())
+        for i in range(0, len(rows), batch_rows):
+            yield numbers[i:i + batch_rows], rows[i:i + batch_rows]
+        return
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -177,7 +224,7 @@ def row_batches(f: LogFile, kind: str, batch_rows: int = 10_000) -> Iterator[tup
                 row += len(rows)
         return
     with f.open() as fh:
-        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="replace", newline="")  # -sig: drop a BOM
         reader = csv.DictReader(text)
         numbers: list[int] = []
         rows: list[dict[str, Any]] = []

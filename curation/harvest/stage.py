@@ -1,9 +1,9 @@
 """The harvest stage: logged teacher traffic -> canonical records in Parquet.
 
-Each run reads what is new in every source (see ``curation.watermarks``), converts it to records (importers in
-``curation.importers``; inline or in worker processes), carries earlier batches forward, joins feedback kept apart
+Each run reads what is new in every source (see ``curation.harvest.watermarks``), converts it to records (importers in
+``curation.harvest.importers``; inline or in worker processes), carries earlier batches forward, joins feedback kept apart
 from the logs (``curation.harvest.feedback``) and, where the recipe asks, replaces poor outputs with a teacher's fresh
-answer (``curation.regenerate``). It writes:
+answer (``curation.harvest.regenerate``). It writes:
 
 - ``batches/*.parquet``: the records as imported, one set per run, carried forward by hard links;
 - ``records-*.parquet``: what curation reads -- the batches with feedback joined and re-generated outputs;
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from rich.progress import Progress, TextColumn
 
 from curation.harvest import watermarks
+from curation.harvest.chunks import ChunkResult
 from curation.harvest.feedback import FeedbackIndex
 from curation.harvest.ingest import Ingest, Runner, auto_workers, ingest_files, ingest_sql
 from curation.harvest.sources import list_files
@@ -42,6 +43,23 @@ READS: tuple[str, ...] = ()
 REPORT_FILES = ("quarantine.jsonl",)
 
 QUARANTINE = "quarantine.jsonl"
+# Counts of what was kept but is worth knowing (chunks.ChunkResult.notes), per source, summed over runs like
+# watermarks.COUNT_KEYS; kept in a source's counts only once non-zero.
+NOTE_KEYS = ("images", "records_with_images", "lenient_json")
+
+
+class _Ingest(Ingest):
+    """An Ingest that also adds up each chunk's notes (images, rows read leniently)."""
+
+    notes: Counter[str]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.notes = Counter()
+
+    def done(self, res: ChunkResult) -> None:
+        super().done(res)
+        self.notes.update(res.notes)
 
 
 def source_label(src: Source) -> str:
@@ -106,7 +124,7 @@ def run(ctx: StageContext) -> StageResult:
                 state.label = source_label(src)
                 seen = watermarks.Seen(watermarks.carry_forward(prev, work, state) if key in old_states
                                        else np.zeros(0, np.uint64))
-                ing = Ingest(src, key, state, seen, batch, work / "batches", quarantine,
+                ing = _Ingest(src, key, state, seen, batch, work / "batches", quarantine,
                              progress=lambda n: progress.update(task, rows=progress.tasks[0].fields["rows"] + n))
                 progress.update(task, description=state.label)
                 if src.sql is not None:
@@ -117,6 +135,9 @@ def run(ctx: StageContext) -> StageResult:
                 state.batches = [*state.batches, *sorted(ing.new_batches)]
                 for k in watermarks.COUNT_KEYS:
                     state.counts[k] = state.counts.get(k, 0) + ing.counts.get(k, 0)
+                for k in NOTE_KEYS:
+                    if ing.notes.get(k) or state.counts.get(k):
+                        state.counts[k] = state.counts.get(k, 0) + ing.notes.get(k, 0)
                 states[key] = state
                 ingests.append(ing)
                 progress.advance(task)
@@ -245,6 +266,9 @@ def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
     records = changed = 0
     functions: Counter[str] = Counter()
     matched_feedback = 0
+    applied: Counter[str] = Counter()  # demonstrations applied, scores set aside
+    ids_hit: set[str] = set()  # record ids and episode ids that some feedback reached
+    episodes_hit: set[str] = set()
     columns = {"function"} | ({"id", "episode_id"} if fb else set()) | ({"id"} if regen is not None else set())
     for name in batch_files:
         src = work / "batches" / name
@@ -254,8 +278,13 @@ def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
         mask = None
         touched = fb.touches(table) if fb else None
         if touched is not None:
-            matched_feedback += pc.sum(touched).as_py() or 0
+            n_touched = pc.sum(touched).as_py() or 0
+            matched_feedback += n_touched
             mask = touched
+            if n_touched:
+                hit = table.filter(touched)
+                ids_hit.update(hit["id"].to_pylist())
+                episodes_hit.update(e for e in hit["episode_id"].to_pylist() if e is not None)
         if regen is not None:
             ids = pa.array(list(regen.chosen), pa.string())
             hit = pc.is_in(table["id"], value_set=ids)
@@ -271,7 +300,7 @@ def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
         rows = from_table(table.take(idx))
         for rec in rows:
             if fb:
-                fb.apply(rec)
+                fb.apply(rec, applied)
             if regen is not None:
                 regen.apply(rec)
         changed += len(rows)
@@ -284,7 +313,11 @@ def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
         os.replace(tmp, dst)
     if not batch_files:  # an empty but typed table, so later stages read a schema
         pq.write_table(to_table([]), work / "records-empty.parquet")
-    return {"records": records, "changed": changed, "functions": functions, "feedback_matched": matched_feedback}
+    rows_matched, rows_unmatched = fb.matched_rows(ids_hit, episodes_hit) if fb else (0, 0)
+    return {"records": records, "changed": changed, "functions": functions, "feedback_matched": matched_feedback,
+            "feedback_rows_matched": rows_matched, "feedback_rows_unmatched": rows_unmatched,
+            "demonstrations_applied": applied["demonstrations_applied"],
+            "scores_set_aside": applied["scores_set_aside"]}
 
 
 def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states: dict[str, Any],
@@ -332,13 +365,45 @@ def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states
         summary.append(("quarantined", f"{this_run['quarantined']:,} this run, {quarantined:,} in all"
                         + (f"  ({', '.join(f'{k}: {v}' for k, v in reasons.most_common())})" if reasons else "")))
         summary.append(("see", str(ctx.run.stage_dir("harvest") / QUARANTINE)))
+    _notes(counts, summary, states)
+    _feedback_and_regeneration(counts, summary, totals, fb, regen)
+    return StageResult(counts=counts, summary=summary)
+
+
+def _notes(counts: dict[str, Any], summary: list[tuple[str, str]], states: dict[str, Any]) -> None:
+    """Images and leniently read rows, counted per source (added only when there are any)."""
+    notes = {k: sum(st.counts.get(k, 0) for st in states.values()) for k in NOTE_KEYS}
+    if notes["images"]:
+        counts["images"] = {"images": notes["images"], "records_with_images": notes["records_with_images"]}
+        summary.append(("images", f"{notes['images']:,} image parts in {notes['records_with_images']:,} records "
+                        "(tag has_images; record content keeps the text only): " + ", ".join(
+                            f"{st.label} {st.counts['images']:,}" for st in states.values() if st.counts.get("images"))))
+    if notes["lenient_json"]:
+        counts["lenient_json"] = notes["lenient_json"]
+        summary.append(("read leniently", f"{notes['lenient_json']:,} rows with raw control characters inside JSON "
+                        "strings (tag lenient_json)"))
+
+
+def _feedback_and_regeneration(counts: dict[str, Any], summary: list[tuple[str, str]], totals: dict[str, Any],
+                               fb: FeedbackIndex | None, regen: _Regeneration | None) -> None:
+    """Feedback joined (applied and unmatched rows, demonstrations) and teacher re-generation, when configured."""
     if fb is not None:
+        unmatched = totals["feedback_rows_unmatched"]
         counts["feedback"] = {"rows": fb.rows, "quarantined": len(fb.quarantine), "metrics": dict(fb.by_metric),
                               "records_matched": totals["feedback_matched"],
-                              "demonstrations": len(fb.demonstrations), "comments_dropped": fb.dropped_comments}
+                              "rows_matched": totals["feedback_rows_matched"], "rows_unmatched": unmatched,
+                              "demonstrations": len(fb.demonstrations),
+                              "demonstrations_applied": totals["demonstrations_applied"],
+                              "scores_set_aside": totals["scores_set_aside"],
+                              "comments_dropped": fb.dropped_comments}
+        if fb.lenient:
+            counts["feedback"]["lenient_json"] = fb.lenient
         summary.append(("feedback", f"{fb.rows:,} rows ({', '.join(f'{k}: {v:,}' for k, v in fb.by_metric.items())})"
                         f" -> {totals['feedback_matched']:,} records"
-                        + (f", {len(fb.demonstrations):,} demonstrations" if fb.demonstrations else "")))
+                        + (f"; {unmatched:,} rows match no record" if unmatched else "")
+                        + (f"; {totals['demonstrations_applied']:,} demonstrations applied (of "
+                           f"{len(fb.demonstrations):,}), {totals['scores_set_aside']:,} scores of the replaced "
+                           "answers set aside (tag replaced_output_feedback)" if fb.demonstrations else "")))
     if regen is not None:
         s = regen.summary()
         counts["regenerate"] = s
@@ -349,7 +414,6 @@ def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states
         if s["failed"]:
             summary.append(("not re-generated", f"{s['failed']:,} calls failed; the records keep their logged "
                                                 "output (tag regenerate_failed)"))
-    return StageResult(counts=counts, summary=summary)
 
 
 def _iso(t: int | None) -> str | None:

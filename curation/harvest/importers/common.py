@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -16,6 +18,84 @@ SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", 
 
 class BadRecord(ValueError):
     """A row that cannot become a record; the message is the quarantine reason (never the row's text)."""
+
+
+# --- reading JSON text: the fast parser first, the lenient fallback only where it fails -----------------------------
+
+BOM = b"\xef\xbb\xbf"
+LENIENT = "control characters in strings"  # the tag lenient_json's value, and the summary's note
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+
+
+class Parsed(dict):
+    """A row already parsed from a JSON document (not a CSV or SQL row whose JSON text columns need decoding)."""
+
+
+class Lenient(Parsed):
+    """A row read leniently: its JSON held raw control characters inside strings (invalid JSON, common in real
+    logs). Harvest tags its records ``lenient_json`` and counts them."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def invalid_json(err: Exception) -> BadRecord:
+    """The quarantine reason for JSON text that cannot be read (the parser's message without the position)."""
+    text = str(err)
+    return BadRecord(f"invalid JSON: {text.split(':')[0] if 'utf-8' not in text.lower() else 'not valid UTF-8'}")
+
+
+def loads_fallback(raw: bytes, err: Exception) -> tuple[Any, bool]:
+    """Read JSON text that orjson refused: (value, read leniently); else raises BadRecord with the reason.
+
+    A UTF-8 byte order mark in front is dropped. Raw control characters inside strings (a tab, a stray \\x01) are
+    read with ``json.loads(strict=False)``; what that reads must still be what orjson could write (no lone
+    surrogates, integers within 64 bits), and NaN / Infinity stay refused. Only the failure path pays for this."""
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
+        try:
+            return orjson.loads(raw), False
+        except orjson.JSONDecodeError as e:
+            err = e
+    if _CONTROL.search(raw):
+        try:
+            value = json.loads(raw.decode("utf-8"), strict=False, parse_constant=_no_constant)
+            orjson.dumps(value)
+        except (ValueError, TypeError, RecursionError, orjson.JSONEncodeError):
+            pass
+        else:
+            return value, True
+    raise invalid_json(err)
+
+
+def loads_row(raw: bytes, err: Exception) -> Any:
+    """One JSON line that orjson refused, read by ``loads_fallback``: a lenient object comes back as ``Lenient``."""
+    value, lenient = loads_fallback(raw, err)
+    return Lenient(value) if lenient and isinstance(value, dict) else value
+
+
+# --- image parts ---------------------------------------------------------------------------------------------------
+# The canonical record keeps message content as text (pipeline/record.py), so an image part cannot be kept there.
+# The importers count the image parts they meet here instead; harvest tags the row's records ``has_images`` with
+# the number and counts them per source, so that no image vanishes silently.
+
+IMAGE_TYPES = frozenset({"image_url", "input_image", "image"})
+IMAGE_PARTS = [0]  # image parts met in the row being imported (reset by harvest before each row)
+
+
+def is_image(part: dict[str, Any]) -> bool:
+    """An image content part: OpenAI ``image_url`` / ``input_image``, an ``image`` block, a file of type image/*."""
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        return False
+    if kind in IMAGE_TYPES:
+        return True
+    if kind == "file":
+        f = part.get("file")
+        mime = part.get("mime_type") or (f.get("mime_type") if isinstance(f, dict) else None)
+        return isinstance(mime, str) and mime.startswith("image/")
+    return False
 
 
 def decode_json_text(v: Any) -> Any:
@@ -83,6 +163,8 @@ def text(content: Any, where: str) -> str | None:
                 if not isinstance(t, str):
                     raise BadRecord(f"{where}.content has a text part whose text is not a string")
                 out.append(t)
+            elif isinstance(p, dict) and is_image(p):
+                IMAGE_PARTS[0] += 1
         return "".join(out)
     raise BadRecord(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
 

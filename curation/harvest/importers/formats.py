@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from curation.harvest.importers.common import (
+    IMAGE_PARTS,
     BadRecord,
     chat_message,
     chat_messages,
@@ -18,6 +19,7 @@ from curation.harvest.importers.common import (
     decode_json_text,
     dotted,
     integer,
+    is_image,
     json_text,
     metrics,
     new_record,
@@ -86,11 +88,14 @@ def uuid7_time(u: Any) -> datetime | None:
 def _tz_text(block: dict[str, Any]) -> str:
     if isinstance(block.get("text"), str):
         return block["text"]
-    if isinstance(block.get("value"), str):  # raw_text
-        return block["value"]
+    value = block.get("value")
+    if isinstance(value, str):  # raw_text
+        return value
     if "arguments" in block:  # a templated text block: the template's arguments
         args = decode_json_text(block["arguments"])
         return args if isinstance(args, str) else dumps(args)
+    if isinstance(value, (dict, list)):  # the older form of template arguments: {"type": "text", "value": {...}}
+        return dumps(value)
     raise BadRecord("a text content block has no text")
 
 
@@ -128,7 +133,9 @@ def _tz_messages(msg: Any, where: str) -> list[dict[str, Any]]:
             result = b.get("result")
             out.append(message("tool", result if isinstance(result, str) else dumps(result), opt_str(b.get("name")),
                                opt_str(b.get("id"))))
-        # thought, file and unknown blocks carry nothing the student trains on
+        elif is_image(b):  # counted and tagged by harvest: the record's text content cannot hold it
+            IMAGE_PARTS[0] += 1
+        # thought, other file and unknown blocks carry nothing the student trains on
     if texts or calls or not out:
         out.append(message(msg["role"], "".join(texts) if texts else None, tool_calls=calls or None))
     return out
@@ -191,8 +198,8 @@ def tensorzero(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[
         raise BadRecord("input.messages must be a list")
     for i, m in enumerate(raw_msgs):
         msgs.extend(_tz_messages(m, f"input.messages[{i}]"))
-    if not msgs:
-        raise BadRecord("input has neither a system prompt nor messages")
+    # No system and no messages is a function whose fixed template needs no arguments: the record has no input
+    # messages (the prompt lives in the function's configuration), but its output is still the teacher's answer.
     schema = decode_json_text(row.get("output_schema"))
     kind = row.get("type") or ("json" if schema is not None else "chat")
     function = _function(cfg, row, "function_name")
