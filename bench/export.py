@@ -6,10 +6,10 @@ and quality change on the demo test split, next to the bf16 master evaluated in 
 
 Steps: reuse the demo run (runs/demo; trained first with `distill train recipes/demo.yaml` when missing), merge
 the student into a bf16 master in a scratch folder (runs/demo is only read), make each format from that master
-exactly as the export stage does (export.quantize.make; llm-compressor calibrated on 128 curated training
-examples), load it back with transformers and answer the demo test split with the evaluate stage's code (greedy,
-batched; float32 compute on CPU), then compare every answer with the master's. Targets (issue 6): 8-bit within
-0.5 point of the master at no more than 0.55x its bytes; 4-bit within 2 points.
+exactly as the export stage does (export.export.quantize.make; llm-compressor calibrated on 128 curated training
+examples), load it back with transformers and answer the demo test split with the evaluation engine
+(training.evaluate.engine: greedy, batched; float32 compute on CPU), then compare every answer with the master's.
+Targets (issue 6): 8-bit within 0.5 point of the master at no more than 0.55x its bytes; 4-bit within 2 points.
 Results go to stdout and bench/results/export.md.
 """
 
@@ -36,7 +36,7 @@ from pipeline.chat import training_messages  # noqa: E402
 from pipeline.config.export import FORMATS  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.record import from_table  # noqa: E402
-from training.evaluate.stage import evaluate_model  # noqa: E402
+from training.evaluate.engine import evaluate_model  # noqa: E402
 from training.train.outputs import load_trained_student  # noqa: E402
 
 TARGETS = {  # format: (max points lost, max bytes vs the bf16 master)

@@ -96,7 +96,6 @@ def write_gguf(master: Path, out: Path, outtype: str, name: str, metadata: dict[
     ``metadata``: optional ``description``, ``license``, ``base_model``, ``tags`` and ``distill`` (a flat dict
     of strings written under ``distill.*``, e.g. the recipe and data hashes)."""
     import gguf
-    from safetensors import safe_open
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
@@ -106,14 +105,23 @@ def write_gguf(master: Path, out: Path, outtype: str, name: str, metadata: dict[
         raise GGUFUnsupported(f"architecture '{arch}' is not converted here (llama, qwen2); use llama.cpp's "
                               "convert_hf_to_gguf.py on the master folder")
     pre = _pre_tokenizer(json.loads((master / "tokenizer.json").read_text()))
-    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    hidden, n_layers = config["hidden_size"], config["num_hidden_layers"]
-    head_dim = config.get("head_dim") or hidden // n_head
-    vocab_size = config["vocab_size"]
-    meta = metadata or {}
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
+    _add_metadata(writer, name, metadata or {})
+    _add_hyperparameters(writer, config, outtype)
+    _add_tokenizer(writer, master, config["vocab_size"], pre)
+    _add_tensors(writer, master, config, outtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
+def _add_metadata(writer, name: str, meta: dict[str, Any]) -> None:
+    """The general keys: name, description, license, base model, tags and ``distill.*``."""
     writer.add_type("model")
     writer.add_name(name)
     writer.add_quantized_by("distill")
@@ -128,6 +136,15 @@ def write_gguf(master: Path, out: Path, outtype: str, name: str, metadata: dict[
         writer.add_tags(list(meta["tags"]))
     for k, v in (meta.get("distill") or {}).items():
         writer.add_string(f"distill.{k}", str(v))
+
+
+def _add_hyperparameters(writer, config: dict[str, Any], outtype: str) -> None:
+    """The architecture's keys, from the Hugging Face config, and the file type."""
+    import gguf
+
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hidden, n_layers = config["hidden_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // n_head
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(hidden)
     writer.add_block_count(n_layers)
@@ -140,10 +157,14 @@ def write_gguf(master: Path, out: Path, outtype: str, name: str, metadata: dict[
     if head_dim != hidden // n_head:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_vocab_size(vocab_size)
-    qtype = gguf.GGMLQuantizationType.F16 if outtype == "f16" else gguf.GGMLQuantizationType.Q8_0
+    writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer, master: Path, vocab_size: int, pre: str) -> None:
+    """The vocabulary, merges, special-token ids and chat template."""
+    import gguf
 
     tok, tokens, types = _vocab(master, vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -160,8 +181,18 @@ def write_gguf(master: Path, out: Path, outtype: str, name: str, metadata: dict[
         special.chat_template = tok.chat_template
     special.add_to_gguf(writer, quiet=True)
 
+
+def _add_tensors(writer, master: Path, config: dict[str, Any], outtype: str) -> None:
+    """Every weight under its GGUF name: 1-D tensors in F32, the others in F16 or Q8_0 (F16 where a row does not
+    split into Q8_0 blocks of 32); Llama's query/key rows permuted; a tied output embedding left out."""
+    import gguf
+    from safetensors import safe_open
+
+    arch = config["model_type"]
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    qtype = gguf.GGMLQuantizationType.F16 if outtype == "f16" else gguf.GGMLQuantizationType.Q8_0
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                        n_layers)
+                                        config["num_hidden_layers"])
     tied = config.get("tie_word_embeddings", False)
     files = sorted(master.glob("*.safetensors"))
     if not files:
@@ -188,12 +219,6 @@ def write_gguf(master: Path, out: Path, outtype: str, name: str, metadata: dict[
                     writer.add_tensor(gguf_name, q, raw_dtype=qtype)
                 else:
                     writer.add_tensor(gguf_name, data.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
-    return out
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

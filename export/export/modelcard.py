@@ -35,8 +35,8 @@ def default_intended_use(name: str, functions: list[str], teachers: list[str]) -
             "teacher. It is not a general-purpose assistant and was not evaluated outside these functions.")
 
 
-def model_card(name: str, meta: dict[str, Any], intended_use: str | None, license_: str) -> str:
-    """README.md text for the version whose manifest (without name, version and files) is ``meta``."""
+def _front_matter(name: str, meta: dict[str, Any], license_: str) -> dict[str, Any]:
+    """The YAML front matter: license, tags, base model, distill's lineage and formats, and ``model-index``."""
     lineage, scores, gate = meta["lineage"], meta["scores"], meta["gate"]
     functions = sorted(scores["functions"])
     arts = meta["artefacts"]
@@ -80,6 +80,16 @@ def model_card(name: str, meta: dict[str, Any], intended_use: str | None, licens
                         for fn in functions if scores["functions"][fn].get("quality") is not None],
         }],
     }]
+    return front
+
+
+def model_card(name: str, meta: dict[str, Any], intended_use: str | None, license_: str) -> str:
+    """README.md text for the version whose manifest (without name, version and files) is ``meta``."""
+    lineage, scores, gate = meta["lineage"], meta["scores"], meta["gate"]
+    functions = sorted(scores["functions"])
+    arts = meta["artefacts"]
+    base = lineage.get("base_model")
+    front = _front_matter(name, meta, license_)
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {name}", "",
              f"A student distilled by `distill` from the logged traffic of {', '.join(lineage.get('teacher_models') or ['its teacher'])}"

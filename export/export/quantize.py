@@ -3,7 +3,7 @@
     bnb-8bit, bnb-nf4   bitsandbytes through transformers (extra: quant)
     w8a8, w4a16         compressed-tensors through llm-compressor ``oneshot``, calibrated on curated prompts
                         (extra: compress): SmoothQuant + GPTQ for W8A8, GPTQ for W4A16
-    gguf-f16, gguf-q8_0 GGUF with the ``gguf`` package (core install; see export.gguf_writer)
+    gguf-f16, gguf-q8_0 GGUF with the ``gguf`` package (core install; see export.export.gguf_writer)
 
 Every maker reads the master folder and writes a self-contained folder (weights, config, tokenizer, chat
 template) that ``AutoModelForCausalLM.from_pretrained`` loads (GGUF: with ``gguf_file=``).

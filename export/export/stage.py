@@ -11,6 +11,10 @@ one immutable version.
 
 A student that fails the gate is not published: the stage fails with exit code 5 and names each function that
 failed and by how much.
+
+:func:`run` is a list of named steps: :func:`check_gate`, :func:`make_master`, :func:`plan` (what every artefact
+shares), :func:`evaluate_master`, :func:`make_format` for each format, :func:`publish_version`. Artefacts are
+re-evaluated with the evaluation engine (``training.evaluate.engine``) and published with ``pipeline.store``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -32,10 +37,11 @@ from pipeline.config.export import FORMATS
 from pipeline.record import from_table
 from pipeline.rundir import digest, sha256_file
 from pipeline.stages import StageContext, StageFailed, StageResult
-from pipeline.store import latest_manifest, publish
+from pipeline.store import publish
 from pipeline.ui import stage_progress
 from training.evaluate import gate, metrics
 from training.evaluate import tables as eval_tables
+from training.evaluate.engine import evaluate_model
 from training.train.outputs import load_trained_student, student_info
 
 # The stage's contract (pipeline/stages.py).
@@ -80,15 +86,16 @@ def _packages(formats: list[str]) -> dict[str, str]:
 
 
 def check_gate(ctx: StageContext) -> dict[str, Any]:
-    """The evaluate stage's gate, with the regression part checked again against the store as it is now.
-    Raises StageFailed (exit code 5) when the student fails."""
+    """The quality gate on evaluate's scores, the regression part against the store as it is now (one function,
+    :func:`training.evaluate.gate.against_store`, computes it for both stages; export alone acts on it). Raises
+    StageFailed (exit code 5) when the student fails, and StageFailed naming the store when it cannot be read."""
     cfg, ecfg = ctx.recipe.export, ctx.recipe.evaluate
     scores = json.loads((ctx.inputs["evaluate"] / "scores.json").read_text())
     try:
-        published = latest_manifest(cfg.store, cfg.model_name)
-    except (OSError, ValueError, ImportError) as err:  # ImportError: fsspec lacks the URL's backend (extra cloud)
-        raise StageFailed("export", f"cannot read the store {cfg.store}: {err}") from err
-    result = gate.check(scores["functions"], ecfg.gate, scores.get("quality_metric", ecfg.quality), published)
+        result = gate.against_store(scores["functions"], ecfg.gate, scores.get("quality_metric", ecfg.quality),
+                                    cfg.store, cfg.model_name, strict=True)
+    except gate.StoreUnreadable as err:
+        raise StageFailed("export", str(err)) from err.__cause__
     (ctx.work / "gate.json").write_text(json.dumps(result, indent=2) + "\n")
     if not result["passed"]:
         raise StageFailed(
@@ -155,8 +162,7 @@ def _calibration_texts(curate_dir: Path, tokenizer, n: int, seed: int) -> list[s
 
 
 def _evaluate(model, tokenizer, records, ecfg, progress, label: str, metric: str) -> dict[str, Any]:
-    from training.evaluate.stage import evaluate_model
-
+    """An artefact's answers to ``records`` (the columns the comparison needs) and the seconds they took."""
     rows, wall = evaluate_model(model, tokenizer, records, ecfg, progress, label, metric=metric)
     return {"rows": [{k: r[k] for k in ("id", "function", "prediction", "quality", "exact_match")} for r in rows],
             "seconds": wall}
@@ -187,25 +193,51 @@ def _compare(rows: list[dict[str, Any]], master_rows: list[dict[str, Any]], ecfg
     return out
 
 
-def run(ctx: StageContext) -> StageResult:
-    from pipeline.hf import quiet_hf
+@dataclass
+class Master:
+    """The merged master, saved at the top of the version folder."""
 
-    quiet_hf()
+    folder: Path
+    tokenizer: Any
+    reload_diff: float  # max difference between the saved weights and the merged model's (0.0)
+    policy_files: dict[str, str]  # routing_policy.json and every file it names, with their sha256
+
+
+@dataclass
+class Job:
+    """What the steps after the master share: the records every artefact answers again, the metric their
+    answers are scored on, and what goes into every artefact."""
+
+    ctx: StageContext
+    master: Master
+    scores: dict[str, Any]  # evaluate's scores.json
+    metric: str  # an agreement metric: the LLM judge is not called again for each artefact
+    records: list[dict[str, Any]]
+    calibration: list[str] | None  # llm-compressor's calibration texts (w8a8, w4a16)
+    lineage: dict[str, Any]
+    gguf_meta: dict[str, Any]
+
+    @property
+    def evals(self) -> Path:  # one JSON per artefact: a rerun of an interrupted export reuses them
+        return self.ctx.work / "evals"
+
+    @property
+    def flagged(self) -> Path:
+        return self.ctx.work / "flagged"
+
+    @property
+    def build(self) -> Path:
+        return self.ctx.work / "build"
+
+
+def make_master(ctx: StageContext) -> Master:
+    """1. The master: merged, in the recipe's dtype, saved and checked to reproduce the merged model, with the
+    routing policy beside it."""
     import torch
 
-    cfg, ecfg = ctx.recipe.export, ctx.recipe.evaluate
-    quantize.check_extras(cfg.formats)  # before any work: a missing extra is named at once
-    gate_result = check_gate(ctx)
-    dtype = getattr(torch, cfg.dtype)
-    train_dir, curate_dir, route_dir = ctx.inputs["train"], ctx.inputs["curate"], ctx.inputs["route"]
-    scores = json.loads((ctx.inputs["evaluate"] / "scores.json").read_text())
-    # Artefacts are compared on an agreement metric: the LLM judge is not called again for each of them.
-    metric = scores.get("quality_metric", ecfg.quality)
-    metric = "auto" if metric == "judge" else metric
-
-    # 1. The master: merged, in the recipe's dtype, saved and checked to reproduce the merged model.
-    model, tokenizer = load_trained_student(train_dir, merge=True)
-    model = model.to(dtype)
+    cfg = ctx.recipe.export
+    model, tokenizer = load_trained_student(ctx.inputs["train"], merge=True)
+    model = model.to(getattr(torch, cfg.dtype))
     art = ctx.work / cfg.model_name
     art.mkdir(exist_ok=True)
     model.save_pretrained(art, safe_serialization=True)
@@ -214,123 +246,143 @@ def run(ctx: StageContext) -> StageResult:
     if diff != 0.0:
         raise RuntimeError(f"the saved master does not hold the merged weights (max difference {diff:.3g})")
     del model
-    policy_files = _copy_policy(route_dir, art)
+    return Master(art, tokenizer, diff, _copy_policy(ctx.inputs["route"], art))
 
-    records = from_table(pq.read_table(curate_dir / "test.parquet"))
+
+def plan(ctx: StageContext, master: Master) -> Job:
+    """The records, the metric, the calibration texts and the GGUF metadata every artefact gets."""
+    cfg, ecfg = ctx.recipe.export, ctx.recipe.evaluate
+    scores = json.loads((ctx.inputs["evaluate"] / "scores.json").read_text())
+    metric = scores.get("quality_metric", ecfg.quality)
+    records = from_table(pq.read_table(ctx.inputs["curate"] / "test.parquet"))
     records = records[: min(ecfg.max_records or len(records), cfg.max_eval_records or len(records))]
-    evals, flagged_dir, build = ctx.work / "evals", ctx.work / "flagged", ctx.work / "build"
-    evals.mkdir(exist_ok=True)
+    (ctx.work / "evals").mkdir(exist_ok=True)
     calibration = None
     if any(f in ("w8a8", "w4a16") for f in cfg.formats):
-        calibration = _calibration_texts(curate_dir, tokenizer, cfg.calibration_samples, ctx.recipe.seed)
-
-    lineage: dict[str, Any] = _lineage(ctx)
+        calibration = _calibration_texts(ctx.inputs["curate"], master.tokenizer, cfg.calibration_samples,
+                                         ctx.recipe.seed)
+    lineage = _lineage(ctx)
     gguf_meta = {"description": f"distilled student of {', '.join(lineage['teacher_models']) or 'a teacher'}",
                  "license": cfg.license, "tags": ["distill"],
                  "base_model": None if lineage["base_model"] == "built from config" else lineage["base_model"],
                  "distill": {"recipe_sha256": lineage["recipe_sha256"], "data_sha256": lineage["data_sha256"],
                              "teacher_models": ",".join(lineage["teacher_models"])}}
-    artefacts: list[dict[str, Any]] = []
-    with stage_progress(ctx.console, "export") as progress:
-        # 2. The master evaluated again (in its stored dtype) against the student evaluate scored.
-        evaluated = pq.read_table(ctx.inputs["evaluate"] / "predictions.parquet").to_pylist()[: len(records)]
-        for r in evaluated:
-            r["quality"] = metrics.quality(r, metric)
-        cached = evals / "master.json"
-        if not cached.is_file():
-            if cfg.dtype == "float32" and student_info(train_dir)["method"] == "full" and not torch.cuda.is_available():
-                # The very float32 weights evaluate scored (no adapter folded in), on the same device: its answers
-                # are the master's.
-                master_eval = {"rows": [{k: r[k] for k in ("id", "function", "prediction", "quality", "exact_match")}
-                                        for r in evaluated], "seconds": 0.0, "reused": "evaluate"}
-            else:
-                master_model = quantize.load("master", art, cfg.model_name)
-                master_eval = _evaluate(master_model, tokenizer, records, ecfg, progress, "master", metric)
-                del master_model
-            cached.write_text(json.dumps(master_eval))
-        master_eval = json.loads(cached.read_text())
-        master_rows = master_eval["rows"]
-        master_cmp = _compare(master_rows, evaluated, ecfg, ctx.recipe.seed)
-        master_bytes = quantize.weight_bytes("master", art)
-        master_entry = {"format": "master", "path": ".", "dtype": cfg.dtype, "bytes": master_bytes,
-                        "total_bytes": _folder_bytes(art, exclude_dirs=True), "size_vs_master": 1.0,
-                        "quality": master_cmp["quality"], "points_vs_master": 0.0,
-                        "points_vs_evaluated_student": master_cmp["points_vs_master"],
-                        "agreement_with_evaluated_student": master_cmp["agreement_with_master"],
-                        "functions": master_cmp["functions"], "flagged": False, "published": True,
-                        "eval_seconds": master_eval["seconds"],
-                        "evaluation": "answers of the evaluate stage (identical float32 weights)"
-                        if master_eval.get("reused") else "evaluated again"}
-        allowed = cfg.max_points_lost
-        if master_cmp["points_vs_master"] is not None and -master_cmp["points_vs_master"] > allowed + 1e-9:
-            raise StageFailed("export", f"the {cfg.dtype} master loses {-master_cmp['points_vs_master']:.1f} points "
-                                        f"against the evaluated student (allowed {allowed:g}); export in float32 "
-                                        "(export.dtype) or raise export.max_points_lost",
-                              exit_code=gate.EXIT_GATE_FAILED)
-        artefacts.append(master_entry)
+    return Job(ctx, master, scores, "auto" if metric == "judge" else metric, records, calibration, lineage, gguf_meta)
 
-        # 3. Every format, made from the master and evaluated again on the same records.
-        for fmt in cfg.formats:
-            done = evals / f"{fmt}.json"
-            if done.is_file() and ((art / fmt).is_dir() or (flagged_dir / fmt).is_dir()):
-                artefacts.append(json.loads(done.read_text()))
-                continue
-            task = progress.add_task(f"{fmt}: quantize", total=None)
-            out = build / fmt
-            shutil.rmtree(out, ignore_errors=True)
-            t0 = time.perf_counter()
-            quantize.make(fmt, art, out, name=cfg.model_name, dtype=dtype, calibration=calibration,
-                          max_length=ctx.recipe.train.max_length, metadata=gguf_meta)
-            made_s = time.perf_counter() - t0
-            progress.remove_task(task)
-            qmodel = quantize.load(fmt, out, cfg.model_name)
-            with quantize.quiet():
-                ev = _evaluate(qmodel, tokenizer, records, ecfg, progress, fmt, metric)
-            del qmodel
-            cmp = _compare(ev["rows"], master_rows, ecfg, ctx.recipe.seed)
-            limit = cfg.points_allowed(fmt)
-            lost = -cmp["points_vs_master"] if cmp["points_vs_master"] is not None else 0.0
-            flagged = lost > limit + 1e-9
-            wbytes = quantize.weight_bytes(fmt, out)
-            entry = {
-                "format": fmt, "path": f"{fmt}/" + (quantize.gguf_file(fmt, cfg.model_name) if fmt.startswith("gguf-")
-                                                    else ""),
-                "needs_extra": FORMATS[fmt], "bytes": wbytes, "total_bytes": _folder_bytes(out),
-                "size_vs_master": wbytes / master_bytes, **{k: v for k, v in cmp.items()},
-                "allowed_points_lost": limit, "flagged": flagged, "published": not flagged,
-                "make_seconds": made_s, "eval_seconds": ev["seconds"],
-            }
-            if flagged:
-                entry["why"] = (f"loses {lost:.2f} points against the master (allowed {limit:g}): not published; "
-                                f"kept in {ctx.run.stage_dir('export') / 'flagged' / fmt}")
-            dest = (flagged_dir if flagged else art) / fmt
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.move(str(out), str(dest))
-            done.write_text(json.dumps(entry, indent=2) + "\n")
-            artefacts.append(entry)
-    shutil.rmtree(build, ignore_errors=True)
 
-    # 4. The card, the manifest, the store.
-    route_manifest = ctx.run.manifest("route")
-    cost = _routed_cost(route_dir, route_manifest, scores["cost_per_1k_requests_usd"])
+def evaluate_master(job: Job, progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """2. The master evaluated again (in its stored dtype) against the student evaluate scored; returns its
+    artefact entry and its answers. Raises StageFailed (exit code 5) when the dtype cost too much quality."""
+    import torch
+
+    ctx, cfg, ecfg = job.ctx, job.ctx.recipe.export, job.ctx.recipe.evaluate
+    evaluated = pq.read_table(ctx.inputs["evaluate"] / "predictions.parquet").to_pylist()[: len(job.records)]
+    for r in evaluated:
+        r["quality"] = metrics.quality(r, job.metric)
+    cached = job.evals / "master.json"
+    if not cached.is_file():
+        if (cfg.dtype == "float32" and student_info(ctx.inputs["train"])["method"] == "full"
+                and not torch.cuda.is_available()):
+            # The very float32 weights evaluate scored (no adapter folded in), on the same device: its answers
+            # are the master's.
+            master_eval = {"rows": [{k: r[k] for k in ("id", "function", "prediction", "quality", "exact_match")}
+                                    for r in evaluated], "seconds": 0.0, "reused": "evaluate"}
+        else:
+            master_model = quantize.load("master", job.master.folder, cfg.model_name)
+            master_eval = _evaluate(master_model, job.master.tokenizer, job.records, ecfg, progress, "master",
+                                    job.metric)
+            del master_model
+        cached.write_text(json.dumps(master_eval))
+    master_eval = json.loads(cached.read_text())
+    cmp = _compare(master_eval["rows"], evaluated, ecfg, ctx.recipe.seed)
+    entry = {"format": "master", "path": ".", "dtype": cfg.dtype,
+             "bytes": quantize.weight_bytes("master", job.master.folder),
+             "total_bytes": _folder_bytes(job.master.folder, exclude_dirs=True), "size_vs_master": 1.0,
+             "quality": cmp["quality"], "points_vs_master": 0.0,
+             "points_vs_evaluated_student": cmp["points_vs_master"],
+             "agreement_with_evaluated_student": cmp["agreement_with_master"],
+             "functions": cmp["functions"], "flagged": False, "published": True,
+             "eval_seconds": master_eval["seconds"],
+             "evaluation": "answers of the evaluate stage (identical float32 weights)"
+             if master_eval.get("reused") else "evaluated again"}
+    allowed = cfg.max_points_lost
+    if cmp["points_vs_master"] is not None and -cmp["points_vs_master"] > allowed + 1e-9:
+        raise StageFailed("export", f"the {cfg.dtype} master loses {-cmp['points_vs_master']:.1f} points "
+                                    f"against the evaluated student (allowed {allowed:g}); export in float32 "
+                                    "(export.dtype) or raise export.max_points_lost",
+                          exit_code=gate.EXIT_GATE_FAILED)
+    return entry, master_eval["rows"]
+
+
+def make_format(job: Job, fmt: str, master_rows: list[dict[str, Any]], master_bytes: int, progress) -> dict[str, Any]:
+    """3. One format, made from the master and evaluated again on the same records; flagged (kept aside, not
+    published) when it loses more than the format's allowance against the master. Returns its artefact entry."""
+    import torch
+
+    ctx, cfg, art = job.ctx, job.ctx.recipe.export, job.master.folder
+    done = job.evals / f"{fmt}.json"
+    if done.is_file() and ((art / fmt).is_dir() or (job.flagged / fmt).is_dir()):
+        return json.loads(done.read_text())
+    task = progress.add_task(f"{fmt}: quantize", total=None)
+    out = job.build / fmt
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    quantize.make(fmt, art, out, name=cfg.model_name, dtype=getattr(torch, cfg.dtype), calibration=job.calibration,
+                  max_length=ctx.recipe.train.max_length, metadata=job.gguf_meta)
+    made_s = time.perf_counter() - t0
+    progress.remove_task(task)
+    qmodel = quantize.load(fmt, out, cfg.model_name)
+    with quantize.quiet():
+        ev = _evaluate(qmodel, job.master.tokenizer, job.records, ctx.recipe.evaluate, progress, fmt, job.metric)
+    del qmodel
+    cmp = _compare(ev["rows"], master_rows, ctx.recipe.evaluate, ctx.recipe.seed)
+    limit = cfg.points_allowed(fmt)
+    lost = -cmp["points_vs_master"] if cmp["points_vs_master"] is not None else 0.0
+    flagged = lost > limit + 1e-9
+    wbytes = quantize.weight_bytes(fmt, out)
+    entry = {
+        "format": fmt, "path": f"{fmt}/" + (quantize.gguf_file(fmt, cfg.model_name) if fmt.startswith("gguf-")
+                                            else ""),
+        "needs_extra": FORMATS[fmt], "bytes": wbytes, "total_bytes": _folder_bytes(out),
+        "size_vs_master": wbytes / master_bytes, **{k: v for k, v in cmp.items()},
+        "allowed_points_lost": limit, "flagged": flagged, "published": not flagged,
+        "make_seconds": made_s, "eval_seconds": ev["seconds"],
+    }
+    if flagged:
+        entry["why"] = (f"loses {lost:.2f} points against the master (allowed {limit:g}): not published; "
+                        f"kept in {ctx.run.stage_dir('export') / 'flagged' / fmt}")
+    dest = (job.flagged if flagged else art) / fmt
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.move(str(out), str(dest))
+    done.write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
+
+
+def publish_version(job: Job, gate_result: dict[str, Any], artefacts: list[dict[str, Any]]) -> StageResult:
+    """4. The card, the manifest, the store."""
+    import torch
+
+    ctx, cfg, ecfg, art, scores = job.ctx, job.ctx.recipe.export, job.ctx.recipe.evaluate, job.master.folder, job.scores
+    cost = _routed_cost(ctx.inputs["route"], ctx.run.manifest("route"), scores["cost_per_1k_requests_usd"])
     published_arts = [a for a in artefacts if a["published"]]
     meta: dict[str, Any] = {
         "schema": SCHEMA,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "format": f"safetensors ({cfg.dtype})",
-        "lineage": lineage,
+        "lineage": job.lineage,
         "scores": {k: scores[k] for k in ("quality_metric", "quality_description", "bootstrap", "overall", "functions",
                                           "by_length", "by_language", "tokens", "latency_ms") if k in scores}
                   | {"cost_per_1k_requests_usd": cost},
         "gate": gate_result,
         "artefacts": published_arts,
         "flagged": [a for a in artefacts if a["flagged"]],
-        "evaluation": {"records": len(records), "max_new_tokens": ecfg.max_new_tokens, "quality_metric": metric,
+        "evaluation": {"records": len(job.records), "max_new_tokens": ecfg.max_new_tokens,
+                       "quality_metric": job.metric,
                        "compute": "float32 on CPU" if not torch.cuda.is_available() else "the artefact's dtype on GPU"},
-        "reload_max_weight_diff": diff,
-        "routing_policy_sha256": policy_files["routing_policy.json"],
-        "routing_policy_files": policy_files,
+        "reload_max_weight_diff": job.master.reload_diff,
+        "routing_policy_sha256": job.master.policy_files["routing_policy.json"],
+        "routing_policy_files": job.master.policy_files,
         "packages": _packages(cfg.formats),
     }
     card_meta = {k: meta[k] for k in ("lineage", "scores", "gate", "artefacts", "routing_policy_sha256")}
@@ -342,12 +394,27 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(
         counts={"bytes": _folder_bytes(art), "files": sum(1 for p in art.rglob("*") if p.is_file()),
                 "formats": len(published_arts) - 1, "flagged": len(meta["flagged"])},
-        summary=_summary(cfg, artefacts, lineage, version, cost),
-        extra={"lineage": lineage, "published": {"store": cfg.store, "name": cfg.model_name, "version": version},
+        summary=_summary(cfg, artefacts, job.lineage, version, cost),
+        extra={"lineage": job.lineage, "published": {"store": cfg.store, "name": cfg.model_name, "version": version},
                "artefacts": [{k: a.get(k) for k in ("format", "bytes", "size_vs_master", "quality",
                                                     "points_vs_master", "flagged")} for a in artefacts],
                "cost_per_1k_requests_usd": cost},
     )
+
+
+def run(ctx: StageContext) -> StageResult:
+    from pipeline.hf import quiet_hf
+
+    quiet_hf()
+    quantize.check_extras(ctx.recipe.export.formats)  # before any work: a missing extra is named at once
+    gate_result = check_gate(ctx)
+    job = plan(ctx, make_master(ctx))
+    with stage_progress(ctx.console, "export") as progress:
+        master_entry, master_rows = evaluate_master(job, progress)
+        artefacts = [master_entry] + [make_format(job, fmt, master_rows, master_entry["bytes"], progress)
+                                      for fmt in ctx.recipe.export.formats]
+    shutil.rmtree(job.build, ignore_errors=True)
+    return publish_version(job, gate_result, artefacts)
 
 
 def _lineage(ctx: StageContext) -> dict[str, Any]:

@@ -7,8 +7,9 @@ Two checks per function, on the recipe's quality metric (points are percentage p
   teacher's answers are graded like the student's;
 - against the student currently published in the store: at most ``max_regression_points`` lost.
 
-The evaluate stage records the result in ``gate.json``; export checks the regression part again against the
-store as it is when publishing, and refuses to publish a student that fails (exit code 5).
+Both stages compute it in one place, :func:`against_store`: evaluate reports it in ``gate.json`` (a store it
+cannot read counts as nothing published); export computes it again against the store as it is when publishing
+(a store it cannot read is an error) and alone decides: it refuses to publish a student that fails (exit code 5).
 """
 
 from __future__ import annotations
@@ -99,12 +100,27 @@ def check(functions: dict[str, dict[str, Any]], cfg: GateConfig, metric: str,
     return result(checks, metric, (published or {}).get("version"))
 
 
-def published_manifest(store: str, name: str) -> dict[str, Any] | None:
-    """The manifest of the version ``latest`` points at, or None when nothing is published or the store cannot
-    be read."""
+class StoreUnreadable(RuntimeError):
+    """The store the published student is read from cannot be read (an I/O error, a bad URL, or fsspec lacking
+    the URL's backend); the message names the store."""
+
+
+def published_manifest(store: str, name: str, strict: bool = False) -> dict[str, Any] | None:
+    """The manifest of the version ``latest`` points at, or None when nothing is published. A store that cannot
+    be read raises :class:`StoreUnreadable` when ``strict``, else counts as nothing published (None)."""
     from pipeline.store import latest_manifest
 
     try:
         return latest_manifest(store, name)
-    except (OSError, ValueError, ImportError):  # export checks again, and says why, before publishing
+    except (OSError, ValueError, ImportError) as err:  # ImportError: fsspec lacks the URL's backend (extra cloud)
+        if strict:
+            raise StoreUnreadable(f"cannot read the store {store}: {err}") from err
         return None
+
+
+def against_store(functions: dict[str, dict[str, Any]], cfg: GateConfig, metric: str, store: str, name: str,
+                  strict: bool) -> dict[str, Any]:
+    """The whole gate (:func:`check`), the regression part against the version of ``name`` published in ``store``
+    now. ``strict``: a store that cannot be read raises :class:`StoreUnreadable` (export, which publishes);
+    otherwise it counts as nothing published (evaluate, which only reports)."""
+    return check(functions, cfg, metric, published_manifest(store, name, strict))
