@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.stats import bootstrap_counts
+
 
 @dataclass
 class Curve:
@@ -86,18 +88,17 @@ def bootstrap(curve: Curve, quality: np.ndarray, resamples: int, seed: int = 0) 
     """Share and routed quality at every cut for ``resamples`` bootstrap resamples of the records: two arrays
     of shape (resamples, len(cuts)). The thresholds stay fixed; only the records are redrawn."""
     n = curve.n
-    rng = np.random.default_rng(seed)
     q = np.asarray(quality, dtype=np.float64)[curve.order]
     shares = np.empty((resamples, len(curve.cuts)))
     routed = np.empty((resamples, len(curve.cuts)))
-    chunk = max(1, 4_000_000 // max(n, 1))
-    for start in range(0, resamples, chunk):
-        b = min(chunk, resamples - start)
-        w = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)  # (b, n) draw counts, in order
+    start = 0
+    for w in bootstrap_counts(n, resamples, seed):  # (b, n) draw counts, in order
+        b = len(w)
         cw = np.concatenate([np.zeros((b, 1)), np.cumsum(w, axis=1)], axis=1)[:, curve.cuts]
         cq = np.concatenate([np.zeros((b, 1)), np.cumsum(w * q, axis=1)], axis=1)[:, curve.cuts]
         shares[start : start + b] = cw / n
         routed[start : start + b] = (cq + n - cw) / n
+        start += b
     return shares, routed
 
 

@@ -11,7 +11,8 @@ replays phase 1 of the Router on every request, and compares per function with t
   and above what sampling alone gives for that many requests (99th percentile; see ``psi_noise``);
 - traffic for functions the policy does not know.
 
-Functions with fewer than ``min_requests`` logged requests are reported but never flagged.
+Functions with fewer than ``min_requests`` logged requests are reported but never flagged. The route stage writes
+the ``drift`` section with ``drift_reference``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,39 @@ def read_logs(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             else:
                 bad += 1
     return out, bad
+
+
+def reference_bins(values: list[float]) -> dict[str, Any] | None:
+    """Decile bins of a reference distribution, for the population stability index in route-check."""
+    if not values:
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    edges = sorted({float(x) for x in np.quantile(v, np.linspace(0.1, 0.9, 9), method="higher")})
+    counts = np.bincount(np.searchsorted(edges, v, side="left"), minlength=len(edges) + 1)
+    return {"edges": edges, "probs": (counts / counts.sum()).tolist(), "n": len(values)}
+
+
+def drift_reference(functions: list[str], by_fn: dict[str, list[int]], to_student_before: list[bool],
+                    kept: Any, held_tokens: dict[str, list[int]], heldout_dist: dict[str, list[float]],
+                    train_languages: dict[str, Any]) -> dict[str, Any]:
+    """The policy's ``drift`` section, what ``check`` compares live traffic with: per function, the held-out
+    shares escalated before generation and in the end, the held-out distance and input-length distributions,
+    and the training languages; and the mix of functions in held-out traffic."""
+    n_all = sum(map(len, by_fn.values()))
+    drift: dict[str, Any] = {"functions": {}, "function_mix": {fn: len(ix) / max(1, n_all) for fn, ix in by_fn.items()}}
+    for fn in functions:
+        idx = by_fn.get(fn, [])
+        n_pass = sum(to_student_before[i] for i in idx)
+        drift["functions"][fn] = {
+            "n": len(idx),
+            "escalated_before": 1 - n_pass / len(idx) if idx else None,
+            "escalated": 1 - sum(bool(kept[i]) for i in idx) / len(idx) if idx else None,
+            "distance": reference_bins(heldout_dist.get(fn, [])),
+            "input_tokens": reference_bins(held_tokens[fn]),
+            "languages": ({lang: c / sum(train_languages[fn].values()) for lang, c in train_languages[fn].most_common()}
+                          if fn in train_languages else None),
+        }
+    return drift
 
 
 def psi(reference: dict[str, Any], values: list[float]) -> float:

@@ -14,13 +14,14 @@ distance from the training inputs and the Router is loaded with ``embeddings=Tru
 
 ``request`` is an OpenAI chat-completions body; its function is read from ``metadata.function`` unless given.
 
-Policy schema ``distill-routing/v2`` (``POLICY_JSON_SCHEMA`` below is the formal version; the Router refuses
-other major versions and upgrades v1 policies in memory):
+Policy schema ``distill-routing/v2``, written once as the pydantic model ``export.route.policy.RoutingPolicy``
+(every policy the Router is given is validated through it; ``POLICY_JSON_SCHEMA`` below is its JSON Schema); the
+Router refuses other major versions and upgrades v1 policies in memory:
 
 - ``schema``, ``created_at``, ``student`` {name, train_fingerprint}, ``teacher`` {models}
 - ``quality`` {metric, tolerance, guarantee, confidence_level}: what the thresholds were chosen to keep
 - ``tokenizer`` {file, sha256}: the student's tokenizer.json, beside the policy; input length is counted with it
-- ``length`` {count}: "exact", "bounded" or "estimate" (see ``export.signals.TokenCounter``)
+- ``length`` {count}: "exact", "bounded" or "estimate" (see ``export.route.signals.TokenCounter``)
 - ``language``: null, or {detector, file, sha256, min_confidence}: fastText lid.176, beside the policy
 - ``embedder``: null, or {name, package, weights_sha256, dim, normalized, text}; ``distance``: null, or
   {method: "knn-cosine", k, file, sha256}: unit-norm training embeddings per function (safetensors)
@@ -42,9 +43,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.route.policy import (  # noqa: F401  (POLICY_FILE, PolicyError: the Router's API)
+    POLICY_FILE,
+    POLICY_SCHEMA,
+    DistanceReference,
+    FunctionRule,
+    LanguageModel,
+    PolicyError,
+    PolicyFile,
+    RoutingPolicy,
+    validate,
+)
 from export.route.signals import (
     ENTROPY_SIGNALS,
-    SIGNALS,
     LanguageDetector,
     TokenCounter,
     signal_value,
@@ -53,56 +64,8 @@ from export.route.signals import (
 )
 from pipeline.rundir import sha256_file
 
-POLICY_SCHEMA = "distill-routing/v2"
-POLICY_FILE = "routing_policy.json"
-
-_NUM_OR_NULL = {"type": ["number", "null"]}
-POLICY_JSON_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "distill routing policy v2",
-    "type": "object",
-    "required": ["schema", "tokenizer", "functions", "unknown_function"],
-    "properties": {
-        "schema": {"const": POLICY_SCHEMA},
-        "tokenizer": {"type": ["object", "null"], "required": ["file", "sha256"]},
-        "length": {"type": "object", "properties": {"count": {"enum": ["exact", "bounded", "estimate"]}}},
-        "language": {"type": ["object", "null"], "required": ["file", "sha256", "min_confidence"]},
-        "embedder": {"type": ["object", "null"], "required": ["name", "weights_sha256"]},
-        "distance": {"type": ["object", "null"], "required": ["method", "k", "file", "sha256"]},
-        "unknown_function": {"const": "teacher"},
-        "files": {"type": "object", "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
-        "functions": {
-            "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "required": ["enabled", "before", "after"],
-                "properties": {
-                    "enabled": {"type": "boolean"},
-                    "why": {"type": "string"},
-                    "before": {
-                        "type": "object",
-                        "required": ["max_input_tokens"],
-                        "properties": {
-                            "max_input_tokens": {"type": ["integer", "null"], "minimum": 0},
-                            "token_estimate": {"type": ["object", "null"], "required": ["coef", "residual"]},
-                            "languages": {"type": ["array", "null"], "items": {"type": "string"}},
-                            "max_distance": _NUM_OR_NULL,
-                        },
-                    },
-                    "after": {
-                        "type": "object",
-                        "required": ["signal", "threshold"],
-                        "properties": {"signal": {"enum": list(SIGNALS)}, "threshold": _NUM_OR_NULL},
-                    },
-                },
-            },
-        },
-    },
-}
-
-
-class PolicyError(ValueError):
-    """A routing policy that cannot be used: unknown schema version, missing or tampered files."""
+POLICY_JSON_SCHEMA: dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                                      **RoutingPolicy.model_json_schema()}
 
 
 @dataclass(slots=True)
@@ -136,7 +99,8 @@ def upgrade_v1(policy: dict[str, Any]) -> dict[str, Any]:
             "after": {"signal": "min_logprob", "threshold": (r.get("confidence") or {}).get("threshold")},
             "calibration": r.get("calibration"),
         }
-    return {**policy, "schema": POLICY_SCHEMA, "upgraded_from": policy.get("schema"), "length": {"count": "exact"},
+    return {**policy, "schema": POLICY_SCHEMA, "upgraded_from": policy.get("schema"), "tokenizer": policy.get("tokenizer"),
+            "length": {"count": "exact"},
             "language": None, "embedder": None, "distance": None, "confidence": {"top_logprobs": 0},
             "unknown_function": "teacher", "functions": functions}
 
@@ -161,16 +125,15 @@ class _Rule:
 
     __slots__ = ("enabled", "why", "limit", "estimate", "languages", "max_distance", "signal", "threshold", "entropy")
 
-    def __init__(self, r: dict[str, Any]):
-        b, a = r.get("before") or {}, r.get("after") or {}
-        self.enabled = bool(r.get("enabled", True))
-        self.why = r.get("why") or "disabled"
-        self.limit = b.get("max_input_tokens")
-        self.estimate = b.get("token_estimate")
-        self.languages = frozenset(b["languages"]) if b.get("languages") is not None else None
-        self.max_distance = b.get("max_distance")
-        self.signal = a.get("signal", "min_logprob")
-        self.threshold = a.get("threshold")
+    def __init__(self, r: FunctionRule):
+        self.enabled = r.enabled
+        self.why = r.why or "disabled"
+        self.limit = r.before.max_input_tokens
+        self.estimate = r.before.token_estimate.model_dump() if r.before.token_estimate is not None else None
+        self.languages = frozenset(r.before.languages) if r.before.languages is not None else None
+        self.max_distance = r.before.max_distance
+        self.signal = r.after.signal
+        self.threshold = r.after.threshold
         self.entropy = self.signal in ENTROPY_SIGNALS
 
 
@@ -188,18 +151,19 @@ class Router:
                  embed: Callable[[list[str]], Any] | None = None, reference: dict[str, Any] | None = None,
                  skip: Sequence[str] = ()):
         policy = check_schema(policy)
+        model = validate(policy)
         self.policy = policy
         self.functions: dict[str, dict[str, Any]] = policy["functions"]
-        self.length_mode = (policy.get("length") or {}).get("count", "exact")
-        self._rules = {fn: _Rule(r) for fn, r in self.functions.items()}
+        self.length_mode = model.length.count
+        self._rules = {fn: _Rule(r) for fn, r in model.functions.items()}
         self.encode = encode
         self.counter = TokenCounter(encode) if encode else None
         if encode is None and any(r.limit is not None for r in self._rules.values()):
             raise PolicyError("this policy limits input length: pass encode= or load it with Router.load")
         self.language = language
-        self.min_language_confidence = float((policy.get("language") or {}).get("min_confidence", 0.5))
+        self.min_language_confidence = model.language.min_confidence if model.language else 0.5
         self.embed, self.reference = embed, reference or {}
-        self.k = int((policy.get("distance") or {}).get("k", 5))
+        self.k = model.distance.k if model.distance else 5
         self.skipped: list[str] = []
         for what, present, helper in (
             ("language", any(r.languages is not None for r in self._rules.values()), language),
@@ -224,40 +188,33 @@ class Router:
             policy = check_schema(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise PolicyError(f"{path} is not valid JSON: {err}") from None
-        if policy.get("upgraded_from") is None:
-            import jsonschema
+        model = validate(policy, str(path))
 
-            try:
-                jsonschema.validate(policy, POLICY_JSON_SCHEMA)
-            except jsonschema.ValidationError as err:
-                where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-                raise PolicyError(f"{path}: {where}: {err.message}") from None
-
-        def local(entry: dict[str, Any] | None) -> Path | None:
+        def local(entry: PolicyFile | LanguageModel | DistanceReference | None) -> Path | None:
             if not entry:
                 return None
-            f = (path.parent / entry["file"]).resolve()
+            f = (path.parent / entry.file).resolve()
             if path.parent.resolve() not in f.parents:
-                raise PolicyError(f"{path}: file {entry['file']!r} is outside the policy's folder")
+                raise PolicyError(f"{path}: file {entry.file!r} is outside the policy's folder")
             if not f.is_file():
                 raise PolicyError(f"{f} is missing: it is listed in the policy (copy every file in policy['files'])")
-            if sha256_file(f) != entry["sha256"]:
+            if sha256_file(f) != entry.sha256:
                 raise PolicyError(f"{f} does not match the policy's sha256")
             return f
 
         encode = None
-        tok_path = local(policy.get("tokenizer"))
+        tok_path = local(model.tokenizer)
         if tok_path:
             from tokenizers import Tokenizer
 
             t = Tokenizer.from_file(str(tok_path))
             encode = lambda s: t.encode(s, add_special_tokens=False).ids  # noqa: E731
         detector = None
-        lang_path = local(policy.get("language")) if language else None
+        lang_path = local(model.language) if language else None
         if lang_path:
             detector = LanguageDetector(lang_path)
         embed, reference = None, None
-        dist_path = local(policy.get("distance")) if embeddings else None
+        dist_path = local(model.distance) if embeddings else None
         if dist_path:
             from safetensors.numpy import load_file
 
