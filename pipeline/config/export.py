@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.base import Section, check_name
+from pipeline.config.base import MAX_COUNT, Section, check_dir_path, check_name, short
 
 # Artefact formats made from the merged master, and the extra each needs (None: the core install).
 FORMATS: dict[str, str | None] = {
@@ -19,6 +19,31 @@ FORMATS: dict[str, str | None] = {
     "gguf-q8_0": None,  # GGUF, 8-bit block quantization
 }
 Format = Literal["bnb-8bit", "bnb-nf4", "w8a8", "w4a16", "gguf-f16", "gguf-q8_0"]
+
+
+def check_store(v: str) -> str:
+    """A store is a local folder (which must not be an existing non-directory) or an fsspec URL whose protocol
+    fsspec knows and whose filesystem can be loaded here, so that a bad store fails at validate, not at export."""
+    if "://" not in v and "::" not in v:
+        return check_dir_path(v, "store folder")
+    import fsspec
+    from fsspec.registry import known_implementations, registry
+
+    url = v.split("::")[-1] if "::" in v else v
+    protocols = [part.split("://", 1)[0] for part in v.split("::") if "://" in part]
+    if not protocols:
+        raise ValueError(f"{short(v)} is neither a folder nor an fsspec URL (protocol://path)")
+    for protocol in protocols:
+        if protocol not in known_implementations and protocol not in registry:
+            raise ValueError(f"unknown fsspec protocol {short(protocol, 40)} in {short(v)} (known: file, memory, s3, "
+                             "gcs, az, ...; or give a local folder)")
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as err:
+            raise ValueError(f"store protocol {short(protocol, 40)} cannot be used here: {short(str(err), 200)}") from None
+    if protocols[-1] in ("file", "local"):
+        check_dir_path(url.split("://", 1)[1], "store folder")
+    return v
 
 
 class ExportConfig(Section):
@@ -43,12 +68,12 @@ class ExportConfig(Section):
         default_factory=dict, description="Per-format overrides of max_points_lost, e.g. {bnb-nf4: 3}."
     )
     max_eval_records: int | None = Field(
-        None, gt=0,
+        None, gt=0, le=MAX_COUNT,
         description="Re-evaluate the master and each artefact on at most this many test records (default: all the "
                     "records evaluate scored). Fewer records make a slow format cheaper to check but the check coarser.",
     )
     calibration_samples: int = Field(
-        128, gt=0, description="Curated training prompts that calibrate llm-compressor (w8a8, w4a16)."
+        128, gt=0, le=100_000, description="Curated training prompts that calibrate llm-compressor (w8a8, w4a16)."
     )
     license: str = Field("other", description="License named in the model card's front matter.")
     intended_use: str | None = Field(
@@ -59,6 +84,11 @@ class ExportConfig(Section):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        return check_store(v)
 
     @field_validator("formats")
     @classmethod
@@ -71,7 +101,7 @@ class ExportConfig(Section):
     def _known_overrides(self) -> ExportConfig:
         bad = [k for k in self.format_points_lost if k not in FORMATS]
         if bad:
-            raise ValueError(f"format_points_lost names unknown format {bad[0]!r} (formats: {', '.join(FORMATS)})")
+            raise ValueError(f"format_points_lost names unknown format {short(bad[0])} (formats: {', '.join(FORMATS)})")
         if any(not 0 <= x <= 100 for x in self.format_points_lost.values()):
             raise ValueError("format_points_lost values must be within 0-100")
         return self

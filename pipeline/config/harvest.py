@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.base import Section, check_name
+from pipeline.config.base import MAX_COUNT, MAX_SECONDS, Section, check_finite, check_name, short
 from pipeline.config.curate import FeedbackFilter
 from pipeline.config.evaluate import TeacherPrice
 
@@ -20,8 +20,8 @@ MAPPED_FIELDS = (
     "response_format", "finish_reason", "status_code", "error", "model", "provider", "input_tokens",
     "output_tokens", "latency_ms", "cost_usd", "feedback", "tags",
 )
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?\Z")  # \Z: no trailing newline
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class SQLLocation(Section):
@@ -44,11 +44,11 @@ class SQLLocation(Section):
         if (self.table is None) == (self.query is None):
             raise ValueError("set exactly one of 'table' or 'query'")
         if self.table is not None and not IDENTIFIER.match(self.table):
-            raise ValueError(f"table {self.table!r} must be a plain identifier or schema.table")
+            raise ValueError(f"table {short(self.table)} must be a plain identifier or schema.table")
         if self.timestamp_column is not None and not IDENTIFIER.match(self.timestamp_column):
-            raise ValueError(f"timestamp_column {self.timestamp_column!r} must be a plain column name")
+            raise ValueError(f"timestamp_column {short(self.timestamp_column)} must be a plain column name")
         if self.url_env is not None and not ENV_NAME.match(self.url_env):
-            raise ValueError(f"url_env {self.url_env!r} is not an environment variable name")
+            raise ValueError(f"url_env {short(self.url_env)} is not an environment variable name")
         return self
 
 
@@ -195,12 +195,12 @@ class RegenerateConfig(Section):
         "record (teacher.logprobs) for logit distillation; 0 = none.",
     )
     concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
-    max_retries: int = Field(5, ge=0, description="Retries of a request after a 429, a 5xx, a timeout or a lost "
+    max_retries: int = Field(5, ge=0, le=100, description="Retries of a request after a 429, a 5xx, a timeout or a lost "
                              "connection, with exponential backoff (Retry-After is honoured).")
-    backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubled on each retry.")
-    max_backoff_s: float = Field(60.0, gt=0, description="Longest delay between retries.")
-    timeout_s: float = Field(120.0, gt=0, description="Timeout of one request.")
-    max_calls: int | None = Field(None, gt=0, description="Refuse to start when a run needs more new calls than this.")
+    backoff_s: float = Field(1.0, gt=0, le=MAX_SECONDS, description="First retry delay; doubled on each retry.")
+    max_backoff_s: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Longest delay between retries.")
+    timeout_s: float = Field(120.0, gt=0, le=MAX_SECONDS, description="Timeout of one request.")
+    max_calls: int | None = Field(None, gt=0, le=MAX_COUNT, description="Refuse to start when a run needs more new calls than this.")
     price: TeacherPrice | None = Field(None, description="Token prices of this teacher, for the cost accounting.")
     on_failure: Literal["fail", "keep"] = Field(
         "fail", description="When calls still fail after the retries: fail the stage (answers received so far are "
@@ -211,8 +211,13 @@ class RegenerateConfig(Section):
     @classmethod
     def _env(cls, v: str | None) -> str | None:
         if v is not None and not ENV_NAME.match(v):
-            raise ValueError(f"{v!r} is not an environment variable name (give the variable's name, not the key)")
+            raise ValueError(f"{short(v)} is not an environment variable name (give the variable's name, not the key)")
         return v
+
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_finite(v)
 
     @field_validator("endpoint")
     @classmethod
@@ -235,7 +240,7 @@ class HarvestConfig(Section):
         True, description="Keep what earlier runs harvested and read only records newer than each source's "
         "watermark (plus files that changed). False: read everything again on every run.",
     )
-    batch_size: int = Field(50_000, gt=0, description="About this many records per Parquet file written.")
+    batch_size: int = Field(50_000, gt=0, le=10_000_000, description="About this many records per Parquet file written.")
     workers: int = Field(
         0, ge=0, le=64, description="Processes that parse log files: 1 = none (parse in the main process), N = N "
         "worker processes, 0 = one per CPU core when there is enough to read (over 32 MiB), else none.",

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Section
+from pipeline.config.base import MAX_COUNT, Section
 
 Signal = Literal["auto", "min_logprob", "p10_logprob", "mean_logprob", "mean_entropy", "max_entropy"]
 
@@ -16,7 +16,7 @@ class LanguageRule(Section):
         True, description="Send inputs in a language the student was not trained on to the teacher (fastText lid.176)."
     )
     min_records: int = Field(
-        10, gt=0, description="A language counts as trained for a function once this many training inputs are in it."
+        10, gt=0, le=MAX_COUNT, description="A language counts as trained for a function once this many training inputs are in it."
     )
     min_confidence: float = Field(
         0.5, ge=0, le=1, description="Detections below this probability count as 'uncertain' and block nothing."
@@ -29,14 +29,14 @@ class DistanceRule(Section):
         description="Send inputs far from the training inputs to the teacher: cosine distance to the k-th nearest "
         "training input in the MiniLM sentence-embedding space (extra 'semantic').",
     )
-    k: int = Field(5, gt=0, description="Which nearest training input the distance is measured to.")
+    k: int = Field(5, gt=0, le=1000, description="Which nearest training input the distance is measured to.")
     quantile: float = Field(
         0.99, gt=0, le=1,
         description="The distance limit is this quantile of held-out (val + test) in-domain distances, so about "
         "1 - quantile of in-domain traffic escalates on distance alone.",
     )
     max_reference: int = Field(
-        20_000, gt=0, description="At most this many training inputs per function are kept as kNN reference."
+        20_000, gt=0, le=10_000_000, description="At most this many training inputs per function are kept as kNN reference."
     )
 
 
@@ -72,7 +72,7 @@ class RouteConfig(Section):
         "the bootstrap lower confidence bound of it must be (safer, sends less to the student).",
     )
     confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Level of the bootstrap confidence intervals.")
-    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the confidence intervals.")
+    bootstrap: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for the confidence intervals.")
     signal: Signal = Field(
         "auto",
         description="The post-generation confidence signal: a statistic of the student's token logprobs (min, "
@@ -96,7 +96,7 @@ class RouteConfig(Section):
         "tokenizing (a token or two off near the limit; the fit replays it, so the calibration includes it).",
     )
     min_records: int = Field(
-        5, gt=0, description="A function with fewer held-out records than this is never sent to the student."
+        5, gt=0, le=MAX_COUNT, description="A function with fewer held-out records than this is never sent to the student."
     )
     language: LanguageRule = Field(default_factory=LanguageRule)
     distance: DistanceRule = Field(default_factory=DistanceRule)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Section
+from pipeline.config.base import MAX_BATCH, MAX_COUNT, MAX_TOKENS, Section, short
 
 # DeepSpeed configs shipped in recipes/deepspeed/, by the name a recipe may use instead of a path.
 SHIPPED_DEEPSPEED = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
@@ -26,22 +26,22 @@ def deepspeed_stage(value: str) -> int:
         return SHIPPED_DEEPSPEED[value]
     path = Path(value)
     if not path.is_file():
-        raise ValueError(f"'{value}' is neither a shipped config ({', '.join(SHIPPED_DEEPSPEED)}) nor a JSON file")
+        raise ValueError(f"{short(value)} is neither a shipped config ({', '.join(SHIPPED_DEEPSPEED)}) nor a JSON file")
     try:
         stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{value} is not a DeepSpeed JSON config: {err}") from None
-    return int(stage)
+        return int(stage)
+    except (OSError, ValueError, TypeError, AttributeError, OverflowError) as err:
+        raise ValueError(f"{short(value)} is not a DeepSpeed JSON config: {short(str(err), 200)}") from None
 
 
 class StudentFromConfig(Section):
     architecture: Literal["llama", "qwen2"] = Field("llama", description="Model family of the new student.")
-    hidden_size: int = Field(128, gt=0, description="Width of the student.")
-    num_layers: int = Field(4, gt=0, description="Number of transformer layers.")
-    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
-    num_kv_heads: int | None = Field(None, gt=0, description="Key/value heads for grouped-query attention.")
-    intermediate_size: int | None = Field(None, gt=0, description="MLP width; default 4 x hidden_size.")
-    vocab_size: int = Field(2048, ge=300, description="Size of the BPE tokenizer trained on the curated data.")
+    hidden_size: int = Field(128, gt=0, le=65_536, description="Width of the student.")
+    num_layers: int = Field(4, gt=0, le=1024, description="Number of transformer layers.")
+    num_heads: int = Field(4, gt=0, le=1024, description="Attention heads (must divide hidden_size).")
+    num_kv_heads: int | None = Field(None, gt=0, le=1024, description="Key/value heads for grouped-query attention.")
+    intermediate_size: int | None = Field(None, gt=0, le=262_144, description="MLP width; default 4 x hidden_size.")
+    vocab_size: int = Field(2048, ge=300, le=1_048_576, description="Size of the BPE tokenizer trained on the curated data.")
     tokenizer: str | None = Field(
         None,
         description="Reuse this tokenizer (local folder or hub id) instead of training one on the curated data; "
@@ -75,8 +75,8 @@ class StudentConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (alpha / r).")
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, le=65_536, description="LoRA scaling numerator (alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
 
@@ -104,7 +104,7 @@ class DistillConfig(Section):
     )
     beta: float = Field(0.5, gt=0, lt=1, description="jsd only: mixture weight of the teacher in M = beta P + (1-beta) Q.")
     temperature: float = Field(
-        1.0, gt=0, description="Both distributions are softened by this temperature; the loss is scaled by T^2."
+        1.0, gt=0, le=100, description="Both distributions are softened by this temperature; the loss is scaled by T^2."
     )
     ce_weight: float = Field(
         0.5, ge=0, le=1,
@@ -115,7 +115,7 @@ class DistillConfig(Section):
         description="sparse_kd: keep at most this many logged alternatives per token; the probability mass the "
         "logs do not cover goes to one 'rest' bucket.",
     )
-    max_new_tokens: int = Field(128, gt=0, description="on_policy_kd: longest completion the student samples.")
+    max_new_tokens: int = Field(128, gt=0, le=MAX_TOKENS, description="on_policy_kd: longest completion the student samples.")
 
 
 Objective = Literal["sft", "dense_kd", "sparse_kd", "on_policy_kd"]
@@ -135,30 +135,30 @@ class TrainConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Logit distillation settings.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     qlora: QLoraConfig = Field(default_factory=QLoraConfig)
-    epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(8, gt=0, description="Sequences (packed rows when packing) per device per step.")
-    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, le=MAX_COUNT, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH, description="Sequences (packed rows when packing) per device per step.")
+    grad_accum: int = Field(1, gt=0, le=MAX_BATCH, description="Gradient accumulation steps.")
+    learning_rate: float = Field(2e-4, gt=0, le=10, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_length: int = Field(512, gt=8, description="Longest tokenized example; longer ones are truncated.")
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    max_length: int = Field(512, gt=8, le=MAX_TOKENS, description="Longest tokenized example; longer ones are truncated.")
     packing: bool = Field(
         False,
         description="Pack several examples per row of max_length tokens (best-fit decreasing); position ids keep "
         "them apart, so no example attends to or is scored across another.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    logging_steps: int = Field(10, gt=0, description="Write a metrics.jsonl line every N steps.")
-    save_steps: int = Field(200, gt=0, description="Checkpoint every N steps (training resumes from the last one).")
-    eval_steps: int | None = Field(None, gt=0, description="Validation loss every N steps (default: each epoch).")
+    logging_steps: int = Field(10, gt=0, le=MAX_COUNT, description="Write a metrics.jsonl line every N steps.")
+    save_steps: int = Field(200, gt=0, le=MAX_COUNT, description="Checkpoint every N steps (training resumes from the last one).")
+    eval_steps: int | None = Field(None, gt=0, le=MAX_COUNT, description="Validation loss every N steps (default: each epoch).")
     early_stopping_patience: int | None = Field(
-        None, gt=0,
+        None, gt=0, le=1_000_000,
         description="Stop when validation loss has not improved for this many evaluations, and keep the best "
         "checkpoint. Needs eval_steps, and save_steps a multiple of it.",
     )
-    early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest validation loss drop that counts.")
+    early_stopping_threshold: float = Field(0.0, ge=0, le=1_000, description="Smallest validation loss drop that counts.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto' is bf16 on a GPU that supports it, fp32 on CPU."
     )
