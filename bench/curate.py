@@ -5,7 +5,7 @@ near-duplicate removal run in the same process.
     .venv/bin/python bench/curate.py                        # 1M records, datasets executor on all cores
     .venv/bin/python bench/curate.py --records 200000 --executor inprocess
 
-Steps: write N log lines over several days (curation.demo_traffic), harvest them (not timed here; see
+Steps: write N log lines over several days (curation.harvest.demo_traffic), harvest them (not timed here; see
 bench/harvest.py), run `distill curate` in a child process while sampling the memory of its process tree, read
 the per-operator counts and timings from report.json, then time near-duplicate removal on a sample of the
 curated user turns with datasketch (MinHash + MinHashLSH, the same shingles, threshold and bands) and with ours.

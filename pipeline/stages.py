@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rich.console import Console
@@ -50,16 +51,27 @@ STAGES: tuple[str, ...] = tuple(name for name, _ in PIPELINE)
 
 @dataclass(frozen=True)
 class Contract:
-    """What a stage declares in its stage.py (see the module docstring)."""
+    """What a stage declares in its stage.py (see the module docstring). Its functions are looked up on the module
+    when called, so that what a test or a plugin patches there is what runs."""
 
     name: str
+    module: ModuleType
     reads: tuple[str, ...]
     also_reads: tuple[str, ...]
     distributed: bool
     report_files: tuple[str, ...]
-    run: Callable[..., Any]
-    external_inputs: Callable[[Recipe], dict[str, str]] | None
-    preflight: Callable[[Recipe], None] | None
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        return self.module.run
+
+    @property
+    def external_inputs(self) -> Callable[[Recipe], dict[str, str]] | None:
+        return getattr(self.module, "external_inputs", None)
+
+    @property
+    def preflight(self) -> Callable[[Recipe], None] | None:
+        return getattr(self.module, "preflight", None)
 
 
 @cache
@@ -70,9 +82,8 @@ def contract(stage: str) -> Contract:
     unknown = [s for s in reads if s not in STAGES[: STAGES.index(stage)]]
     if unknown:
         raise RuntimeError(f"{module.__name__}.READS names {unknown}: a stage reads only earlier stages")
-    return Contract(stage, reads, tuple(getattr(module, "ALSO_READS", ())), bool(getattr(module, "DISTRIBUTED", False)),
-                    tuple(getattr(module, "REPORT_FILES", ())), module.run,
-                    getattr(module, "external_inputs", None), getattr(module, "preflight", None))
+    return Contract(stage, module, reads, tuple(getattr(module, "ALSO_READS", ())),
+                    bool(getattr(module, "DISTRIBUTED", False)), tuple(getattr(module, "REPORT_FILES", ())))
 
 
 def data_digest(stage: str, outputs: dict[str, str]) -> str:

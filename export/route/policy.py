@@ -31,7 +31,7 @@ class PolicyPart(BaseModel):
     """A part of the policy: types are checked strictly (no "yes" for true), values are read-only, and fields a
     later minor version adds are kept."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class StudentInfo(PolicyPart):
@@ -127,7 +127,8 @@ class RoutingPolicy(PolicyPart):
 
     model_config = ConfigDict(title="distill routing policy v2")
 
-    schema_: Literal["distill-routing/v2"] = Field(alias="schema", description="The policy's schema and version.")
+    schema_: Annotated[str, StringConstraints(pattern=r"^distill-routing/v2(\.\d+)*$")] = Field(
+        alias="schema", description="The policy's schema and version: distill-routing/v2 or a later v2.x.")
     created_at: str | None = Field(None, description="When the route stage wrote it (local time).")
     student: StudentInfo | None = Field(None, description="The student the policy was fitted for.")
     teacher: TeacherInfo | None = Field(None, description="The teacher it escalates to.")

@@ -55,6 +55,8 @@ from pipeline.ui import stage_progress
 # The stage's contract (pipeline/stages.py): the policy names the student it is published with.
 READS = ("curate", "train", "evaluate")
 ALSO_READS = ("export.model_name",)
+# It also reads evaluate.teacher_price and student_price for the routed cost: a change reruns evaluate, whose
+# scores.json (an input of route) then changes, so route reruns too.
 
 
 @dataclass

@@ -76,25 +76,25 @@ def test_a_failed_stage_leaves_nothing_complete_and_a_rerun_finishes(project, mo
     recipe = project()
     import curation.curate.stage
 
-    real = curation.curate.run
+    real = curation.curate.stage.run
 
     def crash(ctx):
         (ctx.work / "train.parquet").write_text("half written")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(curation.curate, "run", crash)
+    monkeypatch.setattr(curation.curate.stage, "run", crash)
     assert cli(["curate", str(recipe)]) == 1
     assert "stage 'curate' failed: RuntimeError: disk on fire" in capsys.readouterr().out
     run = recipe.parent / "runs" / "t"
     assert (run / "harvest" / "manifest.json").exists()
     assert not (run / "curate").exists()
     assert stage_state(load_recipe(recipe), RunDir(run), "curate")[0] == "partial"
-    monkeypatch.setattr(curation.curate, "run", real)
+    monkeypatch.setattr(curation.curate.stage, "run", real)
     assert cli(["curate", str(recipe)]) == 0
     assert json.loads((run / "curate" / "manifest.json").read_text())["status"] == "complete"
 
 
-# The kill-and-resume test of the train stage lives in tests/test_train_resume.py.
+# The kill-and-resume test of the train stage lives in tests/train/test_train_resume.py.
 
 
 def test_a_forced_rerun_that_reproduces_the_data_does_not_rerun_what_follows(project, capsys):

@@ -199,3 +199,16 @@ def test_v1_policy_still_loads(e2e):
     assert r.after(request(IN_BAND_FAQ), [-0.1]).route == "student"
     assert r.after(request(IN_BAND_FAQ), [-3.0]).route == "teacher"
     assert r.before(request("x " * 200)).route == "teacher"
+
+
+def test_a_later_minor_version_loads_and_a_nan_threshold_is_refused(router, e2e):
+    """v2.x policies may add fields; a NaN threshold (which json reads) would keep every answer with the student."""
+    policy = json.loads((e2e / "runs/t/route/routing_policy.json").read_text())
+    newer = {**policy, "schema": "distill-routing/v2.1", "added_in_v2_1": {"x": 1}}
+    assert Router(newer, router.encode, language=router.language, skip=("distance",)).policy["schema"].endswith("v2.1")
+    rule = policy["functions"][FAQ]
+    nan = {**policy, "functions": {**policy["functions"],
+                                   FAQ: {**rule, "enabled": True, "after": {"signal": "min_logprob",
+                                                                           "threshold": float("nan")}}}}
+    with pytest.raises(PolicyError, match="functions/product_faq/after/threshold"):
+        Router(nan, router.encode, language=router.language, skip=("distance",))

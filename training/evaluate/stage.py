@@ -28,7 +28,9 @@ from training.evaluate import tables as eval_tables
 from training.evaluate.engine import evaluate_model, single_request_latency
 from training.train.outputs import load_trained_student
 
-# The stage's contract (pipeline/stages.py).
+# The stage's contract (pipeline/stages.py). It also looks at export.store and export.model_name for the gate's
+# regression check against the published student; they stay out of its fingerprint because the store changes
+# without the recipe changing, and export checks the gate again against the store as it is when it publishes.
 READS = ("curate", "train")
 
 

@@ -45,6 +45,8 @@ def keep_trainable(model):
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference (which cuts the adapter's gradients),
     and undo a repacking that already happened."""
     bnb = require_bitsandbytes()
+    # bitsandbytes has no public call that undoes its CPU repacking; this private one is pinned with the package
+    # (pyproject's quant extra) and tests/train/test_train_methods.py checks that QLoRA's loss moves on CPU.
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     for module in model.modules():

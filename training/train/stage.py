@@ -228,7 +228,7 @@ def _loss_info(work: Path) -> dict[str, Any]:
     }
 
 
-def student_info(ctx: StageContext, trainer, n_params: int, data: TrainData, fitted) -> dict[str, Any]:
+def student_info(ctx: StageContext, trainer, n_params: int, trainable: int, data: TrainData, fitted) -> dict[str, Any]:
     """What student.json says: what was trained, on what, how long, and how the losses went."""
     cfg, (result, seconds, cpu_seconds, seen) = ctx.recipe.train, fitted
     acc = trainer.accelerator
@@ -242,7 +242,7 @@ def student_info(ctx: StageContext, trainer, n_params: int, data: TrainData, fit
         "teacher": cfg.distill.teacher,
         "teacher_revision": cfg.distill.teacher_revision,
         "parameters": n_params,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
         **_data_info(cfg, data),
         "tokens_seen": seen,
         "tokens_per_second": round(seen / seconds, 1) if seen and seconds > 0 else None,
@@ -283,8 +283,9 @@ def train_student(ctx: StageContext) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     data = load_data(ctx.recipe.train, tokenizer, template, train_records, val_records)
     trainer = build_trainer(ctx, model, tokenizer, data)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before ZeRO-3 partitions
     fitted = fit(ctx, trainer)
-    info = student_info(ctx, trainer, n_params, data, fitted)
+    info = student_info(ctx, trainer, n_params, trainable, data, fitted)
     save(ctx, trainer, tokenizer, info)
     return info
 
