@@ -12,7 +12,8 @@ from pipeline.config.base import MAX_COUNT, MAX_SECONDS, Section, check_finite, 
 from pipeline.config.curate import FeedbackFilter
 from pipeline.config.evaluate import TeacherPrice
 
-FORMATS = ("openai", "openai_finetune", "tensorzero", "openpipe", "mapped")
+FORMATS = ("openai", "openai_finetune", "tensorzero", "openpipe", "mapped", "otel", "langfuse", "litellm",
+           "openai_stored")
 # Record fields a `mapped` source can fill, each from a dotted path into the row ('feedback.<metric>' and
 # 'tags.<name>' fill one metric or tag).
 MAPPED_FIELDS = (
@@ -79,20 +80,26 @@ class Location(Section):
 
 
 class Source(Location):
-    format: Literal["openai", "openai_finetune", "tensorzero", "openpipe", "mapped"] = Field(
+    format: Literal["openai", "openai_finetune", "tensorzero", "openpipe", "mapped", "otel", "langfuse", "litellm",
+                    "openai_stored"] = Field(
         "openai",
         description="What a row holds. 'openai': a chat-completions request and response as a logging proxy keeps "
         "them (streamed responses as a list of chunks work too); 'openai_finetune': OpenAI fine-tuning chat "
         "JSONL (messages, the last assistant turn is the output); 'tensorzero': ChatInference / JsonInference "
         "rows or stored inferences from the TensorZero API; 'openpipe': OpenPipe exports (input, output, tags); "
-        "'mapped': any rows, with `fields` saying where each record field is.",
+        "'mapped': any rows, with `fields` saying where each record field is; 'otel': OpenTelemetry GenAI spans "
+        "(OTLP/JSON documents, a record per inference span); 'langfuse': Langfuse observation exports (GENERATION "
+        "observations, JSON/JSONL or API pages); 'litellm': LiteLLM proxy StandardLoggingPayload logs or "
+        "LiteLLM_SpendLogs rows; 'openai_stored': OpenAI stored chat completions joined with their input messages.",
     )
     name: str | None = Field(None, description="Short name of the source in summaries (default: from the path).")
     function: str | None = Field(None, description="Function (task) name for every record of this source.")
     function_field: str | None = Field(
         None, description="Dotted path of the function name in a row. Default per format: openai "
         "'request.metadata.function', openpipe 'tags.prompt_id', tensorzero 'function_name', openai_finetune "
-        "'metadata.function'. Missing -> 'default'.",
+        "'metadata.function', otel the span attribute 'gen_ai.agent.name' (else the resource's service.name), "
+        "langfuse 'name', litellm 'metadata.requester_metadata.function', openai_stored 'metadata.function'. "
+        "Missing -> 'default'.",
     )
     feedback_field: str = Field("feedback", description="openai/openpipe: dotted path of an object metric -> value.")
     fields: dict[str, str] = Field(

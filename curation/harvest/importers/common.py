@@ -261,3 +261,38 @@ def new_record(rid: str, source: str, ts: datetime, function: str, messages: lis
     }
     rec.update(fields)
     return rec
+
+
+# --- documents holding many calls (an OTLP export, a list page) ------------------------------------------------------
+
+def failed_item(rid: str, source: str, ts: datetime, function: str, reason: str, **fields: Any) -> dict[str, Any]:
+    """A call inside a many-call row that cannot be imported while its neighbours can: kept as a failed record (no
+    output, ``error`` = the reason, tag ``import_error``) so that curate's http_error step drops it with the reason
+    rather than the row's good calls being quarantined with it."""
+    return new_record(rid, source, ts, function, [], error=f"not imported: {reason}",
+                      tags={"import_error": reason}, **fields)
+
+
+def many(items: list[Any], convert: Any, source: str, function: str, default_ts: datetime,
+         what: str) -> list[dict[str, Any]]:
+    """The records of every item of a many-call row (``convert(item, index)``). Row counting: the row is one row;
+    its first record counts for it and the rest as extra records. No good item: the row is quarantined with the
+    first item's reason; some bad items among good ones: each becomes a ``failed_item``."""
+    records: list[dict[str, Any]] = []
+    failed: list[tuple[int, Any, BadRecord]] = []
+    for i, item in enumerate(items):
+        try:
+            records.extend(convert(item, i))
+        except BadRecord as err:
+            failed.append((i, item, err))
+    if not records:
+        if not failed:
+            raise BadRecord(f"{what} is empty: no calls in the row")
+        i, _, err = failed[0]
+        more = f" (and {len(failed) - 1} more items)" if len(failed) > 1 else ""
+        raise BadRecord(f"{what}[{i}]: {err}{more}")
+    for i, item, err in failed:
+        rid = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] else None
+        records.append(failed_item(rid or f"{content_id(item)}#{what}{i}", source, default_ts, function,
+                                   f"{what}[{i}]: {err}"))
+    return records

@@ -29,7 +29,11 @@ from curation.harvest.importers.common import (
     text,
     timestamp,
 )
+from curation.harvest.importers.langfuse import langfuse
+from curation.harvest.importers.litellm import litellm
 from curation.harvest.importers.openai import from_call, parse_openai
+from curation.harvest.importers.openai_stored import openai_stored
+from curation.harvest.importers.otel import otel
 from pipeline.config.harvest import Source
 from pipeline.record import dumps, message
 
@@ -341,6 +345,11 @@ IMPORTERS = {
     "tensorzero": tensorzero,
     "openpipe": openpipe,
     "mapped": mapped,
+    # observability and gateway logs: each also has its own test module (tests/harvest/test_import_<name>.py)
+    "otel": otel,
+    "langfuse": langfuse,
+    "litellm": litellm,
+    "openai_stored": openai_stored,
 }
 
 

@@ -1,8 +1,8 @@
 """Importer: OpenAI chat-completions request/response logs -> canonical records.
 
 A row holds ``request`` (the body sent to /v1/chat/completions), ``response`` (the body received, an ``error``
-object, or -- for a streamed call -- the list of ``chat.completion.chunk`` objects or ``data: ...`` SSE lines,
-which are reassembled), and optionally ``id``, ``timestamp``, ``status_code``, ``latency_ms`` and ``feedback``.
+object, or -- for a streamed call -- the list of ``chat.completion.chunk`` objects or ``data: ...`` SSE lines, or
+the whole SSE body as one string, which are reassembled), and optionally ``id``, ``timestamp``, ``status_code``, ``latency_ms`` and ``feedback``.
 Tool calls, tool results, ``tools`` and ``response_format`` (JSON schemas) are kept. A response with several
 choices gives one record per choice (ids ``<id>``, ``<id>#1``, ...) unless the source says ``choices: first``.
 """
@@ -31,7 +31,10 @@ from curation.harvest.importers.common import (
 )
 from pipeline.record import dumps, epoch_ms
 
-__all__ = ["BadRecord", "dotted", "fast_row", "from_call", "parse_line", "parse_openai", "reassemble_stream"]
+__all__ = ["BadRecord", "dotted", "fast_row", "from_call", "parse_line", "parse_openai", "reassemble_stream",
+           "sse_events"]
+
+STREAM_CUT_OFF = "no chunk carried a finish_reason: the stream ended before its final chunk"
 
 
 def _chunks(raw: list[Any]) -> list[dict[str, Any]]:
@@ -50,6 +53,33 @@ def _chunks(raw: list[Any]) -> list[dict[str, Any]]:
             raise BadRecord(f"response chunk {i} is not an object")
         out.append(c)
     return out
+
+
+def sse_events(body: str | bytes) -> list[str | bytes]:
+    """An SSE body logged as one string (``data: {...}\n\ndata: {...}\n\ndata: [DONE]``) -> the data of each
+    event (several ``data:`` lines of one event joined by newlines, as the SSE spec says); ``event:``, ``id:`` and
+    comment lines are left out."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    events, data = [], []
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if not line.strip():
+            if data:
+                events.append("\n".join(data))
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+    if data:
+        events.append("\n".join(data))
+    return events
+
+
+def is_sse(v: Any) -> bool:
+    """A response logged as the SSE body of a streamed call: text that starts with a ``data:`` line (or with an
+    ``event:`` / ``id:`` / comment line, and holds ``data:`` lines)."""
+    if not isinstance(v, str):
+        return False
+    head = v.lstrip()
+    return head[:5] == "data:" or (head.startswith((":", "event:", "id:", "retry:")) and "\ndata:" in head)
 
 
 def reassemble_stream(raw: list[Any]) -> dict[str, Any]:
@@ -161,10 +191,15 @@ def from_call(
     if not isinstance(request, dict):
         raise BadRecord("no 'request' object")
     messages = chat_messages(request.get("messages"), "request.messages")
+    streamed = True
     if isinstance(response, list):
         response = reassemble_stream(response)
     elif isinstance(response, dict) and isinstance(response.get("chunks"), list):
         response = reassemble_stream(response["chunks"])
+    elif is_sse(response):  # the SSE body as one string
+        response = reassemble_stream(sse_events(response))
+    else:
+        streamed = False
     resp = response if isinstance(response, dict) else {}
     error = None
     if isinstance(resp.get("error"), dict):
@@ -201,6 +236,11 @@ def from_call(
             rid_i = f"{rid_i}#{idx}"
         fin = finish if isinstance(finish, str) else None
         rec_tags = dict(tags or string_tags(metadata, skip=("function",)))
+        if streamed and fin is None and out is not None and error is None:
+            # No chunk carried a finish reason: the stream lost its final chunk, so the answer may be cut off.
+            # Marked as a cut-off answer, which curate's truncated_output drops with its reason.
+            fin = "length"
+            rec_tags["stream_cut_off"] = STREAM_CUT_OFF
         if several:
             rec_tags["choice"] = str(idx)
         records.append(new_record(

@@ -1,0 +1,117 @@
+"""Importer: LiteLLM proxy request logs -> canonical records.
+
+A row is either a ``StandardLoggingPayload`` (what LiteLLM's file, S3/GCS bucket and custom-callback loggers
+write: ``messages``, ``response`` as a ``chat.completion`` object, ``model_parameters``, ``status``,
+``startTime``/``endTime`` in unix seconds, ``response_cost``, ``error_str`` / ``error_information``) or a row of
+the ``LiteLLM_SpendLogs`` table (through the SQL source or a JSON export: ``request_id``, ``messages`` and
+``response`` -- stored only with ``store_prompts_in_spend_logs`` --, ``startTime``/``endTime``,
+``request_duration_ms``, ``spend``, ``status``, ``proxy_server_request``). Streamed calls are logged with the
+response already assembled. A failed call (``status: failure``) is kept with its error (curate drops it); a row
+whose messages were not logged (redacted, or not stored in the spend log) is quarantined with the reason.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from curation.harvest.importers.common import (
+    BadRecord,
+    decode_json_text,
+    dotted,
+    integer,
+    number,
+    opt_str,
+    timestamp,
+)
+from curation.harvest.importers.openai import from_call
+from pipeline.config.harvest import Source
+from pipeline.record import dumps
+
+CHAT_CALLS = frozenset({"completion", "acompletion", "text_completion", "atext_completion"})
+
+
+def _error(row: dict[str, Any]) -> tuple[str | None, int | None]:
+    info = decode_json_text(row.get("error_information"))
+    if not isinstance(info, dict):
+        info = decode_json_text(dotted(row, "metadata.error_information"))
+    info = info if isinstance(info, dict) else {}
+    text = opt_str(row.get("error_str")) or opt_str(info.get("error_message")) or opt_str(info.get("error_class"))
+    code = integer(info.get("error_code"))
+    return text, code if code is not None and 100 <= code < 1000 else None
+
+
+def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dict[str, Any]]:
+    """One StandardLoggingPayload or LiteLLM_SpendLogs row -> one record per choice of its response."""
+    if not isinstance(row, dict):
+        raise BadRecord(f"row is a JSON {type(row).__name__}, not an object")
+    spend_log = "request_id" in row and "litellm_call_id" not in row
+    call_type = row.get("call_type")
+    if isinstance(call_type, str) and call_type not in CHAT_CALLS:
+        raise BadRecord(f"call_type '{call_type[:40]}' is not a chat completion")
+    msgs = decode_json_text(row.get("messages"))
+    if isinstance(msgs, str):
+        raise BadRecord("messages are not logged: redacted by LiteLLM (turn_off_message_logging)"
+                        if "redacted" in msgs else "messages is text, not a list of chat messages")
+    if msgs in (None, {}, []):
+        raise BadRecord("messages not stored (LiteLLM spend logs keep them only with store_prompts_in_spend_logs)"
+                        if spend_log else "no messages in the row")
+    if isinstance(msgs, dict) and isinstance(msgs.get("messages"), list):
+        msgs = msgs["messages"]
+    params = decode_json_text(row.get("model_parameters"))
+    if not isinstance(params, dict):
+        body = decode_json_text(row.get("proxy_server_request"))
+        params = {k: v for k, v in body.items() if k not in ("messages", "metadata")} if isinstance(body, dict) else {}
+    request = {**params, "messages": msgs}
+    request["model"] = row.get("model_group") or row.get("model") or params.get("model")
+    status = row.get("status")
+    response = decode_json_text(row.get("response"))
+    error, code = _error(row)
+    if status == "failure" or (error and not (isinstance(response, dict) and response.get("choices"))):
+        response = {"error": {"message": error or "failure"}}
+        code = code or 500
+    elif isinstance(response, str) and not response.lstrip().startswith("data:"):
+        raise BadRecord("response is text, not a chat.completion object")
+    elif response in (None, {}) and spend_log:
+        raise BadRecord("response not stored (LiteLLM spend logs keep it only with store_prompts_in_spend_logs)")
+    start, end = row.get("startTime"), row.get("endTime")
+    latency = number(row.get("request_duration_ms"))
+    if latency is None and start is not None and end is not None:
+        try:
+            latency = (timestamp(end, "endTime") - timestamp(start, "startTime")).total_seconds() * 1000
+        except BadRecord:
+            latency = None
+    if latency is None and number(row.get("response_time")) is not None:
+        latency = number(row["response_time"]) * 1000  # type: ignore[operator]
+    meta = decode_json_text(row.get("metadata"))
+    meta = meta if isinstance(meta, dict) else {}
+    tags: dict[str, str] = {}
+    requester = decode_json_text(meta.get("requester_metadata"))
+    for k, v in (requester.items() if isinstance(requester, dict) else ()):
+        if v is not None and k != "function":
+            tags[str(k)] = v if isinstance(v, str) else dumps(v)
+    for key, value in (("litellm_call_id", row.get("litellm_call_id")), ("trace_id", row.get("trace_id")),
+                       ("model_group", row.get("model_group")), ("session_id", row.get("session_id")),
+                       ("end_user", row.get("end_user")), ("team", meta.get("user_api_key_team_alias")
+                                                           or meta.get("user_api_key_team_id"))):
+        if opt_str(value):
+            tags[key] = str(value)
+    request_tags = decode_json_text(row.get("request_tags"))
+    if isinstance(request_tags, list) and request_tags:
+        tags["request_tags"] = dumps(request_tags)
+    if row.get("cache_hit") in (True, "True", "true"):
+        tags["cache_hit"] = "true"
+    fn = cfg.function or dotted(row, cfg.function_field or "metadata.requester_metadata.function")
+    rid = row.get("request_id") if spend_log else row.get("id") or row.get("litellm_call_id")
+    records = from_call(request, response, rid=rid, source=where, ts=start if start is not None else None,
+                        status=code, latency=latency, tags=tags, function=fn, choices=cfg.choices,
+                        provider=opt_str(row.get("custom_llm_provider")) or "litellm")
+    cost = number(row.get("spend") if spend_log else row.get("response_cost"))
+    for rec in records:
+        rec["cost_usd"] = cost if len(records) == 1 else None
+        u = rec["usage"]
+        if u["input_tokens"] is None:
+            u["input_tokens"] = integer(row.get("prompt_tokens"))
+        if u["output_tokens"] is None and len(records) == 1:
+            u["output_tokens"] = integer(row.get("completion_tokens"))
+    return records
