@@ -3,8 +3,8 @@ in worker processes.
 
 A chunk is a block of JSON lines (raw bytes) or a list of row dicts (Parquet, CSV, SQL). Each row is parsed by
 its source's importer; a row that fails is quarantined with its file, line and reason (never its text), and the
-rest go on. Records at or before the source's watermark are skipped here; duplicates against earlier chunks and
-batches are dropped by the caller, which sees every chunk's id hashes.
+rest go on. Records at or before a SQL source's watermark are skipped here (files are not filtered by time); duplicates
+against earlier chunks and batches are dropped by the caller, which sees every chunk's id hashes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Reading what is new in one source into batch files: files (skipping unchanged ones, resuming grown log files)
-or SQL rows (after the watermark), chunked and converted inline or by worker processes, deduplicated by id."""
+"""Reading what is new in one source into batch files: files (skipping unchanged ones, reading a grown log file on
+from the last whole line read, re-reading a rewritten one whole) or SQL rows (after the watermark), chunked and
+converted inline or by worker processes, deduplicated by id. Files are never filtered by time: a late row or a new
+file of old rows is harvested, and the record ids keep every record to once."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import orjson
 import pyarrow.parquet as pq
 
 from curation.harvest.chunks import Chunk, ChunkResult, convert
-from curation.harvest.sources import LogFile, line_blocks, row_batches, sample_hash
+from curation.harvest.sources import LogFile, ends_a_line, line_blocks, row_batches, sample_hash
 from curation.harvest.watermarks import Seen, SourceState
 from pipeline.config.harvest import Source
 
@@ -90,11 +92,15 @@ class Ingest:
     new_batches: list[str] = field(default_factory=list)
     unchanged_files: int = 0
     files_read: int = 0
+    # Unfinished last lines left for the next run, of this source's files as listed now: (file, bytes, read now)
+    held_back: list[tuple[str, int, bool]] = field(default_factory=list)
     part: int = 0
 
     def __post_init__(self) -> None:
-        self.watermark_ms = self.state.max_ms
-        self.watermark_ids = frozenset(self.state.ids_at_max)
+        # Only a SQL source filters by time (its query can do nothing else); files go by position and id.
+        sql = self.src.sql is not None
+        self.watermark_ms = self.state.max_ms if sql else None
+        self.watermark_ids = frozenset(self.state.ids_at_max) if sql else frozenset()
 
     def chunk(self, label: str, origin: str, data: Any, numbers: Any, default_ts: datetime,
               growing: bool = False, file_range: tuple[str, int, int] | None = None) -> Chunk:
@@ -151,16 +157,21 @@ def _mtime(f: LogFile) -> datetime:
 
 
 def plan_file(f: LogFile, kind: str, old: dict[str, Any] | None, incremental: bool) -> tuple[str, int, int]:
-    """('skip' | 'resume' | 'all', start byte, first line) for one file, given what an earlier run read of it."""
+    """('skip' | 'resume' | 'all', start byte, first line) for one file, given what an earlier run read of it:
+    skip it unchanged; read a plain JSON-lines file on from its last whole line read when the part read is
+    unchanged (it only grew, or an unfinished last line changed); else read it whole (new, rewritten, compressed,
+    or not JSON lines), its rows deduplicated by id."""
     if not old or not incremental:
         return "all", 0, 1
     size = int(f.fs.info(f.path).get("size") or 0)
     if f.local:
         if size == old["size"] and sample_hash(f, size) == old["sample"]:
             return "skip", 0, 1
-        if (kind == "jsonl" and not f.compressed and size > old["size"] and old.get("offset") == old["size"]
-                and sample_hash(f, size, upto=old["size"]) == old["sample"]):
-            return "resume", old["size"], old["lines"] + 1
+        offset = old["offset"]
+        if (kind == "jsonl" and not f.compressed and size > offset
+                and sample_hash(f, size, upto=offset) == old["read_sample"]):
+            # After a whole last line that had no newline yet, what follows first ends that line.
+            return "resume", offset, old["lines"] + (1 if ends_a_line(f, offset) else 0)
         return "all", 0, 1
     stamp = f.stamp()
     if size == old["size"] and (stamp["etag"] or stamp["mtime"]) == old.get("version"):
@@ -172,48 +183,62 @@ def ingest_files(ing: Ingest, runner: Runner, files: list[LogFile], batch_size: 
     src = ing.src
     for f in files:
         kind = f.kind(src.file_format)
-        action, start, first_line = plan_file(f, kind, ing.state.files.get(f.url), incremental)
+        old = ing.state.files.get(f.url)
+        action, start, first_line = plan_file(f, kind, old, incremental)
         if action == "skip":
+            assert old is not None
             ing.unchanged_files += 1
+            if old.get("held_back"):
+                ing.held_back.append((f.url, old["held_back"], False))
             continue
         ing.files_read += 1
         default_ts = _mtime(f)
         size = int(f.fs.info(f.path).get("size") or 0)
         if kind == "jsonl":
             growing = f.local and not f.compressed
-            last_line = first_line - 1
+            read_any = False
             for block in line_blocks(f, start, first_line, max_lines=batch_size):
                 def finish(res: ChunkResult, block=block, f=f, growing=growing, size=size) -> None:
                     ing.done(res)
                     if block.last:
                         held = 1 if res.held_back else 0
-                        _record_file(ing, f, block.end - res.held_back if growing else size,
-                                     block.first_line + block.lines - 1 - held)
+                        if growing:  # read up to the last whole line; the rest waits
+                            _record_file(ing, f, block.end, block.end - res.held_back,
+                                         block.first_line + block.lines - 1 - held, res.held_back)
+                        else:
+                            _record_file(ing, f, size, size, block.first_line + block.lines - 1)
 
                 # A worker reads a local plain file's byte range itself rather than get it through a pipe.
                 where = (f.path, block.end - len(block.data), block.end) if growing and runner.pool else None
                 runner.submit(ing.chunk(f.name, f.url, block.data, block.first_line, default_ts,
                                         growing and block.last, where), finish)
-                last_line = block.first_line + block.lines - 1
-            if last_line < first_line:  # an empty file, or nothing after the resume point
-                _record_file(ing, f, start if growing else size, last_line)
+                read_any = True
+            if not read_any:  # an empty file, or nothing after the resume point
+                _record_file(ing, f, start if growing else size, start if growing else size,
+                             old["lines"] if action == "resume" and old else 0)
         else:
             rows_seen = 0
             for numbers, rows in _rebatch(row_batches(f, kind), batch_size):
                 runner.submit(ing.chunk(f.name, f.url, rows, numbers, default_ts), ing.done)
                 rows_seen = numbers[-1]
-            _record_file(ing, f, size, rows_seen)
+            _record_file(ing, f, size, size, rows_seen)
 
 
-def _record_file(ing: Ingest, f: LogFile, offset: int, lines: int) -> None:
-    """How far a file was read: bytes (the whole size for compressed and non-JSON-lines files), lines, a hash of
-    the bytes read (local files) or its ETag / modification time (remote files)."""
+def _record_file(ing: Ingest, f: LogFile, size: int, offset: int, lines: int, held_back: int = 0) -> None:
+    """How far a file was read: its size then and a hash of it (to skip it unchanged), the byte past the last
+    whole line read (the whole size for compressed and non-JSON-lines files), the lines before it and a hash of
+    that part (to read on from there), the bytes of an unfinished last line held back; for remote files their ETag
+    or modification time."""
     stamp = f.stamp() if not f.local else {}
+    sample = sample_hash(f, size) if f.local else ""
     ing.state.files[f.url] = {
-        "size": offset, "offset": offset, "lines": lines,
-        "sample": sample_hash(f, offset) if f.local else "",
+        "size": size, "sample": sample, "offset": offset, "lines": lines,
+        "read_sample": (sample if offset == size else sample_hash(f, offset)) if f.local else "",
+        "held_back": held_back,
         "version": (stamp.get("etag") or stamp.get("mtime")) if stamp else "",
     }
+    if held_back:
+        ing.held_back.append((f.url, held_back, True))
 
 
 def _rebatch(batches: Iterator[tuple[list[int], list[dict[str, Any]]]], size: int

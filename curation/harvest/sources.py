@@ -109,6 +109,16 @@ def sample_hash(f: LogFile, size: int, upto: int | None = None) -> str:
     return h.hexdigest()[:32]
 
 
+def ends_a_line(f: LogFile, offset: int) -> bool:
+    """Whether byte ``offset`` of a plain file starts a line: the start of the file, or just past a newline (else the
+    last line read there was whole but had no newline yet, and what follows it first ends that line)."""
+    if offset <= 0:
+        return True
+    with f.fs.open(f.path, "rb") as fh:
+        fh.seek(offset - 1)
+        return fh.read(1) == b"\n"
+
+
 def list_files(loc: Location, what: str = "harvest.sources") -> list[LogFile]:
     """The files a location names (a file, a directory, a glob, an fsspec URL), sorted."""
     assert loc.path is not None

@@ -8,7 +8,7 @@ answer (``curation.harvest.regenerate``). It writes:
 - ``batches/*.parquet``: the records as imported, one set per run, carried forward by hard links;
 - ``records-*.parquet``: what curation reads -- the batches with feedback joined and re-generated outputs;
 - ``quarantine.jsonl``: one line per unreadable row (source, file, line, reason; never the row's text, so no PII);
-- ``watermarks.json``: how far each source has been read.
+- ``watermarks.json``: how far each source has been read (per file by byte offset; see ``watermarks``).
 """
 
 from __future__ import annotations
@@ -339,8 +339,12 @@ def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states
         "skipped_old": cumulative["skipped_old"], "duplicates": cumulative["duplicates"],
         "extra_choices": cumulative["extra_choices"],
         "quarantine_reasons": dict(reasons), "functions": functions,
+        # Unfinished last lines (no newline yet) left for the next run: not counted in lines until read whole.
+        "held_back_partial_line": [{"source": i.state.label, "file": url, "bytes": n}
+                                   for i in ingests for url, n, _ in i.held_back],
         "this_run": {"files_read": sum(i.files_read for i in ingests),
                      "files_unchanged": sum(i.unchanged_files for i in ingests), **dict(this_run),
+                     "held_back_partial_line": sum(now for i in ingests for _, _, now in i.held_back),
                      "records_per_s": round(this_run["records"] / read_s, 1) if read_s > 0 else None,
                      "workers": workers},
         "sources": {st.label: {**st.counts, "watermark": _iso(st.max_ms), "batches": len(st.batches)}
@@ -360,6 +364,11 @@ def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states
                if this_run[k]]
     if skipped:
         summary.append(("of which", "; ".join(skipped)))
+    held = counts["held_back_partial_line"]
+    if held:
+        files = ", ".join(f"{h['file'].rsplit('/', 1)[-1]} ({h['bytes']:,} bytes)" for h in held[:5])
+        summary.append(("held back", f"{len(held):,} unfinished last line{'s' if len(held) > 1 else ''} (no newline "
+                        f"yet), read once complete on a later run: {files}" + (" ..." if len(held) > 5 else "")))
     summary.append(("records", f"{totals['records']:,}  ({', '.join(f'{k}: {v:,}' for k, v in functions.items())})"))
     if this_run["quarantined"] or quarantined:
         summary.append(("quarantined", f"{this_run['quarantined']:,} this run, {quarantined:,} in all"

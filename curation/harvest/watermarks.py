@@ -1,12 +1,23 @@
 """Nightly increments: what each source has given so far, kept in ``harvest/watermarks.json``.
 
-Per source (keyed by a hash of its config, so a changed mapping starts that source afresh): the batch files it
-wrote, the newest record time and the ids at it (the watermark), the high-water mark of a SQL timestamp column,
-and per file how far it was read (bytes, lines, a hash of what was read) so that an unchanged file is skipped and
-a log file that grew is read from where the last run stopped. Together with the id hashes kept next to every batch
-(``<batch>.ids.npy``) this lets a rerun read only what is new and never harvest a record twice.
+What was read is tracked by position and by record id, never by time. Per source (keyed by a hash of its config,
+so a changed mapping starts that source afresh): the batch files it wrote (with the id hashes kept next to every
+batch, ``<batch>.ids.npy``, so no record is harvested twice), and per file how far it was read:
 
-The file lives inside the harvest stage folder, so it is replaced atomically with the records it describes.
+- ``size`` and ``sample``: the file's size and a hash of its first and last MiB when it was read (unchanged:
+  skipped);
+- ``offset``, ``lines`` and ``read_sample``: the byte just past the last whole line read, the lines before it, a
+  hash of the first and last MiB before it (a plain JSON-lines file whose read part is unchanged is read on from
+  there; any other change re-reads the file whole, its rows deduplicated by id);
+- ``held_back``: bytes of an unfinished last line (no newline yet) left for the next run;
+- ``version``: ETag or modification time of a remote file.
+
+The newest record time and the ids at it (``max_ms``, ``ids_at_max``) are reported, and filter only SQL sources,
+together with the high-water mark of their timestamp column (``sql_max``): there a query by time is all there is.
+
+Format version 2; a version 1 file (the same positions, without ``read_sample`` and ``held_back``) is upgraded as
+it is read. The file lives inside the harvest stage folder, so it is replaced atomically with the records it
+describes.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from pipeline.config.harvest import Source
 from pipeline.rundir import digest, write_json_atomic
 
 STATE_FILE = "watermarks.json"
+VERSION = 2
 COUNT_KEYS = ("lines", "quarantined", "skipped_old", "duplicates", "extra_choices", "records")
 
 
@@ -50,12 +62,28 @@ def load(folder: Path) -> tuple[int, dict[str, SourceState]]:
     if not p.is_file():
         return 0, {}
     data = json.loads(p.read_text())
+    version = int(data.get("version", 1))
+    if version > VERSION:
+        raise ValueError(f"{p} is of format version {version}, newer than this distill reads ({VERSION}); "
+                         "upgrade distill, or harvest into a new run directory")
     states = {k: SourceState(**v) for k, v in data.get("sources", {}).items()}
+    for st in states.values():
+        st.files = {url: upgrade_file(e) for url, e in st.files.items()}
     return int(data.get("batch", 0)), states
 
 
+def upgrade_file(e: dict[str, Any]) -> dict[str, Any]:
+    """A file's entry in the current format. Version 1 kept only what was read: ``size`` = ``offset`` (of a plain
+    JSON-lines file, up to its last whole line; else the whole file) and a hash of that part, so a file with an
+    unfinished last line then is resumed from there now, and any other file is skipped while unchanged."""
+    if "read_sample" in e:
+        return e
+    return {"size": e["size"], "sample": e["sample"], "offset": e["offset"], "lines": e["lines"],
+            "read_sample": e["sample"], "held_back": 0, "version": e.get("version", "")}
+
+
 def save(folder: Path, batch: int, states: dict[str, SourceState]) -> None:
-    write_json_atomic(folder / STATE_FILE, {"version": 1, "batch": batch,
+    write_json_atomic(folder / STATE_FILE, {"version": VERSION, "batch": batch,
                                             "sources": {k: asdict(s) for k, s in sorted(states.items())}})
 
 

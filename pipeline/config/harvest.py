@@ -244,8 +244,9 @@ class HarvestConfig(Section):
         None, description="Ask a teacher endpoint for a fresh output where the logged one is missing or poor.",
     )
     incremental: bool = Field(
-        True, description="Keep what earlier runs harvested and read only records newer than each source's "
-        "watermark (plus files that changed). False: read everything again on every run.",
+        True, description="Keep what earlier runs harvested and read only what is new: files from where they "
+        "stopped (by byte position), new or rewritten files whole (ids seen before dropped), SQL rows past the "
+        "watermark. False: read everything again on every run.",
     )
     batch_size: int = Field(50_000, gt=0, le=10_000_000, description="About this many records per Parquet file written.")
     workers: int = Field(

@@ -1,5 +1,6 @@
-"""Nightly increments: watermarks per source, only new records read, no record harvested twice, feedback that
-arrives later, crash safety, worker processes, SQL pushdown."""
+"""Nightly increments: what each file gave tracked by position and record id (not time), only new rows read, no
+record harvested twice, late rows and old files harvested, feedback that arrives later, crash safety, worker
+processes, SQL pushdown."""
 
 import json
 import os
@@ -27,7 +28,7 @@ def test_a_second_day_reads_only_what_is_new(tmp_path, capsys):
     inode = {p.name: p.stat().st_ino for p in batch1}
 
     # Day 2: 20 new lines appended; a re-export drops a copy of 5 day-1 lines plus 3 new ones into a new file,
-    # and a late line older than the watermark turns up.
+    # and a late line older than the newest record kept turns up.
     new = day(24, 20, start=100)
     jsonl(log, new, mode="a")
     jsonl(tmp_path / "logs" / "reexport.jsonl", day(23, 30)[-5:] + day(24, 3, start=200) + new[:1]
@@ -36,14 +37,16 @@ def test_a_second_day_reads_only_what_is_new(tmp_path, capsys):
     second = harvest(recipe)
     c = second["counts"]["this_run"]
     # The grown file is read from where the last run stopped: only its 20 new lines.
-    assert c["lines"] == 20 + 10 and c["records"] == 23
-    assert c["skipped_old"] == 1 + 5  # the late line, and the day-1 copies at or before the watermark
-    assert c["duplicates"] == 1  # a day-2 line in both files
+    # The late line is harvested (files are not filtered by time); the day-1 copies and a day-2 line in both files
+    # are dropped by id.
+    assert c["lines"] == 20 + 10 and c["records"] == 24
+    assert c["skipped_old"] == 0
+    assert c["duplicates"] == 5 + 1
     for k in (c, second["counts"]):  # every row read is accounted for, tonight and in all
         assert k["lines"] == k["quarantined"] + k["records"] + k["skipped_old"] + k["duplicates"] - k["extra_choices"]
-    assert second["counts"]["records"] == 53 and second["counts"]["sources"]["app"]["watermark"] == "2026-11-24T10:19:00Z"
+    assert second["counts"]["records"] == 54 and second["counts"]["sources"]["app"]["watermark"] == "2026-11-24T10:19:00Z"
     got = records(recipe)
-    assert len(got) == len({r["id"] for r in got}) == 53
+    assert len(got) == len({r["id"] for r in got}) == 54 and "req_999" in {r["id"] for r in got}
     # Day-1 batches are carried forward by hard links, not rewritten.
     for name, ino in inode.items():
         assert (tmp_path / RUN / "batches" / name).stat().st_ino == ino
@@ -183,3 +186,49 @@ def test_sql_watermark_reads_only_new_rows(tmp_path):
     con.close()
     assert quarantine(recipe) == []
     assert os.path.getsize(tmp_path / RUN / "watermarks.json") > 0
+
+
+def test_three_nights_of_late_rows_old_files_and_a_finished_line_harvest_each_once(tmp_path, capsys):
+    """Position and id, not time, decide what is new: rows appended late to a file already read, a new file of
+    rows older than the newest kept, and an unfinished last line completed later are each harvested once."""
+    logs = tmp_path / "logs"
+    app = jsonl(logs / "app.jsonl", day(23, 5))
+    live = logs / "live.jsonl"
+    cut = json.dumps(openai_row(300, ts="2026-11-23T08:00:00Z"))
+    live.write_text(json.dumps(openai_row(299, ts="2026-11-23T07:00:00Z")) + "\n" + cut[:33])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl", "name": "app"}]})
+
+    # Night 1: 6 whole rows; the unfinished line is held back, counted, and named in the summary.
+    capsys.readouterr()
+    m = harvest(recipe)
+    assert m["counts"]["records"] == 6 and m["counts"]["quarantined"] == 0
+    assert m["counts"]["held_back_partial_line"] == [{"source": "app", "file": str(live), "bytes": 33}]
+    assert "held back" in capsys.readouterr().out
+
+    # Night 2: a late row appended to app.jsonl (older than the newest kept), a new file of last week's rows with
+    # one copy of a row kept already, and the unfinished line completed.
+    jsonl(app, [openai_row(100, ts="2026-11-20T09:00:00Z"), *day(24, 2, start=110)], mode="a")
+    jsonl(logs / "backfill.jsonl", [*day(16, 3, start=200), openai_row(0, ts="2026-11-23T10:00:00Z")])
+    with open(live, "a") as f:
+        f.write(cut[33:] + "\n")
+    m = harvest(recipe)
+    c = m["counts"]["this_run"]
+    assert c["lines"] == 3 + 4 + 1 and c["records"] == 3 + 3 + 1 and c["duplicates"] == 1
+    assert c["skipped_old"] == 0 and c["held_back_partial_line"] == 0 and m["counts"]["held_back_partial_line"] == []
+    assert by_id(recipe)["req_100"]["source"] == "app.jsonl:6" and by_id(recipe)["req_300"]["source"] == "live.jsonl:2"
+
+    # Night 3: more late rows in every file, another old file, a new unfinished line; nothing read twice.
+    jsonl(app, [openai_row(101, ts="2026-11-19T09:00:00Z")], mode="a")
+    jsonl(logs / "backfill.jsonl", [openai_row(203, ts="2026-11-16T11:00:00Z")], mode="a")
+    jsonl(logs / "older.jsonl", day(10, 2, start=400))
+    with open(live, "a") as f:
+        f.write(json.dumps(openai_row(301, ts="2026-11-18T08:00:00Z")) + "\n" + cut[:10])
+    m = harvest(recipe)
+    c = m["counts"]["this_run"]
+    assert c["lines"] == 1 + 1 + 2 + 1 and c["records"] == 5 and c["duplicates"] == 0 and c["skipped_old"] == 0
+    assert [h["bytes"] for h in m["counts"]["held_back_partial_line"]] == [10]
+    got = [r["id"] for r in records(recipe)]
+    assert len(got) == len(set(got)) == 6 + 7 + 5 == m["counts"]["records"]
+    assert {"req_100", "req_101", "req_200", "req_203", "req_300", "req_301", "req_400", "req_401"} <= set(got)
+    for k in (c, m["counts"]):
+        assert k["lines"] == k["quarantined"] + k["records"] + k["skipped_old"] + k["duplicates"] - k["extra_choices"]
