@@ -104,7 +104,9 @@ class RunDir:
         """Write the manifest (with output checksums) and move the partial folder into place."""
         work = self.partial_dir(stage)
         (work / ".started.json").unlink(missing_ok=True)
-        manifest = {**manifest, "status": "complete", "outputs": checksums(work)}
+        outputs = checksums(work)
+        sizes = {rel: (work / rel).stat().st_size for rel in outputs}
+        manifest = {**manifest, "status": "complete", "outputs": outputs, "sizes": sizes}
         write_json_atomic(work / "manifest.json", manifest)
         final = self.stage_dir(stage)
         if final.exists():
@@ -118,6 +120,21 @@ class RunDir:
             os.replace(work, final)
         return manifest
 
+    def damaged(self, stage: str, manifest: dict[str, Any], verify: bool = False) -> str | None:
+        """Why a complete stage's outputs are not what its manifest recorded (None when they are): a file named
+        in the manifest is missing or has another size, or (``verify``) another sha256. Manifests written before
+        sizes were recorded are checked for presence (and sha256 when verifying)."""
+        folder, sizes = self.stage_dir(stage), manifest.get("sizes") or {}
+        for rel, sha in (manifest.get("outputs") or {}).items():
+            path = folder / rel
+            if not path.is_file():
+                return f"{stage}/{rel} is missing"
+            if rel in sizes and path.stat().st_size != sizes[rel]:
+                return f"{stage}/{rel} has {path.stat().st_size:,} bytes, the manifest says {sizes[rel]:,}"
+            if verify and sha256_file(path) != sha:
+                return f"{stage}/{rel} does not match its sha256 in the manifest"
+        return None
+
     @contextmanager
     def lock(self, command: str = "") -> Iterator[None]:
         """Hold an exclusive lock on the run directory; fail at once with who holds it."""
@@ -125,14 +142,15 @@ class RunDir:
         lock_path = self.path / ".lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = Path(lock_path).read_text().strip() or "another process"
-                raise RunLockedError(
-                    f"run directory {self.path} is in use by {holder}. Wait for that run to finish "
-                    "(the lock is released as soon as its process exits)."
-                ) from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # the holder's text stays for the next one refused
+            os.close(fd)
+            holder = Path(lock_path).read_text().strip() or "another process"
+            raise RunLockedError(
+                f"run directory {self.path} is in use by {holder}. Wait for that run to finish "
+                "(the lock is released as soon as its process exits)."
+            ) from None
+        try:
             os.ftruncate(fd, 0)
             os.write(
                 fd,

@@ -133,14 +133,16 @@ def expected_fingerprint(recipe: Recipe, run: RunDir, stage: str) -> str | None:
     return fingerprint(recipe.section(stage, c.also_reads), inputs)
 
 
-def stage_state(recipe: Recipe, run: RunDir, stage: str) -> tuple[str, dict[str, Any] | None]:
-    """One of complete | stale | partial | missing | waiting, and the manifest if any."""
+def stage_state(recipe: Recipe, run: RunDir, stage: str, verify: bool = False) -> tuple[str, dict[str, Any] | None]:
+    """One of complete | stale | partial | missing | waiting, and the manifest if any (with ``why`` when stale
+    because its outputs are not what it recorded; ``verify`` also compares every output's sha256)."""
     m = run.manifest(stage)
     fp = expected_fingerprint(recipe, run, stage)
     if m is not None:
         if fp is None or m.get("fingerprint") != fp:
             return "stale", m
-        return "complete", m
+        why = run.damaged(stage, m, verify)
+        return ("stale", {**m, "why": why}) if why else ("complete", m)
     if run.partial_info(stage):
         return "partial", None
     return ("missing" if fp is not None else "waiting"), None
@@ -170,14 +172,18 @@ def _summary_table(stage: str, result: StageResult, seconds: float) -> Table:
     return table
 
 
-def _prepare(recipe: Recipe, run: RunDir, stage: str, force: bool) -> tuple[str, Path | None, dict | None]:
+def _prepare(recipe: Recipe, run: RunDir, stage: str, force: bool,
+             console: Console) -> tuple[str, Path | None, dict | None]:
     """(fingerprint, work folder or None when the stage is skipped, the complete manifest when skipped)."""
     fp = expected_fingerprint(recipe, run, stage)
     if fp is None:
         raise StageFailed(stage, f"its inputs {contract(stage).reads} are not complete")
     done = run.manifest(stage)
     if done is not None and done.get("fingerprint") == fp and not force:
-        return fp, None, done
+        why = run.damaged(stage, done)
+        if why is None:
+            return fp, None, done
+        console.print(f"[yellow]{stage}: complete but {why}: running it again[/]")
     return fp, run.begin(stage, fp), None
 
 
@@ -225,7 +231,7 @@ def _skipped(console: Console, stage: str, done: dict[str, Any]) -> None:
 
 def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: bool = False) -> dict[str, Any]:
     """Run one stage unless a complete manifest with the same fingerprint exists."""
-    fp, work, done = _prepare(recipe, run, stage, force)
+    fp, work, done = _prepare(recipe, run, stage, force, console)
     if work is None:
         _skipped(console, stage, done)
         return done
@@ -299,7 +305,7 @@ def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list
             if main:
                 try:
                     if contract(stage).distributed:
-                        fp, work, done = _prepare(recipe, run, stage, stage in force)
+                        fp, work, done = _prepare(recipe, run, stage, stage in force, console)
                         if work is None:
                             _skipped(console, stage, done)
                         decision = {"fp": fp, "work": str(work) if work else None}

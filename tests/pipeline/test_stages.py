@@ -108,3 +108,43 @@ def test_a_forced_rerun_that_reproduces_the_data_does_not_rerun_what_follows(pro
     assert cli(["curate", str(recipe)]) == 0
     assert "curate: unchanged" in capsys.readouterr().out
     assert json.loads((run / "curate" / "manifest.json").read_text()) == before
+
+
+def test_a_complete_stage_whose_outputs_were_damaged_is_stale_and_reruns(project, capsys):
+    """A deleted or truncated output no longer passes for complete: status says why, a rerun redoes the stage."""
+    recipe = project()
+    run = recipe.parent / "runs" / "t"
+    assert cli(["curate", str(recipe)]) == 0
+    r = load_recipe(recipe)
+    before = json.loads((run / "curate" / "manifest.json").read_text())
+    assert before["sizes"]["train.parquet"] == (run / "curate" / "train.parquet").stat().st_size
+    (run / "curate" / "train.parquet").unlink()
+    state, m = stage_state(r, RunDir(run), "curate")
+    assert state == "stale" and m["why"] == "curate/train.parquet is missing"
+    capsys.readouterr()
+    assert cli(["curate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "curate: complete but curate/train.parquet is missing: running it again" in out
+    assert (run / "curate" / "train.parquet").read_bytes()  # written again
+    assert stage_state(r, RunDir(run), "curate")[0] == "complete"
+
+    # Truncated: the size no longer matches. Same size, other bytes: only --verify (sha256) sees it.
+    path = run / "harvest" / "quarantine.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert "has" in stage_state(r, RunDir(run), "harvest")[1]["why"]
+    path.write_bytes(data[:-1] + (b"x" if data[-1:] != b"x" else b"y"))
+    assert stage_state(r, RunDir(run), "harvest")[0] == "complete"
+    state, m = stage_state(r, RunDir(run), "harvest", verify=True)
+    assert state == "stale" and m["why"] == "harvest/quarantine.jsonl does not match its sha256 in the manifest"
+
+
+def test_a_refused_process_leaves_the_holders_text(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.lock("nightly job"):
+        for _ in range(2):  # the second refusal still names the holder
+            try:
+                with run.lock("second"):
+                    raise AssertionError("the lock was taken twice")
+            except RuntimeError as err:
+                assert "nightly job" in str(err), err
