@@ -14,6 +14,11 @@ from typing import Any
 import orjson
 
 
+class BadSchema(ValueError):
+    """The logged schema itself is not a valid JSON Schema (or cannot be applied): the record is rejected for it,
+    and the run goes on."""
+
+
 @lru_cache(maxsize=256)
 def validator(schema_text: str):
     """jsonschema's validator for a schema (the draft its $schema names, else 2020-12); raises on a bad schema."""
@@ -92,12 +97,16 @@ def schema_error(schema_text: str, instance: Any) -> str | None:
             return None
         except Exception:  # noqa: BLE001 - fastjsonschema.JsonSchemaException or odd input: ask jsonschema
             pass
-    check = validator(schema_text)
-    if check.is_valid(instance):
-        return None
     from jsonschema.exceptions import best_match
 
-    err = best_match(check.iter_errors(instance))
+    try:
+        check = validator(schema_text)
+        if check.is_valid(instance):
+            return None
+        err = best_match(check.iter_errors(instance))
+    except Exception as bad:  # noqa: BLE001 - SchemaError, an unresolvable $ref, a recursion: the schema is at fault
+        first = (str(bad).strip().splitlines() or [""])[0]
+        raise BadSchema(f"{type(bad).__name__}: {first}"[:200]) from None
     where = "/".join(str(p) for p in err.absolute_path) or "(root)"
     return f"{where}: {err.message}"[:300]
 
@@ -112,7 +121,10 @@ def check_output(kind: str, schema_text: str | None, text: str) -> str | None:
     if kind == "json_object" and not isinstance(instance, dict):
         return f"output is JSON but not an object (response_format json_object): {type(instance).__name__}"
     if schema_text is not None:
-        problem = schema_error(schema_text, instance)
+        try:
+            problem = schema_error(schema_text, instance)
+        except BadSchema as err:
+            return f"the logged response_format's JSON schema is itself invalid ({err})"[:300]
         if problem:
             return f"output does not match the schema: {problem}"
     return None
@@ -152,7 +164,10 @@ def check_tool_calls(calls_text: str, tools_text: str | None) -> str | None:
                 return f"tool call {name!r}: arguments are not valid JSON: {err}"[:300]
         schema = known.get(name) if known else None
         if schema is not None:
-            problem = schema_error(schema, args)
+            try:
+                problem = schema_error(schema, args)
+            except BadSchema as err:
+                return f"tool {name!r}: its logged parameters schema is itself invalid ({err})"[:300]
             if problem:
                 return f"tool call {name!r} arguments do not match the tool's parameters: {problem}"[:300]
     return None
