@@ -15,7 +15,9 @@ Logs: one JSON object per line, ``{id, timestamp, status_code, latency_ms, reque
 ``harvest.sources`` at ``<log_dir>/teacher-*.jsonl``) and ``<log_dir>/student-YYYY-MM-DD.jsonl`` for calls the
 student answered (for `distill route-check`; training on them would teach the student its own answers). The
 request is logged as the client sent it, plus ``metadata.function`` when the function came from the
-``x-distill-function`` header; headers are never logged, so API keys never reach the logs. API keys are read from
+``x-distill-function`` header (what a gateway forwards: LiteLLM drops ``metadata`` but forwards ``x-`` headers
+with ``forward_client_headers_to_llm_api``). The teacher is asked for the model the client named, or
+``--teacher-model``; a client that names the student (a gateway's deployment) gets the policy's teacher model; headers are never logged, so API keys never reach the logs. API keys are read from
 the environment variables named on the command line. ``metadata`` is not forwarded upstream unless the request
 sets ``store`` (OpenAI accepts it only then).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -71,6 +74,8 @@ class RouterProxy:
         self.policy_sha = policy_sha256[:12]
         self.top_k = int((router.policy.get("confidence") or {}).get("top_logprobs", 0))
         self.student_model = cfg.student_model or (router.policy.get("student") or {}).get("name") or "student"
+        teachers = (router.policy.get("teacher") or {}).get("models") or []
+        self.policy_teacher = teachers[0] if len(teachers) == 1 else None
         self.session: ClientSession | None = None
         self.blocking = router.embed is not None  # MiniLM runs in a thread, off the event loop
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,8 @@ class RouterProxy:
             tbody = dict(upstream)
             if self.cfg.teacher_model:
                 tbody["model"] = self.cfg.teacher_model
+            elif self.policy_teacher and tbody.get("model") in (self.student_model, None):
+                tbody["model"] = self.policy_teacher  # a gateway asked for the student: the teacher has its own name
             status, resp = await self._forward(self.cfg.teacher_url, tbody, self.cfg.teacher_key_env)
         latency = 1000 * (time.perf_counter() - t0)
         self.counts[decision.route] += 1
@@ -210,6 +217,9 @@ def serve(source: str | Path, cfg: ProxyConfig, host: str = "127.0.0.1", port: i
           language: bool = True, embeddings: bool = True, print_fn=print) -> None:
     """Load the policy and serve until interrupted."""
     path = policy_path(source)
+    # bitsandbytes (pulled in by transformers with the MiniLM embedder) warns at import that its optional CPU
+    # "kernels" package is missing; serve-router never runs 4-bit layers.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     router = Router.load(path, language=language, embeddings=embeddings)
     proxy = RouterProxy(router, cfg, sha256_file(path))
     skipped = f" (not checked: {', '.join(router.skipped)})" if router.skipped else ""

@@ -40,7 +40,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from export.route.drift import drift_reference
-from export.route.gateways import NOT_EXPRESSED, litellm_config, tensorzero_config
+from export.route.gateways import (
+    NOT_EXPRESSED,
+    litellm_config,
+    litellm_counter,
+    litellm_limits,
+    tensorzero_config,
+    vllm_sr_config,
+)
 from export.route.policy import EXTRAS, POLICY_FILE, POLICY_SCHEMA, RoutingPolicy
 from export.route.router import Decision, Router
 from export.route.rules import BeforeFit, fit_distance, fit_language, fit_length
@@ -155,13 +162,20 @@ def write_policy(ctx: StageContext, data: Heldout, fit: BeforeFit, fitted: Fitte
     ).to_json_dict()
     gw = cfg.gateway
     student_model = gw.student_model or ctx.recipe.export.model_name
-    (work / EXTRAS / "litellm.yaml").write_text(litellm_config(policy, gw, student_model))
+    # LiteLLM checks input length in its own count: the limits are calibrated into it on the held-out inputs
+    # (where litellm is installed; else they stay in student tokens and the config says so).
+    gateway_count = litellm_counter()
+    limits = litellm_limits(policy, {fn: [r["messages"] for r in rs] for fn, rs in data.heldout_inputs.items()},
+                            data.counter.exact, gateway_count) if gateway_count else None
+    (work / EXTRAS / "litellm.yaml").write_text(litellm_config(policy, gw, student_model, limits))
+    (work / EXTRAS / "vllm-sr.yaml").write_text(vllm_sr_config(policy, gw, student_model))
     (work / EXTRAS / "tensorzero.toml").write_text(tensorzero_config(policy, gw, student_model))
     names = ["tokenizer.json", *(f"{EXTRAS}/{f}" for f in (LANGUAGE_MODEL, "embeddings.safetensors", "litellm.yaml",
-                                                              "tensorzero.toml"))]
+                                                              "vllm-sr.yaml", "tensorzero.toml"))]
     policy = RoutingPolicy.model_validate({
         **policy,
         "gateways": {f"{EXTRAS}/litellm.yaml": {"not_expressed": NOT_EXPRESSED["litellm"]},
+                     f"{EXTRAS}/vllm-sr.yaml": {"not_expressed": NOT_EXPRESSED["vllm_sr"]},
                      f"{EXTRAS}/tensorzero.toml": {"not_expressed": NOT_EXPRESSED["tensorzero"]}},
         "files": {f: sha256_file(work / f) for f in names if (work / f).is_file()},
     }).to_json_dict()

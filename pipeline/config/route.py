@@ -52,6 +52,10 @@ class GatewayConfig(Section):
         None, description="Teacher model as the gateway names it (default: openai/<the teacher model in the logs>)."
     )
     teacher_key_env: str = Field("OPENAI_API_KEY", description="Name of the env var holding the teacher's API key.")
+    teacher_api_base: str | None = Field(
+        None, description="OpenAI-compatible endpoint of the teacher for the gateway configs (default: the provider's "
+        "own, e.g. https://api.openai.com/v1)."
+    )
     router_api_base: str = Field(
         "http://localhost:8080/v1", description="Where `distill serve-router` listens, for gateways that delegate to it."
     )

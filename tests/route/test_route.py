@@ -117,7 +117,7 @@ def test_stage_writes_a_complete_policy(e2e):
     for rel, digest in policy["files"].items():  # every file the policy needs, with its checksum
         assert sha256_file(route / rel) == digest, rel
     assert {"tokenizer.json", "routing/lid.176.ftz", "routing/embeddings.safetensors", "routing/litellm.yaml",
-            "routing/tensorzero.toml"} == set(policy["files"])
+            "routing/vllm-sr.yaml", "routing/tensorzero.toml"} == set(policy["files"])
     op = policy["operating_point"]
     assert 0 <= op["student_share"] <= 1 and op["student_share_ci"][0] <= op["student_share"] <= op["student_share_ci"][1]
     assert op["routed_quality"] >= 1 - policy["quality"]["tolerance"] - 1e-9
@@ -174,7 +174,11 @@ def test_gateway_configs_express_what_they_can(e2e):
         entry = groups[f"distill/{fn}"]
         if rule["enabled"]:
             assert entry["litellm_params"]["model"] == "openai/tiny-student"
-            assert entry["model_info"]["max_input_tokens"] == rule["before"]["max_input_tokens"]
+            # The limit in LiteLLM's own count (cl100k_base plus message overhead), calibrated on the held-out
+            # inputs; the config's comment gives the conversion.
+            limit, lite_limit = rule["before"]["max_input_tokens"], entry["model_info"]["max_input_tokens"]
+            assert f"{fn}: {limit} student tokens -> {lite_limit} in LiteLLM's count" in \
+                (route / "routing/litellm.yaml").read_text()
             assert {f"distill/{fn}": [f"distill/{fn}/teacher"]} in lite["router_settings"]["fallbacks"]
         else:
             assert entry["litellm_params"]["model"] == "openai/gpt-4o-2024-08-06"
