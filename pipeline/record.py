@@ -22,6 +22,9 @@ MESSAGE = pa.struct(
         ("name", pa.string()),
         ("tool_call_id", pa.string()),
         ("tool_calls", pa.string()),  # JSON list, or null
+        # Image parts of the message, in order, as logged: an image URL, a data URI, or a reference such as
+        # ``file_id:<id>`` / ``storage:<path>``; null when it has none. ``content`` keeps the text parts only.
+        ("images", pa.list_(pa.string())),
     ]
 )
 
@@ -64,19 +67,21 @@ def dumps(obj: Any) -> str:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
 
 
-def message(role: str, content: str | None, name=None, tool_call_id=None, tool_calls=None) -> dict[str, Any]:
-    """A canonical chat message."""
+def message(role: str, content: str | None, name=None, tool_call_id=None, tool_calls=None,
+            images: list[str] | None = None) -> dict[str, Any]:
+    """A canonical chat message (``images``: its image parts, see MESSAGE)."""
     return {
         "role": role,
         "content": content,
         "name": name,
         "tool_call_id": tool_call_id,
         "tool_calls": dumps(tool_calls) if tool_calls else None,
+        "images": list(images) if images else None,
     }
 
 
 # A record as a flat row (what the fast importers produce and the Arrow builder reads): the fields in schema order,
-# with messages as (role, content, name, tool_call_id, tool_calls) tuples, output likewise (or None), teacher as
+# with messages as (role, content, name, tool_call_id, tool_calls, images) tuples, output likewise (or None), teacher as
 # (model, provider, params, logprobs), usage as (input_tokens, output_tokens), maps as dicts, and the timestamp as
 # milliseconds since the epoch.
 ROW_FIELDS = tuple(f.name for f in RECORD_SCHEMA)
@@ -95,7 +100,7 @@ def epoch_ms(ts: Any) -> int | None:
 
 
 def _msg(m: dict[str, Any]) -> tuple:
-    return (m.get("role"), m.get("content"), m.get("name"), m.get("tool_call_id"), m.get("tool_calls"))
+    return (m.get("role"), m.get("content"), m.get("name"), m.get("tool_call_id"), m.get("tool_calls"), m.get("images"))
 
 
 def record_row(r: dict[str, Any]) -> tuple:
@@ -122,13 +127,19 @@ def _mask(values: Any) -> pa.Array | None:
     return pa.array([v is None for v in values], pa.bool_())
 
 
+def _column(values: tuple, type_: pa.DataType) -> pa.Array:
+    if pa.types.is_list(type_) and values.count(None) == len(values):  # all null, the usual case for lists (images,
+        return pa.nulls(len(values), type_)  # logprobs): Arrow's conversion of Python lists is slow even for nulls
+    return pa.array(values, type_)
+
+
 def _struct(values: tuple, type_: pa.StructType, width: int) -> pa.Array:
     mask = _mask(values)
     if mask is not None:
         empty = (None,) * width
         values = tuple(v or empty for v in values)
     cols = list(zip(*values, strict=True)) if values else [()] * width
-    return pa.StructArray.from_arrays([pa.array(c, f.type) for c, f in zip(cols, type_, strict=True)],
+    return pa.StructArray.from_arrays([_column(c, f.type) for c, f in zip(cols, type_, strict=True)],
                                       fields=list(type_), mask=mask)
 
 
@@ -140,7 +151,7 @@ def _offsets(values: tuple) -> pa.Array:
 def _messages(values: tuple) -> pa.Array:
     mask = _mask(values)
     flat = tuple(chain.from_iterable(v for v in values if v) if mask is not None else chain.from_iterable(values))
-    return pa.ListArray.from_arrays(_offsets(values), _struct(flat, MESSAGE, 5), mask=mask)
+    return pa.ListArray.from_arrays(_offsets(values), _struct(flat, MESSAGE, MESSAGE.num_fields), mask=mask)
 
 
 def _map(values: tuple, type_: pa.MapType) -> pa.Array:
@@ -164,7 +175,7 @@ def rows_to_table(rows: list[tuple]) -> pa.Table:
         if f.name == "messages":
             arrays.append(_messages(col))
         elif f.name == "output":
-            arrays.append(_struct(col, MESSAGE, 5))
+            arrays.append(_struct(col, MESSAGE, MESSAGE.num_fields))
         elif f.name in ("teacher", "usage"):
             arrays.append(_struct(col, f.type, f.type.num_fields))
         elif f.name in ("feedback", "tags"):
@@ -181,7 +192,8 @@ def to_table(records: list[dict[str, Any]]) -> pa.Table:
 
 
 def from_table(table: pa.Table) -> list[dict[str, Any]]:
-    """Arrow rows back to record dicts; maps become dicts."""
+    """Arrow rows back to record dicts; maps become dicts. Files written before a field was added (a message's
+    ``images``) read as they are: the field is simply absent from their dicts."""
     out = table.to_pylist()
     for r in out:
         for key in ("feedback", "tags"):

@@ -92,6 +92,34 @@ def _strings(arr: pa.Array) -> list[str | None]:
     return arr.to_pylist()
 
 
+def image_counts(batch: pa.Table) -> np.ndarray:
+    """Image parts per record: the messages' and the output's ``images`` (absent in files harvested before they were
+    kept, which read as none), or the ``has_images`` tag that older harvests set where they dropped them."""
+    n = batch.num_rows
+    counts = np.zeros(n, dtype=np.int64)
+    flat, rows, _ = columns.messages_flat(batch)
+    if "images" in flat.type.names and len(flat):
+        per_msg = pc.fill_null(pc.list_value_length(columns.field(flat, "images")), 0).to_numpy(zero_copy_only=False)
+        counts += np.bincount(rows, weights=per_msg, minlength=n).astype(np.int64)
+    out = columns.column(batch, "output")
+    if "images" in out.type.names:
+        counts += pc.fill_null(pc.list_value_length(columns.field(out, "images")), 0).to_numpy(zero_copy_only=False)
+    if "tags" in batch.column_names:
+        tagged = columns.map_value(batch, "tags", "has_images").to_pylist()
+        for i, t in enumerate(tagged):
+            if t is not None and t.isdigit() and int(t) > counts[i]:
+                counts[i] = int(t)
+    return counts
+
+
+def images(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
+    """Drop records with image parts: the student is text-only (curate.drop_images). The reason gives the count,
+    never the images' URLs (which may carry tokens)."""
+    counts = image_counts(batch)
+    return batch, [f"has {c} image part{'s' if c != 1 else ''}; the student is text-only" if c else None
+                   for c in counts.tolist()]
+
+
 def http_error(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
     """Drop calls that failed: HTTP status >= 400, an error body, or no output at all."""
     status = pc.fill_null(columns.column(batch, "status_code"), 200).to_numpy(zero_copy_only=False)
@@ -370,6 +398,7 @@ class Op:
 # rejected.parquet see redacted text; cheap checks come before costly ones.
 PER_RECORD: tuple[Op, ...] = (
     Op("pii", pii),
+    Op("images", images, when=lambda cfg: cfg.drop_images),
     Op("http_error", http_error, when=lambda cfg: cfg.drop_http_errors),
     Op("empty_output", empty_output, when=lambda cfg: cfg.drop_empty_outputs),
     Op("truncated_output", truncated_output, when=lambda cfg: cfg.drop_truncated_outputs),

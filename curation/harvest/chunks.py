@@ -67,8 +67,9 @@ class ChunkResult:
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     max_ms: int | None = None
     ids_at_max: list[str] = field(default_factory=list)
-    # What was kept but is worth knowing, per kind: "images" (image parts, which record text cannot hold),
-    # "records_with_images", "lenient_json" (rows read leniently: raw control characters in strings)
+    # What was kept but is worth knowing, per kind: "images" (image parts, kept in the messages' images),
+    # "records_with_images", "lenient_json" (rows read leniently: raw control characters in strings), and
+    # "coerced:<field>" (values of that record field dropped or truncated: importers.common.COERCED)
     notes: Counter[str] = field(default_factory=Counter)
 
 
@@ -154,6 +155,8 @@ def _convert(chunk: Chunk) -> ChunkResult:
     tmp = f"{chunk.out_path}.tmp"
     label, ffield, fbfield, default_ts = chunk.label, cfg.function_field, cfg.feedback_field, chunk.default_ts
     lines = skipped = extra = 0
+    coerced = common.COERCED
+    coerced.clear()
 
     def flush() -> None:
         nonlocal writer
@@ -182,12 +185,17 @@ def _convert(chunk: Chunk) -> ChunkResult:
                 one = fast_row(row, where, ffield, fbfield) if fast else None
                 recs = (one,) if one is not None else _parse(parse, row, where, cfg, default_ts, res.notes)
             except BadRecord as err:
+                coerced.clear()  # the row is quarantined whole: nothing of it was coerced into a record
                 reason = str(err)
                 res.quarantined += 1
                 res.reasons[reason.split(":")[0]] += 1
                 res.quarantine.append({"source": cfg.name or cfg.label, "file": chunk.origin, "line": number,
                                        "reason": reason})
                 continue
+            if coerced:
+                for k, v in coerced.items():
+                    res.notes[f"coerced:{k}"] += v
+                coerced.clear()
             extra += len(recs) - 1
             for rec in recs:
                 rid, t = rec[0], rec[2]

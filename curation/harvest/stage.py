@@ -44,8 +44,10 @@ REPORT_FILES = ("quarantine.jsonl",)
 
 QUARANTINE = "quarantine.jsonl"
 # Counts of what was kept but is worth knowing (chunks.ChunkResult.notes), per source, summed over runs like
-# watermarks.COUNT_KEYS; kept in a source's counts only once non-zero.
+# watermarks.COUNT_KEYS; kept in a source's counts only once non-zero. Besides these, "coerced:<field>": values of
+# a record field dropped or truncated by the importers (importers.common.COERCED).
 NOTE_KEYS = ("images", "records_with_images", "lenient_json")
+COERCED_PREFIX = "coerced:"
 
 
 class _Ingest(Ingest):
@@ -135,9 +137,9 @@ def run(ctx: StageContext) -> StageResult:
                 state.batches = [*state.batches, *sorted(ing.new_batches)]
                 for k in watermarks.COUNT_KEYS:
                     state.counts[k] = state.counts.get(k, 0) + ing.counts.get(k, 0)
-                for k in NOTE_KEYS:
-                    if ing.notes.get(k) or state.counts.get(k):
-                        state.counts[k] = state.counts.get(k, 0) + ing.notes.get(k, 0)
+                for k, n in sorted(ing.notes.items()):  # NOTE_KEYS and coerced:<field>
+                    if n:
+                        state.counts[k] = state.counts.get(k, 0) + n
                 states[key] = state
                 ingests.append(ing)
                 progress.advance(task)
@@ -380,17 +382,26 @@ def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states
 
 
 def _notes(counts: dict[str, Any], summary: list[tuple[str, str]], states: dict[str, Any]) -> None:
-    """Images and leniently read rows, counted per source (added only when there are any)."""
+    """Images, leniently read rows and values coerced or dropped, counted per source (added only when there are
+    any)."""
     notes = {k: sum(st.counts.get(k, 0) for st in states.values()) for k in NOTE_KEYS}
     if notes["images"]:
         counts["images"] = {"images": notes["images"], "records_with_images": notes["records_with_images"]}
         summary.append(("images", f"{notes['images']:,} image parts in {notes['records_with_images']:,} records "
-                        "(tag has_images; record content keeps the text only): " + ", ".join(
+                        "(kept in the messages' images; tag has_images): " + ", ".join(
                             f"{st.label} {st.counts['images']:,}" for st in states.values() if st.counts.get("images"))))
     if notes["lenient_json"]:
         counts["lenient_json"] = notes["lenient_json"]
         summary.append(("read leniently", f"{notes['lenient_json']:,} rows with raw control characters inside JSON "
                         "strings (tag lenient_json)"))
+    coerced: Counter[str] = Counter()
+    for st in states.values():
+        coerced.update({k[len(COERCED_PREFIX):]: v for k, v in st.counts.items() if k.startswith(COERCED_PREFIX) and v})
+    if coerced:
+        counts["coerced"] = dict(sorted(coerced.items()))
+        summary.append(("coerced", f"{sum(coerced.values()):,} values dropped or truncated, not of the field's kind "
+                        "(a latency that is not a number, tags that are not a map, ...): "
+                        + ", ".join(f"{k} {v:,}" for k, v in sorted(coerced.items()))))
 
 
 def _feedback_and_regeneration(counts: dict[str, Any], summary: list[tuple[str, str]], totals: dict[str, Any],

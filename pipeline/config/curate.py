@@ -277,6 +277,11 @@ class Executor(Section):
 
 
 class CurateConfig(Section):
+    drop_images: bool = Field(
+        True, description="Drop records whose messages hold image parts (harvest keeps them in each message's "
+        "images, and tags older records has_images): the student is text-only, and the teacher's answer may talk "
+        "about the images. Set false only for a student that reads images.",
+    )
     drop_http_errors: bool = Field(True, description="Drop records whose logged call failed (status >= 400 or error).")
     drop_empty_outputs: bool = Field(True, description="Drop records whose teacher output is empty.")
     drop_truncated_outputs: bool = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -76,26 +77,65 @@ def loads_row(raw: bytes, err: Exception) -> Any:
 
 
 # --- image parts ---------------------------------------------------------------------------------------------------
-# The canonical record keeps message content as text (pipeline/record.py), so an image part cannot be kept there.
-# The importers count the image parts they meet here instead; harvest tags the row's records ``has_images`` with
-# the number and counts them per source, so that no image vanishes silently.
+# Image parts are kept in the canonical messages (a message's ``images``: the URL or data URI as logged, or a
+# reference to where the image is stored); ``content`` keeps the text. The importers also count the image parts
+# they meet here; harvest tags the row's records ``has_images`` with the number and counts them per source, and
+# curate drops records with images for a text-only student (curate.drop_images), with the reason.
 
 IMAGE_TYPES = frozenset({"image_url", "input_image", "image"})
 IMAGE_PARTS = [0]  # image parts met in the row being imported (reset by harvest before each row)
+NO_REFERENCE = "unreferenced:"  # an image part that names no URL, data, file or stored path
 
 
 def is_image(part: dict[str, Any]) -> bool:
-    """An image content part: OpenAI ``image_url`` / ``input_image``, an ``image`` block, a file of type image/*."""
+    """An image content part: OpenAI ``image_url`` / ``input_image``, an ``image`` block, a file of type image/*,
+    an OpenTelemetry blob / uri / file part of modality image."""
     kind = part.get("type")
     if not isinstance(kind, str):
         return False
     if kind in IMAGE_TYPES:
+        return True
+    if kind in ("blob", "uri", "file") and part.get("modality") == "image":
         return True
     if kind == "file":
         f = part.get("file")
         mime = part.get("mime_type") or (f.get("mime_type") if isinstance(f, dict) else None)
         return isinstance(mime, str) and mime.startswith("image/")
     return False
+
+
+def image_ref(part: dict[str, Any]) -> str:
+    """What an image part points at, as logged: its URL or data URI (base64 data becomes a data URI); else
+    ``file_id:<id>`` (an uploaded file) or ``storage:<path>`` (TensorZero's object store); else ``unreferenced:``."""
+    for holder in (part, part.get("image_url"), part.get("image"), part.get("file"), part.get("source")):
+        if isinstance(holder, str) and holder and holder is not part:
+            return holder
+        if not isinstance(holder, dict):
+            continue
+        for key in ("url", "uri", "image_url", "file_data"):
+            v = holder.get(key)
+            if isinstance(v, str) and v:
+                return v
+        data = holder.get("data") if holder is not part or part.get("type") != "blob" else part.get("content")
+        if isinstance(data, str) and data:
+            mime = holder.get("mime_type") or holder.get("media_type") or "image/*"
+            return data if data.startswith("data:") else f"data:{mime};base64,{data}"
+        if isinstance(holder.get("file_id"), str) and holder["file_id"]:
+            return f"file_id:{holder['file_id']}"
+    sp = part.get("storage_path")
+    if isinstance(sp, dict) and isinstance(sp.get("path"), str) and sp["path"]:
+        return f"storage:{sp['path']}"
+    return NO_REFERENCE
+
+
+# --- values coerced or dropped ---------------------------------------------------------------------------------------
+# A value the record cannot hold as logged -- a latency, cost or token count that is not a number, tags or feedback
+# that are not a map, a feedback value that is not a number, a fractional token count -- is dropped (or truncated),
+# never silently: the helpers below count it here per record field when the caller names the field. Harvest moves
+# the counts of each imported row into its chunk's notes ("coerced:<field>"), and the summary and the manifest show
+# them per field; the counts of a row that is then quarantined are discarded with it.
+
+COERCED: Counter[str] = Counter()
 
 
 def decode_json_text(v: Any) -> Any:
@@ -149,12 +189,13 @@ def timestamp(v: Any, where: str = "timestamp") -> datetime:
     raise BadRecord(f"{where} must be text or a number, got {type(v).__name__}")
 
 
-def text(content: Any, where: str) -> str | None:
-    """Message content as text: a string, or the text parts of a list of content parts."""
+def content_parts(content: Any, where: str) -> tuple[str | None, list[str] | None]:
+    """Message content as (text, image parts): a string, or the text parts of a list of content parts, and the
+    references of its image parts (``image_ref``; None when there are none)."""
     if content is None or isinstance(content, str):
-        return content
+        return content, None
     if isinstance(content, list):
-        out = []
+        out, images = [], []
         for p in content:
             if isinstance(p, str):
                 out.append(p)
@@ -165,8 +206,14 @@ def text(content: Any, where: str) -> str | None:
                 out.append(t)
             elif isinstance(p, dict) and is_image(p):
                 IMAGE_PARTS[0] += 1
-        return "".join(out)
+                images.append(image_ref(p))
+        return "".join(out), images or None
     raise BadRecord(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def text(content: Any, where: str) -> str | None:
+    """Message content as text: a string, or the text parts of a list of content parts (image parts counted)."""
+    return content_parts(content, where)[0]
 
 
 def chat_message(m: Any, where: str) -> dict[str, Any]:
@@ -178,8 +225,8 @@ def chat_message(m: Any, where: str) -> dict[str, Any]:
         calls = [{"type": "function", "function": m["function_call"]}]
     if calls is not None and not isinstance(calls, list):
         raise BadRecord(f"{where}.tool_calls must be a list")
-    return message(m["role"], text(m.get("content"), where), opt_str(m.get("name")), opt_str(m.get("tool_call_id")),
-                   calls)
+    content, images = content_parts(m.get("content"), where)
+    return message(m["role"], content, opt_str(m.get("name")), opt_str(m.get("tool_call_id")), calls, images)
 
 
 def chat_messages(msgs: Any, where: str) -> list[dict[str, Any]]:
@@ -203,18 +250,27 @@ def content_id(obj: Any) -> str:
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
 
-def metrics(fb: Any) -> dict[str, float]:
-    """An object of metric -> value, numbers and booleans only (free text is not a metric)."""
+def metrics(fb: Any, field: str | None = None) -> dict[str, float]:
+    """An object of metric -> value, numbers and booleans only (free text is not a metric). With ``field``, a
+    value dropped (not a number, or the whole value not an object) is counted in COERCED."""
     out: dict[str, float] = {}
     if isinstance(fb, dict):
         for k, v in fb.items():
             if isinstance(v, (bool, int, float)):
                 out[str(k)] = float(v)
+            elif field is not None and v is not None:
+                COERCED[field] += 1
+    elif field is not None and fb is not None:
+        COERCED[field] += 1
     return out
 
 
-def string_tags(d: Any, skip: tuple[str, ...] = ()) -> dict[str, str]:
+def string_tags(d: Any, skip: tuple[str, ...] = (), field: str | None = None) -> dict[str, str]:
+    """An object as string tags (values that are not text as JSON text). With ``field``, a value that is not an
+    object is counted in COERCED (dropped)."""
     if not isinstance(d, dict):
+        if field is not None and d is not None:
+            COERCED[field] += 1
         return {}
     return {str(k): v if isinstance(v, str) else dumps(v) for k, v in d.items() if k not in skip and v is not None}
 
@@ -228,24 +284,40 @@ def opt_str(v: Any) -> str | None:
     return None
 
 
-def number(v: Any) -> float | None:
+def number(v: Any, field: str | None = None) -> float | None:
+    """A number, or a number written as text; else None. With ``field``, a value dropped (present but not a
+    number: a boolean, an object, text that is not a number) is counted in COERCED."""
     if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
+        x = None
+    elif isinstance(v, (int, float)):
         return float(v)
-    if isinstance(v, str):
+    elif isinstance(v, str):
         try:
             return float(v)
         except ValueError:
-            return None
-    return None
+            x = None
+    else:
+        x = None
+    if field is not None and v is not None and not (isinstance(v, str) and not v.strip()):
+        COERCED[field] += 1
+    return x
 
 
-def integer(v: Any) -> int | None:
+def integer(v: Any, field: str | None = None) -> int | None:
+    """An integer (within 62 bits), or a number truncated to one; else None. With ``field``, a value dropped or
+    truncated (a fractional count, NaN, out of range) is counted in COERCED."""
     if type(v) is int:
-        return v if abs(v) < 2**62 else None
-    x = number(v)
-    return int(x) if x is not None and x == x and abs(x) < 2**62 else None
+        if abs(v) < 2**62:
+            return v
+        x = None
+    else:
+        x = number(v, field)
+        if x is None:
+            return None
+    out = int(x) if x is not None and x == x and abs(x) < 2**62 else None
+    if field is not None and (out is None or out != x):
+        COERCED[field] += 1
+    return out
 
 
 def new_record(rid: str, source: str, ts: datetime, function: str, messages: list[dict[str, Any]],

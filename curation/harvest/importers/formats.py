@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from curation.harvest.importers.common import (
+    COERCED,
     IMAGE_PARTS,
     BadRecord,
     chat_message,
@@ -18,6 +19,7 @@ from curation.harvest.importers.common import (
     content_id,
     decode_json_text,
     dotted,
+    image_ref,
     integer,
     is_image,
     json_text,
@@ -69,7 +71,7 @@ def openai_finetune(row: Any, where: str, cfg: Source, default_ts: datetime) -> 
         output=msgs[-1], tools=json_text(row.get("tools") or row.get("functions")),
         response_format=json_text(row.get("response_format")), finish_reason="stop", status_code=200,
         teacher={"model": meta.get("model"), "provider": "openai_finetune", "params": "{}", "logprobs": None},
-        tags=string_tags(meta, skip=("function", "timestamp", "model")),
+        tags=string_tags(meta, skip=("function", "timestamp", "model"), field="tags"),
         split=str(row["split"]).lower() if isinstance(row.get("split"), str) else None,
     )]
 
@@ -121,7 +123,7 @@ def _tz_messages(msg: Any, where: str) -> list[dict[str, Any]]:
         return [message(msg["role"], content)]
     if not isinstance(content, list):
         raise BadRecord(f"{where}.content must be text or a list of content blocks")
-    out, texts, calls = [], [], []
+    out, texts, calls, images = [], [], [], []
     for j, b in enumerate(content):
         if isinstance(b, str):
             texts.append(b)
@@ -137,11 +139,12 @@ def _tz_messages(msg: Any, where: str) -> list[dict[str, Any]]:
             result = b.get("result")
             out.append(message("tool", result if isinstance(result, str) else dumps(result), opt_str(b.get("name")),
                                opt_str(b.get("id"))))
-        elif is_image(b):  # counted and tagged by harvest: the record's text content cannot hold it
+        elif is_image(b):  # kept in the message's images; counted and tagged by harvest
             IMAGE_PARTS[0] += 1
+            images.append(image_ref(b))
         # thought, other file and unknown blocks carry nothing the student trains on
-    if texts or calls or not out:
-        out.append(message(msg["role"], "".join(texts) if texts else None, tool_calls=calls or None))
+    if texts or calls or images or not out:
+        out.append(message(msg["role"], "".join(texts) if texts else None, tool_calls=calls or None, images=images))
     return out
 
 
@@ -211,7 +214,7 @@ def tensorzero(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[
     params = decode_json_text(row.get("inference_params"))
     if isinstance(params, dict) and len(params) == 1 and isinstance(next(iter(params.values())), dict):
         params = next(iter(params.values()))  # {"chat_completion": {...}}
-    tags = string_tags(decode_json_text(row.get("tags")))
+    tags = string_tags(decode_json_text(row.get("tags")), field="tags")
     if opt_str(row.get("variant_name")):
         tags["variant"] = str(row["variant_name"])
     return [new_record(
@@ -227,9 +230,10 @@ def tensorzero(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[
                  "provider": opt_str(row.get("model_provider_name")) or "tensorzero",
                  "params": dumps({k: v for k, v in params.items() if v is not None}) if isinstance(params, dict)
                  else "{}", "logprobs": None},
-        usage={"input_tokens": integer(row.get("input_tokens")), "output_tokens": integer(row.get("output_tokens"))},
+        usage={"input_tokens": integer(row.get("input_tokens"), "usage.input_tokens"),
+               "output_tokens": integer(row.get("output_tokens"), "usage.output_tokens")},
         latency_ms=number(row.get("processing_time_ms") if row.get("processing_time_ms") is not None
-                          else row.get("response_time_ms")),
+                          else row.get("response_time_ms"), "latency_ms"),
         tags=tags,
     )]
 
@@ -245,9 +249,9 @@ def openpipe(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[di
     raw_tags = decode_json_text(row.get("tags"))
     if isinstance(raw_tags, list):  # LoggedCallTag rows
         raw_tags = {t.get("name"): t.get("value") for t in raw_tags if isinstance(t, dict) and t.get("name")}
-    tags = string_tags(raw_tags)
+    tags = string_tags(raw_tags, field="tags")
     if isinstance(req, dict) and isinstance(req.get("metadata"), dict):
-        tags = {**string_tags(req["metadata"], skip=("function",)), **tags}
+        tags = {**string_tags(req["metadata"], skip=("function",), field="tags"), **tags}
     if row.get("errorMessage") and not isinstance(resp, dict):
         resp = {"error": {"message": str(row["errorMessage"])}}
     fn = cfg.function or dotted(row, cfg.function_field or "tags.prompt_id") or dotted(req, "metadata.function")
@@ -256,7 +260,7 @@ def openpipe(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[di
         ts = resp.get("created")
     return from_call(req, resp, rid=row.get("id") or (resp.get("id") if isinstance(resp, dict) else None),
                      source=where, ts=ts, status=row.get("statusCode"), latency=row.get("durationMs"),
-                     feedback=metrics(row.get("feedback")), tags=tags, function=fn, choices=cfg.choices,
+                     feedback=metrics(row.get("feedback"), "feedback"), tags=tags, function=fn, choices=cfg.choices,
                      provider="openpipe")
 
 
@@ -301,21 +305,23 @@ def mapped(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dict
         raise BadRecord(f"{f.get('messages') or f.get('prompt')}: no input messages")
     ts = get("timestamp")
     rid = get("id")
-    feedback = metrics(get("feedback"))
-    tags = string_tags(get("tags"))
+    feedback = metrics(get("feedback"), "feedback")
+    tags = string_tags(get("tags"), field="tags")
     for key, path in f.items():
         head, _, name = key.partition(".")
         if head == "feedback" and name:
             v = dotted(row, path)
             if isinstance(v, str):
                 v = number(v) if v.lower() not in ("true", "false") else float(v.lower() == "true")
-            if isinstance(v, (bool, int, float)):
+            if isinstance(v, (bool, int, float)) and v == v:
                 feedback[name] = float(v)
+            elif v is not None and v != "":
+                COERCED["feedback"] += 1  # a feedback value that is not a number: dropped
         elif head == "tags" and name:
             v = dotted(row, path)
             if v is not None and v != "":
                 tags[name] = v if isinstance(v, str) else dumps(v)
-    status, error = integer(get("status_code")), get("error")
+    status, error = integer(get("status_code"), "status_code"), get("error")
     if status is not None and not 0 <= status < 1000:
         raise BadRecord(f"{f['status_code']} is not an HTTP status")
     fn = cfg.function or get("function") or (dotted(row, cfg.function_field) if cfg.function_field else None)
@@ -330,8 +336,9 @@ def mapped(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dict
         teacher={"model": str(get("model")) if get("model") not in (None, "") else None,
                  "provider": str(get("provider")) if get("provider") not in (None, "") else None,
                  "params": "{}", "logprobs": None},
-        usage={"input_tokens": integer(get("input_tokens")), "output_tokens": integer(get("output_tokens"))},
-        latency_ms=number(get("latency_ms")), cost_usd=number(get("cost_usd")), feedback=feedback, tags=tags,
+        usage={"input_tokens": integer(get("input_tokens"), "usage.input_tokens"),
+               "output_tokens": integer(get("output_tokens"), "usage.output_tokens")},
+        latency_ms=number(get("latency_ms"), "latency_ms"), cost_usd=number(get("cost_usd"), "cost_usd"), feedback=feedback, tags=tags,
     )]
 
 

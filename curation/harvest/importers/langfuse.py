@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from curation.harvest.importers.common import (
+    COERCED,
     BadRecord,
     chat_message,
     chat_messages,
@@ -136,12 +137,14 @@ def _scores(row: dict[str, Any]) -> dict[str, float]:
 def _usage(row: dict[str, Any]) -> tuple[int | None, int | None]:
     d = decode_json_text(row.get("usageDetails"))
     if isinstance(d, dict) and ("input" in d or "output" in d):
-        return integer(d.get("input")), integer(d.get("output"))
+        return integer(d.get("input"), "usage.input_tokens"), integer(d.get("output"), "usage.output_tokens")
     u = row.get("usage")
     if isinstance(u, dict) and ("input" in u or "output" in u):
-        return integer(u.get("input")), integer(u.get("output"))
-    return (integer(row.get("inputUsage") if row.get("inputUsage") is not None else row.get("promptTokens")),
-            integer(row.get("outputUsage") if row.get("outputUsage") is not None else row.get("completionTokens")))
+        return integer(u.get("input"), "usage.input_tokens"), integer(u.get("output"), "usage.output_tokens")
+    return (integer(row.get("inputUsage") if row.get("inputUsage") is not None else row.get("promptTokens"),
+                    "usage.input_tokens"),
+            integer(row.get("outputUsage") if row.get("outputUsage") is not None else row.get("completionTokens"),
+                    "usage.output_tokens"))
 
 
 def observation(row: Any, where: str, cfg: Source) -> list[dict[str, Any]]:
@@ -162,19 +165,21 @@ def observation(row: Any, where: str, cfg: Source) -> list[dict[str, Any]]:
         raise BadRecord("generation has no output and no error (level ERROR)")
     start = row.get("startTime")
     ts = timestamp(start, "startTime")
-    latency = number(row.get("latency"))
+    latency = number(row.get("latency"), "latency_ms")
     latency = latency * 1000 if latency is not None else None
     if latency is None and row.get("endTime") is not None:
         try:
             latency = (timestamp(row["endTime"], "endTime") - ts).total_seconds() * 1000
         except BadRecord:
             latency = None
-    cost = number(row.get("totalCost"))
+    cost = number(row.get("totalCost"), "cost_usd")
     if cost is None:
         cost = number(dotted(row, "costDetails.total"))
     if cost is None:
         cost = number(row.get("calculatedTotalCost"))
     meta = decode_json_text(row.get("metadata"))
+    if meta is not None and not isinstance(meta, dict):
+        COERCED["tags"] += 1  # metadata that is not an object: no tags from it
     meta = meta if isinstance(meta, dict) else {}
     tags = {k: v for k, v in (
         ("trace_id", opt_str(row.get("traceId"))), ("parent_observation_id", opt_str(row.get("parentObservationId"))),

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from curation.harvest.importers.common import (
+    COERCED,
     BadRecord,
     decode_json_text,
     dotted,
@@ -75,15 +76,17 @@ def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dic
     elif response in (None, {}) and spend_log:
         raise BadRecord("response not stored (LiteLLM spend logs keep it only with store_prompts_in_spend_logs)")
     start, end = row.get("startTime"), row.get("endTime")
-    latency = number(row.get("request_duration_ms"))
+    latency = number(row.get("request_duration_ms"), "latency_ms")
     if latency is None and start is not None and end is not None:
         try:
             latency = (timestamp(end, "endTime") - timestamp(start, "startTime")).total_seconds() * 1000
         except BadRecord:
             latency = None
-    if latency is None and number(row.get("response_time")) is not None:
+    if latency is None and number(row.get("response_time"), "latency_ms") is not None:
         latency = number(row["response_time"]) * 1000  # type: ignore[operator]
     meta = decode_json_text(row.get("metadata"))
+    if meta is not None and not isinstance(meta, dict):
+        COERCED["tags"] += 1  # metadata that is not an object: no tags from it
     meta = meta if isinstance(meta, dict) else {}
     tags: dict[str, str] = {}
     requester = decode_json_text(meta.get("requester_metadata"))
@@ -106,12 +109,12 @@ def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dic
     records = from_call(request, response, rid=rid, source=where, ts=start if start is not None else None,
                         status=code, latency=latency, tags=tags, function=fn, choices=cfg.choices,
                         provider=opt_str(row.get("custom_llm_provider")) or "litellm")
-    cost = number(row.get("spend") if spend_log else row.get("response_cost"))
+    cost = number(row.get("spend") if spend_log else row.get("response_cost"), "cost_usd")
     for rec in records:
         rec["cost_usd"] = cost if len(records) == 1 else None
         u = rec["usage"]
         if u["input_tokens"] is None:
-            u["input_tokens"] = integer(row.get("prompt_tokens"))
+            u["input_tokens"] = integer(row.get("prompt_tokens"), "usage.input_tokens")
         if u["output_tokens"] is None and len(records) == 1:
-            u["output_tokens"] = integer(row.get("completion_tokens"))
+            u["output_tokens"] = integer(row.get("completion_tokens"), "usage.output_tokens")
     return records

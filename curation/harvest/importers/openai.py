@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from curation.harvest.importers.common import (
+    COERCED,
     SAMPLING_KEYS,
     BadRecord,
     chat_message,
@@ -206,7 +207,7 @@ def from_call(
         error = str(resp["error"].get("message") or resp["error"].get("type") or "error")
     elif isinstance(resp.get("error"), str):
         error = resp["error"]
-    status = integer(status)
+    status = integer(status, "status_code")
     if status is not None and not 0 <= status < 1000:
         raise BadRecord("status_code is not an HTTP status")
     if status is None:
@@ -223,8 +224,15 @@ def from_call(
     else:
         outs.append((0, None, None, None))
     metadata = request.get("metadata") if isinstance(request.get("metadata"), dict) else {}
+    if request.get("metadata") is not None and not isinstance(request["metadata"], dict):
+        COERCED["tags"] += 1  # metadata that is not an object: no tags from it
     usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else {}
+    if resp.get("usage") is not None and not isinstance(resp["usage"], dict):
+        COERCED["usage"] += 1
     several = len(outs) > 1
+    in_tokens = integer(usage.get("prompt_tokens"), "usage.input_tokens")
+    out_tokens = None if several else integer(usage.get("completion_tokens"), "usage.output_tokens")
+    latency_ms = number(latency, "latency_ms")
     base = str(rid) if rid not in (None, "") else (str(resp["id"]) if resp.get("id") else None)
     when = timestamp(ts if ts is not None else resp.get("created"))
     params = {k: request[k] for k in SAMPLING_KEYS if k in request}
@@ -251,9 +259,8 @@ def from_call(
             output=out, finish_reason=fin, status_code=status, error=error,
             teacher={"model": str(model) if model is not None else None, "provider": provider,
                      "params": dumps(params) if params else "{}", "logprobs": lps},
-            usage={"input_tokens": integer(usage.get("prompt_tokens")),
-                   "output_tokens": None if several else integer(usage.get("completion_tokens"))},
-            latency_ms=number(latency), feedback=dict(feedback or {}), tags=rec_tags,
+            usage={"input_tokens": in_tokens, "output_tokens": out_tokens},
+            latency_ms=latency_ms, feedback=dict(feedback or {}), tags=rec_tags,
         ))
     return records
 
@@ -271,7 +278,7 @@ def parse_openai(line: Any, source: str, function_field: str | None = None, feed
         line.get("request"), response, rid=line.get("id"), source=source,
         ts=line.get("timestamp") if line.get("timestamp") is not None else line.get("created_at"),
         status=line.get("status_code"), latency=line.get("latency_ms"),
-        feedback=metrics(dotted(line, feedback_field)), function=fn, choices=choices,
+        feedback=metrics(dotted(line, feedback_field), "feedback"), function=fn, choices=choices,
     )
 
 
@@ -291,7 +298,7 @@ def _fast_messages(msgs: list) -> list[tuple] | None:
         if (type(role) is not str or (content is not None and type(content) is not str)
                 or (name is not None and type(name) is not str) or (call_id is not None and type(call_id) is not str)):
             return None
-        messages.append((role, content, name, call_id, None))
+        messages.append((role, content, name, call_id, None, None))
     return messages
 
 
@@ -358,6 +365,8 @@ def fast_row(line: Any, where: str, function_field: str | None = None,
     fb = line.get(feedback_field) if feedback_field == "feedback" else dotted(line, feedback_field)
     usage = resp.get("usage")
     if type(usage) is not dict:
+        if usage is not None:
+            COERCED["usage"] += 1
         usage = {}
     finish = ch.get("finish_reason")
     model = resp.get("model") or req.get("model")
@@ -370,11 +379,13 @@ def fast_row(line: Any, where: str, function_field: str | None = None,
         str(rid), where, _fast_epoch_ms(ts), str(fn) if fn not in (None, "") else "default",
         str(episode) if episode is not None else None, messages,
         json_text(tools) if tools else None, json_text(schema) if schema else None,
-        (role, content, name, call_id, None), finish if type(finish) is str else None,
+        (role, content, name, call_id, None, None), finish if type(finish) is str else None,
         200 if status is None else status, None,
         (str(model) if model is not None else None, "openai", dumps(params) if params else "{}", None),
-        (integer(usage.get("prompt_tokens")), integer(usage.get("completion_tokens"))),
-        float(latency) if type(latency) in (int, float) else number(latency), None, metrics(fb) if fb else {},
+        (integer(usage.get("prompt_tokens"), "usage.input_tokens"),
+         integer(usage.get("completion_tokens"), "usage.output_tokens")),
+        float(latency) if type(latency) in (int, float) else number(latency, "latency_ms"), None,
+        metrics(fb, "feedback") if fb is not None else {},
         {k if type(k) is str else str(k): v if type(v) is str else dumps(v)
          for k, v in meta.items() if k != "function" and v is not None} if meta else {},
         None,

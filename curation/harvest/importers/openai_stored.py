@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from curation.harvest.importers.common import (
+    COERCED,
     SAMPLING_KEYS,
     BadRecord,
     decode_json_text,
@@ -54,6 +55,8 @@ def _completion(item: Any, where: str, cfg: Source) -> list[dict[str, Any]]:
     if "choices" not in item:
         raise BadRecord("a stored completion has no 'choices'")
     meta = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+    if item.get("metadata") is not None and not isinstance(item["metadata"], dict):
+        COERCED["tags"] += 1  # metadata that is not an object: no tags from it
     request = {k: item[k] for k in (*SAMPLING_KEYS, "tools", "response_format") if item.get(k) is not None}
     request["messages"] = _input(item.get("messages"))
     request["model"] = item.get("model")

@@ -36,6 +36,7 @@ from curation.harvest.importers.common import (
     content_id,
     decode_json_text,
     failed_item,
+    image_ref,
     integer,
     json_text,
     new_record,
@@ -141,6 +142,7 @@ def _parts_message(m: Any, where: str) -> list[dict[str, Any]]:
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
+    images: list[str] = []
     for j, p in enumerate(parts):
         if isinstance(p, str):
             texts.append(p)
@@ -160,11 +162,12 @@ def _parts_message(m: Any, where: str) -> list[dict[str, Any]]:
             results.append(message("tool", r if isinstance(r, str) else dumps(r), None, opt_str(p.get("id"))))
         elif kind in ("blob", "uri", "file") and p.get("modality") == "image":
             IMAGE_PARTS[0] += 1
+            images.append(image_ref(p))
         # reasoning, server tool calls, audio/video and unknown parts carry nothing the student trains on
     out = list(results)
-    if texts or calls or not results:
+    if texts or calls or images or not results:
         out.append(message(m["role"], "".join(texts) if texts else None, opt_str(m.get("name")),
-                           tool_calls=calls or None))
+                           tool_calls=calls or None, images=images))
     return out
 
 
@@ -405,7 +408,8 @@ def span_records(call: Call, where: str, cfg: Source, default_ts: datetime) -> l
         ("operation", opt_str(a.get("gen_ai.operation.name"))), ("agent", opt_str(a.get("gen_ai.agent.name"))),
     ) if v}
     fn = cfg.function or a.get(cfg.function_field or "gen_ai.agent.name") or call.resource.get("service.name")
-    usage_in, usage_out = integer(a.get("gen_ai.usage.input_tokens")), integer(a.get("gen_ai.usage.output_tokens"))
+    usage_in = integer(a.get("gen_ai.usage.input_tokens"), "usage.input_tokens")
+    usage_out = integer(a.get("gen_ai.usage.output_tokens"), "usage.output_tokens")
     if not outs:
         outs = [(None, None)]
     several = len(outs) > 1
