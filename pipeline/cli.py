@@ -42,6 +42,7 @@ examples:
   distill run recipes/demo.yaml
   distill train recipes/demo.yaml --force
   distill status recipes/demo.yaml
+  distill report recipes/demo.yaml      # <run>/report.html: one page with every stage's pictures and numbers
   distill pull store demo-student@v1 ./student
   distill serve-router recipes/demo.yaml --student-url http://localhost:8000/v1 --teacher-url URL --log-dir logs/router
   distill route-check recipes/demo.yaml --logs logs/router
@@ -65,14 +66,26 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(stage, help=f"run the {stage} stage (and the stages it needs)")
         s.add_argument("recipe", help="path of the YAML recipe")
         s.add_argument("--force", action="store_true", help="rerun this stage even if unchanged")
+    rp = sub.add_parser("report", help="write the run's HTML report (<run>/report.html)",
+                        description="Write one self-contained HTML page (no script, no network) showing every "
+                        "stage's results as pictures with their numbers; stages not run or failed say so. "
+                        "`distill run` writes it too, at its end.")
+    rp.add_argument("recipe", help="path of the YAML recipe")
+    rp.add_argument("--out", help="where to write it (default: <run>/report.html)")
     st = sub.add_parser("status", help="show the state of each stage of a recipe's run directory")
     st.add_argument("recipe")
+    st.add_argument("--verify", action="store_true", help="also check every output's sha256 against its manifest "
+                    "(without it: presence and size)")
     v = sub.add_parser("validate", help="validate a recipe and exit")
     v.add_argument("recipe")
     pl = sub.add_parser("pull", help="copy a published student from a store and verify every checksum")
     pl.add_argument("store", help="store folder")
     pl.add_argument("name", help="NAME or NAME@VERSION (default: the version 'latest' points at)")
     pl.add_argument("dest", help="destination folder (must not exist or be empty)")
+    pl.add_argument("--public-key", metavar="PEM", help="the publisher's ed25519 public key: the version's "
+                    "manifest.sig must be a valid signature by it (exit 4 otherwise)")
+    pl.add_argument("--require-signature", action="store_true",
+                    help="refuse a version that is not signed by --public-key's key (which it then needs)")
     ls = sub.add_parser("list", help="list the students and versions in a store")
     ls.add_argument("store")
     sr = sub.add_parser("serve-router", help="OpenAI-compatible proxy applying a routing policy (student or teacher)",
@@ -121,7 +134,7 @@ def _short(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
 
 
-def _status(recipe_path: str, console: Console) -> int:
+def _status(recipe_path: str, console: Console, verify: bool = False) -> int:
     from pipeline.stages import stage_state
 
     recipe = load_recipe(recipe_path)
@@ -132,9 +145,11 @@ def _status(recipe_path: str, console: Console) -> int:
     table.add_column("counts", ratio=1)  # the one column that wraps, so the table fits an 80-column terminal
     colors = {"complete": "green", "stale": "yellow", "partial": "red", "missing": "dim", "waiting": "dim"}
     for stage in STAGES:
-        state, m = stage_state(recipe, run, stage)
+        state, m = stage_state(recipe, run, stage, verify)
         counts = ", ".join(f"{k}={_short(v)}" for k, v in (m or {}).get("counts", {}).items()
                            if not isinstance(v, dict | list))
+        if m and m.get("why"):
+            counts = f"[yellow]{m['why']}[/]"
         finished = (m or {}).get("finished_at", "")
         table.add_row(stage, f"[{colors[state]}]{state}[/]", finished[5:16].replace("T", " "),
                       f"{m['duration_s']:.1f}s" if m else "", counts)
@@ -142,6 +157,26 @@ def _status(recipe_path: str, console: Console) -> int:
     console.print("[dim]complete: up to date; stale: config or inputs changed since; partial: interrupted "
                   "(rerun to finish); missing: not run; waiting: needs an earlier stage[/]")
     return EXIT_OK
+
+
+def _write_report(recipe, console: Console, failed=None, out: str | None = None) -> Path | None:
+    """Write the run's report; a report that cannot be written is a warning, never the command's failure."""
+    from pipeline.report import Outcome, write_report
+
+    outcome = None
+    if failed is not None:
+        message = str(failed)
+        prefix = f"stage '{failed.stage}' failed: "
+        outcome = Outcome(failed.stage, message[len(prefix):] if message.startswith(prefix) else message,
+                          failed.exit_code)
+    try:
+        path = write_report(recipe, out, outcome)
+    except Exception as err:  # noqa: BLE001 - the run's result stands whatever happens to its report
+        console.print(f"[yellow]warning:[/] the report could not be written: {type(err).__name__}: {err}",
+                      soft_wrap=True)
+        return None
+    console.print(f"report: {path}", soft_wrap=True)
+    return path
 
 
 def _serve_router(args: argparse.Namespace, console: Console) -> int:
@@ -199,30 +234,50 @@ def _route_check(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _run(args: argparse.Namespace, console: Console) -> int:
+    """`distill run` and the one-stage commands; `run` ends by writing the run's report, whatever happened."""
+    from pipeline.stages import StageFailed, run_pipeline
+
+    recipe = load_recipe(args.recipe)
+    targets = [args.command]
+    if args.command == "run":
+        from pipeline.stages import configured_stages
+
+        targets = configured_stages(recipe)
+        left = [s for s in STAGES if s not in targets]
+        if left:
+            console.print(f"[dim]not run: {', '.join(left)} (the recipe has no section for them)[/]")
+    force = args.force if args.command == "run" else ([args.command] if args.force else [])
+    try:
+        run_pipeline(recipe, targets, console, force=force)
+    except StageFailed as err:
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        tb = RunDir(recipe.run_path).path / ".partial" / f"{err.stage}.error.txt"
+        if tb.exists():
+            console.print(f"[dim]traceback: {tb}; rerun the same command once fixed: finished stages "
+                          "are kept[/]", soft_wrap=True)
+        if args.command == "run":
+            _write_report(recipe, console, err)
+        return err.exit_code
+    if int(os.environ.get("RANK", "0")) == 0:  # once under a launcher, not once per process
+        console.print(f"[bold green]done[/]: {', '.join(targets)} for recipe '{recipe.name}' in {recipe.run_path}")
+    if args.command == "run":
+        _write_report(recipe, console)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
     console = Console(stderr=False, highlight=False)
     try:
         if args.command in ("run", *STAGES):
-            from pipeline.stages import StageFailed, run_pipeline
-
+            return _run(args, console)
+        if args.command == "report":
             recipe = load_recipe(args.recipe)
-            targets = list(STAGES) if args.command == "run" else [args.command]
-            force = args.force if args.command == "run" else ([args.command] if args.force else [])
-            try:
-                run_pipeline(recipe, targets, console, force=force)
-            except StageFailed as err:
-                console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-                tb = RunDir(recipe.run_path).path / ".partial" / f"{err.stage}.error.txt"
-                if tb.exists():
-                    console.print(f"[dim]traceback: {tb}; rerun the same command once fixed: finished stages "
-                                  "are kept[/]", soft_wrap=True)
-                return err.exit_code
-            console.print(f"[bold green]done[/]: {', '.join(targets)} for recipe '{recipe.name}' in {recipe.run_path}")
-            return EXIT_OK
+            return EXIT_OK if _write_report(recipe, console, out=args.out) else EXIT_FAILED
         if args.command == "status":
-            return _status(args.recipe, console)
+            return _status(args.recipe, console, args.verify)
         if args.command == "validate":
             recipe = load_recipe(args.recipe)
             console.print(f"recipe '{recipe.name}' is valid; run directory {recipe.run_path}")
@@ -230,14 +285,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pull":
             from pipeline.store import ChecksumError, pull
 
+            if args.require_signature and not args.public_key:
+                console.print("[bold red]error:[/] --require-signature needs --public-key PEM (the publisher's "
+                              "ed25519 public key: openssl pkey -in KEY -pubout)", soft_wrap=True)
+                return EXIT_USAGE
+            key = Path(args.public_key).read_bytes() if args.public_key else None
             try:
-                dest = pull(args.store, args.name, args.dest)
+                dest = pull(args.store, args.name, args.dest, public_key=key, require_signature=args.require_signature)
             except ChecksumError as err:
                 console.print(f"[bold red]checksum mismatch:[/] {err}", soft_wrap=True)
                 return 4
             from pipeline.store import describe
 
-            console.print(f"pulled {args.name} to {dest}; every checksum verified", soft_wrap=True)
+            signed = "; manifest signature verified" if key else ""
+            console.print(f"pulled {args.name} to {dest}; manifest and every checksum verified{signed}", soft_wrap=True)
             for line in describe(dest):
                 console.print(f"  {line}", soft_wrap=True)
             return EXIT_OK

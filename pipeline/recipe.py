@@ -37,9 +37,11 @@ class Recipe(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for splits, initialisation and training.")
     harvest: HarvestConfig
     curate: CurateConfig = Field(default_factory=CurateConfig)
-    train: TrainConfig
-    evaluate: EvaluateConfig
-    export: ExportConfig
+    train: TrainConfig | None = Field(None, description="The student and how it is trained (needed from train on).")
+    evaluate: EvaluateConfig | None = Field(
+        None, description="How the student is scored against the teacher, prices and the gate (needed from evaluate on).")
+    export: ExportConfig | None = Field(
+        None, description="Where and how the student is published (needed by route and export).")
     route: RouteConfig = Field(default_factory=RouteConfig)
 
     @field_validator("name")
@@ -64,11 +66,12 @@ class Recipe(Section):
     def section(self, stage: str, also_reads: tuple[str, ...] = ()) -> dict[str, Any]:
         """The config a stage's fingerprint depends on: its section, the seed (which every stage may use) and the
         fields outside its section that it declares it reads (dotted paths such as ``train.student``)."""
-        out: dict[str, Any] = {"seed": self.seed, stage: getattr(self, stage).model_dump(mode="json")}
+        own = getattr(self, stage)
+        out: dict[str, Any] = {"seed": self.seed, stage: None if own is None else own.model_dump(mode="json")}
         for dotted in also_reads:
             value: Any = self
             for part in dotted.split("."):
-                value = getattr(value, part)
+                value = None if value is None else getattr(value, part)
             out[dotted] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         return out
 

@@ -247,9 +247,33 @@ def preflight(recipe: Recipe, stages: list[str], force: list[str]) -> None:
             check(recipe)
 
 
+OPTIONAL_SECTIONS = ("train", "evaluate", "export")  # a recipe that only harvests (and curates) leaves them out
+
+
+def missing_sections(recipe: Recipe, stage: str) -> list[str]:
+    """The optional recipe sections a stage needs that the recipe leaves out: its own, those of the stages it
+    reads, and those it also reads (less what it declares it can do without, ``MAY_BE_ABSENT``)."""
+    c = contract(stage)
+    soft = set(getattr(c.module, "MAY_BE_ABSENT", ()))
+    need = [stage, *c.reads, *(dotted.split(".")[0] for dotted in c.also_reads)]
+    return sorted({s for s in need if s in OPTIONAL_SECTIONS and s not in soft and getattr(recipe, s) is None})
+
+
+def configured_stages(recipe: Recipe) -> list[str]:
+    """The stages this recipe has every section for (what `distill run` runs)."""
+    return [s for s in STAGES if not missing_sections(recipe, s)]
+
+
 def run_pipeline(recipe: Recipe, targets: list[str], console: Console, force: list[str] | None = None) -> None:
     """Run the targets and what they need, under the run directory's lock (held by rank 0 under a launcher)."""
     stages, force = plan(targets), force or []
+    missing = sorted({m for stage in stages for m in missing_sections(recipe, stage)}, key=STAGES.index)
+    if missing:
+        from pipeline.recipe import RecipeError
+
+        raise RecipeError(f"{' and '.join(targets)} needs the recipe's {' and '.join(missing)} section"
+                          f"{'s' if len(missing) > 1 else ''}, which the recipe leaves out: add "
+                          f"{'them' if len(missing) > 1 else 'it'} (recipes/demo.yaml shows each)")
     preflight(recipe, stages, force)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _run_ranked(recipe, stages, console, force)

@@ -48,6 +48,7 @@ from pipeline.ui import stage_progress
 # The stage's contract (pipeline/stages.py). Lengths are counted in the student's tokens, so the student is read.
 READS = ("harvest",)
 ALSO_READS = ("train.student",)
+MAY_BE_ABSENT = ("train",)  # with no train section, lengths are counted by the documented approximation
 REPORT_FILES = ("report.json",)
 
 
@@ -127,7 +128,7 @@ def config_fingerprint(ctx: StageContext) -> str:
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.curate
-    plan = plan_for(cfg, ctx.recipe.train.student)
+    plan = plan_for(cfg, ctx.recipe.train.student if ctx.recipe.train else None)
     external = load_external(cfg.decontaminate.external) if cfg.decontaminate else []
     files_sha = harvest_files(ctx.inputs["harvest"], ctx.run.manifest("harvest"))
     files = [ctx.inputs["harvest"] / name for name in files_sha]

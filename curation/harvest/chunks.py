@@ -140,6 +140,14 @@ def convert(chunk: Chunk) -> ChunkResult:
             gc.enable()
 
 
+def _quarantine(res: ChunkResult, chunk: Chunk, number: int, reason: str) -> None:
+    """Count a row that gave no record and keep its source, file, line and reason (never its text)."""
+    res.quarantined += 1
+    res.reasons[reason.split(":")[0]] += 1
+    res.quarantine.append({"source": chunk.cfg.name or chunk.cfg.label, "file": chunk.origin, "line": number,
+                           "reason": reason})
+
+
 def _convert(chunk: Chunk) -> ChunkResult:
     cfg = chunk.cfg
     parse = IMPORTERS[cfg.format]
@@ -186,16 +194,11 @@ def _convert(chunk: Chunk) -> ChunkResult:
                 recs = (one,) if one is not None else _parse(parse, row, where, cfg, default_ts, res.notes)
             except BadRecord as err:
                 coerced.clear()  # the row is quarantined whole: nothing of it was coerced into a record
-                reason = str(err)
-                res.quarantined += 1
-                res.reasons[reason.split(":")[0]] += 1
-                res.quarantine.append({"source": cfg.name or cfg.label, "file": chunk.origin, "line": number,
-                                       "reason": reason})
+                _quarantine(res, chunk, number, str(err))
                 continue
-            if coerced:
-                for k, v in coerced.items():
-                    res.notes[f"coerced:{k}"] += v
-                coerced.clear()
+            for k, v in coerced.items():
+                res.notes[f"coerced:{k}"] += v
+            coerced.clear()
             extra += len(recs) - 1
             for rec in recs:
                 rid, t = rec[0], rec[2]

@@ -20,6 +20,7 @@ re-evaluated with the evaluation engine (``training.evaluate.engine``) and publi
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -35,6 +36,7 @@ from export.export import quantize
 from export.export.modelcard import model_card
 from pipeline.config.export import FORMATS
 from pipeline.record import from_table
+from pipeline.report import render_run
 from pipeline.rundir import digest, sha256_file
 from pipeline.stages import StageContext, StageFailed, StageResult
 from pipeline.store import publish
@@ -46,9 +48,24 @@ from training.train.outputs import load_trained_student, student_info
 
 # The stage's contract (pipeline/stages.py).
 READS = ("curate", "train", "evaluate", "route")
+# It also reads the evaluate section (to re-evaluate each format as evaluate did) and train.max_length: a change
+# to either reruns that stage, whose outputs (inputs of export) then change, so export reruns too.
 
 
 SCHEMA = "distill-export/v1"
+
+
+def _signing_key() -> bytes | None:
+    """The publisher's ed25519 private key (PEM) from the file DISTILL_SIGNING_KEY names, if set: the manifest is
+    then signed (manifest.sig) for `distill pull --public-key`. An environment variable, not a recipe field: the
+    key's path is the scheduler's secret, and signing changes nothing in the artefact."""
+    path = os.environ.get("DISTILL_SIGNING_KEY")
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise StageFailed("export", f"DISTILL_SIGNING_KEY names {path}, which cannot be read: {err.strerror}") from None
 
 
 def _reload_check(model, folder) -> float:
@@ -388,7 +405,8 @@ def publish_version(job: Job, gate_result: dict[str, Any], artefacts: list[dict[
     card_meta = {k: meta[k] for k in ("lineage", "scores", "gate", "artefacts", "routing_policy_sha256")}
     card_meta["gate"] = {"passed": gate_result["passed"]}  # the card holds nothing that changes on a rerun
     (art / "README.md").write_text(model_card(cfg.model_name, card_meta, cfg.intended_use, cfg.license))
-    version = publish(cfg.store, cfg.model_name, art, meta)
+    (art / "report.html").write_text(render_run(ctx.run.path, ctx.recipe, pending_export=meta), encoding="utf-8")
+    version = publish(cfg.store, cfg.model_name, art, meta, signing_key=_signing_key())
     (ctx.work / "published.json").write_text(json.dumps({"store": cfg.store, "name": cfg.model_name,
                                                          "version": version}, indent=2) + "\n")
     return StageResult(

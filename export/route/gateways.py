@@ -203,30 +203,7 @@ def vllm_sr_config(policy: dict[str, Any], gw, student_model: str) -> str:
             context.append({"name": f"within_length_{slug}", "min_tokens": "0", "max_tokens": str(int(limit)),
                             "description": f"{fn}: inputs the student was trained on ({int(limit)} student tokens)"})
             conditions.append({"type": "context", "name": f"within_length_{slug}"})
-        after = rule.get("after") or {}
-        signal, thr = after.get("signal"), after.get("threshold")
-        student_dec: dict[str, Any] = {
-            "name": f"{slug}_student", "description": f"{fn}: the student, escalated to the teacher when unsure",
-            "priority": 200, "rules": {"operator": "AND", "conditions": conditions}}
-        if thr is None:
-            student_dec["modelRefs"] = [{"model": "distill/student", "use_reasoning": False}]
-            notes.append(f"#   {fn}: student, no post-generation check (the policy has no threshold)")
-        elif signal == "mean_logprob" and thr > -3.0:
-            vt = round((float(thr) + 3.0) / 3.0, 6)
-            student_dec["modelRefs"] = [{"model": "distill/student", "use_reasoning": False},
-                                        {"model": "distill/teacher", "use_reasoning": False}]
-            student_dec["algorithm"] = {"type": "confidence", "confidence": {
-                "confidence_method": "avg_logprob", "threshold": vt, "escalation_order": "declared",
-                "token_filter": "all", "on_error": "skip"}}
-            notes.append(f"#   {fn}: mean_logprob >= {float(thr):.4f} -> avg_logprob confidence >= {vt}")
-        elif signal == "mean_logprob":  # every answer passes
-            student_dec["modelRefs"] = [{"model": "distill/student", "use_reasoning": False}]
-            notes.append(f"#   {fn}: mean_logprob >= {float(thr):.4f} (every answer passes): student")
-        else:
-            student_dec["modelRefs"] = [{"model": ROUTER_GROUP, "use_reasoning": False}]
-            notes.append(f"#   {fn}: {signal} >= {float(thr):.4f} has no vLLM-SR counterpart: in-band requests go "
-                         f"to {ROUTER_GROUP} (distill serve-router)")
-        decisions.append(student_dec)
+        decisions.append(_vllm_sr_student_decision(fn, slug, rule, conditions, notes))
         decisions.append({"name": f"{slug}_teacher", "description": f"{fn}: outside the student's band",
                           "priority": 100, "rules": {"operator": "AND", "conditions": [dict(conditions[0])]},
                           "modelRefs": [{"model": "distill/teacher", "use_reasoning": False}]})
@@ -248,6 +225,36 @@ def vllm_sr_config(policy: dict[str, Any], gw, student_model: str) -> str:
             "# Not expressed (use model 'distill/router', i.e. `distill serve-router`):",
             *[f"#   - {x}" for x in NOT_EXPRESSED["vllm_sr"]], ""]
     return "\n".join(head) + yaml.safe_dump(config, sort_keys=False)
+
+
+def _vllm_sr_student_decision(fn: str, slug: str, rule: dict[str, Any], conditions: list[dict[str, Any]],
+                              notes: list[str]) -> dict[str, Any]:
+    """The decision that sends a function's in-band requests to the student (escalating by its confidence where
+    vLLM-SR can express the policy's signal); appends a line about it to ``notes``."""
+    after = rule.get("after") or {}
+    signal, thr = after.get("signal"), after.get("threshold")
+    student_dec: dict[str, Any] = {
+        "name": f"{slug}_student", "description": f"{fn}: the student, escalated to the teacher when unsure",
+        "priority": 200, "rules": {"operator": "AND", "conditions": conditions}}
+    if thr is None:
+        student_dec["modelRefs"] = [{"model": "distill/student", "use_reasoning": False}]
+        notes.append(f"#   {fn}: student, no post-generation check (the policy has no threshold)")
+    elif signal == "mean_logprob" and thr > -3.0:
+        vt = round((float(thr) + 3.0) / 3.0, 6)
+        student_dec["modelRefs"] = [{"model": "distill/student", "use_reasoning": False},
+                                    {"model": "distill/teacher", "use_reasoning": False}]
+        student_dec["algorithm"] = {"type": "confidence", "confidence": {
+            "confidence_method": "avg_logprob", "threshold": vt, "escalation_order": "declared",
+            "token_filter": "all", "on_error": "skip"}}
+        notes.append(f"#   {fn}: mean_logprob >= {float(thr):.4f} -> avg_logprob confidence >= {vt}")
+    elif signal == "mean_logprob":  # every answer passes
+        student_dec["modelRefs"] = [{"model": "distill/student", "use_reasoning": False}]
+        notes.append(f"#   {fn}: mean_logprob >= {float(thr):.4f} (every answer passes): student")
+    else:
+        student_dec["modelRefs"] = [{"model": ROUTER_GROUP, "use_reasoning": False}]
+        notes.append(f"#   {fn}: {signal} >= {float(thr):.4f} has no vLLM-SR counterpart: in-band requests go "
+                     f"to {ROUTER_GROUP} (distill serve-router)")
+    return student_dec
 
 
 def _toml_value(v: Any) -> str:

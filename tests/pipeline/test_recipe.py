@@ -39,9 +39,11 @@ def test_unknown_field_suggests_the_right_one():
 
 
 def test_missing_and_inconsistent_fields():
-    bad = {k: v for k, v in BASE_RECIPE.items() if k != "evaluate"}
-    with pytest.raises(RecipeError, match="evaluate: required field is missing"):
+    bad = {k: v for k, v in BASE_RECIPE.items() if k != "harvest"}  # train/evaluate/export may be left out
+    with pytest.raises(RecipeError, match="harvest: required field is missing"):
         parse_recipe(bad)
+    with pytest.raises(RecipeError, match="teacher_price: required field is missing"):
+        parse_recipe(merge(BASE_RECIPE, {"evaluate": {"teacher_price": None}}) | {"evaluate": {"max_new_tokens": 8}})
     both = merge(BASE_RECIPE, {"train": {"student": {"checkpoint": "some/model"}}})
     with pytest.raises(RecipeError, match="exactly one of 'checkpoint' or 'from_config'"):
         parse_recipe(both)

@@ -137,6 +137,10 @@ def test_a_complete_stage_whose_outputs_were_damaged_is_stale_and_reruns(project
     assert stage_state(r, RunDir(run), "harvest")[0] == "complete"
     state, m = stage_state(r, RunDir(run), "harvest", verify=True)
     assert state == "stale" and m["why"] == "harvest/quarantine.jsonl does not match its sha256 in the manifest"
+    capsys.readouterr()
+    assert cli(["status", str(recipe), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "stale" in out and "sha256" in out  # the why, wrapped in the table's counts column
 
 
 def test_a_refused_process_leaves_the_holders_text(tmp_path):
@@ -148,3 +152,22 @@ def test_a_refused_process_leaves_the_holders_text(tmp_path):
                     raise AssertionError("the lock was taken twice")
             except RuntimeError as err:
                 assert "nightly job" in str(err), err
+
+
+def test_a_harvest_only_recipe_needs_no_train_evaluate_or_export_section(project, capsys):
+    """A recipe that only harvests and curates leaves the later sections out; a stage that needs one says so."""
+    recipe = project()
+    data = yaml.safe_load(recipe.read_text())
+    for section in ("train", "evaluate", "export"):
+        data.pop(section)
+    recipe.write_text(yaml.safe_dump(data))
+    assert cli(["validate", str(recipe)]) == 0
+    capsys.readouterr()
+    assert cli(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "not run: train, evaluate, route, export (the recipe has no section for them)" in out
+    run = recipe.parent / "runs" / "t"
+    assert (run / "curate" / "manifest.json").is_file() and not (run / "train").exists()
+    assert cli(["evaluate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate needs the recipe's train and evaluate sections, which the recipe leaves out" in err
