@@ -20,7 +20,7 @@ import orjson
 import pyarrow.parquet as pq
 
 from curation.harvest.chunks import Chunk, ChunkResult, convert
-from curation.harvest.sources import LogFile, ends_a_line, line_blocks, row_batches, sample_hash
+from curation.harvest.sources import READ_ERRORS, LogFile, ends_a_line, line_blocks, row_batches, sample_hash
 from curation.harvest.watermarks import Seen, SourceState
 from pipeline.config.harvest import Source
 
@@ -109,6 +109,15 @@ class Ingest:
         return Chunk(self.src, label, origin, b"" if file_range else data, numbers, default_ts,
                      str(self.folder / name), self.watermark_ms, self.watermark_ids, growing, file_range)
 
+    def damaged(self, f: LogFile, line: int, why: str) -> None:
+        """Quarantine the unreadable rest of a damaged file (one entry, counted as one row): what came before it
+        was harvested, and the night goes on."""
+        entry = {"source": self.src.name or self.src.label, "file": f.url, "line": line,
+                 "reason": f"file damaged: cannot be read from here on ({why}); the rows before it were harvested"}
+        self.quarantine.write(orjson.dumps(entry).decode() + "\n")
+        self.counts.update(lines=1, quarantined=1)
+        self.reasons["file damaged"] += 1
+
     def done(self, res: ChunkResult) -> None:
         """Fold one converted chunk in: quarantine, counts, duplicates, watermark."""
         for q in res.quarantine:
@@ -196,8 +205,9 @@ def ingest_files(ing: Ingest, runner: Runner, files: list[LogFile], batch_size: 
         size = int(f.fs.info(f.path).get("size") or 0)
         if kind == "jsonl":
             growing = f.local and not f.compressed
-            read_any = False
+            read_any, last = False, None
             for block in line_blocks(f, start, first_line, max_lines=batch_size):
+                last = block
                 def finish(res: ChunkResult, block=block, f=f, growing=growing, size=size) -> None:
                     ing.done(res)
                     if block.last:
@@ -216,11 +226,18 @@ def ingest_files(ing: Ingest, runner: Runner, files: list[LogFile], batch_size: 
             if not read_any:  # an empty file, or nothing after the resume point
                 _record_file(ing, f, start if growing else size, start if growing else size,
                              old["lines"] if action == "resume" and old else 0)
+            if last is not None and last.damaged:
+                runner.finish()  # its rows first, so the quarantine's order does not depend on the workers
+                ing.damaged(f, last.first_line + last.lines, last.damaged)
         else:
             rows_seen = 0
-            for numbers, rows in _rebatch(row_batches(f, kind), batch_size):
-                runner.submit(ing.chunk(f.name, f.url, rows, numbers, default_ts), ing.done)
-                rows_seen = numbers[-1]
+            try:
+                for numbers, rows in _rebatch(row_batches(f, kind), batch_size):
+                    runner.submit(ing.chunk(f.name, f.url, rows, numbers, default_ts), ing.done)
+                    rows_seen = numbers[-1]
+            except (*READ_ERRORS, ValueError) as err:  # ValueError: pyarrow's ArrowInvalid on a corrupt Parquet file
+                runner.finish()
+                ing.damaged(f, rows_seen + 1, f"{type(err).__name__}: {err}"[:200])
             _record_file(ing, f, size, size, rows_seen)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import lzma
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +138,11 @@ def list_files(loc: Location, what: str = "harvest.sources") -> list[LogFile]:
     return [LogFile(fs, p) for p in sorted(paths)]
 
 
+# What reading a damaged file raises: a truncated or corrupt compressed stream, a file that is not what its suffix
+# says (gzip.BadGzipFile is an OSError), an I/O error.
+READ_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
 @dataclass
 class Block:
     """A run of whole lines of one file: ``data`` starts at line ``first_line`` and ends at byte ``end``."""
@@ -144,7 +151,28 @@ class Block:
     first_line: int
     lines: int
     end: int
-    last: bool  # holds the end of the file
+    last: bool  # holds the end of the file (or of what could be read of it)
+    damaged: str | None = None  # why the file could not be read past this block (the last one)
+
+
+def _read_some(fh: Any, n: int) -> tuple[bytes, str | None]:
+    """Up to n bytes, and None; from a damaged stream, the bytes decoded before the damage and why. read1 hands
+    data over as it is decoded, so a truncated .gz keeps everything before the cut."""
+    read1 = getattr(fh, "read1", None)
+    parts: list[bytes] = []
+    got = 0
+    try:
+        if read1 is None:
+            return fh.read(n), None
+        while got < n:
+            part = read1(n - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    except READ_ERRORS as err:
+        return b"".join(parts), f"{type(err).__name__}: {err}"[:200]
+    return b"".join(parts), None
 
 
 def line_blocks(f: LogFile, start: int = 0, first_line: int = 1, max_lines: int = 50_000,
@@ -159,19 +187,19 @@ def line_blocks(f: LogFile, start: int = 0, first_line: int = 1, max_lines: int 
         pos = start
         tail = b""
         while True:
-            data = fh.read(read_size)
-            eof = not data
+            data, damaged = _read_some(fh, read_size)
+            eof = not data or damaged is not None  # a damaged file ends where the damage starts
             buf = tail + data
-            cut = len(buf) if eof else buf.rfind(b"\n") + 1
+            cut = buf.rfind(b"\n") + 1 if damaged or not eof else len(buf)
             whole, tail = buf[:cut], buf[cut:]
             if whole:
                 pending.append(whole)
                 pending_bytes += len(whole)
                 pending_lines += whole.count(b"\n") + (0 if whole.endswith(b"\n") else 1)
-            if pending and (eof or pending_lines >= max_lines or pending_bytes >= max_bytes):
+            if (pending and (eof or pending_lines >= max_lines or pending_bytes >= max_bytes)) or damaged:
                 blob = b"".join(pending)
                 pos += len(blob)
-                yield Block(blob, first_line, pending_lines, pos, eof)
+                yield Block(blob, first_line, pending_lines, pos, eof, damaged)
                 first_line += pending_lines
                 pending, pending_bytes, pending_lines = [], 0, 0
             if eof:
