@@ -92,6 +92,68 @@ def _strings(arr: pa.Array) -> list[str | None]:
     return arr.to_pylist()
 
 
+TEXT_COLUMNS = ("tools", "response_format", "error")  # top-level text columns a record may carry besides messages
+
+
+def record_bytes(batch: pa.Table) -> np.ndarray:
+    """UTF-8 bytes of each record's texts: message contents and tool calls, the output's, tools, response format
+    and error (measured on the Arrow buffers, before any per-record work)."""
+    n = batch.num_rows
+
+    def size(arr: pa.Array) -> np.ndarray:
+        return pc.fill_null(pc.binary_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    flat, rows, _ = columns.messages_flat(batch)
+    total = np.zeros(n, dtype=np.int64)
+    for name in ("content", "tool_calls"):
+        if name in flat.type.names and len(flat):
+            total += np.bincount(rows, weights=size(columns.field(flat, name)), minlength=n).astype(np.int64)
+    if "images" in flat.type.names and len(flat):  # data URIs can be large
+        imgs = columns.field(flat, "images")
+        per_msg = np.bincount(pc.list_parent_indices(imgs).to_numpy(), weights=size(pc.list_flatten(imgs)),
+                              minlength=len(flat))
+        total += np.bincount(rows, weights=per_msg, minlength=n).astype(np.int64)
+    out = columns.column(batch, "output")
+    for name in ("content", "tool_calls"):
+        if name in out.type.names:
+            total += size(columns.field(out, name))
+    for name in TEXT_COLUMNS:
+        if name in batch.column_names and pa.types.is_string(batch.schema.field(name).type):
+            total += size(columns.column(batch, name))
+    return total
+
+
+def record_size(batch: pa.Table, plan: Plan) -> tuple[pa.Table, Reasons]:
+    """Drop records whose texts exceed curate.max_record_bytes, before any other work, and blank their texts so
+    that nothing after this (PII, dedup, rejected.parquet) holds or scans them."""
+    sizes = record_bytes(batch)
+    over = sizes > plan.cfg.max_record_bytes
+    if not over.any():
+        return batch, [None] * batch.num_rows
+    marker = pa.scalar(f"[removed by curate: the record's texts exceed curate.max_record_bytes "
+                       f"({plan.cfg.max_record_bytes:,})]")
+    flat, rows, _ = columns.messages_flat(batch)
+    blank = pa.array(over[rows]) if len(flat) else pa.array([], pa.bool_())
+    children = {name: pc.if_else(blank, marker if name == "content" else pa.scalar(None, pa.string()),
+                                 columns.field(flat, name))
+                for name in ("content", "tool_calls") if name in flat.type.names}
+    if "images" in flat.type.names:
+        imgs = columns.field(flat, "images")
+        children["images"] = pc.if_else(blank, pa.scalar(None, imgs.type), imgs)
+    batch = columns.set_column(batch, "messages", columns.rebuild_message_list(batch, children))
+    out = columns.column(batch, "output")
+    children = {name: pc.if_else(pa.array(over), marker if name == "content" else pa.scalar(None, pa.string()),
+                                 columns.field(out, name))
+                for name in ("content", "tool_calls") if name in out.type.names}
+    batch = columns.set_column(batch, "output", columns.rebuild_struct(batch, "output", children))
+    for name in TEXT_COLUMNS:
+        if name in batch.column_names and pa.types.is_string(batch.schema.field(name).type):
+            batch = columns.set_column(batch, name, pc.if_else(pa.array(over), pa.scalar(None, pa.string()),
+                                                               columns.column(batch, name)))
+    return batch, [f"record texts are {b:,} bytes, over curate.max_record_bytes ({plan.cfg.max_record_bytes:,})"
+                   if o else None for b, o in zip(sizes.tolist(), over.tolist(), strict=True)]
+
+
 def image_counts(batch: pa.Table) -> np.ndarray:
     """Image parts per record: the messages' and the output's ``images`` (absent in files harvested before they were
     kept, which read as none), or the ``has_images`` tag that older harvests set where they dropped them."""
@@ -397,6 +459,7 @@ class Op:
 # The per-record chain, in the order it runs. PII comes first so that every later operator, every reason and
 # rejected.parquet see redacted text; cheap checks come before costly ones.
 PER_RECORD: tuple[Op, ...] = (
+    Op("record_size", record_size),  # first: a huge record is measured on its buffers, then blanked
     Op("pii", pii),
     Op("images", images, when=lambda cfg: cfg.drop_images),
     Op("http_error", http_error, when=lambda cfg: cfg.drop_http_errors),

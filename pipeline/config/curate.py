@@ -277,6 +277,12 @@ class Executor(Section):
 
 
 class CurateConfig(Section):
+    max_record_bytes: int = Field(
+        2_000_000, ge=1_000, le=1_000_000_000,
+        description="Drop a record whose texts (messages, tool calls, output, tools, response format, error) exceed "
+        "this many UTF-8 bytes, before any other operator; its texts are blanked, so one huge record costs no "
+        "more than its share of one batch. The default is far beyond any student's context.",
+    )
     drop_images: bool = Field(
         True, description="Drop records whose messages hold image parts (harvest keeps them in each message's "
         "images, and tags older records has_images): the student is text-only, and the teacher's answer may talk "
