@@ -46,7 +46,24 @@ examples:
   distill pull store demo-student@v1 ./student
   distill serve-router recipes/demo.yaml --student-url http://localhost:8000/v1 --teacher-url URL --log-dir logs/router
   distill route-check recipes/demo.yaml --logs logs/router
+  distill serve-student ./student --port 8000   # the student on CPU, OpenAI API with logprobs
 """
+
+
+def _serve_student_parser(sub) -> None:
+    ss = sub.add_parser("serve-student", help="OpenAI-compatible server for a published student on CPU (transformers)",
+                        description="Serve POST /v1/chat/completions from a pulled store version or the run's export "
+                        "folder: greedy answers as evaluate made them (the evaluated max_new_tokens from "
+                        "generation_config.json), logprobs and top_logprobs when asked (what serve-router's "
+                        "confidence check needs), concurrent requests batched. For production: vLLM (GPU) or "
+                        "llama-server (docs/export.md).")
+    ss.add_argument("folder", help="a pulled store version or runs/<name>/export/<model_name>")
+    ss.add_argument("--host", default="127.0.0.1")
+    ss.add_argument("--port", type=int, default=8000)
+    ss.add_argument("--model-name", help="the model name in answers and /v1/models (default: the version's name)")
+    ss.add_argument("--max-batch", type=int, default=8, help="most requests answered in one batch (default 8)")
+    ss.add_argument("--batch-wait-ms", type=float, default=5.0,
+                    help="how long the first request of a batch waits for others (default 5 ms)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--no-embeddings", action="store_true", help="skip the distance rule (no torch, no MiniLM)")
     sr.add_argument("--no-language", action="store_true", help="skip the language rule")
     sr.add_argument("--before-only", action="store_true", help="do not check the student's confidence after it answers")
+    _serve_student_parser(sub)
     rc = sub.add_parser("route-check", help="compare recent logs with the routing policy's calibration (drift)",
                         description="Replays the routing policy's pre-generation rules on logged requests and compares "
                         "per function the escalation rates and the distance and length distributions with "
@@ -315,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             return _serve_router(args, console)
         if args.command == "route-check":
             return _route_check(args, console)
+        if args.command == "serve-student":
+            from export.export.serve import serve as serve_student
+
+            serve_student(args.folder, args.host, args.port, model_name=args.model_name, max_batch=args.max_batch,
+                          batch_wait_ms=args.batch_wait_ms, print_fn=lambda m: console.print(m, soft_wrap=True))
+            return EXIT_OK
         if args.command == "demo-data":
             from curation.harvest.demo_traffic import write_demo
 

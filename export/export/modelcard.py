@@ -8,8 +8,13 @@ timings and costs live in manifest.json.
 
 from __future__ import annotations
 
+import json
+import shlex
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import yaml
 
 ENGINES = {
@@ -21,6 +26,41 @@ ENGINES = {
     "gguf-f16": "llama.cpp, Ollama, LM Studio; transformers (gguf_file=); vLLM (GGUF, GPU)",
     "gguf-q8_0": "llama.cpp, Ollama, LM Studio; transformers (gguf_file=); vLLM (GGUF, GPU)",
 }
+
+
+def system_prompts(train_parquet: Path) -> dict[str, str]:
+    """Per function, the system message the curated training data holds most often (after PII redaction: curate
+    writes only redacted text); functions without a system message are left out."""
+    table = pq.read_table(train_parquet, columns=["function", "messages"])
+    counts: dict[str, Counter] = {}
+    for fn, msgs in zip(table.column("function").to_pylist(), table.column("messages").to_pylist(), strict=True):
+        system = next((m.get("content") for m in msgs or [] if m.get("role") == "system"), None)
+        if fn and isinstance(system, str) and system:
+            counts.setdefault(fn, Counter())[system] += 1
+    # most frequent first; ties broken by the text, so the card does not depend on the row order
+    return {fn: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for fn, c in sorted(counts.items())}
+
+
+def usage(tokenizer, max_new_tokens: int, prompts: dict[str, str]) -> dict[str, Any]:
+    """What a user needs to reproduce the evaluated answers: greedy decoding, the evaluated max_new_tokens, the
+    stop token(s) and each function's production system prompt."""
+    eos = tokenizer.eos_token_id
+    stop = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return {"do_sample": False, "max_new_tokens": int(max_new_tokens), "eos_token_id": [] if eos is None else [eos],
+            "pad_token_id": tokenizer.pad_token_id, "stop": stop, "system_prompts": prompts}
+
+
+def write_generation_config(folder: Path, use: dict[str, Any]) -> None:
+    """generation_config.json of the master: transformers' generate() then decodes greedily for the evaluated
+    max_new_tokens and stops at the end-of-turn token; ``distill_system_prompts`` (ignored by transformers) holds
+    each function's system prompt."""
+    path = folder / "generation_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg.update({"_from_model_config": False, "do_sample": False, "max_new_tokens": use["max_new_tokens"],
+                "eos_token_id": use["eos_token_id"], "distill_system_prompts": use["system_prompts"]})
+    if use.get("pad_token_id") is not None:
+        cfg["pad_token_id"] = use["pad_token_id"]
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _pct(v: float | None) -> str:
@@ -83,6 +123,43 @@ def _front_matter(name: str, meta: dict[str, Any], license_: str) -> dict[str, A
     return front
 
 
+def _use_section(use: dict[str, Any], gguf: list[dict[str, Any]]) -> list[str]:
+    """How to get the evaluated answers: the generation settings, each function's system prompt, transformers,
+    llama.cpp."""
+    prompts = use.get("system_prompts") or {}
+    n, stop = use.get("max_new_tokens", 256), ", ".join(f"`{t}`" for t in use.get("stop") or []) or "the EOS token"
+    fn = next(iter(prompts), None)
+    lines = ["## Use", "",
+             f"The evaluated answers were decoded **greedily** (no sampling), at most **{n}** new tokens, stopping at "
+             f"{stop}, from the chat template with the function's system prompt. `generation_config.json` holds "
+             "these settings (transformers' `generate()` uses them) and the system prompts "
+             "(`distill_system_prompts`). Without the system prompt the student was not trained for the request.", ""]
+    for name, text in prompts.items():
+        lines += [f"System prompt of `{name}` (as in the curated training data, PII redacted):", "", "```text", text,
+                  "```", ""]
+    lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              'path = "DEST"   # this folder, e.g. after `distill pull STORE NAME DEST`',
+              "tok = AutoTokenizer.from_pretrained(path)", "model = AutoModelForCausalLM.from_pretrained(path)",
+              f"messages = [{{\"role\": \"system\", \"content\": {(prompts.get(fn) or '')!r}}},",
+              '            {"role": "user", "content": "YOUR REQUEST"}]',
+              "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+              "return_dict=True)",
+              f"out = model.generate(**inputs, max_new_tokens={n}, do_sample=False)",
+              'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())',
+              "```", ""]
+    if gguf:
+        file = f"DEST/{gguf[-1]['path']}"
+        sys_arg = shlex.quote(prompts.get(fn) or "")
+        lines += ["With llama.cpp (not run by distill's tests: llama.cpp is not installed there):", "", "```bash",
+                  f"llama-cli -m {file} -sys {sys_arg} -p 'YOUR REQUEST' -n {n} --temp 0",
+                  f"llama-server -m {file} --jinja --temp 0 -n {n} --port 8000   # OpenAI API; logprobs per request",
+                  "```", "",
+                  "On CPUs with AMX (recent Intel Xeon), llama.cpp's CPU repacking of Q8_0 weights crashes (a "
+                  "llama.cpp bug: its own Q8_0 of the same weights crashes too); add `--no-repack` to either command.",
+                  ""]
+    return lines
+
+
 def model_card(name: str, meta: dict[str, Any], intended_use: str | None, license_: str) -> str:
     """README.md text for the version whose manifest (without name, version and files) is ``meta``."""
     lineage, scores, gate = meta["lineage"], meta["scores"], meta["gate"]
@@ -118,13 +195,7 @@ def model_card(name: str, meta: dict[str, Any], intended_use: str | None, licens
         lines.append(f"| {a['format']} | `{a['path']}` | {a['bytes']:,} | {a.get('size_vs_master', 1.0):.2f} | "
                      f"{_pct(a.get('quality'))} | {'–' if pts is None else f'{pts:+.2f}'} | "
                      f"{ENGINES.get(a['format'], '')} |")
-    gguf = [a for a in arts if a["format"].startswith("gguf-")]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(DEST)", "model = AutoModelForCausalLM.from_pretrained(DEST)",
-              "```", ""]
-    if gguf:
-        lines += ["```bash", f"llama-cli -m DEST/{gguf[-1]['path']} -cnv   # chat template read from the file", "```",
-                  ""]
+    lines += _use_section(meta.get("usage") or {}, [a for a in arts if a["format"].startswith("gguf-")])
     lines += ["The routing policy (`routing_policy.json`) and the `Router` runtime decide per request whether "
               "the student answers or the teacher does; see manifest.json for lineage, package versions, timings, "
               "costs and the sha256 of every file.", ""]

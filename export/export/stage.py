@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from export.export import quantize
-from export.export.modelcard import model_card
+from export.export.modelcard import model_card, system_prompts, usage, write_generation_config
 from pipeline.config.export import FORMATS
 from pipeline.record import from_table
 from pipeline.report import render_run
@@ -218,6 +218,7 @@ class Master:
     tokenizer: Any
     reload_diff: float  # max difference between the saved weights and the merged model's (0.0)
     policy_files: dict[str, str]  # routing_policy.json and every file it names, with their sha256
+    usage: dict[str, Any] = field(default_factory=dict)  # generation settings and system prompts (model card)
 
 
 @dataclass
@@ -263,7 +264,9 @@ def make_master(ctx: StageContext) -> Master:
     if diff != 0.0:
         raise RuntimeError(f"the saved master does not hold the merged weights (max difference {diff:.3g})")
     del model
-    return Master(art, tokenizer, diff, _copy_policy(ctx.inputs["route"], art))
+    use = usage(tokenizer, ctx.recipe.evaluate.max_new_tokens, system_prompts(ctx.inputs["curate"] / "train.parquet"))
+    write_generation_config(art, use)  # what reproduces the evaluated answers: greedy, max_new_tokens, stop
+    return Master(art, tokenizer, diff, _copy_policy(ctx.inputs["route"], art), use)
 
 
 def plan(ctx: StageContext, master: Master) -> Job:
@@ -403,6 +406,7 @@ def publish_version(job: Job, gate_result: dict[str, Any], artefacts: list[dict[
         "packages": _packages(cfg.formats),
     }
     card_meta = {k: meta[k] for k in ("lineage", "scores", "gate", "artefacts", "routing_policy_sha256")}
+    card_meta["usage"] = job.master.usage
     card_meta["gate"] = {"passed": gate_result["passed"]}  # the card holds nothing that changes on a rerun
     (art / "README.md").write_text(model_card(cfg.model_name, card_meta, cfg.intended_use, cfg.license))
     (art / "report.html").write_text(render_run(ctx.run.path, ctx.recipe, pending_export=meta), encoding="utf-8")

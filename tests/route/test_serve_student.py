@@ -1,0 +1,141 @@
+"""`distill serve-student` (issue 15, "Serving the student"): the e2e run's published student served on loopback by
+the real command, serve-router in front with a loopback teacher, and the official `openai` client: an in-band
+request gets exactly the answer evaluate scored for it, with logprobs in OpenAI's shape."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+from openai import OpenAI
+from route_helpers import FAQ, Upstream, free_port, full_router, with_rule
+
+from export.route.proxy import ProxyConfig, RouterProxy
+
+
+def _version(e2e):
+    store = e2e / "store" / "tiny-student"
+    return store / (store / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def student_url(e2e):
+    """`distill serve-student` on the published version, as a user runs it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve-student", str(_version(e2e)), "--port",
+                             str(port), "--batch-wait-ms", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(proc.stdout.read()) from None
+            time.sleep(0.3)
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def records(e2e):
+    """Held-out records with evaluate's answers and logprobs."""
+    preds = {r["id"]: r for r in pq.read_table(e2e / "runs/t/evaluate/predictions.parquet").to_pylist()}
+    return [(rec, preds[rec["id"]]) for rec in pq.read_table(e2e / "runs/t/curate/test.parquet").to_pylist()
+            if rec["id"] in preds]
+
+
+def _messages(rec):
+    return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+
+
+def test_serve_student_answers_as_evaluate_did_with_openai_logprobs(student_url, records):
+    client = OpenAI(base_url=student_url, api_key="unused")
+    rec, pred = records[0]
+    r = client.chat.completions.create(model="tiny-student", messages=_messages(rec), logprobs=True, top_logprobs=3)
+    choice = r.choices[0]
+    assert choice.message.content == pred["prediction"]
+    got = [t.logprob for t in choice.logprobs.content]
+    assert got == pytest.approx(pred["logprobs"], abs=1e-3)  # the same tokens route calibrated on
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob
+               for t in choice.logprobs.content)
+    assert r.usage.completion_tokens == pred["output_tokens"]
+    plain = client.chat.completions.create(model="tiny-student", messages=_messages(rec))
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == pred["prediction"]
+
+
+def test_concurrent_requests_are_batched_and_keep_their_answers(student_url, records):
+    client = OpenAI(base_url=student_url, api_key="unused")
+    some = records[:8]
+
+    def ask(item):
+        return client.chat.completions.create(model="s", messages=_messages(item[0])).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, some))
+    assert answers == [p["prediction"] for _, p in some]
+    health = httpx.get(student_url.removesuffix("/v1") + "/health").json()
+    assert health["max_batch"] > 1 and health["batches"] < health["requests"]
+
+
+def _start_router(router, student_url, log_dir):
+    """The teacher stand-in and serve-router on one event loop in a thread; returns (proxy URL, teacher, stop)."""
+    loop = asyncio.new_event_loop()
+    teacher = Upstream("teacher")
+    ready: dict = {}
+
+    async def start():
+        cfg = ProxyConfig(student_url=student_url, teacher_url=await teacher.start(), log_dir=log_dir,
+                          student_model="tiny-student")
+        runner = web.AppRunner(RouterProxy(router, cfg, "cd" * 32).app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ready["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        ready["runner"] = runner
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+
+    def stop():
+        asyncio.run_coroutine_threadsafe(ready["runner"].cleanup(), loop).result(30)
+        asyncio.run_coroutine_threadsafe(teacher.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return ready["url"], teacher, stop
+
+
+def test_serve_router_in_front_of_serve_student_with_the_openai_client(e2e, student_url, records, tmp_path):
+    # The FAQ rule pinned as in test_proxy.py (the tiny run may disable it): any confident-enough answer is kept.
+    router = with_rule(full_router(str(e2e / "runs/t/route")), FAQ, signal="min_logprob", threshold=-50.0)
+    rec, pred = next((rec, pred) for rec, pred in records
+                     if rec["function"] == FAQ and router.before({"messages": _messages(rec)}, FAQ).to_student)
+    url, teacher, stop = _start_router(router, student_url, tmp_path / "logs")
+    try:
+        client = OpenAI(base_url=url, api_key="unused")
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=_messages(rec), extra_headers={"x-distill-function": FAQ})
+        answer = raw.parse()
+        assert raw.headers["x-distill-route"] == "student", raw.headers.get("x-distill-reasons")
+        assert answer.choices[0].message.content == pred["prediction"]
+        assert answer.choices[0].logprobs is None  # asked by the router, not by the client
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=_messages(rec), extra_headers={"x-distill-function": "legal_advice"})
+        assert raw.headers["x-distill-route"] == "teacher" and "from the teacher" in raw.parse().choices[0].message.content
+    finally:
+        stop()
+    assert len(teacher.bodies) == 1
