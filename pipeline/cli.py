@@ -161,7 +161,8 @@ def _status(recipe_path: str, console: Console, verify: bool = False) -> int:
     for col in ("stage", "state", "finished", "took"):
         table.add_column(col, no_wrap=True)
     table.add_column("counts", ratio=1)  # the one column that wraps, so the table fits an 80-column terminal
-    colors = {"complete": "green", "stale": "yellow", "partial": "red", "missing": "dim", "waiting": "dim"}
+    colors = {"complete": "green", "stale": "yellow", "running": "cyan", "partial": "red", "missing": "dim",
+              "waiting": "dim"}
     for stage in STAGES:
         state, m = stage_state(recipe, run, stage, verify)
         counts = ", ".join(f"{k}={_short(v)}" for k, v in (m or {}).get("counts", {}).items()
@@ -172,8 +173,9 @@ def _status(recipe_path: str, console: Console, verify: bool = False) -> int:
         table.add_row(stage, f"[{colors[state]}]{state}[/]", finished[5:16].replace("T", " "),
                       f"{m['duration_s']:.1f}s" if m else "", counts)
     console.print(table)
-    console.print("[dim]complete: up to date; stale: config or inputs changed since; partial: interrupted "
-                  "(rerun to finish); missing: not run; waiting: needs an earlier stage[/]")
+    console.print("[dim]complete: up to date; stale: config or inputs changed since (or outputs damaged); running: "
+                  "in progress now; partial: interrupted (rerun to finish); missing: not run; waiting: needs an "
+                  "earlier stage[/]")
     return EXIT_OK
 
 

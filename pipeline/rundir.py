@@ -135,6 +135,20 @@ class RunDir:
                 return f"{stage}/{rel} does not match its sha256 in the manifest"
         return None
 
+    def locked(self) -> bool:
+        """Whether a process holds the run directory's lock now (a stage of it is running)."""
+        lock_path = self.path / ".lock"
+        if not lock_path.is_file():
+            return False
+        fd = os.open(lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing the descriptor releases a lock taken here
+        return False
+
     @contextmanager
     def lock(self, command: str = "") -> Iterator[None]:
         """Hold an exclusive lock on the run directory; fail at once with who holds it."""

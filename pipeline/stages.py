@@ -134,7 +134,7 @@ def expected_fingerprint(recipe: Recipe, run: RunDir, stage: str) -> str | None:
 
 
 def stage_state(recipe: Recipe, run: RunDir, stage: str, verify: bool = False) -> tuple[str, dict[str, Any] | None]:
-    """One of complete | stale | partial | missing | waiting, and the manifest if any (with ``why`` when stale
+    """One of complete | stale | running | partial | missing | waiting, and the manifest if any (with ``why`` when stale
     because its outputs are not what it recorded; ``verify`` also compares every output's sha256)."""
     m = run.manifest(stage)
     fp = expected_fingerprint(recipe, run, stage)
@@ -143,8 +143,9 @@ def stage_state(recipe: Recipe, run: RunDir, stage: str, verify: bool = False) -
             return "stale", m
         why = run.damaged(stage, m, verify)
         return ("stale", {**m, "why": why}) if why else ("complete", m)
-    if run.partial_info(stage):
-        return "partial", None
+    info = run.partial_info(stage)
+    if info:
+        return ("running" if run.locked() else "partial"), None
     return ("missing" if fp is not None else "waiting"), None
 
 

@@ -54,8 +54,71 @@ class ProxyConfig:
     check_after: bool = True  # phase 2 on the student's logprobs
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind}}, status=status)
+MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", request_id: str = "") -> web.Response:
+    """An OpenAI-shaped error, with the request id in the body and the x-request-id header."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None, "request_id": request_id}}
+    return web.json_response(body, status=status, headers={"x-request-id": request_id} if request_id else None)
+
+
+def request_problem(body: Any) -> str | None:
+    """Why a request body is not a chat-completions request this proxy can route (None when it is), naming the
+    field: the Router and the upstream calls then only ever see the shapes they expect."""
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return "'messages' must be a non-empty list of messages"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"messages[{i}] must be an object with a string 'role'"
+        c = m.get("content")
+        if c is not None and not isinstance(c, str) and not (
+                isinstance(c, list) and all(isinstance(p, dict) for p in c)):
+            return f"messages[{i}].content must be a string, a list of content parts or null"
+    meta = body.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        return "'metadata' must be an object"
+    fn = (meta or {}).get("function")
+    if fn is not None and not isinstance(fn, str):
+        return "'metadata.function' must be a string"
+    return None
+
+
+def _answer_problem(status: int, resp: dict[str, Any]) -> str | None:
+    """Why an upstream reply is not a usable chat completion (None when it is)."""
+    if status != 200:
+        err = resp.get("error")
+        msg = err.get("message", "") if isinstance(err, dict) else str(err or "")
+        return f"HTTP {status} {msg[:200]}".strip()
+    choices = resp.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) \
+            or not isinstance(choices[0].get("message") or {}, dict):
+        return "HTTP 200 without a usable choice"
+    return None
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every answer carries a request id, and every error is OpenAI-shaped JSON (aiohttp's own 404, 405 and 413
+    included), logged by the proxy."""
+    rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+    request["request_id"] = rid
+    proxy: RouterProxy = request.app["proxy"]
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        resp = _error(exc.status, exc.reason if exc.status != 413 else
+                      f"the request body is over the {MAX_BODY:,}-byte limit", kind, rid)
+    except Exception as exc:  # noqa: BLE001 - a bug must still answer in JSON, be logged, and not kill the proxy
+        resp = _error(500, f"internal error in distill serve-router: {type(exc).__name__}", "server_error", rid)
+    if resp.status >= 400 and "x-distill-route" not in resp.headers:
+        proxy.log_error(request, rid, resp)
+    resp.headers.setdefault("x-request-id", rid)
+    return resp
 
 
 def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
@@ -82,7 +145,8 @@ class RouterProxy:
         self.counts = {"student": 0, "teacher": 0}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+        app["proxy"] = self
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -129,17 +193,18 @@ class RouterProxy:
 
     async def chat(self, request: web.Request) -> web.Response:
         t0 = time.perf_counter()
+        rid = request.get("request_id", "")
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "the request body is not valid JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"] or \
-                not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in body["messages"]):
-            return _error(400, "the request body must be a chat-completions object with a non-empty 'messages' list "
-                               "of objects with a 'role'")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            return _error(400, "the request body is not valid JSON (or nests deeper than JSON parsers allow)",
+                          request_id=rid)
+        problem = request_problem(body)
+        if problem:
+            return _error(400, problem, request_id=rid)
         if body.get("stream"):
             return _error(400, "stream=true is not supported by distill serve-router (the answer is checked before "
-                               "it is returned); send stream=false")
+                               "it is returned); send stream=false", request_id=rid)
         fn = (body.get("metadata") or {}).get("function") or request.headers.get("x-distill-function")
         logged = body
         if fn and not (body.get("metadata") or {}).get("function"):
@@ -153,12 +218,14 @@ class RouterProxy:
             if self.top_k:
                 sbody["top_logprobs"] = self.top_k
             status, resp = await self._forward(self.cfg.student_url, sbody, self.cfg.student_key_env)
-            choices = resp.get("choices") if status == 200 else None
-            if not choices or not isinstance(choices[0], dict):
-                reason = f"student endpoint failed: HTTP {status} {(resp.get('error') or {}).get('message', '')}"
-                decision = Decision("teacher", [*decision.reasons, reason.strip()], "after", decision.signals)
+            choices = resp.get("choices")
+            problem = _answer_problem(status, resp)
+            if problem:  # the teacher answers instead
+                decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
+                                    decision.signals)
             elif self.cfg.check_after:
-                content = ((choices[0].get("logprobs") or {}).get("content")) or []
+                lp = choices[0].get("logprobs")
+                content = (lp.get("content") if isinstance(lp, dict) else None) or []
                 try:
                     decision = self.router.after(body, content, fn, before=decision)
                 except ValueError as err:  # the endpoint did not return what the signal needs
@@ -183,8 +250,20 @@ class RouterProxy:
         self._log(logged, status, resp, latency, routing)
         headers = {"x-distill-route": decision.route, "x-distill-phase": decision.phase,
                    "x-distill-reasons": _reasons_header(decision.reasons),
-                   "x-distill-policy": self.policy_sha}
+                   "x-distill-policy": self.policy_sha, "x-request-id": rid}
         return web.json_response(resp, status=status, headers=headers)
+
+    def log_error(self, request: web.Request, rid: str, resp: web.Response) -> None:
+        """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""
+        now = datetime.now(timezone.utc)
+        try:
+            message = json.loads(resp.body)["error"]["message"]
+        except (TypeError, ValueError, KeyError):
+            message = ""
+        line = {"id": rid, "timestamp": now.isoformat(), "status_code": resp.status, "method": request.method,
+                "path": request.path[:200], "error": message[:500]}
+        with open(self.cfg.log_dir / f"errors-{now:%Y-%m-%d}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     def _log(self, request: dict[str, Any], status: int, response: dict[str, Any], latency_ms: float,
              routing: dict[str, Any]) -> None:

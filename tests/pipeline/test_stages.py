@@ -171,3 +171,14 @@ def test_a_harvest_only_recipe_needs_no_train_evaluate_or_export_section(project
     assert cli(["evaluate", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "evaluate needs the recipe's train and evaluate sections, which the recipe leaves out" in err
+
+
+def test_status_tells_a_running_stage_from_an_interrupted_one(project):
+    recipe = project()
+    run = RunDir(recipe.parent / "runs" / "t")
+    r = load_recipe(recipe)
+    run.begin("harvest", "f" * 64)  # a stage that started and has no manifest yet
+    assert stage_state(r, run, "harvest")[0] == "partial"  # nobody holds the lock: it was interrupted
+    with run.lock("a nightly run"):
+        assert stage_state(r, run, "harvest")[0] == "running"
+    assert stage_state(r, run, "harvest")[0] == "partial"

@@ -119,7 +119,11 @@ def test_upstreams_get_what_they_need(served):
 def test_every_call_is_logged_without_keys(served):
     _, _, _, log_dir = served
     files = sorted(p.name for p in log_dir.iterdir())
-    assert len(files) == 2 and files[0].startswith("student-") and files[1].startswith("teacher-")
+    assert len(files) == 3 and files[0].startswith("errors-") and files[1].startswith("student-") \
+        and files[2].startswith("teacher-")
+    refused = read_jsonl(log_dir / files[0])  # the two refused requests (stream, bad JSON), with their request ids
+    assert [x["status_code"] for x in refused] == [400, 400] and all(x["id"].startswith("req-") for x in refused)
+    files = files[1:]
     student_lines = read_jsonl(log_dir / files[0])
     teacher_lines = read_jsonl(log_dir / files[1])
     assert len(student_lines) == 2 and len(teacher_lines) == 4
@@ -130,7 +134,7 @@ def test_every_call_is_logged_without_keys(served):
     escalated = next(line for line in teacher_lines if "UNSURE" in line["request"]["messages"][-1]["content"])
     assert escalated["routing"]["phase"] == "after" and escalated["routing"]["student_answer"]
     assert escalated["routing"]["signals"]["confidence"] == pytest.approx(-4.5)
-    text = "".join((log_dir / f).read_text() for f in files)
+    text = "".join(p.read_text() for p in log_dir.iterdir())  # the errors log too
     assert SECRET not in text and "Bearer" not in text and "Authorization" not in text
 
 
