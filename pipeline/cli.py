@@ -46,6 +46,7 @@ examples:
   distill pull store demo-student@v1 ./student
   distill serve-router recipes/demo.yaml --student-url http://localhost:8000/v1 --teacher-url URL --log-dir logs/router
   distill route-check recipes/demo.yaml --logs logs/router
+  distill ledger --logs logs/router --json ledger.json
   distill serve-student ./student --port 8000   # the student on CPU, OpenAI API with logprobs
 """
 
@@ -64,6 +65,41 @@ def _serve_student_parser(sub) -> None:
     ss.add_argument("--max-batch", type=int, default=8, help="most requests answered in one batch (default 8)")
     ss.add_argument("--batch-wait-ms", type=float, default=5.0,
                     help="how long the first request of a batch waits for others (default 5 ms)")
+
+
+def _ledger_parser(sub) -> None:
+    lg = sub.add_parser("ledger", help="savings ledger: serve-router's logs by day, function and version",
+                        description="Rolls serve-router's logs up by day, function and version (the routing "
+                        "policy's sha256 prefix): requests, student share, dollars spent, what the teacher alone "
+                        "would have cost, dollars saved, escalation rate.")
+    lg.add_argument("--logs", required=True, help="serve-router's --log-dir (or a .jsonl file or a glob)")
+    lg.add_argument("--json", dest="json_out", help="also write the ledger as JSON to this file")
+
+
+def _ledger(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from export.route.ledger import ledger
+
+    report = ledger(args.logs)
+    table = Table(title=f"ledger: {report['total']['requests']} routed requests in {args.logs}", title_justify="left")
+    cols = ("day", "function", "version", "requests", "student share", "escalation rate", "spent $",
+            "teacher-only $", "saved $")
+    for col in cols:
+        table.add_column(col, justify="left" if col in cols[:3] else "right")
+    for r in [*report["rows"], {**report["total"], "day": "total", "function": "", "version": ""}]:
+        table.add_row(r["day"], r["function"], r["version"], str(r["requests"]), f"{100 * r['student_share']:.1f}%",
+                      f"{100 * r['escalation_rate']:.1f}%", f"{r['spent_usd']:.6f}", f"{r['teacher_only_usd']:.6f}",
+                      f"{r['saved_usd']:.6f}")
+    console.print(table)
+    if report["total"]["unpriced"]:
+        console.print(f"[yellow]{report['total']['unpriced']} requests have no price[/] (no usage or no prices): "
+                      "counted, not in the dollars", soft_wrap=True)
+    if report["unreadable_lines"]:
+        console.print(f"[dim]{report['unreadable_lines']} log lines could not be read[/]")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--no-language", action="store_true", help="skip the language rule")
     sr.add_argument("--before-only", action="store_true", help="do not check the student's confidence after it answers")
     _serve_student_parser(sub)
+    _ledger_parser(sub)
     rc = sub.add_parser("route-check", help="compare recent logs with the routing policy's calibration (drift)",
                         description="Replays the routing policy's pre-generation rules on logged requests and compares "
                         "per function the escalation rates and the distance and length distributions with "
@@ -335,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve_router(args, console)
         if args.command == "route-check":
             return _route_check(args, console)
+        if args.command == "ledger":
+            return _ledger(args, console)
         if args.command == "serve-student":
             from export.export.serve import serve as serve_student
 

@@ -20,6 +20,12 @@ with ``forward_client_headers_to_llm_api``). The teacher is asked for the model 
 ``--teacher-model``; a client that names the student (a gateway's deployment) gets the policy's teacher model; headers are never logged, so API keys never reach the logs. API keys are read from
 the environment variables named on the command line. ``metadata`` is not forwarded upstream unless the request
 sets ``store`` (OpenAI accepts it only then).
+
+``stream: true``: the teacher is asked to stream (with usage always asked; the usage-only chunk reaches the client
+only when its ``stream_options.include_usage`` asked for it) and its events are relayed as they arrive; the student
+is asked without streaming (its answer is checked first), and a kept answer is sent as ``chat.completion.chunk``
+events. A streamed call is logged with its assembled response. Every log line's ``routing.cost`` holds what the
+call cost and what the teacher alone would have cost (``RouterProxy.costs``); ``distill ledger`` sums them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +44,7 @@ from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from curation.harvest.importers.openai import BadRecord, reassemble_stream
 from export.route.router import Decision, Router
 from pipeline.rundir import sha256_file
 
@@ -52,6 +60,8 @@ class ProxyConfig:
     teacher_key_env: str | None = None
     timeout_s: float = 120.0
     check_after: bool = True  # phase 2 on the student's logprobs
+    teacher_price: tuple[float, float] | None = None  # USD per million input, output tokens (default: the policy's)
+    student_price: tuple[float, float] | None = None  # USD per million tokens (default: per request, the policy's)
 
 
 MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
@@ -84,6 +94,10 @@ def request_problem(body: Any) -> str | None:
     fn = (meta or {}).get("function")
     if fn is not None and not isinstance(fn, str):
         return "'metadata.function' must be a string"
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        return "'stream' must be a boolean"
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        return "'stream_options' must be an object"
     return None
 
 
@@ -131,6 +145,85 @@ def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
         reasons = ["...", *reasons[2:]]  # drop the oldest reason (the first stays "...")
 
 
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_PIECE = re.compile(r"\s*\S+|\s+$")
+
+
+async def _relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool) -> None:
+    """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage) and
+    keep its chunk for the log."""
+    data = b"\n".join(x[5:].strip() for x in event if x.startswith(b"data:"))
+    chunk = None
+    if data and data != b"[DONE]":
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            chunk = None
+    if isinstance(chunk, dict):
+        chunks.append(chunk)
+        if not want_usage and chunk.get("usage") and not chunk.get("choices"):
+            return
+    await out.write(b"".join(event) + b"\n")
+
+
+def completion_chunks(resp: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A chat.completion as OpenAI's chat.completion.chunk stream: per choice a role chunk, content chunks (a word
+    each; logprobs, when the client asked for them, ride on the last), tool calls, a chunk with the finish reason;
+    then, with include_usage, a last chunk with no choices and the usage."""
+    base = {"id": resp.get("id") or f"chatcmpl-distill-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+            "created": resp.get("created") or int(time.time()), "model": resp.get("model")}
+    if resp.get("system_fingerprint"):
+        base["system_fingerprint"] = resp["system_fingerprint"]
+    out = []
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> None:
+        out.append({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+
+    for c in resp.get("choices") or []:
+        i, msg = c.get("index", 0), c.get("message") or {}
+        chunk(i, {"role": msg.get("role") or "assistant", "content": ""})
+        pieces = _PIECE.findall(msg.get("content") or "")
+        for k, piece in enumerate(pieces):
+            chunk(i, {"content": piece}, lp=c.get("logprobs") if k == len(pieces) - 1 else None)
+        if msg.get("refusal"):
+            chunk(i, {"refusal": msg["refusal"]})
+        if msg.get("tool_calls"):
+            chunk(i, {"tool_calls": [{**tc, "index": j} for j, tc in enumerate(msg["tool_calls"])]})
+        chunk(i, {}, c.get("finish_reason") or "stop")
+    if include_usage:
+        out.append({**base, "choices": [], "usage": resp.get("usage")})
+    return out
+
+
+async def _send_events(request: web.Request, chunks: list[dict[str, Any]], headers: dict[str, str]
+                       ) -> web.StreamResponse:
+    out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
+    await out.prepare(request)
+    try:
+        for c in chunks:
+            await out.write(b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n")
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+    except ConnectionResetError:  # the client left: the answer is logged already
+        pass
+    return out
+
+
+def _tokens(usage: Any) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    tin, tout = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(tin, int) or not isinstance(tout, int):
+        return None
+    return tin, tout
+
+
+def _usd(price: tuple[float, float] | None, tokens: tuple[int, int] | None) -> float | None:
+    if price is None or tokens is None:
+        return None
+    return (tokens[0] * price[0] + tokens[1] * price[1]) / 1e6
+
+
 class RouterProxy:
     def __init__(self, router: Router, cfg: ProxyConfig, policy_sha256: str = ""):
         self.router, self.cfg = router, cfg
@@ -143,6 +236,36 @@ class RouterProxy:
         self.blocking = router.embed is not None  # MiniLM runs in a thread, off the event loop
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         self.counts = {"student": 0, "teacher": 0}
+        op = router.policy.get("operating_point") or {}
+        tp = op.get("teacher_price_per_mtok") or {}
+        self.teacher_price = cfg.teacher_price or (
+            (float(tp["input"]), float(tp["output"])) if isinstance(tp.get("input"), (int, float))
+            and isinstance(tp.get("output"), (int, float)) else None)
+        per_1k = op.get("cost_per_1k_student_usd")
+        self.student_per_request = float(per_1k) / 1000 if isinstance(per_1k, (int, float)) else None
+
+    def costs(self, tried: bool, student_usage: Any, teacher_usage: Any, route: str) -> dict[str, Any]:
+        """What a request cost and what the teacher alone would have cost, in USD (None where a price or the
+        usage is unknown). The student costs its per-token price when one is configured, else evaluate's cost per
+        request (its hourly price over its measured throughput, in the policy); a request the student did not
+        answer is priced for the teacher-only case at the teacher's own usage, one the student answered at the
+        student's token counts (a different tokenizer: an estimate)."""
+        s_tok = _tokens(student_usage) if tried else None
+        t_tok = _tokens(teacher_usage) if route == "teacher" else None
+        if not tried:
+            student_usd, basis = 0.0, "not asked"
+        elif self.cfg.student_price:
+            student_usd, basis = _usd(self.cfg.student_price, s_tok or (0, 0)), "per token"
+        else:
+            student_usd, basis = self.student_per_request, "per request (evaluate)"
+        teacher_usd = _usd(self.teacher_price, t_tok) if route == "teacher" else 0.0
+        teacher_only = teacher_usd if route == "teacher" else _usd(self.teacher_price, s_tok)
+        spent = None if student_usd is None or teacher_usd is None else student_usd + teacher_usd
+        return {"usd": spent, "student_usd": student_usd, "teacher_usd": teacher_usd, "teacher_only_usd": teacher_only,
+                "saved_usd": None if spent is None or teacher_only is None else teacher_only - spent,
+                "student_tokens": list(s_tok) if s_tok else None, "teacher_tokens": list(t_tok) if t_tok else None,
+                "student_basis": basis,
+                "teacher_only_basis": "teacher usage" if route == "teacher" else "student tokens"}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
@@ -169,20 +292,26 @@ class RouterProxy:
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "policy": self.policy_sha, "routed": self.counts})
 
-    async def _forward(self, base: str, body: dict[str, Any], key_env: str | None) -> tuple[int, dict[str, Any]]:
+    def _target(self, base: str, key_env: str | None) -> tuple[str, dict[str, str]]:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(key_env) if key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        url = base.rstrip("/") + "/chat/completions"
+        return base.rstrip("/") + "/chat/completions", headers
+
+    @staticmethod
+    async def _read_json(resp, url: str) -> dict[str, Any]:
+        try:
+            data = await resp.json(content_type=None)
+        except (json.JSONDecodeError, ValueError):
+            data = {"error": {"message": f"non-JSON answer from {url} (HTTP {resp.status})", "type": "upstream_error"}}
+        return data if isinstance(data, dict) else {"error": {"message": "bad upstream body"}}
+
+    async def _forward(self, base: str, body: dict[str, Any], key_env: str | None) -> tuple[int, dict[str, Any]]:
+        url, headers = self._target(base, key_env)
         try:
             async with self.session.post(url, json=body, headers=headers) as resp:
-                try:
-                    data = await resp.json(content_type=None)
-                except (json.JSONDecodeError, ValueError):
-                    data = {"error": {"message": f"non-JSON answer from {url} (HTTP {resp.status})",
-                                      "type": "upstream_error"}}
-                return resp.status, data if isinstance(data, dict) else {"error": {"message": "bad upstream body"}}
+                return resp.status, await self._read_json(resp, url)
         except (ClientError, asyncio.TimeoutError) as err:
             return 502, {"error": {"message": f"cannot reach {url}: {type(err).__name__}", "type": "upstream_error"}}
 
@@ -191,7 +320,43 @@ class RouterProxy:
             return await asyncio.get_running_loop().run_in_executor(None, self.router.before, body, fn)
         return self.router.before(body, fn)
 
-    async def chat(self, request: web.Request) -> web.Response:
+    async def _ask_student(self, body: dict[str, Any], upstream: dict[str, Any], decision: Decision, fn: str | None,
+                           routing: dict[str, Any]) -> tuple[Decision, int, dict[str, Any]]:
+        """The student answers (never streamed: its answer is checked first); phase 2 keeps it or escalates."""
+        sbody = {k: v for k, v in upstream.items() if k not in ("stream", "stream_options")}
+        sbody.update(model=self.student_model, logprobs=True)
+        if self.top_k:
+            sbody["top_logprobs"] = self.top_k
+        status, resp = await self._forward(self.cfg.student_url, sbody, self.cfg.student_key_env)
+        choices = resp.get("choices")
+        problem = _answer_problem(status, resp)
+        if problem:  # the teacher answers instead
+            decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
+                                decision.signals)
+        elif self.cfg.check_after:
+            lp = choices[0].get("logprobs")
+            content = (lp.get("content") if isinstance(lp, dict) else None) or []
+            try:
+                decision = self.router.after(body, content, fn, before=decision)
+            except ValueError as err:  # the endpoint did not return what the signal needs
+                decision = Decision("teacher", [*decision.reasons, str(err)], "after", decision.signals)
+            if not decision.to_student:
+                routing["student_answer"] = (choices[0].get("message") or {}).get("content")
+        if decision.to_student and not body.get("logprobs"):
+            for c in resp.get("choices") or []:
+                if isinstance(c, dict):
+                    c.pop("logprobs", None)
+        return decision, status, resp
+
+    def _teacher_body(self, upstream: dict[str, Any]) -> dict[str, Any]:
+        tbody = dict(upstream)
+        if self.cfg.teacher_model:
+            tbody["model"] = self.cfg.teacher_model
+        elif self.policy_teacher and tbody.get("model") in (self.student_model, None):
+            tbody["model"] = self.policy_teacher  # a gateway asked for the student: the teacher has its own name
+        return tbody
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
         rid = request.get("request_id", "")
         try:
@@ -202,56 +367,93 @@ class RouterProxy:
         problem = request_problem(body)
         if problem:
             return _error(400, problem, request_id=rid)
-        if body.get("stream"):
-            return _error(400, "stream=true is not supported by distill serve-router (the answer is checked before "
-                               "it is returned); send stream=false", request_id=rid)
+        stream = bool(body.get("stream"))
         fn = (body.get("metadata") or {}).get("function") or request.headers.get("x-distill-function")
         logged = body
         if fn and not (body.get("metadata") or {}).get("function"):
             logged = {**body, "metadata": {**(body.get("metadata") or {}), "function": fn}}
         decision = await self._decide_before(body, fn)
         upstream = body if body.get("store") else {k: v for k, v in body.items() if k != "metadata"}
-        routing: dict[str, Any] = {}
-        status, resp = 0, {}
-        if decision.to_student:
-            sbody = {**upstream, "model": self.student_model, "logprobs": True}
-            if self.top_k:
-                sbody["top_logprobs"] = self.top_k
-            status, resp = await self._forward(self.cfg.student_url, sbody, self.cfg.student_key_env)
-            choices = resp.get("choices")
-            problem = _answer_problem(status, resp)
-            if problem:  # the teacher answers instead
-                decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
-                                    decision.signals)
-            elif self.cfg.check_after:
-                lp = choices[0].get("logprobs")
-                content = (lp.get("content") if isinstance(lp, dict) else None) or []
-                try:
-                    decision = self.router.after(body, content, fn, before=decision)
-                except ValueError as err:  # the endpoint did not return what the signal needs
-                    decision = Decision("teacher", [*decision.reasons, str(err)], "after", decision.signals)
-                if not decision.to_student:
-                    routing["student_answer"] = (choices[0].get("message") or {}).get("content")
-            if decision.to_student and not body.get("logprobs"):
-                for c in resp.get("choices") or []:
-                    if isinstance(c, dict):
-                        c.pop("logprobs", None)
-        if not decision.to_student:
-            tbody = dict(upstream)
-            if self.cfg.teacher_model:
-                tbody["model"] = self.cfg.teacher_model
-            elif self.policy_teacher and tbody.get("model") in (self.student_model, None):
-                tbody["model"] = self.policy_teacher  # a gateway asked for the student: the teacher has its own name
-            status, resp = await self._forward(self.cfg.teacher_url, tbody, self.cfg.teacher_key_env)
-        latency = 1000 * (time.perf_counter() - t0)
-        self.counts[decision.route] += 1
-        routing.update(decision.as_dict())
-        routing["policy_sha256"] = self.policy_sha
-        self._log(logged, status, resp, latency, routing)
+        routing: dict[str, Any] = {"stream": True} if stream else {}
+        status, resp, student_usage = 0, {}, None
+        tried = decision.to_student
+        if tried:
+            decision, status, resp = await self._ask_student(body, upstream, decision, fn, routing)
+            student_usage = resp.get("usage") if status == 200 else None
         headers = {"x-distill-route": decision.route, "x-distill-phase": decision.phase,
                    "x-distill-reasons": _reasons_header(decision.reasons),
                    "x-distill-policy": self.policy_sha, "x-request-id": rid}
+
+        def finish(status: int, resp: dict[str, Any]) -> None:
+            self.counts[decision.route] += 1
+            routing.update(decision.as_dict())
+            routing["policy_sha256"] = self.policy_sha
+            routing["cost"] = self.costs(tried, student_usage, resp.get("usage") if decision.route == "teacher"
+                                         else None, decision.route)
+            self._log(logged, status, resp, 1000 * (time.perf_counter() - t0), routing)
+
+        if not decision.to_student:
+            tbody = self._teacher_body(upstream)
+            if stream:
+                streamed = await self._stream_teacher(request, tbody, headers, finish)
+                if isinstance(streamed, web.StreamResponse):
+                    return streamed
+                status, resp = streamed  # an error before the stream began, or a teacher that does not stream
+            else:
+                status, resp = await self._forward(self.cfg.teacher_url, tbody, self.cfg.teacher_key_env)
+        finish(status, resp)
+        if stream and status == 200:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await _send_events(request, completion_chunks(resp, include_usage), headers)
         return web.json_response(resp, status=status, headers=headers)
+
+    async def _stream_teacher(self, request: web.Request, tbody: dict[str, Any], headers: dict[str, str],
+                              finish) -> web.StreamResponse | tuple[int, dict[str, Any]]:
+        """Relay the teacher's server-sent events to the client as they arrive. The teacher is always asked for
+        usage (the ledger needs it); the usage-only chunk is passed on only when the client asked for it. Returns
+        (status, body) instead when the teacher answered with an error or with a plain JSON completion."""
+        asked = tbody.get("stream_options") or {}
+        want_usage = bool(asked.get("include_usage"))
+        tbody = {**tbody, "stream": True, "stream_options": {**asked, "include_usage": True}}
+        url, up_headers = self._target(self.cfg.teacher_url, self.cfg.teacher_key_env)
+        chunks: list[dict[str, Any]] = []
+        out: web.StreamResponse | None = None
+        broken = None
+        try:
+            async with self.session.post(url, json=tbody, headers=up_headers) as up:
+                if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
+                    return up.status, await self._read_json(up, url)
+                out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
+                await out.prepare(request)
+                event: list[bytes] = []
+                buf = b""
+                async for data in up.content.iter_any():  # no line-length limit (a chunk with logprobs is long)
+                    buf += data
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            event.append(line.rstrip(b"\r") + b"\n")
+                        elif event:
+                            await _relay(out, event, chunks, want_usage)
+                            event = []
+                if buf.strip():
+                    event.append(buf.rstrip(b"\r") + b"\n")
+                if event:
+                    await _relay(out, event, chunks, want_usage)
+                await out.write_eof()
+        except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
+            if out is None:
+                return 502, {"error": {"message": f"cannot reach {url}: {type(err).__name__}",
+                                       "type": "upstream_error"}}
+            broken = f"stream broken after {len(chunks)} chunks: {type(err).__name__}"
+        try:
+            resp = reassemble_stream(chunks)
+        except BadRecord as err:
+            resp = {"error": {"message": f"teacher stream unusable: {err}", "type": "upstream_error"}}
+        if broken:
+            resp["error"] = resp.get("error") or {"message": broken, "type": "upstream_error"}
+        finish(200, resp)
+        return out
 
     def log_error(self, request: web.Request, rid: str, resp: web.Response) -> None:
         """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""

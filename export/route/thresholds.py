@@ -138,6 +138,7 @@ def operating_point(fitted: Fitted, preds: list[dict[str, Any]], to_student_befo
         "cost_per_1k_routed_usd": 1000 * float(per_request.mean()) if n_all else 0.0,
         "cost_per_1k_teacher_usd": 1000 * float(teacher_cost.mean()) if n_all else 0.0,
         "cost_per_1k_student_usd": 1000 * student_cost,
+        "teacher_price_per_mtok": {"input": teacher_price.input_per_mtok, "output": teacher_price.output_per_mtok},
         "quality_metric": cfg.quality_metric,
     }
     if n_all:

@@ -3,6 +3,7 @@ in and out of band, and OpenAI-compatible stand-ins for a student and a teacher 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
@@ -69,6 +70,11 @@ def completion(content: str, model: str, logprobs: list[dict[str, Any]] | None =
             "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28}}
 
 
+TEACHER_PIECES = ['{"answer', '": "from', ' the', ' teacher"}']  # json.dumps({"answer": "from the teacher"})
+TEACHER_USAGE = {"prompt_tokens": 21, "completion_tokens": 9, "total_tokens": 30}
+STREAM_DELAY_S = 0.15
+
+
 class Upstream:
     """A stand-in OpenAI-compatible server. The student answers with confident logprobs, or unsure ones when the
     user turn contains UNSURE, and fails with HTTP 503 on FAIL; the teacher always answers. Every request body
@@ -87,6 +93,8 @@ class Upstream:
         self.auth.append(request.headers.get("Authorization"))
         user = " ".join(m.get("content") or "" for m in body["messages"] if m["role"] == "user")
         n = len(self.bodies)
+        if self.kind == "teacher" and body.get("stream"):
+            return await self.stream(request, body, f"chatcmpl-teacher-{n}")
         if self.kind == "teacher":
             return web.json_response(completion(json.dumps({"answer": "from the teacher"}), "gpt-4o-2024-08-06",
                                                 rid=f"chatcmpl-teacher-{n}"))
@@ -96,6 +104,26 @@ class Upstream:
         return web.json_response(completion("The Echo Speaker is in stock.", body.get("model", "?"),
                                             content_logprobs(values, body.get("top_logprobs") or 3),
                                             rid=f"chatcmpl-student-{n}"))
+
+    async def stream(self, request: web.Request, body: dict[str, Any], rid: str) -> web.StreamResponse:
+        """The teacher's answer as OpenAI streams it: role chunk, one chunk per TEACHER_PIECES item (STREAM_DELAY_S
+        apart), a finish chunk, the usage chunk when stream_options.include_usage, then [DONE]."""
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {"id": rid, "object": "chat.completion.chunk", "created": 1764000000, "model": "gpt-4o-2024-08-06"}
+        deltas = [({"role": "assistant", "content": ""}, None), *[({"content": p}, None) for p in TEACHER_PIECES],
+                  ({}, "stop")]
+        for delta, finish in deltas:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if usage:
+                chunk["usage"] = None
+            await out.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(STREAM_DELAY_S)
+        if usage:
+            await out.write(f"data: {json.dumps({**base, 'choices': [], 'usage': TEACHER_USAGE})}\n\n".encode())
+        await out.write(b"data: [DONE]\n\n")
+        return out
 
     async def start(self) -> str:
         app = web.Application()

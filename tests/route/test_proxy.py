@@ -73,7 +73,8 @@ def served(e2e, tmp_path_factory):
         (request(FAR_FAQ), None),  # far from the training inputs -> teacher before generation
         (request(IN_BAND_FAQ + " FAIL"), None),  # student endpoint fails -> teacher
         (request(IN_BAND_FAQ, function=None), {"x-distill-function": FAQ}),  # function from a header
-        ({**request(IN_BAND_FAQ), "stream": True}, None),  # refused: answers are checked before returning
+        ({**request(IN_BAND_FAQ), "stream": "yes"}, None),  # refused: stream must be a boolean (stream: true
+        # streams: tests/route/test_proxy_stream.py)
         ("{not json", None),
     ]
     os.environ["DISTILL_TEST_STUDENT_KEY"] = SECRET

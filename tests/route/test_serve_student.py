@@ -139,3 +139,31 @@ def test_serve_router_in_front_of_serve_student_with_the_openai_client(e2e, stud
     finally:
         stop()
     assert len(teacher.bodies) == 1
+
+
+def test_streaming_through_serve_router_in_front_of_serve_student(e2e, student_url, records, tmp_path):
+    """stream: true with the openai client (issue 16): the real student's checked answer comes as chunks with the
+    same text as the plain call, usage in the last chunk when asked; an escalated call streams from the teacher."""
+    router = with_rule(full_router(str(e2e / "runs/t/route")), FAQ, signal="min_logprob", threshold=-50.0)
+    rec, pred = next((rec, pred) for rec, pred in records
+                     if rec["function"] == FAQ and router.before({"messages": _messages(rec)}, FAQ).to_student)
+    url, teacher, stop = _start_router(router, student_url, tmp_path / "logs")
+    try:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+        plain = client.chat.completions.create(model="gpt-4o", messages=_messages(rec),
+                                               extra_headers={"x-distill-function": FAQ})
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=_messages(rec), stream=True, stream_options={"include_usage": True},
+            extra_headers={"x-distill-function": FAQ})
+        assert raw.headers["x-distill-route"] == "student"
+        chunks = list(raw.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content == pred["prediction"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=_messages(rec), stream=True, extra_headers={"x-distill-function": "legal_advice"})
+        assert raw.headers["x-distill-route"] == "teacher"
+        assert "from the teacher" in "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    finally:
+        stop()
+    assert teacher.bodies[-1]["stream"] is True
