@@ -33,6 +33,7 @@ section.missing .state{font-weight:600;color:var(--muted)}
 section.missing .state.failed,section.missing .state.blocked{color:var(--bad)}
 section.missing .state.interrupted{color:var(--warn)}
 .pair{display:grid;grid-template-columns:minmax(0,max-content) minmax(260px,1fr);gap:18px;align-items:start;margin:8px 0}
+.pair>:last-child{min-width:0;overflow-x:auto}
 figure{margin:0}
 figure svg{max-width:100%;height:auto;display:block}
 figcaption{color:var(--muted);font-size:12px;margin-top:2px}
