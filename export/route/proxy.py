@@ -34,7 +34,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,6 +45,17 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
 from export.route.router import Decision, Router
+from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
+    MAX_BODY,
+    SSE_HEADERS,
+    answer_problem,
+    completion_chunks,
+    error_response,
+    json_errors,
+    relay,
+    request_problem,
+    send_events,
+)
 from pipeline.rundir import sha256_file
 
 
@@ -64,77 +74,6 @@ class ProxyConfig:
     student_price: tuple[float, float] | None = None  # USD per million tokens (default: per request, the policy's)
 
 
-MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", request_id: str = "") -> web.Response:
-    """An OpenAI-shaped error, with the request id in the body and the x-request-id header."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None, "request_id": request_id}}
-    return web.json_response(body, status=status, headers={"x-request-id": request_id} if request_id else None)
-
-
-def request_problem(body: Any) -> str | None:
-    """Why a request body is not a chat-completions request this proxy can route (None when it is), naming the
-    field: the Router and the upstream calls then only ever see the shapes they expect."""
-    if not isinstance(body, dict):
-        return "the request body must be a JSON object"
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "'messages' must be a non-empty list of messages"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            return f"messages[{i}] must be an object with a string 'role'"
-        c = m.get("content")
-        if c is not None and not isinstance(c, str) and not (
-                isinstance(c, list) and all(isinstance(p, dict) for p in c)):
-            return f"messages[{i}].content must be a string, a list of content parts or null"
-    meta = body.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        return "'metadata' must be an object"
-    fn = (meta or {}).get("function")
-    if fn is not None and not isinstance(fn, str):
-        return "'metadata.function' must be a string"
-    if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        return "'stream' must be a boolean"
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        return "'stream_options' must be an object"
-    return None
-
-
-def _answer_problem(status: int, resp: dict[str, Any]) -> str | None:
-    """Why an upstream reply is not a usable chat completion (None when it is)."""
-    if status != 200:
-        err = resp.get("error")
-        msg = err.get("message", "") if isinstance(err, dict) else str(err or "")
-        return f"HTTP {status} {msg[:200]}".strip()
-    choices = resp.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) \
-            or not isinstance(choices[0].get("message") or {}, dict):
-        return "HTTP 200 without a usable choice"
-    return None
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """Every answer carries a request id, and every error is OpenAI-shaped JSON (aiohttp's own 404, 405 and 413
-    included), logged by the proxy."""
-    rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
-    request["request_id"] = rid
-    proxy: RouterProxy = request.app["proxy"]
-    try:
-        resp = await handler(request)
-    except web.HTTPException as exc:
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        resp = _error(exc.status, exc.reason if exc.status != 413 else
-                      f"the request body is over the {MAX_BODY:,}-byte limit", kind, rid)
-    except Exception as exc:  # noqa: BLE001 - a bug must still answer in JSON, be logged, and not kill the proxy
-        resp = _error(500, f"internal error in distill serve-router: {type(exc).__name__}", "server_error", rid)
-    if resp.status >= 400 and "x-distill-route" not in resp.headers:
-        proxy.log_error(request, rid, resp)
-    resp.headers.setdefault("x-request-id", rid)
-    return resp
-
-
 def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
     """The reasons as an ASCII JSON list (header-safe), shortened from the start if too long."""
     reasons = list(reasons)
@@ -143,70 +82,6 @@ def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
         if len(text) <= limit or not reasons:
             return text
         reasons = ["...", *reasons[2:]]  # drop the oldest reason (the first stays "...")
-
-
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_PIECE = re.compile(r"\s*\S+|\s+$")
-
-
-async def _relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool) -> None:
-    """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage) and
-    keep its chunk for the log."""
-    data = b"\n".join(x[5:].strip() for x in event if x.startswith(b"data:"))
-    chunk = None
-    if data and data != b"[DONE]":
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            chunk = None
-    if isinstance(chunk, dict):
-        chunks.append(chunk)
-        if not want_usage and chunk.get("usage") and not chunk.get("choices"):
-            return
-    await out.write(b"".join(event) + b"\n")
-
-
-def completion_chunks(resp: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    """A chat.completion as OpenAI's chat.completion.chunk stream: per choice a role chunk, content chunks (a word
-    each; logprobs, when the client asked for them, ride on the last), tool calls, a chunk with the finish reason;
-    then, with include_usage, a last chunk with no choices and the usage."""
-    base = {"id": resp.get("id") or f"chatcmpl-distill-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-            "created": resp.get("created") or int(time.time()), "model": resp.get("model")}
-    if resp.get("system_fingerprint"):
-        base["system_fingerprint"] = resp["system_fingerprint"]
-    out = []
-
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> None:
-        out.append({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
-
-    for c in resp.get("choices") or []:
-        i, msg = c.get("index", 0), c.get("message") or {}
-        chunk(i, {"role": msg.get("role") or "assistant", "content": ""})
-        pieces = _PIECE.findall(msg.get("content") or "")
-        for k, piece in enumerate(pieces):
-            chunk(i, {"content": piece}, lp=c.get("logprobs") if k == len(pieces) - 1 else None)
-        if msg.get("refusal"):
-            chunk(i, {"refusal": msg["refusal"]})
-        if msg.get("tool_calls"):
-            chunk(i, {"tool_calls": [{**tc, "index": j} for j, tc in enumerate(msg["tool_calls"])]})
-        chunk(i, {}, c.get("finish_reason") or "stop")
-    if include_usage:
-        out.append({**base, "choices": [], "usage": resp.get("usage")})
-    return out
-
-
-async def _send_events(request: web.Request, chunks: list[dict[str, Any]], headers: dict[str, str]
-                       ) -> web.StreamResponse:
-    out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
-    await out.prepare(request)
-    try:
-        for c in chunks:
-            await out.write(b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n")
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-    except ConnectionResetError:  # the client left: the answer is logged already
-        pass
-    return out
 
 
 def _tokens(usage: Any) -> tuple[int, int] | None:
@@ -329,7 +204,7 @@ class RouterProxy:
             sbody["top_logprobs"] = self.top_k
         status, resp = await self._forward(self.cfg.student_url, sbody, self.cfg.student_key_env)
         choices = resp.get("choices")
-        problem = _answer_problem(status, resp)
+        problem = answer_problem(status, resp)
         if problem:  # the teacher answers instead
             decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
                                 decision.signals)
@@ -362,11 +237,11 @@ class RouterProxy:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            return _error(400, "the request body is not valid JSON (or nests deeper than JSON parsers allow)",
+            return error_response(400, "the request body is not valid JSON (or nests deeper than JSON parsers allow)",
                           request_id=rid)
         problem = request_problem(body)
         if problem:
-            return _error(400, problem, request_id=rid)
+            return error_response(400, problem, request_id=rid)
         stream = bool(body.get("stream"))
         fn = (body.get("metadata") or {}).get("function") or request.headers.get("x-distill-function")
         logged = body
@@ -404,7 +279,7 @@ class RouterProxy:
         finish(status, resp)
         if stream and status == 200:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await _send_events(request, completion_chunks(resp, include_usage), headers)
+            return await send_events(request, completion_chunks(resp, include_usage), headers)
         return web.json_response(resp, status=status, headers=headers)
 
     async def _stream_teacher(self, request: web.Request, tbody: dict[str, Any], headers: dict[str, str],
@@ -434,12 +309,12 @@ class RouterProxy:
                         if line.strip():
                             event.append(line.rstrip(b"\r") + b"\n")
                         elif event:
-                            await _relay(out, event, chunks, want_usage)
+                            await relay(out, event, chunks, want_usage)
                             event = []
                 if buf.strip():
                     event.append(buf.rstrip(b"\r") + b"\n")
                 if event:
-                    await _relay(out, event, chunks, want_usage)
+                    await relay(out, event, chunks, want_usage)
                 await out.write_eof()
         except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
             if out is None:
