@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -27,6 +28,7 @@ from curation.harvest.importers.common import LENIENT, BadRecord, Lenient, Parse
 from curation.harvest.importers.formats import IMPORTERS, has_timestamps
 from curation.harvest.importers.openai import fast_row
 from pipeline.config.harvest import Source
+from pipeline.pii import Redaction
 from pipeline.record import record_row, rows_to_table
 
 ROW_GROUP = 10_000  # records converted and written at a time: bounds the memory of a chunk
@@ -50,6 +52,7 @@ class Chunk:
     watermark_ids: frozenset[str] = frozenset()
     may_be_growing: bool = False  # the block ends a plain file still being written: a partial last line waits
     file_range: tuple[str, int, int] | None = None  # (local path, start, end): a worker reads the bytes itself
+    pii: Redaction | None = None  # redact PII and secrets before writing (the recipe's curate.pii; pipeline.pii)
 
 
 @dataclass
@@ -148,6 +151,15 @@ def _quarantine(res: ChunkResult, chunk: Chunk, number: int, reason: str) -> Non
                            "reason": reason})
 
 
+def _redact(table: pa.Table, chunk: Chunk, res: ChunkResult) -> pa.Table:
+    """The records with PII and secrets redacted as the recipe's curate.pii says (none: as they are)."""
+    if chunk.pii is None:
+        return table
+    table, found = chunk.pii.apply(table)
+    res.notes["pii_redacted"] += len(found)
+    return table
+
+
 def _convert(chunk: Chunk) -> ChunkResult:
     cfg = chunk.cfg
     parse = IMPORTERS[cfg.format]
@@ -169,7 +181,7 @@ def _convert(chunk: Chunk) -> ChunkResult:
     def flush() -> None:
         nonlocal writer
         if rows:
-            table = rows_to_table(rows)
+            table = _redact(rows_to_table(rows), chunk, res)
             counts = pc.value_counts(table["function"])
             res.functions.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
                                           strict=True)))

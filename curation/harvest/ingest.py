@@ -23,6 +23,7 @@ from curation.harvest.chunks import Chunk, ChunkResult, convert
 from curation.harvest.sources import READ_ERRORS, LogFile, ends_a_line, line_blocks, row_batches, sample_hash
 from curation.harvest.watermarks import Seen, SourceState
 from pipeline.config.harvest import Source
+from pipeline.pii import Redaction
 
 AUTO_WORKERS_ABOVE = 32 << 20  # bytes to read before worker processes pay off
 
@@ -62,7 +63,7 @@ def _context() -> multiprocessing.context.BaseContext:
     shared); spawn where there is no fork."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["curation.harvest.chunks"])
+        ctx.set_forkserver_preload(["curation.harvest.chunks", "pipeline.pii"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -95,6 +96,7 @@ class Ingest:
     # Unfinished last lines left for the next run, of this source's files as listed now: (file, bytes, read now)
     held_back: list[tuple[str, int, bool]] = field(default_factory=list)
     part: int = 0
+    pii: Redaction | None = None  # what to redact in every record before it is written (recipe's curate.pii)
 
     def __post_init__(self) -> None:
         # Only a SQL source filters by time (its query can do nothing else); files go by position and id.
@@ -107,7 +109,7 @@ class Ingest:
         name = f"b{self.batch:05d}-{self.key}-{self.part:05d}.parquet"
         self.part += 1
         return Chunk(self.src, label, origin, b"" if file_range else data, numbers, default_ts,
-                     str(self.folder / name), self.watermark_ms, self.watermark_ids, growing, file_range)
+                     str(self.folder / name), self.watermark_ms, self.watermark_ids, growing, file_range, self.pii)
 
     def damaged(self, f: LogFile, line: int, why: str) -> None:
         """Quarantine the unreadable rest of a damaged file (one entry, counted as one row): what came before it

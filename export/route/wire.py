@@ -1,6 +1,7 @@
 """OpenAI chat completions on the wire, as serve-router speaks them: what a request must look like, what makes an
 upstream answer usable, errors in OpenAI's shape (a middleware turns aiohttp's own into them), and a completion as
-server-sent chat.completion.chunk events."""
+server-sent chat.completion.chunk events. Requests aiohttp refuses before any middleware (an over-long
+header) get the same JSON errors through ``json_parse_errors``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import uuid
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
 
@@ -81,6 +85,66 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         proxy.log_error(request, rid, resp)
     resp.headers.setdefault("x-request-id", rid)
     return resp
+
+
+def _parse_error_message(status: int, exc: BaseException | None) -> tuple[int, str, str]:
+    """(status, message, kind) for a request aiohttp could not parse or handle; never echoes the request (aiohttp's
+    own text quotes up to 100 bytes of the offending line, which may be an Authorization header)."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
+        over = f"the {limit:,}-byte limit" if limit else "the limit"
+        return 431, f"the request line or a request header is over {over}", "invalid_request_error"
+    if status >= 500:
+        return status, f"internal error in distill serve-router: {type(exc).__name__ if exc else 'unknown'}", \
+            "server_error"
+    return status, f"malformed HTTP request ({type(exc).__name__ if exc else 'unparsable'})", "invalid_request_error"
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, with the errors it answers itself (a request it cannot parse, such as an
+    over-long header, before any middleware runs) in OpenAI's JSON shape, with a request id, logged by the proxy."""
+
+    app: web.Application
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # part of an answer is out: aiohttp can only drop the connection
+            return super().handle_error(request, status, exc, message)
+        if not isinstance(exc, HttpProcessingError):  # a bug: aiohttp logs the traceback
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        status, text, kind = _parse_error_message(status, exc)
+        rid = f"req-{uuid.uuid4().hex}"
+        resp = error_response(status, text, kind, rid)
+        resp.force_close()
+        try:
+            self.app["proxy"].log_error(request, rid, resp)
+        except Exception:  # noqa: BLE001 - the answer must still go out
+            self.log_exception("could not log a refused request", exc_info=True)
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    app: web.Application
+
+    def __call__(self) -> RequestHandler:
+        handler = _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler.app = self.app
+        return handler
+
+
+def json_parse_errors(app: web.Application) -> web.Application:
+    """The app, served (by web.run_app or an AppRunner) with ``_JsonErrorHandler``: requests aiohttp refuses
+    before routing also get an OpenAI-shaped JSON answer, a request id and a line in the error log."""
+    make = app._make_handler
+
+    def make_handler(**kwargs: Any) -> web.Server:
+        server = make(**kwargs)
+        server.__class__ = _JsonErrorServer  # same state, our handler class (aiohttp has no public hook for it)
+        server.app = app
+        return server
+
+    app._make_handler = make_handler  # type: ignore[method-assign]
+    return app
 
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -1,0 +1,185 @@
+"""Harvest redacts PII and secrets in every record it writes, with curate's operator and the recipe's curate.pii:
+nothing under harvest/ holds them raw, ids and feedback joins are untouched, earlier nights' batches are redacted
+when they were written under another setting (or before harvest redacted), and changing the setting reruns
+harvest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from harvest_helpers import by_id, harvest, in_tmp, jsonl, openai_row, write_recipe  # noqa: F401
+from test_real_log_shapes import T0, tz_recipe, tz_row, uuid7
+
+from pipeline.cli import main as cli
+
+from conftest import make_project
+
+RUN = "runs/t/harvest"
+EMAIL = "jane.canary@example.com"
+PHONE = "+1 415 555 0199"
+KEY = "sk-proj-CANARYabcdefghijklmnopqrstuvwxyz0123"
+CANARIES = (EMAIL, "415 555 0199", "CANARYabcdefghijklmnop")
+
+
+def pii_row(i: int, ts: str = "2026-11-23T10:00:00Z") -> dict:
+    """A logged call with an e-mail and a phone number in the user turn, a key in the system prompt, the output
+    and a tool call, and an e-mail in the error text and the metadata."""
+    row = openai_row(i, ts=ts)
+    row["request"]["messages"] = [
+        {"role": "system", "content": f"Use key {KEY} for lookups."},
+        {"role": "user", "content": f"I am {EMAIL}, call me on {PHONE} about order {i}"},
+    ]
+    row["request"]["metadata"]["customer"] = EMAIL
+    row["response"]["choices"][0]["message"] = {
+        "role": "assistant", "content": f"Noted, we will write to {EMAIL}.",
+        "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "lookup", "arguments": json.dumps({"key": KEY, "email": EMAIL})}}]}
+    return row
+
+
+def raw_text_of(folder: Path) -> str:
+    """Every file under a folder as text: Parquet decoded to JSON rows, the rest as bytes read leniently."""
+    parts = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        if p.suffix == ".parquet":
+            parts.append(json.dumps(pq.read_table(p).to_pylist(), default=str))
+        else:
+            parts.append(p.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(parts)
+
+
+def leaks(folder: Path) -> list[str]:
+    text = raw_text_of(folder)
+    return [c for c in CANARIES if c in text]
+
+
+def test_harvest_writes_no_raw_pii_or_secret_and_keeps_ids(tmp_path):
+    jsonl(tmp_path / "logs" / "app.jsonl", [pii_row(i) for i in range(6)] + [openai_row(50)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}]})
+    m = harvest(recipe)
+    assert leaks(tmp_path / RUN) == []
+    got = by_id(recipe)
+    assert set(got) == {f"req_{i}" for i in range(6)} | {"req_50"}  # ids come from the logs, unredacted
+    r = got["req_3"]
+    assert r["messages"][1]["content"] == "I am <EMAIL>, call me on <PHONE> about order 3"
+    assert "<SECRET>" in r["messages"][0]["content"] and "<SECRET>" in r["output"]["tool_calls"]
+    assert set(r["tags"]["pii_redacted"].split(",")) == {"email_address", "phone_number", "openai_api_key"}
+    assert "pii_redacted" not in (got["req_50"]["tags"] or {})
+    assert m["counts"]["sources"]["logs/*.jsonl"]["pii_redacted"] == 6
+
+
+def test_changing_curate_pii_reruns_harvest(tmp_path, capsys):
+    jsonl(tmp_path / "logs" / "app.jsonl", [pii_row(1)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}]})
+    harvest(recipe)
+    capsys.readouterr()
+    masked = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}], "incremental": False},
+                          curate={"pii": {"action": "mask"}})
+    assert cli(["harvest", str(masked)]) == 0
+    assert "harvest: unchanged" not in capsys.readouterr().out
+    assert by_id(masked)["req_1"]["messages"][1]["content"].startswith("I am ****.******@*******.***, call me on")
+
+
+def test_earlier_nights_raw_batches_are_redacted_when_carried_forward(tmp_path):
+    """Night 1 was harvested with nothing to redact (as before harvest redacted): its batch is raw. Night 2, under
+    the default setting, redacts the carried batch in a new copy and leaves the ids and counts as they were."""
+    log = jsonl(tmp_path / "logs" / "app.jsonl", [pii_row(i) for i in range(4)])
+    keep = {"pii": {"action": "keep", "secrets": []}}
+    night1 = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl", "name": "app"}]}, curate=keep)
+    harvest(night1)
+    assert leaks(tmp_path / RUN) != []  # the control: the setting kept them
+    jsonl(log, [pii_row(10, ts="2026-11-24T10:00:00Z")], mode="a")
+    night2 = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl", "name": "app"}]})
+    m = harvest(night2)
+    assert m["counts"]["this_run"]["lines"] == 1 and m["counts"]["records"] == 5
+    assert leaks(tmp_path / RUN) == []
+    assert set(by_id(night2)) == {"req_0", "req_1", "req_2", "req_3", "req_10"}
+
+
+def test_a_harvest_from_before_redaction_is_redacted_on_the_next_night(tmp_path):
+    """A harvest folder without redaction.json (written by a version that did not redact) counts as raw."""
+    log = jsonl(tmp_path / "logs" / "app.jsonl", [pii_row(1)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl", "name": "app"}]},
+                          curate={"pii": {"action": "keep", "secrets": []}})
+    harvest(recipe)
+    (tmp_path / RUN / "redaction.json").unlink()
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl", "name": "app"}]})
+    jsonl(log, [openai_row(2, ts="2026-11-24T10:00:00Z")], mode="a")
+    harvest(recipe)
+    assert leaks(tmp_path / RUN) == []
+
+
+def test_a_demonstration_with_pii_is_redacted_when_joined(tmp_path):
+    """Feedback brings new text (a corrected answer): the rewritten records are redacted too; the join itself
+    goes by ids, which redaction leaves alone."""
+    a = tz_row(1, {"messages": [{"role": "user", "content": f"mail me at {EMAIL}"}]})
+    fb = [{"id": uuid7(T0 + 9100, 11), "inference_id": a["id"],
+           "value": json.dumps([{"type": "text", "text": f"Sent to {EMAIL}, key {KEY}"}])},
+          {"id": uuid7(T0 + 9200, 12), "target_id": a["id"], "metric_name": "thumbs_up", "value": True}]
+    recipe = tz_recipe(tmp_path, [a], fb)
+    m = harvest(recipe)
+    r = by_id(recipe)[a["id"]]
+    assert r["output"]["content"] == "Sent to <EMAIL>, key <SECRET>"
+    assert r["tags"]["output_source"] == "demonstration"
+    assert m["counts"]["feedback"]["rows_matched"] == 2
+    assert leaks(tmp_path / RUN) == []
+
+
+def test_curate_still_drops_by_the_kinds_harvest_found(tmp_path):
+    """With action 'drop', harvest redacts and tags; curate finds nothing new in the text but drops by the tag."""
+    jsonl(tmp_path / "logs" / "app.jsonl", [pii_row(1), openai_row(2)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}]},
+                          curate={"pii": {"action": "drop"}, "split": {"val_fraction": 0, "test_fraction": 0}})
+    assert cli(["curate", str(recipe)]) == 0
+    rejected = pq.read_table(tmp_path / "runs/t/curate/rejected.parquet").to_pylist()
+    assert [(r["id"], r["reason"]) for r in rejected if r["id"] == "req_1"] == [
+        ("req_1", "contains email_address, phone_number")]
+    assert leaks(tmp_path / "runs/t") == []
+
+
+def test_curate_output_is_byte_identical_whether_harvest_redacted_or_not(tmp_path, monkeypatch):
+    """The demo traffic (e-mails and phone numbers in it) curated twice: once harvested with redaction, once with
+    harvest's redaction switched off (as before it redacted): train/val/test/rejected are the same bytes."""
+    from curation.harvest import stage as harvest_stage
+
+    outputs = {}
+    for name in ("redacted", "raw"):
+        root = tmp_path / name
+        recipe = make_project(root, {"2026-11-23": 400})
+        monkeypatch.chdir(root)
+        if name == "raw":
+            monkeypatch.setattr(harvest_stage, "_pii_config", lambda recipe: None)
+        assert cli(["curate", str(recipe)]) == 0
+        outputs[name] = {f: (root / "runs/t/curate" / f).read_bytes()
+                         for f in ("train.parquet", "val.parquet", "test.parquet", "rejected.parquet")}
+    assert leaks(tmp_path / "redacted/runs/t/harvest") == [] and "<EMAIL>" in raw_text_of(
+        tmp_path / "redacted/runs/t/harvest")
+    assert "<EMAIL>" not in raw_text_of(tmp_path / "raw/runs/t/harvest")  # the control: harvest kept them raw
+    assert outputs["redacted"] == outputs["raw"]
+
+
+def test_a_text_over_curate_max_record_bytes_is_masked_whole_in_seconds(tmp_path):
+    """Finding PII costs seconds per megabyte of dense PII; a text over curate.max_record_bytes (which curate drops
+    and blanks anyway) is masked whole at harvest instead, keeping its byte length, so curate's verdict holds."""
+    import time
+
+    row = pii_row(1)
+    huge = f"call {PHONE} or mail {EMAIL} é " * 120_000  # 5.6 MB of dense PII
+    row["request"]["messages"][1]["content"] = huge
+    jsonl(tmp_path / "logs" / "app.jsonl", [row, pii_row(2)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}]},
+                          curate={"split": {"val_fraction": 0, "test_fraction": 0}})
+    t0 = time.process_time()  # CPU time: the cores are shared, wall time says little
+    harvest(recipe)
+    assert time.process_time() - t0 < 25  # detection on the whole text: over 60 CPU-seconds
+    got = by_id(recipe)["req_1"]["messages"][1]["content"]
+    assert len(got.encode()) == len(huge.encode()) and set(got) == {"*", " "}
+    assert leaks(tmp_path / RUN) == []
+    assert cli(["curate", str(recipe)]) == 0
+    rejected = pq.read_table(tmp_path / "runs/t/curate/rejected.parquet").to_pylist()
+    reasons = [r["reason"] for r in rejected if r["id"] == "req_1"]
+    assert len(reasons) == 1 and reasons[0].startswith("record texts are ") and "curate.max_record_bytes" in reasons[0]
