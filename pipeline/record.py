@@ -29,9 +29,12 @@ MESSAGE = pa.struct(
 )
 
 # One generated token with the teacher's top-k alternatives (OpenAI's ``logprobs.content`` shape). Kept when
-# the logs or a re-generation hold them, for sparse logit distillation.
-TOP_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float32())])
-TOKEN_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float32()), ("top", pa.list_(TOP_LOGPROB))])
+# the logs or a re-generation hold them, for sparse logit distillation (across tokenizers, lined up by bytes).
+# Compact: logprobs as float16 (3 significant digits, plenty for a distillation target), and a token's UTF-8
+# ``bytes`` only where its text does not spell them (a token that ends inside a character); else null.
+TOP_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float16()), ("bytes", pa.binary())])
+TOKEN_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float16()), ("bytes", pa.binary()),
+                           ("top", pa.list_(TOP_LOGPROB))])
 
 RECORD_SCHEMA = pa.schema(
     [

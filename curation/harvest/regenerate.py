@@ -43,6 +43,19 @@ class RegenerateError(RuntimeError):
     """Re-generation cannot go on (bad key, wrong endpoint) or left calls unanswered."""
 
 
+SPARSE_KD_TOP_LOGPROBS = 20  # OpenAI's most: what sparse_kd asks for when the recipe names no number
+
+
+def for_recipe(recipe) -> RegenerateConfig:
+    """The recipe's re-generation settings, asking the teacher for ``logprobs`` and ``top_logprobs`` when the
+    training objective learns from them (train.objective 'sparse_kd') and harvest.regenerate.top_logprobs is 0."""
+    cfg = recipe.harvest.regenerate
+    train = getattr(recipe, "train", None)
+    if cfg is not None and not cfg.top_logprobs and train is not None and train.objective == "sparse_kd":
+        return cfg.model_copy(update={"top_logprobs": SPARSE_KD_TOP_LOGPROBS})
+    return cfg
+
+
 # --- which records -------------------------------------------------------------------------------------------------
 
 def reason(rec: dict[str, Any], cfg: RegenerateConfig) -> str | None:

@@ -33,16 +33,21 @@ from curation.harvest.feedback import FeedbackIndex
 from curation.harvest.ingest import Ingest, Runner, auto_workers, ingest_files, ingest_sql
 from curation.harvest.sources import list_files
 from pipeline.config.harvest import HarvestConfig, Source
+from pipeline.pii import Redaction, enabled
 from pipeline.recipe import Recipe
 from pipeline.record import from_table, to_table
 from pipeline.stages import StageContext, StageResult
 from pipeline.ui import stage_progress
 
-# The stage's contract (pipeline/stages.py): the logs are its only input, outside the run directory.
+# The stage's contract (pipeline/stages.py): the logs are its only input, outside the run directory; it redacts
+# PII and secrets in every record it writes as the recipe's curate.pii says (pipeline.pii), so that setting joins
+# its fingerprint.
 READS: tuple[str, ...] = ()
+ALSO_READS = ("curate.pii", "curate.max_record_bytes")
 REPORT_FILES = ("quarantine.jsonl",)
 
 QUARANTINE = "quarantine.jsonl"
+REDACTION = "redaction.json"  # the setting the batches were redacted with (pipeline.pii.Redaction.stamp)
 # Counts of what was kept but is worth knowing (chunks.ChunkResult.notes), per source, summed over runs like
 # watermarks.COUNT_KEYS; kept in a source's counts only once non-zero. Besides these, "coerced:<field>": values of
 # a record field dropped or truncated by the importers (importers.common.COERCED).
@@ -104,6 +109,7 @@ def run(ctx: StageContext) -> StageResult:
     prev = ctx.run.stage_dir("harvest")
     incremental = cfg.incremental and ctx.run.manifest("harvest") is not None
     last_batch, old_states = watermarks.load(prev) if incremental else (0, {})
+    pii = _pii_config(ctx.recipe)
     batch = last_batch + 1
     keys = [watermarks.source_key(s) for s in cfg.sources]
     files = {k: list_files(s) for k, s in zip(keys, cfg.sources, strict=True) if s.sql is None}
@@ -127,7 +133,10 @@ def run(ctx: StageContext) -> StageResult:
                 seen = watermarks.Seen(watermarks.carry_forward(prev, work, state) if key in old_states
                                        else np.zeros(0, np.uint64))
                 ing = _Ingest(src, key, state, seen, batch, work / "batches", quarantine,
-                             progress=lambda n: progress.update(task, rows=progress.tasks[0].fields["rows"] + n))
+                              progress=lambda n: progress.update(task, rows=progress.tasks[0].fields["rows"] + n),
+                              pii=pii)
+                if key in old_states:
+                    _redact_carried(prev, work, state.batches, pii)
                 progress.update(task, description=state.label)
                 if src.sql is not None:
                     ingest_sql(ing, runner, cfg.batch_size, cfg.incremental)
@@ -153,13 +162,43 @@ def run(ctx: StageContext) -> StageResult:
             if regen is not None:
                 regen.prepare(work, batch_files, fb)
                 regen.call(progress)
-            totals = _assemble(work, batch_files, fb, regen)
+            totals = _assemble(work, batch_files, fb, regen, pii)
         finally:
             if regen is not None:
                 regen.finish()
     wrote = any(i.new_batches for i in ingests)
     watermarks.save(work, batch if wrote else last_batch, states)
+    (work / REDACTION).write_bytes(orjson.dumps(_stamp(pii)))
     return _result(ctx, cfg, ingests, states, totals, fb, regen, read_s, runner.workers)
+
+
+def _pii_config(recipe: Recipe) -> Redaction | None:
+    """The redaction the recipe's curate section asks for, or None when curate.pii looks for nothing."""
+    cfg = recipe.curate.pii
+    return Redaction(cfg, recipe.curate.max_record_bytes) if enabled(cfg) else None
+
+
+def _stamp(pii: Redaction | None) -> dict[str, Any]:
+    return pii.stamp() if pii is not None else {"curate.pii": None}
+
+
+def _redact_carried(prev: Path, work: Path, names: list[str], pii: Redaction | None) -> None:
+    """Earlier nights' batches (hard-linked into the work folder) redacted again where they were written under
+    another curate.pii, or before harvest redacted at all: a new copy replaces the link, the earlier file is left
+    as it was. A setting that now redacts less cannot restore text: rerun harvest with incremental off."""
+    try:
+        same = orjson.loads((prev / REDACTION).read_bytes()) == _stamp(pii)
+    except (OSError, orjson.JSONDecodeError):
+        same = False
+    if same or pii is None:
+        return
+    for name in names:
+        path = work / "batches" / name
+        table, found = pii.apply(pq.read_table(path))
+        if found:
+            tmp = path.with_suffix(".tmp")
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, path)
 
 
 def _load_feedback(cfg: HarvestConfig, quarantine) -> FeedbackIndex | None:
@@ -180,7 +219,7 @@ class _Regeneration:
         from curation.harvest import regenerate
 
         self.mod = regenerate
-        self.cfg = cfg.regenerate
+        self.cfg = regenerate.for_recipe(ctx.recipe)  # asks for logprobs when train.objective is sparse_kd
         self.cache = regenerate.Cache(ctx.run.path / "cache" / "teacher")
         self.chosen: dict[str, tuple[str, str]] = {}  # record id -> (request key, reason)
         self.bodies: dict[str, dict[str, Any]] = {}
@@ -263,8 +302,9 @@ class _Regeneration:
 
 
 def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
-              regen: _Regeneration | None) -> dict[str, Any]:
-    """records-*.parquet from the batches: a hard link where nothing joins onto a batch, else a rewritten copy."""
+              regen: _Regeneration | None, pii: Redaction | None) -> dict[str, Any]:
+    """records-*.parquet from the batches: a hard link where nothing joins onto a batch, else a rewritten copy
+    (whose records are redacted again: a demonstration or a re-generated answer brings new text)."""
     records = changed = 0
     functions: Counter[str] = Counter()
     matched_feedback = 0
@@ -306,7 +346,10 @@ def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
             if regen is not None:
                 regen.apply(rec)
         changed += len(rows)
-        new = to_table(rows).append_column("__row", idx.cast(pa.int64()))
+        new = to_table(rows)
+        if pii is not None:
+            new, _ = pii.apply(new)
+        new = new.append_column("__row", idx.cast(pa.int64()))
         rest = table.filter(pc.invert(mask))
         rest = rest.append_column("__row", pc.indices_nonzero(pc.invert(mask)).cast(pa.int64()))
         out = pa.concat_tables([rest, new]).sort_by("__row").drop_columns(["__row"])

@@ -199,7 +199,7 @@ class RegenerateConfig(Section):
     )
     top_logprobs: int = Field(
         0, ge=0, le=20, description="Ask for the top-k log-probabilities of every output token and keep them on the "
-        "record (teacher.logprobs) for logit distillation; 0 = none.",
+        "record (teacher.logprobs) for logit distillation; 0 = none, or 20 when train.objective is sparse_kd.",
     )
     concurrency: int = Field(8, gt=0, le=256, description="Requests in flight at once.")
     max_retries: int = Field(5, ge=0, le=100, description="Retries of a request after a 429, a 5xx, a timeout or a lost "

@@ -139,7 +139,9 @@ def test_sparse_kd_from_logged_top_k_logprobs(kd, monkeypatch):
     assert sp["records_with_logprobs"] == info["examples"] - 1
     assert sp["aligned"] == sp["records_with_logprobs"] - 1 >= 0.8 * info["examples"]
     assert sp["not_used"] == {"no teacher logprobs on the record": 1,
-                              "a logged token is not one student token (different tokenizer)": 1}
+                              "the logged tokens do not spell the answer the student is trained on": 1}
+    assert sp["methods"] == {"same_tokenizer": sp["aligned"]}
+    assert sp["answer_tokens"]["soft target"] == sp["tokens_with_targets"]
     train = losses(run.path)
     assert train[-1] < train[0]
     before = load_file(kd.path / "student" / "model.safetensors")

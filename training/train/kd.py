@@ -5,8 +5,9 @@ on-policy distillation through TRL's DistillationTrainer.
 
 Per assistant token the loss is ``ce_weight * CE + (1 - ce_weight) * T^2 * D(teacher_T, student_T)`` where D is
 forward KL, reverse KL or the generalised JSD (mixture ``beta * teacher + (1 - beta) * student``, TRL's
-convention) and ``_T`` means softened by the temperature. Tokens without a teacher distribution (sparse records
-whose logs do not line up with the student's tokens) keep plain cross-entropy. The sum over tokens is divided by
+convention) and ``_T`` means softened by the temperature. Sparse targets are built in ``training.train.align``
+(from logs in the student's own tokens, or lined up by byte offsets when the teacher's tokenizer is another);
+tokens without a teacher distribution keep plain cross-entropy. The sum over tokens is divided by
 the number of target tokens in the whole accumulated batch across devices, as TRL does for SFT, so gradient
 accumulation and data parallelism do not change the gradient.
 """

@@ -5,7 +5,9 @@ before any stage does work: a recipe that cannot train fails in seconds, not aft
 - QLoRA is not launched under DeepSpeed ZeRO-3, and DeepSpeed is not configured twice;
 - the student's chat template marks assistant turns (else assistant-only masks come out empty);
 - max_length fits the student's context;
-- for logit distillation, teacher and student share one tokenizer and their output layers cover it.
+- for logit distillation, teacher and student share one tokenizer and their output layers cover it;
+- for sparse_kd on curated data already in the run folder, enough answer tokens get a teacher target (the same
+  check the train stage makes on all of its data, ``check_sparse_coverage``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def check(recipe) -> None:
                                trust_remote_code=d.teacher_trust_remote_code)
         check_same_vocabulary(tokenizer, teacher_tok, student_vocab, _text_vocab_size(teacher_config),
                               f"{field} '{source}'", f"{tf} '{d.teacher}'")
+    if cfg.objective == "sparse_kd":
+        sample_sparse_coverage(recipe, tokenizer)
 
 
 def check_same_vocabulary(student_tok, teacher_tok, student_rows: int, teacher_rows: int, student: str,
@@ -114,3 +118,47 @@ def check_same_vocabulary(student_tok, teacher_tok, student_rows: int, teacher_r
     for who, rows in ((student, student_rows), (teacher, teacher_rows)):
         if rows < needed:
             raise ValueError(f"{who}: its output layer has {rows:,} rows but the tokenizer has {needed:,} tokens")
+
+
+MIN_SOFT_SHARE = 0.05  # sparse_kd is refused when fewer answer tokens than this get a teacher target
+PREFLIGHT_SAMPLE = 200  # curated records the preflight check lines up
+
+
+def check_sparse_coverage(stats, where: str = "the curated training records") -> None:
+    """Refuse sparse_kd when almost no answer token gets a teacher target (``stats``: training.train.data's
+    DataStats), naming the main reason; the share and the reasons are in student.json otherwise."""
+    outcomes = stats.token_outcomes
+    total = sum(outcomes.values())
+    soft = outcomes.get("soft target", 0)
+    if total and soft / total >= MIN_SOFT_SHARE:
+        return
+    from training.train.align import NO_LOGPROBS
+
+    misses = sorted(((n, r) for r, n in outcomes.items() if r != "soft target"), reverse=True)
+    why = "; ".join(f"{n:,} x {r}" for n, r in misses[:3]) or "no answer tokens"
+    hint = ("harvest records that carry teacher.logprobs (logs with logprobs, or harvest.regenerate with "
+            "top_logprobs > 0), or use objective: sft" if misses and misses[0][1] == NO_LOGPROBS else
+            "check that the logged tokens spell the answers as curated (PII redaction or edits change the text), "
+            "or use objective: sft")
+    raise ValueError(f"train.objective 'sparse_kd': only {soft:,} of {total:,} answer tokens in {where} get a "
+                     f"teacher target (at least {MIN_SOFT_SHARE:.0%} needed). Main reasons: {why}. Fix: {hint}")
+
+
+def sample_sparse_coverage(recipe, tokenizer) -> None:
+    """When curate has already written the training split, line up a sample of it with the student's tokens."""
+    from pathlib import Path
+
+    path = Path(recipe.run_path) / "curate" / "train.parquet"
+    if not path.is_file():
+        return  # harvest and curate have not run yet: the train stage checks all of its data
+    import pyarrow.parquet as pq
+
+    from pipeline.record import from_table
+    from training.train.chat_template import training_template
+    from training.train.data import tokenize_records
+
+    table = pq.read_table(path)
+    records = from_table(table.slice(0, PREFLIGHT_SAMPLE))
+    cfg = recipe.train
+    _, stats = tokenize_records(records, tokenizer, training_template(tokenizer), cfg.max_length, cfg.distill.top_k)
+    check_sparse_coverage(stats, f"a sample of {len(records)} records of {path}")

@@ -156,19 +156,34 @@ def reassemble_stream(raw: list[Any]) -> dict[str, Any]:
     return body
 
 
+def _token_bytes(t: dict[str, Any], where: str) -> bytes | None:
+    """A logged token's ``bytes`` kept only where its text does not spell them (compact: null otherwise)."""
+    raw = t.get("bytes")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(type(b) is int and 0 <= b < 256 for b in raw):
+        raise BadRecord(f"{where}.bytes is not a list of byte values (0-255)")
+    value = bytes(raw)
+    return None if value == t["token"].encode() else value
+
+
 def logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """OpenAI ``logprobs.content`` -> the record's teacher.logprobs (token, logprob, top: [token, logprob])."""
+    """OpenAI ``logprobs.content`` -> the record's teacher.logprobs (token, logprob, bytes, top: [token, logprob,
+    bytes]); bytes only where the text does not spell them (see pipeline.record.TOKEN_LOGPROB)."""
     lp = choice.get("logprobs")
     content = lp.get("content") if isinstance(lp, dict) else None
     if not isinstance(content, list) or not content:
         return None
     out = []
-    for t in content:
+    for i, t in enumerate(content):
         if not isinstance(t, dict) or not isinstance(t.get("token"), str) or number(t.get("logprob")) is None:
-            raise BadRecord("logprobs.content has an entry without a string token and a numeric logprob")
-        top = [{"token": a["token"], "logprob": float(a["logprob"])} for a in t.get("top_logprobs") or ()
+            raise BadRecord(f"logprobs.content[{i}] has no string token and numeric logprob")
+        top = [{"token": a["token"], "logprob": float(a["logprob"]),
+                "bytes": _token_bytes(a, f"logprobs.content[{i}].top_logprobs[{j}]")}
+               for j, a in enumerate(t.get("top_logprobs") or ())
                if isinstance(a, dict) and isinstance(a.get("token"), str) and number(a.get("logprob")) is not None]
-        out.append({"token": t["token"], "logprob": float(t["logprob"]), "top": top})
+        out.append({"token": t["token"], "logprob": float(t["logprob"]),
+                    "bytes": _token_bytes(t, f"logprobs.content[{i}]"), "top": top})
     return out
 
 
