@@ -1,5 +1,6 @@
-"""Decontamination: train and val records whose user turns share word n-grams with the test split or with an
-external eval set leave the training data (datatrove/open-instruct style: user turns only, exact n-gram match).
+"""Decontamination: train and val records whose user turns share word n-grams with the test split, with an
+external eval set or with the golden set (``evaluate.golden``) leave the training data (datatrove/open-instruct
+style: user turns only, exact n-gram match).
 
 Runs in the global half of the chain, after dedup, over the same compact table. Tokens are lower-cased words;
 n-grams are hashed from dictionary-encoded token ids within one call, so the match relation does not depend on
@@ -89,14 +90,21 @@ def ngram_hashes(texts: list[str] | pa.Array, n: int) -> tuple[np.ndarray, np.nd
     return h[pos], offsets
 
 
+def golden_references(records: list[dict]) -> list[tuple[str, str]]:
+    """(user turns, 'golden set <file>') of every golden record (``curation.harvest.golden.load_golden``): they
+    count as contamination like the test split."""
+    return [("\n".join(m["content"] or "" for m in r["messages"] if m["role"] == "user"),
+             f"golden set {(r.get('tags') or {}).get('golden_file', '')}".rstrip()) for r in records]
+
+
 def load_external(paths: list[str]) -> list[tuple[str, str]]:
-    """(text, file name) for every prompt of the external eval sets."""
+    """(text, 'external eval set <file name>') for every prompt of the external eval sets."""
     out: list[tuple[str, str]] = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"curate.decontaminate.external: eval set {path} not found")
-        name = path.name
+        name = f"external eval set {path.name}"
         if path.suffix == ".txt":
             out += [(line, name) for line in path.read_text().splitlines() if line.strip()]
             continue
@@ -173,6 +181,6 @@ def decontaminate(table: pa.Table, alive: np.ndarray, cfg: Decontamination,
         test_ids = columns.pick(table, "id", [test[o] for o in owners if o < len(test)])
         names = iter(test_ids)
         for k, o in zip(bad, owners, strict=True):
-            who = f"test record {next(names)}" if o < len(test) else f"external eval set {external[o - len(test)][1]}"
+            who = f"test record {next(names)}" if o < len(test) else external[o - len(test)][1]
             out[int(chunk[k])] = f"{int(hits[k])} of {int(counts[k])} {cfg.ngram}-grams of the user turns occur in {who}"
     return out

@@ -34,7 +34,7 @@ from curation.curate.balance import balance
 from curation.curate.carry import Decisions, set_column
 from curation.curate.chain import output_schema
 from curation.curate.columns import codes, runs
-from curation.curate.decontaminate import decontaminate, load_external
+from curation.curate.decontaminate import decontaminate, golden_references, load_external
 from curation.curate.dedup import exact_dedup, near_dedup, rank
 from curation.curate.executors import choose, count_rows, run_map
 from curation.curate.filters import PER_RECORD, Op, Plan, length_mode, plan_for
@@ -50,6 +50,27 @@ READS = ("harvest",)
 ALSO_READS = ("train.student",)
 MAY_BE_ABSENT = ("train",)  # with no train section, lengths are counted by the documented approximation
 REPORT_FILES = ("report.json",)
+
+
+def external_inputs(recipe) -> dict[str, str]:
+    """The golden set's files (evaluate.golden): decontamination removes training records that overlap them, so
+    new or changed golden files rerun curate. Nothing without a golden set (the fingerprint stays as it was)."""
+    from curation.harvest.golden import golden_inputs
+
+    return golden_inputs(recipe.evaluate.golden) if recipe.evaluate else {}
+
+
+def _references(ctx: StageContext) -> list[tuple[str, str]]:
+    """What decontamination protects besides the test split: external eval sets and the golden set."""
+    cfg = ctx.recipe.curate
+    if cfg.decontaminate is None:
+        return []
+    golden = ctx.recipe.evaluate.golden if ctx.recipe.evaluate else []
+    if golden:
+        from curation.harvest.golden import load_golden
+
+        return load_external(cfg.decontaminate.external) + golden_references(load_golden(golden))
+    return load_external(cfg.decontaminate.external)
 
 
 @dataclass
@@ -129,7 +150,7 @@ def config_fingerprint(ctx: StageContext) -> str:
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.curate
     plan = plan_for(cfg, ctx.recipe.train.student if ctx.recipe.train else None)
-    external = load_external(cfg.decontaminate.external) if cfg.decontaminate else []
+    external = _references(ctx)
     files_sha = harvest_files(ctx.inputs["harvest"], ctx.run.manifest("harvest"))
     files = [ctx.inputs["harvest"] / name for name in files_sha]
     schema = input_schema(files)

@@ -110,7 +110,8 @@ def check_gate(ctx: StageContext) -> dict[str, Any]:
     scores = json.loads((ctx.inputs["evaluate"] / "scores.json").read_text())
     try:
         result = gate.against_store(scores["functions"], ecfg.gate, scores.get("quality_metric", ecfg.quality),
-                                    cfg.store, cfg.model_name, strict=True)
+                                    cfg.store, cfg.model_name, strict=True,
+                                    golden=(scores.get("golden") or {}).get("functions"))
     except gate.StoreUnreadable as err:
         raise StageFailed("export", str(err)) from err.__cause__
     (ctx.work / "gate.json").write_text(json.dumps(result, indent=2) + "\n")

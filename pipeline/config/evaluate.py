@@ -64,8 +64,16 @@ class GateConfig(Section):
     min_records: int = Field(
         1, gt=0, le=MAX_COUNT, description="Functions with fewer held-out records than this are reported but not gated."
     )
+    golden_min_quality: float | None = Field(
+        None, ge=0, le=100,
+        description="Each function's quality on the golden set (evaluate.golden, scored against its reviewed "
+                    "answers), in points 0-100, must be at least this. None: the golden set is reported, not gated.",
+    )
+    golden_functions: dict[str, float] = Field(
+        default_factory=dict, description="Per-function overrides of golden_min_quality, e.g. {ticket_triage: 95}.",
+    )
 
-    @field_validator("functions")
+    @field_validator("functions", "golden_functions")
     @classmethod
     def _points(cls, v: dict[str, float]) -> dict[str, float]:
         bad = [k for k, x in v.items() if not 0 <= x <= 100]
@@ -101,6 +109,13 @@ class EvaluateConfig(Section):
     gate: GateConfig = Field(default_factory=GateConfig, description="Quality gate checked before export publishes.")
     teacher_price: TeacherPrice = Field(description="Token prices of the teacher, for cost per 1,000 requests.")
     student_price: StudentPrice = Field(description="Hourly cost of serving the student.")
+    golden: list[_harvest.Source] = Field(
+        default_factory=list,
+        description="Golden sets: files of fixed requests with reviewed answers, each given as a harvest source "
+                    "(path, format and, for 'mapped', fields; the answer is the record's output). Scored beside the "
+                    "test split and reported on their own (scores.json 'golden'); gated by gate.golden_min_quality; "
+                    "curate removes training records that overlap them, as it does for the test split.",
+    )
 
     @field_validator("length_buckets")
     @classmethod
@@ -129,3 +144,19 @@ class EvaluateConfig(Section):
         if self.quality == "judge" and self.judge is None:
             raise ValueError("quality 'judge' needs a judge section")
         return self
+
+    @model_validator(mode="after")
+    def _golden(self) -> EvaluateConfig:
+        for i, src in enumerate(self.golden):
+            if src.path is None:
+                raise ValueError(f"golden[{i}]: a golden set is read from files: give 'path' (not 'sql')")
+        if (self.gate.golden_min_quality is not None or self.gate.golden_functions) and not self.golden:
+            raise ValueError("gate.golden_min_quality and gate.golden_functions need evaluate.golden (the files)")
+        return self
+
+
+# harvest's source schema describes a golden file; harvest imports this module (TeacherPrice), so it is bound last
+from pipeline.config import harvest as _harvest  # noqa: E402
+
+if hasattr(_harvest, "Source"):  # else harvest is being imported first, and pydantic completes the model on first use
+    EvaluateConfig.model_rebuild()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -121,6 +121,22 @@ class DistillConfig(Section):
 Objective = Literal["sft", "dense_kd", "sparse_kd", "on_policy_kd"]
 
 
+class SelectConfig(Section):
+    """How training measures task quality on the validation split when train.select_by is 'quality'."""
+
+    metric: Literal["auto", "exact_match", "field_accuracy", "chrf"] = Field(
+        "auto",
+        description="Per-answer quality, computed by the same functions as evaluate.quality: 'auto' is JSON field "
+        "accuracy on JSON answers and exact match elsewhere, against the teacher's answer.",
+    )
+    max_records: int = Field(
+        256, gt=0, le=MAX_COUNT,
+        description="Score at most this many validation records (the first ones by id, the same every time).",
+    )
+    max_new_tokens: int = Field(128, gt=0, le=MAX_TOKENS, description="Longest answer generated (greedy).")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="Prompts generated together.")
+
+
 class TrainConfig(Section):
     student: StudentConfig
     method: Literal["full", "lora", "qlora"] = Field(
@@ -144,21 +160,42 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, le=10)
     max_length: int = Field(512, gt=8, le=MAX_TOKENS, description="Longest tokenized example; longer ones are truncated.")
-    packing: bool = Field(
-        False,
+    packing: bool | None = Field(
+        None,
         description="Pack several examples per row of max_length tokens (best-fit decreasing); position ids keep "
-        "them apart, so no example attends to or is scored across another.",
+        "them apart, so no example attends to or is scored across another. Default: on when exact, i.e. for every "
+        "objective but on_policy_kd and when a probe on the student shows packed examples score as if alone; "
+        "true insists (and fails when the probe does not hold), false turns it off.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     logging_steps: int = Field(10, gt=0, le=MAX_COUNT, description="Write a metrics.jsonl line every N steps.")
-    save_steps: int = Field(200, gt=0, le=MAX_COUNT, description="Checkpoint every N steps (training resumes from the last one).")
-    eval_steps: int | None = Field(None, gt=0, le=MAX_COUNT, description="Validation loss every N steps (default: each epoch).")
+    save_steps: int = Field(
+        200, gt=0, le=MAX_COUNT,
+        description="Checkpoint every N steps (training resumes from the last one). When the best checkpoint is kept "
+        "(select_by: quality, early_stopping_patience) and eval_steps is unset, checkpoints follow the evaluations: "
+        "each epoch.",
+    )
+    eval_steps: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Validation (loss, and quality when select_by is 'quality') every N "
+        "steps (default: each epoch).",
+    )
+    select_by: Literal["loss", "quality"] = Field(
+        "loss",
+        description="Which validation figure picks the checkpoint that is kept and drives early stopping: 'loss' "
+        "(validation loss; the best is kept only with early_stopping_patience) or 'quality' (the student answers "
+        "the validation split greedily at every evaluation, scored as train.select says; the best checkpoint is "
+        "always kept). Both need a validation split.",
+    )
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Quality scoring for select_by: quality.")
     early_stopping_patience: int | None = Field(
         None, gt=0, le=1_000_000,
-        description="Stop when validation loss has not improved for this many evaluations, and keep the best "
-        "checkpoint. Needs eval_steps, and save_steps a multiple of it.",
+        description="Stop when the select_by figure has not improved for this many evaluations, and keep the best "
+        "checkpoint. With eval_steps, save_steps must be a multiple of it.",
     )
-    early_stopping_threshold: float = Field(0.0, ge=0, le=1_000, description="Smallest validation loss drop that counts.")
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, le=1_000,
+        description="Smallest improvement that counts (loss, or quality as a 0-1 share).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto' is bf16 on a GPU that supports it, fp32 on CPU."
     )
@@ -168,6 +205,26 @@ class TrainConfig(Section):
         "recipes/deepspeed/) or a JSON file. Alternatively launch with recipes/accelerate/zero*.yaml.",
     )
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list, description="Extra loggers.")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1,
+        description="Seed of the student's initialization and the data order; default: the recipe's seed. Set it "
+        "to train again with another seed while harvest and curate stay as they are.",
+    )
+    candidates: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Students to try, each a set of overrides of this section (e.g. {name: small, learning_rate: "
+        "1.0e-3, student: {from_config: {hidden_size: 64}}}; nested sections merge key by key). Each is trained "
+        "(cached by its effective section, so adding one trains only it), scored on the validation split as "
+        "train.select says, and the best that clears evaluate.gate there (quality first, then serving cost) is "
+        "the stage's output. Empty: train this section alone.",
+    )
+
+    @model_validator(mode="after")
+    def _candidates(self) -> TrainConfig:
+        from pipeline.config.candidates import effective_candidates
+
+        effective_candidates(self)  # raises naming candidates[i].<field>
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -182,8 +239,6 @@ class TrainConfig(Section):
                 "a student built from_config trains its own tokenizer, which no teacher shares: set "
                 "train.student.from_config.tokenizer to the teacher's, or use train.student.checkpoint"
             )
-        if self.objective == "on_policy_kd" and self.packing:
-            raise ValueError("packing does not apply to on_policy_kd (the student generates its own sequences)")
         if self.deepspeed is not None:
             stage = deepspeed_stage(self.deepspeed)
             if self.method == "qlora" and stage == 3:
@@ -191,12 +246,22 @@ class TrainConfig(Section):
                     f"QLoRA cannot run under DeepSpeed ZeRO-3 (train.deepspeed: {self.deepspeed}): ZeRO-3 shards "
                     "parameters and cannot partition 4-bit weights. Use zero2, or method: lora"
                 )
-        if self.early_stopping_patience is not None:
-            if self.eval_steps is None:
-                raise ValueError("early_stopping_patience needs eval_steps (how often validation loss is measured)")
-            if self.save_steps % self.eval_steps:
-                raise ValueError(
-                    f"early_stopping_patience keeps the best checkpoint, so save_steps ({self.save_steps}) must be a "
-                    f"multiple of eval_steps ({self.eval_steps})"
-                )
+        if self.objective == "on_policy_kd" and self.packing:
+            raise ValueError("packing does not apply to on_policy_kd (the student generates its own sequences)")
+        keeps_best = self.early_stopping_patience is not None or self.select_by == "quality"
+        if keeps_best and self.eval_steps is not None and self.save_steps % self.eval_steps:
+            why = "select_by: quality" if self.select_by == "quality" else "early_stopping_patience"
+            raise ValueError(
+                f"{why} keeps the best checkpoint, so save_steps ({self.save_steps}) must be a multiple of "
+                f"eval_steps ({self.eval_steps})"
+            )
         return self
+
+    def seed_or(self, recipe_seed: int) -> int:
+        """The training seed: train.seed, else the recipe's."""
+        return recipe_seed if self.seed is None else self.seed
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the trained model is the best evaluated checkpoint rather than the last one."""
+        return self.early_stopping_patience is not None or self.select_by == "quality"

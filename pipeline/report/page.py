@@ -198,8 +198,21 @@ def evaluate_section(d: RunData) -> str:
     out = pair(svg, "Student quality with its bootstrap 95% interval per function (teacher: grey bar; previous "
                     "published version: orange diamond), by input length in student tokens and by language.",
                head + per) + desc
-    out += fields_block(d.files.get("fields") or {}) + gate_block(d)
+    out += golden_block(sc.get("golden")) + fields_block(d.files.get("fields") or {}) + gate_block(d)
     return out
+
+
+def golden_block(g: dict[str, Any] | None) -> str:
+    """The golden set's figures (evaluate.golden), apart from the test split's: against its reviewed answers."""
+    if not g:
+        return ""
+    rows = [[td(f), num(f"evaluate.golden.{f}.n", v.get("n")), num(f"evaluate.golden.{f}.quality", v.get("quality"), "pct"),
+             td(ci_text((v.get("ci") or {}).get("quality"))),
+             num(f"evaluate.golden.{f}.exact_match", v.get("exact_match"), "pct")]
+            for f, v in (g.get("functions") or {}).items()]
+    return (f"<h3>Golden set <small>({fmt(g.get('records'))} requests in {len(g.get('files') or {})} file(s), "
+            "scored against their reviewed answers, not the teacher's)</small></h3>"
+            + grid_table(["function", "n", "quality", "95% interval", "exact match"], rows))
 
 
 def fields_block(acc: dict[str, dict[str, tuple[float, int]]]) -> str:
@@ -223,7 +236,10 @@ def gate_block(d: RunData) -> str:
         other = c.get("teacher", c.get("published"))
         margin = c.get("points_below", c.get("points_lost"))
         fn = c.get("function")
-        rows.append([td(fn), td("vs teacher" if c.get("kind") == "teacher" else f"vs {c.get('published_version')}"),
+        check = {"teacher": "vs teacher", "golden": "golden set floor"}.get(c.get("kind"),
+                                                                           f"vs {c.get('published_version')}")
+        other, margin = (c.get("min_points"), None) if c.get("kind") == "golden" else (other, margin)
+        rows.append([td(fn), td(check),
                      num(f"gate.{c.get('kind')}.{fn}.student", c.get("student"), "f"), num(f"gate.{c.get('kind')}.{fn}.other", other, "f"),
                      num(f"gate.{c.get('kind')}.{fn}.points", margin, "pts"), td(fmt(c.get("allowed_points"))),
                      td(c.get("skipped") or ("pass" if c.get("passed") else "FAIL"),

@@ -5,7 +5,9 @@ Two checks per function, on the recipe's quality metric (points are percentage p
 - against the teacher: the student may be at most ``max_points_below_teacher`` below it. With agreement
   metrics the teacher's own answers are the reference, so the teacher scores 100; with the LLM judge the
   teacher's answers are graded like the student's;
-- against the student currently published in the store: at most ``max_regression_points`` lost.
+- against the student currently published in the store: at most ``max_regression_points`` lost;
+- on the golden set (``evaluate.golden``, scored against its reviewed answers): at least ``golden_min_quality``
+  points (per-function overrides in ``golden_functions``).
 
 Both stages compute it in one place, :func:`against_store`: evaluate reports it in ``gate.json`` (a store it
 cannot read counts as nothing published); export computes it again against the store as it is when publishing
@@ -71,13 +73,36 @@ def regression_checks(functions: dict[str, dict[str, Any]], cfg: GateConfig, met
     return out
 
 
+def golden_checks(golden: dict[str, dict[str, Any]] | None, cfg: GateConfig) -> list[dict[str, Any]]:
+    """Each function's quality on the golden set against its floor (nothing when no floor is set)."""
+    out = []
+    for fn, s in (golden or {}).items():
+        floor = cfg.golden_functions.get(fn, cfg.golden_min_quality)
+        if floor is None:
+            continue
+        check: dict[str, Any] = {"function": fn, "kind": "golden", "n": s["n"], "min_points": floor}
+        if s.get("quality") is None:
+            out.append({**check, "passed": True, "skipped": "no quality score"})
+            continue
+        student = 100 * s["quality"]
+        out.append({**check, "student": round(student, 4), "passed": student >= floor - 1e-9})
+    for fn in sorted(set(cfg.golden_functions) - set(golden or {})):
+        out.append({"function": fn, "kind": "golden", "n": 0, "min_points": cfg.golden_functions[fn],
+                    "passed": False, "missing": True})
+    return out
+
+
 def failures(checks: list[dict[str, Any]]) -> list[str]:
     """One line per failed check: which function failed by how much."""
     lines = []
     for c in checks:
         if c["passed"]:
             continue
-        if c["kind"] == "teacher":
+        if c["kind"] == "golden":
+            lines.append(f"{c['function']}: not in the golden set, which gate.golden_functions names" if c.get("missing")
+                         else f"{c['function']}: {c['student']:.1f} on the golden set, below its floor of "
+                              f"{c['min_points']:g} (n={c['n']})")
+        elif c["kind"] == "teacher":
             lines.append(f"{c['function']}: {c['points_below']:.1f} points below the teacher "
                          f"({c['student']:.1f} vs {c['teacher']:.1f}; allowed {c['allowed_points']:g})")
         else:
@@ -94,9 +119,10 @@ def result(checks: list[dict[str, Any]], metric: str, published_version: str | N
 
 
 def check(functions: dict[str, dict[str, Any]], cfg: GateConfig, metric: str,
-          published: dict[str, Any] | None) -> dict[str, Any]:
-    """The whole gate on per-function summaries (with ``quality`` in 0-1)."""
-    checks = teacher_checks(functions, cfg, metric) + regression_checks(functions, cfg, metric, published)
+          published: dict[str, Any] | None, golden: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole gate on per-function summaries (with ``quality`` in 0-1); ``golden``: the golden set's."""
+    checks = (teacher_checks(functions, cfg, metric) + regression_checks(functions, cfg, metric, published)
+              + golden_checks(golden, cfg))
     return result(checks, metric, (published or {}).get("version"))
 
 
@@ -119,8 +145,8 @@ def published_manifest(store: str, name: str, strict: bool = False) -> dict[str,
 
 
 def against_store(functions: dict[str, dict[str, Any]], cfg: GateConfig, metric: str, store: str, name: str,
-                  strict: bool) -> dict[str, Any]:
+                  strict: bool, golden: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The whole gate (:func:`check`), the regression part against the version of ``name`` published in ``store``
     now. ``strict``: a store that cannot be read raises :class:`StoreUnreadable` (export, which publishes);
     otherwise it counts as nothing published (evaluate, which only reports)."""
-    return check(functions, cfg, metric, published_manifest(store, name, strict))
+    return check(functions, cfg, metric, published_manifest(store, name, strict), golden)

@@ -4,7 +4,10 @@ LLM judge's grade of both answers), with bootstrap confidence intervals, tables 
 bucket and per language, tokens, latency, cost per 1,000 requests, and the quality gate.
 
 Writes ``predictions.parquet`` (one row per test record, with the student's per-token logprobs that the
-route stage calibrates on), ``scores.json`` and ``gate.json``. The engine (generation and scoring) is in
+route stage calibrates on), ``scores.json`` and ``gate.json``. With a golden set (``evaluate.golden``: files of
+fixed requests with reviewed answers, in any harvest format) the student answers it too: ``golden_predictions.parquet``
+and ``scores.json``'s ``golden`` (scored against the reviewed answers, reported apart from the test split and
+gated by ``gate.golden_min_quality``). The engine (generation and scoring) is in
 ``training.evaluate.engine``, which the export stage reuses to re-evaluate every artefact on the same records.
 """
 
@@ -18,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.harvest.golden import golden_inputs, load_golden
 from pipeline.chat import prompt_messages
 from pipeline.config.evaluate import EvaluateConfig
 from pipeline.record import from_table
@@ -33,6 +37,47 @@ from training.train.outputs import load_trained_student
 # without the recipe changing, and export checks the gate again against the store as it is when it publishes.
 READS = ("curate", "train")
 
+
+def external_inputs(recipe) -> dict[str, str]:
+    """The golden set's files (evaluate.golden): new or changed ones rerun evaluate."""
+    return golden_inputs(recipe.evaluate.golden) if recipe.evaluate else {}
+
+
+def _golden(cfg: EvaluateConfig, model, tokenizer, progress, detect, boot, work) -> dict[str, Any] | None:
+    """The student on the golden set, scored against its reviewed answers (the judge is not asked: with quality
+    'judge' the golden set is scored by 'auto'); writes golden_predictions.parquet."""
+    if not cfg.golden:
+        return None
+    records = load_golden(cfg.golden)
+    metric = "auto" if cfg.quality == "judge" else cfg.quality
+    rows, _ = evaluate_model(model, tokenizer, records, cfg, progress, "golden", detect, metric)
+    pq.write_table(pa.Table.from_pylist(rows), work / "golden_predictions.parquet")
+    by_fn: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for x in rows:
+        by_fn[x["function"]].append(x)
+    files: dict[str, int] = defaultdict(int)
+    for r in records:
+        files[r["tags"]["golden_file"]] += 1
+    return {"quality_metric": metric, "reference": "the golden set's reviewed answers", "records": len(rows),
+            "files": dict(files), "overall": eval_tables.summarize(rows, *boot),
+            "functions": {fn: eval_tables.summarize(xs, *boot) for fn, xs in sorted(by_fn.items())}}
+
+
+def _timing(rows: list[dict[str, Any]], wall: float, single: list[float], cfg: EvaluateConfig, model) -> dict:
+    """Latency (batched, single request, the teacher's logged) and throughput of the test split's generation."""
+    return {
+        "latency_ms": {
+            "student_batched_mean": 1000 * wall / len(rows),
+            "student_single_p50": _percentile(single, 50),
+            "student_single_p95": _percentile(single, 95),
+            "teacher_logged_mean": _mean([x["teacher_latency_ms"] for x in rows]),
+            "teacher_logged_p50": _percentile([x["teacher_latency_ms"] for x in rows
+                                               if x["teacher_latency_ms"] is not None], 50),
+        },
+        "throughput": {"requests_per_s": len(rows) / wall,
+                       "output_tokens_per_s": sum(x["output_tokens"] for x in rows) / wall,
+                       "batch_size": cfg.batch_size, "device": str(model.device)},
+    }
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -99,9 +144,10 @@ def run(ctx: StageContext) -> StageResult:
                     row["quality"] = row["judge_student"]
         single = single_request_latency(model, tokenizer, [prompt_messages(r) for r in records[: cfg.latency_samples]],
                                         cfg.max_new_tokens)
+        boot = (cfg.bootstrap, cfg.confidence, ctx.recipe.seed)
+        golden = _golden(cfg, model, tokenizer, progress, detect, boot, ctx.work)
     pq.write_table(pa.Table.from_pylist(rows), ctx.work / "predictions.parquet")
 
-    boot = (cfg.bootstrap, cfg.confidence, ctx.recipe.seed)
     by_fn: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for x in rows:
         by_fn[x["function"]].append(x)
@@ -115,7 +161,8 @@ def run(ctx: StageContext) -> StageResult:
     student_cost = cfg.student_price.usd_per_hour / 3600 / req_per_s * 1000
     teacher_cost = 1000 * _mean([x["teacher_cost_usd"] for x in rows])
     gate_result = gate.against_store(functions, cfg.gate, cfg.quality, ctx.recipe.export.store,
-                                     ctx.recipe.export.model_name, strict=False)
+                                     ctx.recipe.export.model_name, strict=False,
+                                     golden=golden["functions"] if golden else None)
     scores = {
         "quality_metric": cfg.quality,
         "quality_description": metrics.describe_quality(cfg.quality),
@@ -131,29 +178,23 @@ def run(ctx: StageContext) -> StageResult:
             "teacher_input_mean": _mean([x["teacher_input_tokens"] for x in rows]),
             "teacher_output_mean": _mean([x["teacher_output_tokens"] for x in rows]),
         },
-        "latency_ms": {
-            "student_batched_mean": 1000 * wall / len(rows),
-            "student_single_p50": _percentile(single, 50),
-            "student_single_p95": _percentile(single, 95),
-            "teacher_logged_mean": _mean([x["teacher_latency_ms"] for x in rows]),
-            "teacher_logged_p50": _percentile([x["teacher_latency_ms"] for x in rows
-                                               if x["teacher_latency_ms"] is not None], 50),
-        },
-        "throughput": {"requests_per_s": req_per_s, "output_tokens_per_s": sum(x["output_tokens"] for x in rows) / wall,
-                       "batch_size": cfg.batch_size, "device": str(model.device)},
+        **_timing(rows, wall, single, cfg, model),
         "cost_per_1k_requests_usd": {"teacher": teacher_cost, "student": student_cost,
                                      "saving": 1 - student_cost / teacher_cost if teacher_cost else None},
         "gate": {"passed": gate_result["passed"], "failures": gate_result["failures"]},
     }
     if judge_stats is not None:
         scores["judge"] = judge_stats
+    if golden is not None:
+        scores["golden"] = golden
     (ctx.work / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     (ctx.work / "gate.json").write_text(json.dumps(gate_result, indent=2) + "\n")
     return StageResult(
         counts={"records": len(rows), "quality": scores["overall"]["quality"],
                 "exact_match": scores["overall"]["exact_match"], "gate": "passed" if gate_result["passed"] else "failed"},
         summary=_summary(scores, gate_result, judge_stats, model.device),
-        extra={"scores": {k: scores[k] for k in ("quality_metric", "overall", "functions", "cost_per_1k_requests_usd")},
+        extra={"scores": {k: scores[k] for k in ("quality_metric", "overall", "functions", "cost_per_1k_requests_usd",
+                                                 "golden") if k in scores},
                "gate": {"passed": gate_result["passed"], "failures": gate_result["failures"]}},
     )
 
@@ -183,6 +224,11 @@ def _summary(scores: dict[str, Any], gate_result: dict[str, Any], judge_stats, d
                                              for k, v in scores["by_length"].items())))
     out.append(("by language", ", ".join(f"{k}: {_pct(v['quality'])} (n={v['n']})"
                                          for k, v in scores["by_language"].items())))
+    if scores.get("golden"):
+        g = scores["golden"]
+        out.append((f"golden set (n={g['records']})", ", ".join(
+            f"{fn} {_with_ci(s, 'quality')} (n={s['n']})" for fn, s in g["functions"].items())
+            + f"; against its reviewed answers, {len(g['files'])} file(s)"))
     if judge_stats:
         out.append(("judge", f"{judge_stats['model']}: {judge_stats['graded']} graded, {judge_stats['failed']} failed"))
     lat, thr, cost = scores["latency_ms"], scores["throughput"], scores["cost_per_1k_requests_usd"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.chat import prompt_messages, training_messages
+from training.train.align import record_targets
 
 IGNORE = -100
 
@@ -27,9 +28,22 @@ class DataStats:
     sparse_aligned: int = 0  # ... whose tokens line up with the student's tokenization
     sparse_tokens: int = 0  # assistant tokens with teacher targets
     reasons: dict[str, int] = field(default_factory=dict)  # why sparse targets were not used
+    methods: dict[str, int] = field(default_factory=dict)  # records per method: same_tokenizer / aligned
+    token_outcomes: dict[str, int] = field(default_factory=dict)  # assistant tokens: soft target, or why not
 
     def miss(self, reason: str) -> None:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def count(self, got) -> None:
+        """Add one record's sparse targets (a ``training.train.align.Targets``)."""
+        if got.reason:
+            self.miss(got.reason)
+        else:
+            self.sparse_aligned += 1
+            self.methods[got.method] = self.methods.get(got.method, 0) + 1
+            self.sparse_tokens += sum(bool(x) for x in got.ids)
+        for k, v in got.tokens.items():
+            self.token_outcomes[k] = self.token_outcomes.get(k, 0) + v
 
 
 def encode_chat(tokenizer, template: str, messages: list[dict[str, str]], max_length: int) -> tuple[list, list, bool]:
@@ -42,50 +56,11 @@ def encode_chat(tokenizer, template: str, messages: list[dict[str, str]], max_le
     return ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)], truncated
 
 
-def _single_id(tokenizer, text: str, cache: dict[str, int | None]) -> int | None:
-    """The student's id for a teacher token given as text, if the student has exactly one token for it."""
-    if text not in cache:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        cache[text] = ids[0] if len(ids) == 1 else None
-    return cache[text]
-
-
 def sparse_targets(tokenizer, ids: list[int], labels: list[int], logprobs: list[dict[str, Any]], top_k: int,
-                   cache: dict[str, int | None]) -> tuple[list[list[int]], list[list[float]], str | None]:
-    """Per position, the teacher's top-k (student ids, logprobs) for the token at that position.
-
-    The logged tokens must spell the final assistant turn exactly as the student tokenizes it (same tokenizer);
-    otherwise nothing is used and the reason is returned. Alternatives the student cannot express as one token
-    are left out, so their probability falls into the 'rest' bucket of the loss.
-    """
-    empty_ids: list[list[int]] = [[] for _ in ids]
-    empty_lps: list[list[float]] = [[] for _ in ids]
-    # the final assistant turn: the last run of labelled positions
-    end = len(labels)
-    while end and labels[end - 1] == IGNORE:
-        end -= 1
-    start = end
-    while start and labels[start - 1] != IGNORE:
-        start -= 1
-    teacher_ids = [_single_id(tokenizer, t["token"], cache) for t in logprobs]
-    if None in teacher_ids:
-        return empty_ids, empty_lps, "a logged token is not one student token (different tokenizer)"
-    n = min(len(teacher_ids), end - start)
-    if n == 0 or ids[start:start + n] != teacher_ids[:n]:
-        return empty_ids, empty_lps, "logged tokens do not spell the output as the student tokenizes it"
-    out_ids, out_lps = empty_ids, empty_lps
-    for j in range(n):
-        tok = logprobs[j]
-        alts: dict[int, float] = {}
-        for alt in tok.get("top") or []:
-            i = _single_id(tokenizer, alt["token"], cache)
-            if i is not None and i not in alts:
-                alts[i] = float(alt["logprob"])
-        alts.setdefault(teacher_ids[j], float(tok["logprob"]))  # the chosen token is always a target
-        best = sorted(alts.items(), key=lambda kv: -kv[1])[:top_k]
-        out_ids[start + j] = [i for i, _ in best]
-        out_lps[start + j] = [lp for _, lp in best]
-    return out_ids, out_lps, None
+                   cache: dict) -> tuple[list[list[int]], list[list[float]], str | None]:
+    """Per position, the teacher's top-k (student ids, logprobs): see ``training.train.align``."""
+    out = record_targets(tokenizer, ids, labels, logprobs, top_k, cache)
+    return out.ids, out.logprobs, out.reason
 
 
 def tokenize_records(records: list[dict[str, Any]], tokenizer, template: str, max_length: int,
@@ -110,17 +85,10 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, template: str, ma
         rows["labels"].append(labels)
         if sparse_top_k:
             logprobs = (r.get("teacher") or {}).get("logprobs") or []
-            if logprobs:
-                stats.sparse_records += 1
-                kd_ids, kd_lps, why = sparse_targets(tokenizer, ids, labels, logprobs, sparse_top_k, cache)
-                if why:
-                    stats.miss(why)
-                else:
-                    stats.sparse_aligned += 1
-                    stats.sparse_tokens += sum(bool(x) for x in kd_ids)
-            else:
-                stats.miss("no teacher logprobs on the record")
-                kd_ids, kd_lps = [[] for _ in ids], [[] for _ in ids]
+            got = record_targets(tokenizer, ids, labels, logprobs, sparse_top_k, cache)
+            stats.sparse_records += bool(logprobs)
+            stats.count(got)
+            kd_ids, kd_lps = got.ids, got.logprobs
             rows["kd_ids"].append(kd_ids)
             rows["kd_logprobs"].append(kd_lps)
     features = {"input_ids": List(Value("int32")), "labels": List(Value("int32"))}

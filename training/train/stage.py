@@ -7,8 +7,9 @@ or on the teacher's next-token distributions (dense, sparse or on-policy logit d
 
 Under a launcher every rank trains; rank 0 holds the run directory's lock, runs the stages before train and
 writes the manifest (``pipeline.stages``). Writes ``model/`` (full) or ``adapter/`` (+ ``base/`` when the base was
-built from config), ``metrics.jsonl`` (train and validation loss, distillation terms), ``checkpoints/`` and
-``student.json``. A rerun of an interrupted training with the same fingerprint resumes from its last checkpoint.
+built from config), ``metrics.jsonl`` (train and validation loss, distillation terms, and validation quality with
+``select_by: quality``: training.train.select), ``checkpoints/`` and ``student.json``. A rerun of an interrupted
+training with the same fingerprint resumes from its last checkpoint. Packing is decided by training.train.packing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pipeline.stages import StageContext, StageResult
 from training.train.callbacks import metrics_callback, progress_callback
 from training.train.chat_template import check_assistant_mask, tokenizer_corpus, train_tokenizer
 from training.train.distributed import write_weights_digest, zero_stage
+from training.train.packing import decide as decide_packing
+from training.train.select import select_info, select_summary
 from training.train.student import build_from_config, load_checkpoint, load_tokenizer
 from training.train.trainer import (
     drop_metrics_after,
@@ -45,14 +48,20 @@ from training.train.trainer import (
 # The stage's contract (pipeline/stages.py): every process of a launch trains; rank 0 writes the manifest.
 READS = ("curate",)
 DISTRIBUTED = True
-REPORT_FILES = ("metrics.jsonl",)
+REPORT_FILES = ("metrics.jsonl", "candidates.json")
 
 
 def preflight(recipe) -> None:
     """Checks that need files (tokenizers, model configs, the launcher's environment), before any stage works."""
+    from pipeline.config.candidates import effective_candidates
     from training.train.preflight import check
 
     check(recipe)
+    for i, (name, section) in enumerate(effective_candidates(recipe.train)):  # each candidate's student too
+        try:
+            check(recipe.model_copy(update={"train": section}))
+        except ValueError as err:
+            raise ValueError(f"train.candidates[{i}] ({name}): {err}") from None
 
 
 # bitsandbytes (imported by transformers) logs a hint about an optional CPU kernel package on import
@@ -89,7 +98,7 @@ def prepare_student(ctx: StageContext, train_records: list[dict[str, Any]]):
                     tokenizer = load_tokenizer(fc.tokenizer)
                 else:
                     tokenizer = train_tokenizer(tokenizer_corpus(train_records), fc.vocab_size)
-                model = build_from_config(fc, tokenizer, cfg.max_length, ctx.recipe.seed)
+                model = build_from_config(fc, tokenizer, cfg.max_length, cfg.seed_or(ctx.recipe.seed))
                 if is_main():
                     tokenizer.save_pretrained(tok_dir)
                     model.save_pretrained(base_dir, safe_serialization=True)
@@ -119,11 +128,14 @@ class TrainData:
     val_ds: Any
     stats: Any  # training.train.data's statistics (None for on-policy distillation, which trains on prompts)
     data_tokens: int | None
+    packed: bool = False  # several examples per row (training.train.packing)
+    packing_why: str = ""
 
 
 def load_data(cfg, tokenizer, template: str, train_records: list[dict[str, Any]],
-              val_records: list[dict[str, Any]]) -> TrainData:
-    """Tokenize the curated splits for the objective (assistant tokens only; sparse targets when asked), then pack."""
+              val_records: list[dict[str, Any]], packing: tuple[bool, str] | None = None) -> TrainData:
+    """Tokenize the curated splits for the objective (assistant tokens only; sparse targets when asked), then pack
+    when ``packing`` (training.train.packing.decide's verdict; default: as train.packing says) is on."""
     from training.train.data import prompt_dataset, tokenize_records
     from training.train.packing import pack, real_tokens
 
@@ -138,16 +150,15 @@ def load_data(cfg, tokenizer, template: str, train_records: list[dict[str, Any]]
     if not len(train_ds):
         raise ValueError(f"no training example keeps an assistant token within train.max_length "
                          f"({cfg.max_length}); raise it")
-    if top_k and not stats.sparse_aligned:
-        why = "; ".join(f"{n} x {r}" for r, n in stats.reasons.items())
-        raise ValueError("objective 'sparse_kd' found no record whose teacher logprobs line up with the "
-                         f"student's tokens ({why}). The student must share the teacher's tokenizer, and the "
-                         "harvested records must carry teacher.logprobs")
+    if top_k:
+        from training.train.preflight import check_sparse_coverage
+
+        check_sparse_coverage(stats)
     data_tokens = real_tokens(train_ds)
-    if cfg.packing:
+    packed, why = packing or (bool(cfg.packing), "")
+    if packed:  # validation stays unpacked: its loss then compares across runs with and without packing
         train_ds = pack(train_ds, cfg.max_length)
-        val_ds = pack(val_ds, cfg.max_length) if val_ds is not None else None
-    return TrainData(train_records, val_records, train_ds, val_ds, stats, data_tokens)
+    return TrainData(train_records, val_records, train_ds, val_ds, stats, data_tokens, packed, why)
 
 
 def build_trainer(ctx: StageContext, model, tokenizer, data: TrainData):
@@ -165,9 +176,10 @@ def build_trainer(ctx: StageContext, model, tokenizer, data: TrainData):
     callbacks = [metrics_callback(ctx.work / "metrics.jsonl"), progress_callback(ctx.console)]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
-    common = training_arguments(cfg, str(ctx.work / "checkpoints"), ctx.recipe.seed, ctx.recipe.name,
+    common = training_arguments(cfg, str(ctx.work / "checkpoints"), cfg.seed_or(ctx.recipe.seed), ctx.recipe.name,
                                 data.val_ds is not None)
-    trainer = make_trainer(cfg, common, model, tokenizer, data.train_ds, data.val_ds, teacher, callbacks)
+    trainer = make_trainer(cfg, common, model, tokenizer, data.train_ds, data.val_ds, teacher, callbacks,
+                           val_records=data.val_records, packed=data.packed)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress bar shows the losses
     return trainer
 
@@ -206,8 +218,9 @@ def _data_info(cfg, data: TrainData) -> dict[str, Any]:
         "sparse": None if not stats or cfg.objective != "sparse_kd" else {
             "records_with_logprobs": stats.sparse_records, "aligned": stats.sparse_aligned,
             "tokens_with_targets": stats.sparse_tokens, "target_tokens": stats.target_tokens,
-            "not_used": stats.reasons},
-        "packing": cfg.packing,
+            "not_used": stats.reasons, "methods": stats.methods, "answer_tokens": stats.token_outcomes},
+        "packing": data.packed,
+        "packing_why": data.packing_why,
         "rows": len(data.train_ds),
         "data_tokens": data.data_tokens,
     }
@@ -251,6 +264,8 @@ def student_info(ctx: StageContext, trainer, n_params: int, trainable: int, data
         "train_seconds": round(seconds, 2),
         "train_cpu_seconds": round(cpu_seconds, 2),  # this process's CPU time (all its threads)
         **_loss_info(ctx.work),
+        "select_by": cfg.select_by,
+        **select_info(ctx.work / "metrics.jsonl", trainer.state),
         "world_size": acc.num_processes,
         "distributed": str(acc.distributed_type).rsplit(".", 1)[-1],
         "zero_stage": zero_stage(trainer),
@@ -281,7 +296,8 @@ def train_student(ctx: StageContext) -> dict[str, Any]:
     model, tokenizer = prepare_student(ctx, train_records)
     template = check_assistant_mask(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    data = load_data(ctx.recipe.train, tokenizer, template, train_records, val_records)
+    packing = decide_packing(ctx.recipe.train, model, len(tokenizer))
+    data = load_data(ctx.recipe.train, tokenizer, template, train_records, val_records, packing)
     trainer = build_trainer(ctx, model, tokenizer, data)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before ZeRO-3 partitions
     fitted = fit(ctx, trainer)
@@ -290,8 +306,20 @@ def train_student(ctx: StageContext) -> dict[str, Any]:
     return info
 
 
+def external_inputs(recipe) -> dict[str, str]:
+    """With train.candidates, the gate that chooses among them (evaluate.gate) joins the fingerprint."""
+    from training.train.candidates import choice_inputs
+
+    return choice_inputs(recipe)
+
+
 def run(ctx: StageContext) -> StageResult:
-    info = train_student(ctx)
+    if ctx.recipe.train.candidates:  # each candidate trains through train_student; the best one is the output
+        from training.train.candidates import train_candidates
+
+        info = train_candidates(ctx, train_student)
+    else:
+        info = train_student(ctx)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     summary = [
         ("student", f"{info['method']}, {info['parameters']:,} parameters ({info['trainable_parameters']:,} "
@@ -307,6 +335,7 @@ def run(ctx: StageContext) -> StageResult:
                   + (" (stopped early)" if info["stopped_early"] else "")),
         ("train loss", f"{fmt(info['first_loss'])} -> {fmt(info['last_loss'])}"),
         ("val loss", fmt(info["eval_loss"])),
+        *select_summary(info),
     ]
     if info["first_kl_to_teacher"] is not None:
         summary.append(("val KL to teacher", f"{fmt(info['first_kl_to_teacher'])} -> "
@@ -314,10 +343,15 @@ def run(ctx: StageContext) -> StageResult:
     if info["sparse"]:
         sp = info["sparse"]
         summary.append(("teacher logprobs", f"{sp['aligned']:,} of {info['train_records']:,} records "
-                                            f"({sp['tokens_with_targets']:,} of {sp['target_tokens']:,} tokens)"))
+                                            f"({sp['tokens_with_targets']:,} of {sp['target_tokens']:,} tokens"
+                                            + (", across tokenizers" if sp.get("methods", {}).get("aligned") else "")
+                                            + ")"))
     if info["world_size"] > 1:
         summary.append(("processes", f"{info['world_size']} ({info['distributed']}"
                                      + (f", ZeRO-{info['zero_stage']}" if info["zero_stage"] else "") + ")"))
+    from training.train.candidates import candidates_summary
+
+    summary += candidates_summary(info)
     summary.append(("metrics", str(ctx.run.stage_dir("train") / "metrics.jsonl")))
     return StageResult(
         counts={k: info[k] for k in ("train_records", "val_records", "steps", "parameters", "trainable_parameters",

@@ -105,8 +105,9 @@ def training_arguments(cfg, output_dir: str, seed: int, run_name: str, has_val: 
     """TrainingArguments shared by every objective, from the recipe's train section."""
     import torch
 
-    if cfg.early_stopping_patience and not has_val:
-        raise ValueError("train.early_stopping_patience needs a validation split: set curate.split.val_fraction > 0")
+    if cfg.keeps_best and not has_val:
+        field = "select_by: quality" if cfg.select_by == "quality" else "early_stopping_patience"
+        raise ValueError(f"train.{field} needs a validation split: set curate.split.val_fraction > 0")
     eval_strategy = "no" if not has_val else ("steps" if cfg.eval_steps else "epoch")
     args: dict[str, Any] = dict(
         output_dir=output_dir,
@@ -136,8 +137,12 @@ def training_arguments(cfg, output_dir: str, seed: int, run_name: str, has_val: 
         deepspeed=deepspeed_config_path(cfg.deepspeed) if cfg.deepspeed else None,
         **precision(cfg.precision),
     )
-    if cfg.early_stopping_patience:
-        args.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    if cfg.keeps_best:  # the best evaluation's checkpoint is the trained model: save at every evaluation
+        by_quality = cfg.select_by == "quality"
+        args.update(load_best_model_at_end=True, greater_is_better=by_quality,
+                    metric_for_best_model="eval_select" if by_quality else "eval_loss")
+        if eval_strategy == "epoch":
+            args["save_strategy"] = "epoch"
     return args
 
 
@@ -151,10 +156,16 @@ def _peft_config(cfg):
 
 
 def make_trainer(cfg, common: dict[str, Any], model, tokenizer, train_ds, val_ds=None, teacher=None,
-                 callbacks=None):
+                 callbacks=None, val_records=None, packed: bool | None = None):
     """The TRL trainer for the recipe's objective: SFTTrainer (sft), its KD subclass (dense_kd, sparse_kd) on
-    examples tokenized by training.train.data, or TRL's DistillationTrainer (on_policy_kd) on prompts."""
+    examples tokenized by training.train.data, or TRL's DistillationTrainer (on_policy_kd) on prompts. With
+    select_by 'quality', every evaluation also scores greedy answers to ``val_records`` (training.train.select).
+    ``packed``: the datasets hold packed rows (default: as train.packing says)."""
     from training.train.packing import Collator
+    from training.train.select import scoring
+
+    def wrap(cls):
+        return scoring(cls, val_records or [], cfg.select) if cfg.select_by == "quality" else cls
 
     if cfg.objective == "on_policy_kd":
         from trl import DistillationConfig, DistillationTrainer
@@ -164,7 +175,7 @@ def make_trainer(cfg, common: dict[str, Any], model, tokenizer, train_ds, val_ds
         args = DistillationConfig(**common, max_completion_length=cfg.distill.max_new_tokens,
                                   temperature=cfg.distill.temperature, beta=on_policy_beta(cfg.distill))
         tokenizer.padding_side = "left"
-        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=train_ds,
+        trainer = wrap(DistillationTrainer)(model=model, teacher_model=teacher, args=args, train_dataset=train_ds,
                                       eval_dataset=val_ds, processing_class=tokenizer,
                                       peft_config=_peft_config(cfg), callbacks=callbacks)
     else:
@@ -176,12 +187,12 @@ def make_trainer(cfg, common: dict[str, Any], model, tokenizer, train_ds, val_ds
                          remove_unused_columns=False, dataset_num_proc=None,
                          dataset_kwargs={"skip_prepare_dataset": True})
         kw = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-                  data_collator=Collator(tokenizer.pad_token_id, packed=cfg.packing),
+                  data_collator=Collator(tokenizer.pad_token_id, packed=bool(cfg.packing if packed is None else packed)),
                   peft_config=_peft_config(cfg), callbacks=callbacks)
         if cfg.objective in KD_OBJECTIVES:
-            trainer = counting(KDTrainer)(**kw, distill=cfg.distill, teacher=teacher)
+            trainer = counting(wrap(KDTrainer))(**kw, distill=cfg.distill, teacher=teacher)
         else:
-            trainer = counting(SFTTrainer)(**kw)
+            trainer = counting(wrap(SFTTrainer))(**kw)
     if cfg.method == "qlora":
         from training.train.qlora import keep_trainable
 
