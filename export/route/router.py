@@ -37,7 +37,6 @@ Router refuses other major versions and upgrades v1 policies in memory:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from export.route.signals import (
     ENTROPY_SIGNALS,
     LanguageDetector,
     TokenCounter,
+    content_entropies,
     signal_value,
     split_logprobs,
     user_text,
@@ -121,11 +121,13 @@ def check_schema(policy: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Rule:
-    """One function's rule, unpacked once so that a decision is a few attribute reads."""
+    """One function's rule, unpacked once so that a decision is a few attribute reads; the reasons that do not
+    depend on the request are formatted here, once."""
 
-    __slots__ = ("enabled", "why", "limit", "estimate", "languages", "max_distance", "signal", "threshold", "entropy")
+    __slots__ = ("enabled", "why", "limit", "estimate", "languages", "max_distance", "signal", "threshold", "entropy",
+                 "calibrated", "disabled", "below", "kept", "_length_reasons")
 
-    def __init__(self, r: FunctionRule):
+    def __init__(self, fn: str, r: FunctionRule):
         self.enabled = r.enabled
         self.why = r.why or "disabled"
         self.limit = r.before.max_input_tokens
@@ -135,6 +137,39 @@ class _Rule:
         self.signal = r.after.signal
         self.threshold = r.after.threshold
         self.entropy = self.signal in ENTROPY_SIGNALS
+        self.calibrated = f"function '{fn}' is calibrated"
+        self.disabled = f"function '{fn}' is routed to the teacher: {self.why}"
+        thr = self.threshold
+        self.below = f" ({self.signal}) < threshold {thr:.3f}" if thr is not None else ""
+        self.kept = f" ({self.signal}) " + ("no threshold" if thr is None else f">= threshold {thr:.3f}")
+        self._length_reasons: dict[str, dict[int, str]] = {}
+
+    def length_reason(self, n: int, how: str) -> str:
+        """The length check's reason for ``n`` tokens counted ``how`` (over the limit exactly when n > limit);
+        formatted once per (how, n) and kept (at most 4,096 per way of counting)."""
+        seen = self._length_reasons.get(how)
+        if seen is None:
+            seen = self._length_reasons[how] = {}
+        reason = seen.get(n)
+        if reason is None:
+            shown = f"{n}" if how == "exact" else f"{how} {n}"
+            reason = (f"input {shown} tokens <= {self.limit}" if n <= self.limit
+                      else f"input is {shown} tokens, over the {self.limit} seen in training")
+            if len(seen) < 4096:
+                seen[n] = reason
+        return reason
+
+    def confidence(self, logprobs: Sequence[Any]) -> float | None:
+        """The rule's confidence signal of a non-empty answer; None when it needs top-k the answer lacks."""
+        if self.entropy and isinstance(logprobs[0], dict):  # the hot path: one pass over the dicts
+            ent = content_entropies(logprobs)
+            if ent is None:
+                return None
+            return -(sum(ent) / len(ent)) if self.signal == "mean_entropy" else -max(ent)
+        chosen, tops = split_logprobs(logprobs, self.entropy)
+        if self.entropy and tops is None:
+            return None
+        return signal_value(self.signal, chosen, tops)
 
 
 class Router:
@@ -155,7 +190,7 @@ class Router:
         self.policy = policy
         self.functions: dict[str, dict[str, Any]] = policy["functions"]
         self.length_mode = model.length.count
-        self._rules = {fn: _Rule(r) for fn, r in model.functions.items()}
+        self._rules = {fn: _Rule(fn, r) for fn, r in model.functions.items()}
         self.encode = encode
         self.counter = TokenCounter(encode) if encode else None
         if encode is None and any(r.limit is not None for r in self._rules.values()):
@@ -225,9 +260,6 @@ class Router:
         return cls(policy, encode, language=detector, embed=embed, reference=reference,
                    skip=tuple(w for w, on in (("language", language), ("distance", embeddings)) if not on))
 
-    def _function(self, request: dict[str, Any], function: str | None) -> str:
-        return function or (request.get("metadata") or {}).get("function") or "default"
-
     def distance(self, fn: str, text: str | None = None, embedding: Any = None) -> float:
         """Cosine distance of an input to its k-th nearest training input of the function."""
         import numpy as np
@@ -240,23 +272,21 @@ class Router:
     def before(self, request: dict[str, Any], function: str | None = None, embedding: Any = None) -> Decision:
         """Phase 1, before any model call: function known and enabled, input length, language, distance.
         ``embedding``: the input's unit-norm MiniLM embedding, when the caller computed it (batching)."""
-        fn = self._function(request, function)
+        fn = function or (request.get("metadata") or {}).get("function") or "default"
         rule = self._rules.get(fn)
         signals: dict[str, Any] = {"function": fn}
         if rule is None:
             return Decision("teacher", [f"function '{fn}' was not trained or not calibrated"], "before", signals)
         if not rule.enabled:
-            return Decision("teacher", [f"function '{fn}' is routed to the teacher: {rule.why}"], "before", signals)
-        reasons = [f"function '{fn}' is calibrated"]
+            return Decision("teacher", [rule.disabled], "before", signals)
+        reasons = [rule.calibrated]
         messages = request.get("messages") or []
         if rule.limit is not None:
             ok, n, how = self.counter.check(messages, rule.limit, rule.estimate, self.length_mode)
             signals["input_tokens"] = n
-            shown = f"{n}" if how == "exact" else f"{how} {n}"
+            reasons.append(rule.length_reason(n, how))
             if not ok:
-                reasons.append(f"input is {shown} tokens, over the {rule.limit} seen in training")
                 return Decision("teacher", reasons, "before", signals)
-            reasons.append(f"input {shown} tokens <= {rule.limit}")
         text = None
         if rule.languages is not None and self.language is not None:
             text = user_text(messages)
@@ -287,23 +317,19 @@ class Router:
         ``top_logprobs``, by the entropy signals). ``before``: the phase-1 decision, to skip recomputing it."""
         first = before if before is not None else self.before(request, function)
         signals = dict(first.signals)
-        if not first.to_student:
+        if first.route != "student":
             return Decision("teacher", list(first.reasons), "after", signals)
-        rule = self._rules[signals["function"]]
-        chosen, tops = split_logprobs(logprobs, rule.entropy)
-        if not chosen:
+        if not logprobs:
             return Decision("teacher", [*first.reasons, "the student's answer is empty"], "after", signals)
-        if rule.entropy and tops is None:
+        rule = self._rules[signals["function"]]
+        c = rule.confidence(logprobs)
+        if c is None:
             raise ValueError(f"function '{signals['function']}' routes on {rule.signal}: pass logprobs as OpenAI "
                              f"logprobs.content with top_logprobs (ask the student endpoint for top_logprobs)")
-        c = signal_value(rule.signal, chosen, tops)
         signals["confidence"] = c
-        if rule.threshold is not None and (c < rule.threshold or math.isnan(c)):
-            return Decision("teacher", [*first.reasons, f"student confidence {c:.3f} ({rule.signal}) < threshold "
-                                                        f"{rule.threshold:.3f}"], "after", signals)
-        shown = "no threshold" if rule.threshold is None else f">= threshold {rule.threshold:.3f}"
-        return Decision("student", [*first.reasons, f"student confidence {c:.3f} ({rule.signal}) {shown}"],
-                        "after", signals)
+        if rule.threshold is not None and (c < rule.threshold or c != c):  # c != c: NaN
+            return Decision("teacher", [*first.reasons, f"student confidence {c:.3f}{rule.below}"], "after", signals)
+        return Decision("student", [*first.reasons, f"student confidence {c:.3f}{rule.kept}"], "after", signals)
 
     def decide(self, request: dict[str, Any], logprobs: Sequence[Any] | None = None,
                function: str | None = None) -> Decision:
