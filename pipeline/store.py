@@ -33,7 +33,7 @@ from typing import Any
 from pipeline.config.base import NAME_RE
 from pipeline.rundir import checksums, sha256_file
 
-VERSION_RE = re.compile(r"^v(\d+)$")
+VERSION_RE = re.compile(r"v(\d+)\Z")  # \Z, not $: "v3\n" is no version name
 
 
 INDEX = "index.json"

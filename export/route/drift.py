@@ -45,8 +45,10 @@ def log_files(path: str | Path) -> list[Path]:
     return files
 
 
-def read_logs(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """(log lines holding a request with messages, number of lines that could not be read)."""
+def read_logs(path: str | Path, *, requests_only: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """(log lines holding a request with messages, number of lines that could not be read). With ``requests_only``,
+    the live loop's score files (``live-*.jsonl``) and the teacher calls that audited a student answer
+    (``routing.audit``: they repeat a request already logged) are skipped, so each client request counts once."""
     out, bad = [], 0
 
     def lines(f: Path) -> Iterator[str]:
@@ -55,6 +57,8 @@ def read_logs(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             yield from fh
 
     for f in log_files(path):
+        if requests_only and f.name.startswith("live-"):
+            continue
         for raw in lines(f):
             if not raw.strip():
                 continue
@@ -63,7 +67,12 @@ def read_logs(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             except json.JSONDecodeError:
                 bad += 1
                 continue
-            req = line.get("request") if isinstance(line, dict) else None
+            if not isinstance(line, dict):
+                bad += 1
+                continue
+            req = line.get("request")
+            if requests_only and isinstance(line.get("routing"), dict) and line["routing"].get("audit"):
+                continue
             if isinstance(req, dict) and isinstance(req.get("messages"), list) and req["messages"]:
                 out.append(line)
             else:

@@ -8,6 +8,11 @@ and counts requests, student answers (``student_share``) and escalations: reques
 answer failed the check or whose endpoint failed, so the teacher answered (``escalation_rate`` = escalated / the
 requests the student answered). Lines without a price (a teacher that returned no usage, a policy without prices)
 count as ``unpriced`` and add no dollars.
+
+With the live loop (docs/live.md): the version is ``routing.version`` (a store version) where the line has one. A
+teacher call that audited a student answer (``routing.audit``) is not a request: it is counted in ``audits`` and
+its cost is money spent (``spent_usd``, and less ``saved_usd``). ``live_quality`` is the mean audited quality of
+the student's answers (``live-<date>.jsonl``), ``live_audits`` how many were scored.
 """
 
 from __future__ import annotations
@@ -17,14 +22,27 @@ from typing import Any
 
 from export.route.drift import read_logs
 
-SUMS = ("requests", "student", "tried", "escalated", "spent_usd", "teacher_only_usd", "saved_usd", "unpriced")
+SUMS = ("requests", "student", "tried", "escalated", "spent_usd", "teacher_only_usd", "saved_usd", "unpriced",
+        "audits", "live_audits")
 
 
-def _row(lines: list[dict[str, Any]]) -> dict[str, Any]:
+def _audit_cost(row: dict[str, Any], cost: dict[str, Any]) -> None:
+    row["audits"] += 1
+    if cost.get("usd") is None:
+        row["unpriced"] += 1
+        return
+    row["spent_usd"] += cost["usd"]
+    row["saved_usd"] -= cost["usd"]
+
+
+def _row(lines: list[dict[str, Any]], scores: list[float] = ()) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(SUMS, 0)
     for x in lines:
         routing = x.get("routing") or {}
         cost = routing.get("cost") or {}
+        if routing.get("audit"):
+            _audit_cost(row, cost)
+            continue
         student = routing.get("route") == "student"
         tried = cost.get("student_basis", "not asked") != "not asked" if cost else routing.get("phase") == "after"
         row["requests"] += 1
@@ -41,6 +59,8 @@ def _row(lines: list[dict[str, Any]]) -> dict[str, Any]:
     row["student_share"] = row["student"] / n if n else 0.0
     row["escalation_rate"] = row["escalated"] / row["tried"] if row["tried"] else 0.0
     row["saved_share"] = row["saved_usd"] / row["teacher_only_usd"] if row["teacher_only_usd"] else 0.0
+    row["live_audits"] = len(scores)
+    row["live_quality"] = sum(scores) / len(scores) if scores else None
     return row
 
 
@@ -62,13 +82,28 @@ def routed_lines(logs: str | Path) -> tuple[list[dict[str, Any]], int]:
     return lines, bad
 
 
+def _scores(logs: str | Path) -> dict[tuple[str, str, str], list[float]]:
+    """Audited qualities per (day, function, version), from live-*.jsonl."""
+    from export.route.live import live_version, read_live
+
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for r in read_live(logs)[0]:
+        if r.get("kind") == "audit" and isinstance(r.get("quality"), (int, float)):
+            key = (str(r.get("timestamp") or "")[:10] or "-", str(r.get("function") or "-"), live_version(r))
+            out.setdefault(key, []).append(float(r["quality"]))
+    return out
+
+
 def ledger(logs: str | Path) -> dict[str, Any]:
     """{rows: one per (day, function, version), total, unreadable_lines}."""
     lines, bad = routed_lines(logs)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for x in lines:
         fn = ((x.get("request") or {}).get("metadata") or {}).get("function") or "-"
-        key = (str(x.get("timestamp") or "")[:10] or "-", str(fn), str(x["routing"].get("policy_sha256") or "-"))
+        version = x["routing"].get("version") or x["routing"].get("policy_sha256") or "-"
+        key = (str(x.get("timestamp") or "")[:10] or "-", str(fn), str(version))
         groups.setdefault(key, []).append(x)
-    rows = [{"day": d, "function": f, "version": v, **_row(group)} for (d, f, v), group in sorted(groups.items())]
-    return {"rows": rows, "total": _row(lines), "unreadable_lines": bad}
+    scores = _scores(logs)
+    rows = [{"day": d, "function": f, "version": v, **_row(groups.get((d, f, v), []), scores.get((d, f, v), []))}
+            for d, f, v in sorted({*groups, *scores})]
+    return {"rows": rows, "total": _row(lines, [q for qs in scores.values() for q in qs]), "unreadable_lines": bad}

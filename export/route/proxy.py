@@ -26,6 +26,11 @@ only when its ``stream_options.include_usage`` asked for it) and its events are 
 is asked without streaming (its answer is checked first), and a kept answer is sent as ``chat.completion.chunk``
 events. A streamed call is logged with its assembled response. Every log line's ``routing.cost`` holds what the
 call cost and what the teacher alone would have cost (``RouterProxy.costs``); ``distill ledger`` sums them.
+
+Live loop (docs/live.md): with ``--deployment`` the versions come from the store's deployment file (``lanes``): the
+serving version answers, a candidate in canary answers its share, a candidate in shadow answers its share in the
+background; each logged call names its ``routing.version`` and ``routing.lane``. A share of student answers is
+audited by the teacher in the background (``audit``); the scores go to ``live-<date>.jsonl``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from typing import Any
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
+from export.route.audit import Job, LiveWork, answer_text, live_line
+from export.route.lanes import Lane, Versions, make_lane
 from export.route.router import Decision, Router
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
@@ -52,6 +59,7 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     completion_chunks,
     error_response,
     json_errors,
+    json_parse_errors,
     relay,
     request_problem,
     send_events,
@@ -72,6 +80,12 @@ class ProxyConfig:
     check_after: bool = True  # phase 2 on the student's logprobs
     teacher_price: tuple[float, float] | None = None  # USD per million input, output tokens (default: the policy's)
     student_price: tuple[float, float] | None = None  # USD per million tokens (default: per request, the policy's)
+    audit_share: float = 0.0  # share of student answers the teacher audits in the background
+    canary_audit_share: float = 0.2  # the same for the answers of a canary
+    queue_size: int = 1000  # background audits / shadow calls waiting at most (more are dropped and counted)
+    workers: int = 4  # background audits / shadow calls at once
+    reload_s: float = 1.0  # how often the deployment file is checked
+    seed: int | None = None  # of the audit, shadow and canary sampling
 
 
 def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
@@ -100,26 +114,55 @@ def _usd(price: tuple[float, float] | None, tokens: tuple[int, int] | None) -> f
 
 
 class RouterProxy:
-    def __init__(self, router: Router, cfg: ProxyConfig, policy_sha256: str = ""):
-        self.router, self.cfg = router, cfg
-        self.policy_sha = policy_sha256[:12]
-        self.top_k = int((router.policy.get("confidence") or {}).get("top_logprobs", 0))
-        self.student_model = cfg.student_model or (router.policy.get("student") or {}).get("name") or "student"
-        teachers = (router.policy.get("teacher") or {}).get("models") or []
-        self.policy_teacher = teachers[0] if len(teachers) == 1 else None
+    def __init__(self, router: Router | None, cfg: ProxyConfig, policy_sha256: str = "", *,
+                 versions: Versions | None = None):
+        """``router`` serves alone; or ``versions`` (router None) picks the version per request. The student's
+        name, the policy's teacher and prices, ``/v1/models`` and ``/health`` follow the version that serves now
+        (a reload changes them), and each request uses those of the version that handled it."""
+        self.versions = versions
+        self.lane: Lane = versions.serving if versions else make_lane(router, cfg.student_url, policy_sha256,
+                                                                      None, cfg.student_model)
+        self.cfg = cfg
+        self.live = LiveWork(self, cfg.audit_share, cfg.canary_audit_share, cfg.queue_size, cfg.workers, cfg.seed)
+        self._watch: asyncio.Task | None = None
         self.session: ClientSession | None = None
-        self.blocking = router.embed is not None  # MiniLM runs in a thread, off the event loop
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         self.counts = {"student": 0, "teacher": 0}
-        op = router.policy.get("operating_point") or {}
-        tp = op.get("teacher_price_per_mtok") or {}
-        self.teacher_price = cfg.teacher_price or (
-            (float(tp["input"]), float(tp["output"])) if isinstance(tp.get("input"), (int, float))
-            and isinstance(tp.get("output"), (int, float)) else None)
-        per_1k = op.get("cost_per_1k_student_usd")
-        self.student_per_request = float(per_1k) / 1000 if isinstance(per_1k, (int, float)) else None
 
-    def costs(self, tried: bool, student_usage: Any, teacher_usage: Any, route: str) -> dict[str, Any]:
+    def serving(self) -> Lane:
+        """The lane serving now (the deployment's serving version, re-read on reload)."""
+        return (self.versions.serving if self.versions is not None else None) or self.lane
+
+    @property
+    def router(self) -> Router:
+        return self.serving().router
+
+    @property
+    def policy_sha(self) -> str:
+        return self.serving().policy_sha
+
+    @property
+    def student_model(self) -> str:
+        return self.serving().model
+
+    @property
+    def policy_teacher(self) -> str | None:
+        return self.serving().teacher
+
+    @property
+    def student_per_request(self) -> float | None:
+        return self.serving().per_request_usd
+
+    @property
+    def teacher_price(self) -> tuple[float, float] | None:
+        return self.price_of_teacher(None)
+
+    def price_of_teacher(self, lane: Lane | None) -> tuple[float, float] | None:
+        """USD per million teacher tokens: --teacher-price, else the lane's (the serving one's) policy."""
+        return self.cfg.teacher_price or (lane or self.serving()).teacher_price
+
+    def costs(self, tried: bool, student_usage: Any, teacher_usage: Any, route: str,
+              lane: Lane | None = None) -> dict[str, Any]:
         """What a request cost and what the teacher alone would have cost, in USD (None where a price or the
         usage is unknown). The student costs its per-token price when one is configured, else evaluate's cost per
         request (its hourly price over its measured throughput, in the policy); a request the student did not
@@ -132,9 +175,10 @@ class RouterProxy:
         elif self.cfg.student_price:
             student_usd, basis = _usd(self.cfg.student_price, s_tok or (0, 0)), "per token"
         else:
-            student_usd, basis = self.student_per_request, "per request (evaluate)"
-        teacher_usd = _usd(self.teacher_price, t_tok) if route == "teacher" else 0.0
-        teacher_only = teacher_usd if route == "teacher" else _usd(self.teacher_price, s_tok)
+            student_usd, basis = (lane or self.serving()).per_request_usd, "per request (evaluate)"
+        price = self.price_of_teacher(lane)
+        teacher_usd = _usd(price, t_tok) if route == "teacher" else 0.0
+        teacher_only = teacher_usd if route == "teacher" else _usd(price, s_tok)
         spent = None if student_usd is None or teacher_usd is None else student_usd + teacher_usd
         return {"usd": spent, "student_usd": student_usd, "teacher_usd": teacher_usd, "teacher_only_usd": teacher_only,
                 "saved_usd": None if spent is None or teacher_only is None else teacher_only - spent,
@@ -151,12 +195,18 @@ class RouterProxy:
         app.router.add_get("/health", self.health)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
-        return app
+        return json_parse_errors(app)  # aiohttp's own refusals (an over-long header) in JSON too
 
     async def _start(self, _app) -> None:
         self.session = ClientSession(timeout=ClientTimeout(total=self.cfg.timeout_s))
+        await self.live.start()
+        if self.versions is not None:
+            self._watch = asyncio.create_task(self.versions.watch(self.cfg.reload_s))
 
     async def _stop(self, _app) -> None:
+        if self._watch:
+            self._watch.cancel()
+        await self.live.stop()  # queued audits finish first (for a while): their teacher answers are paid for
         if self.session:
             await self.session.close()
 
@@ -165,7 +215,10 @@ class RouterProxy:
                                                               "owned_by": "distill"}]})
 
     async def health(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "policy": self.policy_sha, "routed": self.counts})
+        body = {"status": "ok", "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts}
+        if self.versions is not None:
+            body["deployment"] = self.versions.status()
+        return web.json_response(body)
 
     def _target(self, base: str, key_env: str | None) -> tuple[str, dict[str, str]]:
         headers = {"Content-Type": "application/json"}
@@ -190,19 +243,23 @@ class RouterProxy:
         except (ClientError, asyncio.TimeoutError) as err:
             return 502, {"error": {"message": f"cannot reach {url}: {type(err).__name__}", "type": "upstream_error"}}
 
-    async def _decide_before(self, body: dict[str, Any], fn: str | None) -> Decision:
-        if self.blocking:
-            return await asyncio.get_running_loop().run_in_executor(None, self.router.before, body, fn)
-        return self.router.before(body, fn)
+    async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
 
-    async def _ask_student(self, body: dict[str, Any], upstream: dict[str, Any], decision: Decision, fn: str | None,
-                           routing: dict[str, Any]) -> tuple[Decision, int, dict[str, Any]]:
-        """The student answers (never streamed: its answer is checked first); phase 2 keeps it or escalates."""
+    async def decide_before(self, lane: Lane, body: dict[str, Any], fn: str | None) -> Decision:
+        if lane.blocking:
+            return await asyncio.get_running_loop().run_in_executor(None, lane.router.before, body, fn)
+        return lane.router.before(body, fn)
+
+    async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,
+                          fn: str | None, routing: dict[str, Any]) -> tuple[Decision, int, dict[str, Any]]:
+        """The lane's student answers (never streamed: its answer is checked first); phase 2 keeps it or
+        escalates."""
         sbody = {k: v for k, v in upstream.items() if k not in ("stream", "stream_options")}
-        sbody.update(model=self.student_model, logprobs=True)
-        if self.top_k:
-            sbody["top_logprobs"] = self.top_k
-        status, resp = await self._forward(self.cfg.student_url, sbody, self.cfg.student_key_env)
+        sbody.update(model=lane.model, logprobs=True)
+        if lane.top_k:
+            sbody["top_logprobs"] = lane.top_k
+        status, resp = await self._forward(lane.url, sbody, self.cfg.student_key_env)
         choices = resp.get("choices")
         problem = answer_problem(status, resp)
         if problem:  # the teacher answers instead
@@ -212,7 +269,7 @@ class RouterProxy:
             lp = choices[0].get("logprobs")
             content = (lp.get("content") if isinstance(lp, dict) else None) or []
             try:
-                decision = self.router.after(body, content, fn, before=decision)
+                decision = lane.router.after(body, content, fn, before=decision)
             except ValueError as err:  # the endpoint did not return what the signal needs
                 decision = Decision("teacher", [*decision.reasons, str(err)], "after", decision.signals)
             if not decision.to_student:
@@ -223,12 +280,15 @@ class RouterProxy:
                     c.pop("logprobs", None)
         return decision, status, resp
 
-    def _teacher_body(self, upstream: dict[str, Any]) -> dict[str, Any]:
+    def teacher_body(self, upstream: dict[str, Any], lane: Lane | None = None) -> dict[str, Any]:
+        """What the teacher is asked: the client's model, or the lane's policy teacher when the client named the
+        lane's student (a gateway's deployment name), or --teacher-model."""
+        lane = lane or self.serving()
         tbody = dict(upstream)
         if self.cfg.teacher_model:
             tbody["model"] = self.cfg.teacher_model
-        elif self.policy_teacher and tbody.get("model") in (self.student_model, None):
-            tbody["model"] = self.policy_teacher  # a gateway asked for the student: the teacher has its own name
+        elif lane.teacher and tbody.get("model") in (lane.model, None):
+            tbody["model"] = lane.teacher  # a gateway asked for the student: the teacher has its own name
         return tbody
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -247,28 +307,39 @@ class RouterProxy:
         logged = body
         if fn and not (body.get("metadata") or {}).get("function"):
             logged = {**body, "metadata": {**(body.get("metadata") or {}), "function": fn}}
-        decision = await self._decide_before(body, fn)
+        lane, stage = self.versions.pick() if self.versions is not None else (self.lane, "serving")
+        decision = await self.decide_before(lane, body, fn)
         upstream = body if body.get("store") else {k: v for k, v in body.items() if k != "metadata"}
         routing: dict[str, Any] = {"stream": True} if stream else {}
+        if lane.version is not None:
+            routing.update(version=lane.version, lane=stage)
         status, resp, student_usage = 0, {}, None
         tried = decision.to_student
         if tried:
-            decision, status, resp = await self._ask_student(body, upstream, decision, fn, routing)
+            decision, status, resp = await self.ask_student(lane, body, upstream, decision, fn, routing)
             student_usage = resp.get("usage") if status == 200 else None
         headers = {"x-distill-route": decision.route, "x-distill-phase": decision.phase,
                    "x-distill-reasons": _reasons_header(decision.reasons),
-                   "x-distill-policy": self.policy_sha, "x-request-id": rid}
+                   "x-distill-policy": lane.policy_sha, "x-request-id": rid}
+        if lane.version is not None:
+            headers["x-distill-version"] = lane.version
 
         def finish(status: int, resp: dict[str, Any]) -> None:
             self.counts[decision.route] += 1
             routing.update(decision.as_dict())
-            routing["policy_sha256"] = self.policy_sha
+            routing["policy_sha256"] = lane.policy_sha
             routing["cost"] = self.costs(tried, student_usage, resp.get("usage") if decision.route == "teacher"
-                                         else None, decision.route)
-            self._log(logged, status, resp, 1000 * (time.perf_counter() - t0), routing)
+                                         else None, decision.route, lane)
+            log_id = self.log_call(logged, status, resp, 1000 * (time.perf_counter() - t0), routing)
+            if status == 200 and not resp.get("error"):
+                answer = answer_text(resp)
+                self.live.offer(Job(log_id, body, upstream, logged, fn, lane,
+                                    answer if decision.to_student else None,
+                                    None if decision.to_student else answer,
+                                    self.versions.shadow() if self.versions is not None else None), stage)
 
         if not decision.to_student:
-            tbody = self._teacher_body(upstream)
+            tbody = self.teacher_body(upstream, lane)
             if stream:
                 streamed = await self._stream_teacher(request, tbody, headers, finish)
                 if isinstance(streamed, web.StreamResponse):
@@ -342,15 +413,34 @@ class RouterProxy:
         with open(self.cfg.log_dir / f"errors-{now:%Y-%m-%d}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
-    def _log(self, request: dict[str, Any], status: int, response: dict[str, Any], latency_ms: float,
-             routing: dict[str, Any]) -> None:
+    def log_call(self, request: dict[str, Any], status: int, response: dict[str, Any], latency_ms: float,
+                 routing: dict[str, Any]) -> str:
+        """One call in <route>-<date>.jsonl (harvest's format); returns its id."""
         now = datetime.now(timezone.utc)
         line = {"id": response.get("id") or f"distill-{uuid.uuid4().hex}", "timestamp": now.isoformat(),
                 "status_code": status, "latency_ms": round(latency_ms, 1), "request": request, "response": response,
                 "routing": routing}
         path = self.cfg.log_dir / f"{routing['route']}-{now:%Y-%m-%d}.jsonl"
-        with open(path, "a", encoding="utf-8") as f:  # one write per line: a crash leaves at most one torn line
-            f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        append_line(path, json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        return line["id"]
+
+    def log_live(self, record: dict[str, Any]) -> None:
+        """One live-loop record (audit and shadow scores, dropped or failed work) in live-<date>.jsonl."""
+        append_line(self.cfg.log_dir / f"live-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl", live_line(record))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line in one write, so a crash leaves at most one torn line. A file that ends in a torn line (a
+    proxy killed mid-write) gets a newline first: the torn line stays one bad line that harvest quarantines, instead
+    of swallowing this whole one."""
+    data = line.encode("utf-8")
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+        f.write(data)
 
 
 def policy_path(source: str | Path) -> Path:
@@ -369,16 +459,27 @@ def policy_path(source: str | Path) -> Path:
     return p
 
 
-def serve(source: str | Path, cfg: ProxyConfig, host: str = "127.0.0.1", port: int = 8080, *,
-          language: bool = True, embeddings: bool = True, print_fn=print) -> None:
-    """Load the policy and serve until interrupted."""
-    path = policy_path(source)
+def serve(source: str | Path | None, cfg: ProxyConfig, host: str = "127.0.0.1", port: int = 8080, *,
+          language: bool = True, embeddings: bool = True, print_fn=print, deployment: str | Path | None = None,
+          version_urls: dict[str, str] | None = None) -> None:
+    """Load the policy (or the deployment file's versions) and serve until interrupted."""
     # bitsandbytes (pulled in by transformers with the MiniLM embedder) warns at import that its optional CPU
     # "kernels" package is missing; serve-router never runs 4-bit layers.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    router = Router.load(path, language=language, embeddings=embeddings)
-    proxy = RouterProxy(router, cfg, sha256_file(path))
-    skipped = f" (not checked: {', '.join(router.skipped)})" if router.skipped else ""
-    print_fn(f"distill serve-router: policy {path}{skipped}; student {cfg.student_url}, teacher {cfg.teacher_url}; "
-             f"logs in {cfg.log_dir}; listening on http://{host}:{port}/v1")
+    if deployment is not None:
+        versions = Versions(deployment, version_urls, model=cfg.student_model, language=language,
+                            embeddings=embeddings, seed=cfg.seed)
+        proxy = RouterProxy(None, cfg, versions=versions)
+        what = f"deployment {deployment} ({versions.status()['serving']} serving"
+        cand = versions.candidate
+        what += f", {cand.lane.version} in {cand.stage} at {cand.share:g})" if cand else ")"
+    else:
+        path = policy_path(source)
+        router = Router.load(path, language=language, embeddings=embeddings)
+        proxy = RouterProxy(router, cfg, sha256_file(path))
+        skipped = f" (not checked: {', '.join(router.skipped)})" if router.skipped else ""
+        what = f"policy {path}{skipped}; student {cfg.student_url}"
+    audits = f"; audits {cfg.audit_share:g} of student answers" if cfg.audit_share else ""
+    print_fn(f"distill serve-router: {what}, teacher {cfg.teacher_url}; logs in {cfg.log_dir}{audits}; "
+             f"listening on http://{host}:{port}/v1")
     web.run_app(proxy.app(), host=host, port=port, print=None)

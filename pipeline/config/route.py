@@ -61,6 +61,63 @@ class GatewayConfig(Section):
     )
 
 
+class LiveConfig(Section):
+    """The live loop around `distill serve-router` (docs/live.md): audits, shadow, canary, promotion, rollback."""
+
+    log_dir: str = Field("logs/router", description="serve-router's --log-dir, where `distill live` reads the logs.")
+    deployment: str | None = Field(
+        None, description="The deployment file (default: <export.store>/<export.model_name>/deployment.json)."
+    )
+    audit_share: float = Field(
+        0.02, ge=0, le=1,
+        description="Share of student-answered requests also sent to the teacher in the background and scored "
+        "(the teacher's answer joins the teacher log, marked as an audit). serve-router applies it with "
+        "--deployment, or when the recipe sets it; a plain policy proxy audits nothing otherwise.",
+    )
+    canary_audit_share: float = Field(
+        0.2, ge=0, le=1, description="Audit share of the requests a canary answers (evidence for promotion comes "
+        "from these audits).",
+    )
+    shadow_share: float = Field(
+        0.1, ge=0, le=1,
+        description="Share of requests a candidate in shadow also answers in the background (a student-answered "
+        "one is then audited too, so the shadow answer has the teacher's to be scored against).",
+    )
+    canary_share: float = Field(0.1, gt=0, lt=1, description="Share of traffic a candidate answers as canary.")
+    queue_size: int = Field(
+        1000, gt=0, le=1_000_000,
+        description="Background audits and shadow calls waiting at most; beyond it they are dropped and counted.",
+    )
+    workers: int = Field(4, gt=0, le=256, description="Background audits and shadow calls run at once.")
+    max_quality_drop: float = Field(
+        0.05, gt=0, lt=1,
+        description="Guardrail: a version's audited answer quality may fall at most this far below its held-out "
+        "quality (the policy's calibration, per function); promotion needs evidence it is above that floor.",
+    )
+    max_escalation_rise: float = Field(
+        0.15, gt=0, lt=1,
+        description="Guardrail: a version's escalation rate (escalated / asked) may rise at most this far above "
+        "the calibrated one.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5,
+        description="Level of the promotion test: the chance that a candidate whose quality is at its floor is "
+        "promoted (moved to canary, or to serving) anyway.",
+    )
+    guardrail_alpha: float = Field(
+        0.001, gt=0, lt=0.5,
+        description="Level of the rollback test, split over a version's functions: a version that holds its floors "
+        "is rolled back by mistake at most about once per 1/guardrail_alpha scored answers.",
+    )
+    min_audits: int = Field(
+        30, gt=0, le=MAX_COUNT, description="Scored answers a candidate needs before it may move on (shadow -> "
+        "canary, canary -> promoted).",
+    )
+    reload_s: float = Field(
+        1.0, gt=0, le=3600, description="How often serve-router checks the deployment file for changes (seconds).",
+    )
+
+
 class RouteConfig(Section):
     tolerance: float = Field(
         0.02, ge=0, le=1, description="Routed quality may fall at most this far below the teacher's (0.02 = 2 points)."
@@ -105,6 +162,10 @@ class RouteConfig(Section):
     language: LanguageRule = Field(default_factory=LanguageRule)
     distance: DistanceRule = Field(default_factory=DistanceRule)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    # exclude=True keeps it out of model_dump, so out of the route stage's fingerprint: the live loop's settings
+    # change nothing the stage writes, and changing them must not refit and republish the student.
+    live: LiveConfig = Field(default_factory=LiveConfig, exclude=True,
+                             description="The live loop: audits, shadow, canary, promotion, rollback (docs/live.md).")
 
     @model_validator(mode="after")
     def _entropy_needs_top_logprobs(self) -> RouteConfig:

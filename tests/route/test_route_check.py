@@ -78,3 +78,22 @@ def test_moved_traffic_is_flagged(e2e, held_out, tmp_path, capsys):
     assert (FAQ, "distance from training inputs (PSI)") in flagged
     assert "DRIFT" in capsys.readouterr().out
     assert cli(["route-check", str(e2e / "runs/t/route"), "--logs", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_live_loop_files_and_audit_calls_are_not_counted_as_requests(tmp_path):
+    """The live loop adds teacher calls that audit a student answer and live-*.jsonl score files beside the request
+    logs: route-check must count each client request once and not call the score lines unreadable."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    _write(tmp_path / "student-2026-12-06.jsonl", [body, body], routing=lambda i: "student")
+    _write(tmp_path / "teacher-2026-12-06.jsonl", [body], routing=lambda i: "teacher")
+    audit = {"id": "a1", "status_code": 200, "request": body, "response": completion("ok", "gpt-4o"),
+             "routing": {"route": "teacher", "audit": True, "audit_of": "r0"}}
+    with open(tmp_path / "teacher-2026-12-06.jsonl", "a") as f:
+        f.write(json.dumps(audit) + "\n")
+    with open(tmp_path / "teacher-2026-12-06.jsonl", "a") as f:
+        f.write("5\nnull\n[]\n")  # valid JSON but not a log line: unreadable, not a traceback
+    (tmp_path / "live-2026-12-06.jsonl").write_text(json.dumps({"kind": "audit", "quality": 1.0}) + "\n")
+    lines, bad = read_logs(tmp_path, requests_only=True)
+    assert len(lines) == 3 and bad == 5  # the two torn last lines _write leaves and the three non-objects
+    everything, bad_all = read_logs(tmp_path)  # the ledger reads audits too (they cost money)
+    assert len(everything) == 4 and bad_all == 6

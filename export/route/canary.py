@@ -1,0 +1,191 @@
+"""The nightly decision (``distill live RECIPE --decide``): shadow -> canary -> promoted, or rolled back.
+
+Per version, the evidence is read from serve-router's logs since the version entered its current stage:
+
+- **guardrail** (rollback), per function: the ``detector`` (CUSUM e-detector, ``export.route.sequential``) on
+  its scored answers in time order against the floor ``held-out quality - max_quality_drop`` (held-out quality:
+  the policy's calibration, ``student_quality_kept``), and on its escalations (1 = escalated, per request the
+  student was asked) against the ceiling ``calibrated escalation rate + max_escalation_rise``. ``guardrail_alpha``
+  is split evenly over the tests, so a version that holds its floors raises a false alarm at most about once per
+  1/guardrail_alpha observations; a function whose floor is unknown is reported, not tested.
+- **promotion evidence**: the ``evidence`` test (betting martingale) on all its scored answers together, each
+  against its own function's floor, reaching 1/alpha (``alpha``), with at least ``min_audits`` scored answers and no
+  guardrail alarm.
+
+Scored answers are, in shadow, the shadow scores (the candidate against the teacher on audited or escalated
+requests) and, in canary or serving, the audits of the answers it gave. Steps, in order, one decision each:
+
+1. the serving version breaks its guardrail: roll back to the version before it (``rollback`` of the serving
+   version by name; a candidate in shadow or canary is kept, and judged on its own evidence next);
+2. a candidate breaks its guardrail: withdraw it (``rollback``); in shadow with evidence: ``canary`` at
+   ``canary_share``; in canary with evidence: ``promote``;
+3. nothing serves yet: the store's latest version ``serve``s; no candidate and the store's latest version is new
+   (neither serving, served before, nor rejected): ``shadow`` it at ``shadow_share``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.route import deployment, sequential
+from export.route.live import function_of, read_live, read_routed, tried, version_of
+
+
+@dataclass
+class Evidence:
+    """What the logs say about one version in one stage."""
+
+    scores: list[tuple[str, float]] = field(default_factory=list)  # (function, quality) in time order
+    escalations: list[tuple[str, float]] = field(default_factory=list)  # (function, 1.0 escalated | 0.0 kept)
+
+
+def gather(version: str, stage: str, start: str | None, calls: list[dict[str, Any]],
+           live: list[dict[str, Any]]) -> Evidence:
+    """The version's scored answers and escalations since ``start`` (ISO time; None: all)."""
+    ev = Evidence()
+    recent = [r for r in live if start is None or str(r.get("timestamp", "")) >= start]
+    if stage == "shadow":
+        for r in recent:
+            if r.get("kind") == "shadow" and r.get("version") == version:
+                fn = str(r.get("function") or "default")
+                if r.get("quality") is not None:
+                    ev.scores.append((fn, float(r["quality"])))
+                if r.get("tried"):
+                    ev.escalations.append((fn, float(bool(r.get("escalated")))))
+        return ev
+    for r in recent:
+        if r.get("kind") == "audit" and r.get("version") == version and r.get("quality") is not None:
+            ev.scores.append((str(r.get("function") or "default"), float(r["quality"])))
+    for x in calls:
+        if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start) and tried(x):
+            ev.escalations.append((function_of(x), float(x["routing"].get("route") != "student")))
+    return ev
+
+
+def limits(policy: dict[str, Any], cfg: Any) -> dict[str, dict[str, float | None]]:
+    """Per function: the quality floor and the escalation ceiling, from the policy's calibration."""
+    out = {}
+    for fn, rule in (policy.get("functions") or {}).items():
+        c = rule.get("calibration") or {}
+        kept = c.get("student_quality_kept")
+        before, after = c.get("escalated_before"), c.get("escalated_after")
+        esc = after / (1 - before) if isinstance(after, (int, float)) and isinstance(before, (int, float)) \
+            and before < 1 else None
+        out[fn] = {"floor": max(0.0, kept - cfg.max_quality_drop) if isinstance(kept, (int, float)) else None,
+                   "ceiling": min(1.0, esc + cfg.max_escalation_rise) if esc is not None else None}
+    return out
+
+
+def guardrail(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any) -> dict[str, Any]:
+    """{broken, tests: [{function, what, bound, outcome}]} for the version's quality and escalation streams."""
+    streams = []
+    for what, pairs, key, side, delta in (("quality", ev.scores, "floor", "below", cfg.max_quality_drop),
+                                          ("escalation", ev.escalations, "ceiling", "above", cfg.max_escalation_rise)):
+        for fn in sorted({f for f, _ in pairs}):
+            bound = (lims.get(fn) or {}).get(key)
+            xs = [x for f, x in pairs if f == fn]
+            streams.append((fn, what, bound, side, delta, xs))
+    n_tests = max(1, sum(s[2] is not None for s in streams))
+    tests = []
+    for fn, what, bound, side, delta, xs in streams:
+        row = {"function": fn, "what": what, "bound": bound, "n": len(xs), "mean": sum(xs) / len(xs)}
+        if bound is not None:
+            row["outcome"] = sequential.detector(xs, bound, side, cfg.guardrail_alpha / n_tests, delta).as_dict()
+        tests.append(row)
+    return {"broken": any((t.get("outcome") or {}).get("decided") for t in tests), "tests": tests,
+            "alpha_per_test": cfg.guardrail_alpha / n_tests}
+
+
+def promotion(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any) -> dict[str, Any]:
+    """Evidence, at level alpha, that the version's scored answers are above their functions' floors."""
+    pairs = [(fn, x) for fn, x in ev.scores if (lims.get(fn) or {}).get("floor") is not None]
+    out = sequential.evidence([x for _, x in pairs], [lims[fn]["floor"] for fn, _ in pairs], "above", cfg.alpha,
+                              cfg.max_quality_drop)
+    n = len(pairs)
+    return {"ready": out.decided and n >= cfg.min_audits, "n": n, "min_audits": cfg.min_audits,
+            "mean": sum(x for _, x in pairs) / n if n else None, "outcome": out.as_dict()}
+
+
+def _newer(dep: dict[str, Any], latest: str | None) -> bool:
+    return bool(latest) and latest != dep.get("serving") and latest not in dep.get("previous", []) \
+        and latest not in dep.get("rejected", []) and not dep.get("candidate")
+
+
+def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str | None,
+           calls: list[dict[str, Any]], live: list[dict[str, Any]], cfg: Any) -> list[dict[str, Any]]:
+    """Apply this run's decisions to ``dep`` in place; returns the history entries written (plus, where the
+    serving version broke its guardrail with nothing to roll back to, an entry with action 'broken')."""
+    done = []
+    serving = dep.get("serving")
+    if serving:
+        ev = gather(serving, "serving", deployment.since(dep, serving, "serving"), calls, live)
+        g = guardrail(ev, limits(policies[serving], cfg), cfg)
+        if g["broken"]:
+            if dep.get("previous"):
+                done.append(deployment.change(dep, "rollback", serving, by="decide", evidence=g,
+                                              reason=f"{serving} broke its guardrail on live traffic"))
+            else:
+                done.append({"action": "broken", "version": serving, "evidence": g,
+                             "reason": f"{serving} broke its guardrail and no earlier version can serve"})
+    cand = dep.get("candidate")
+    if cand:
+        v, stage = cand["version"], cand["stage"]
+        ev = gather(v, stage, deployment.since(dep, v, stage), calls, live)
+        lims = limits(policies[v], cfg)
+        g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg)
+        if g["broken"]:
+            done.append(deployment.change(dep, "rollback", v, by="decide", evidence={"guardrail": g, "promotion": p},
+                                          reason=f"candidate {v} broke its guardrail in {stage}"))
+        elif p["ready"]:
+            action = "canary" if stage == "shadow" else "promote"
+            done.append(deployment.change(dep, action, share=cfg.canary_share if action == "canary" else None,
+                                          by="decide", evidence={"guardrail": g, "promotion": p},
+                                          reason=f"{v} is above its quality floors with evidence in {stage}"))
+    if not dep.get("serving") and latest:
+        done.append(deployment.change(dep, "serve", latest, by="decide", reason="the first published version"))
+    elif _newer(dep, latest):
+        done.append(deployment.change(dep, "shadow", latest, share=cfg.shadow_share, by="decide",
+                                      reason=f"{latest} is newer than {dep['serving']} in the store"))
+    return done
+
+
+def policies_for(folder: Path, dep: dict[str, Any], latest: str | None) -> dict[str, dict[str, Any]]:
+    """The routing policy of every version the decision may look at (<store>/<name>/<version>/)."""
+    wanted = {dep.get("serving"), (dep.get("candidate") or {}).get("version"), latest} - {None}
+    out = {}
+    for v in wanted:
+        path = folder / v / "routing_policy.json"
+        try:
+            out[v] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{v}: no routing policy at {path}") from None
+        except ValueError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return out
+
+
+def run(path: Path, store: str, name: str, logs: str | Path, cfg: Any, urls: dict[str, str] | None = None,
+        dry_run: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Decide under the deployment file's lock, from the logs and the store; returns (entries, deployment).
+    ``dry_run``: what would be decided, on a copy; the file is not touched (nor created)."""
+    from pipeline.store import latest as store_latest
+
+    calls, _, _ = read_routed(logs) if _has_logs(logs) else ([], [], 0)
+    live, _ = read_live(logs)
+    if dry_run:
+        dep = deployment.load(path) if path.exists() else deployment.new(name)
+        newest = store_latest(store, name)
+        return decide(dep, policies_for(path.parent, dep, newest), newest, calls, live, cfg), dep
+    with deployment.updating(path, name) as dep:
+        dep["urls"] = {**dep.get("urls", {}), **(urls or {})}
+        newest = store_latest(store, name)
+        done = decide(dep, policies_for(path.parent, dep, newest), newest, calls, live, cfg)
+    return done, dep
+
+
+def _has_logs(logs: str | Path) -> bool:
+    p = Path(logs)
+    return any(p.glob("student-*.jsonl*")) or any(p.glob("teacher-*.jsonl*")) if p.is_dir() else p.exists()

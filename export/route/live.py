@@ -1,0 +1,164 @@
+"""``distill live``: how each version does on today's traffic, from serve-router's logs.
+
+Per (version, function): requests, student share, escalation rate (escalated / requests the student was asked),
+latency percentiles, and from ``live-<date>.jsonl`` the audited quality of the student's answers against the
+teacher's (mean and bootstrap confidence interval) and the live *routed* quality it implies, ``1 - share * (1 -
+audited quality)`` (the teacher's answer scores 1 against itself, as in the route stage's calibration); for a
+candidate in shadow, its scored answers, the share it would have answered and its escalation rate. A version is
+``routing.version`` (serve-router with a deployment file), else the policy's sha256 prefix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.route.drift import log_files
+from export.route.ledger import routed_lines
+from pipeline.stats import bootstrap_counts
+
+
+def version_of(line: dict[str, Any]) -> str:
+    r = line.get("routing") or {}
+    return str(r.get("version") or r.get("policy_sha256") or "-")
+
+
+def live_version(record: dict[str, Any]) -> str:
+    return str(record.get("version") or record.get("policy_sha256") or "-")
+
+
+def function_of(line: dict[str, Any]) -> str:
+    return str(((line.get("request") or {}).get("metadata") or {}).get("function") or "default")
+
+
+def tried(line: dict[str, Any]) -> bool:
+    """Whether the student was asked (the ledger's rule)."""
+    r = line.get("routing") or {}
+    cost = r.get("cost") or {}
+    return cost.get("student_basis", "not asked") != "not asked" if cost else r.get("phase") == "after"
+
+
+def read_live(logs: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The live-loop records (live-*.jsonl and rotated live-*.jsonl.gz under a folder), oldest first, and the
+    unreadable lines."""
+    p = Path(logs)
+    try:
+        files = [f for f in log_files(p / "live-*.jsonl*" if p.is_dir() else p) if f.name.startswith("live-")]
+    except FileNotFoundError:
+        return [], 0
+    out, bad = [], 0
+    for f in files:
+        opener = gzip.open if f.name.endswith(".gz") else open
+        with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        for raw in text.splitlines():
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                bad += bool(raw.strip())
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("kind"), str):
+                out.append(rec)
+            else:
+                bad += 1
+    out.sort(key=lambda r: str(r.get("timestamp", "")))
+    return out, bad
+
+
+def read_routed(logs: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(routed calls oldest first, audit calls, unreadable lines) from student-*.jsonl and teacher-*.jsonl."""
+    lines, bad = routed_lines(logs)
+    lines.sort(key=lambda x: str(x.get("timestamp", "")))
+    calls = [x for x in lines if not x["routing"].get("audit")]
+    return calls, [x for x in lines if x["routing"].get("audit")], bad
+
+
+def mean_ci(xs: list[float], level: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """n, mean and the bootstrap percentile interval of the mean (None where there is nothing to measure)."""
+    x = np.asarray(xs, dtype=np.float64)
+    if not x.size:
+        return {"n": 0, "mean": None, "ci": None}
+    means = np.concatenate([c @ x / x.size for c in bootstrap_counts(x.size, resamples, seed)])
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return {"n": int(x.size), "mean": float(x.mean()), "ci": [float(lo), float(hi)]}
+
+
+def _latency(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    p = np.percentile(np.asarray(values, dtype=np.float64), [50, 95, 99])
+    return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+
+
+def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[str, Any]], level: float,
+         resamples: int) -> dict[str, Any]:
+    n = len(calls)
+    student = sum(x["routing"].get("route") == "student" for x in calls)
+    asked = [x for x in calls if tried(x)]
+    escalated = sum(x["routing"].get("route") != "student" for x in asked)
+    share = student / n if n else None
+    q = mean_ci(audits, level, resamples)
+    routed = None
+    if q["mean"] is not None and share is not None:
+        routed = {"mean": 1 - share * (1 - q["mean"]), "ci": [1 - share * (1 - v) for v in q["ci"]]}
+    scored = [s["quality"] for s in shadows if s.get("quality") is not None]
+    s_tried = [s for s in shadows if s.get("tried")]
+    return {
+        "requests": n, "student": student, "student_share": share, "tried": len(asked), "escalated": escalated,
+        "escalation_rate": escalated / len(asked) if asked else None,
+        "latency_ms": _latency([float(x["latency_ms"]) for x in calls if isinstance(x.get("latency_ms"),
+                                                                                    (int, float))]),
+        "audited_quality": q, "routed_quality": routed,
+        "shadow": None if not shadows else {
+            "n": len(shadows), "quality": mean_ci(scored, level, resamples),
+            "student_share": sum(s.get("route") == "student" for s in shadows) / len(shadows),
+            "escalation_rate": sum(bool(s.get("escalated")) for s in s_tried) / len(s_tried) if s_tried else None},
+    }
+
+
+def report(logs: str | Path, since: str | None = None, level: float = 0.95, resamples: int = 1000,
+           missing_ok: bool = False) -> dict[str, Any]:
+    """{rows: one per (version, function), versions: one per version, counts, unreadable_lines}; ``since``: an
+    ISO timestamp, older lines are left out. No logs: FileNotFoundError, or an empty report with ``missing_ok``
+    (the first night, before anything was served)."""
+    try:
+        calls, audit_calls, bad = read_routed(logs)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        calls, audit_calls, bad = [], [], 0
+    live, bad_live = read_live(logs)
+    if since:
+        calls = [x for x in calls if str(x.get("timestamp", "")) >= since]
+        live = [r for r in live if str(r.get("timestamp", "")) >= since]
+    by_call: dict[tuple[str, str], list] = defaultdict(list)
+    by_audit: dict[tuple[str, str], list] = defaultdict(list)
+    by_shadow: dict[tuple[str, str], list] = defaultdict(list)
+    for x in calls:
+        by_call[version_of(x), function_of(x)].append(x)
+    for r in live:
+        key = (live_version(r), str(r.get("function") or "default"))
+        if r["kind"] == "audit" and isinstance(r.get("quality"), (int, float)):
+            by_audit[key].append(float(r["quality"]))
+        elif r["kind"] == "shadow":
+            by_shadow[key].append(r)
+    keys = sorted({*by_call, *by_audit, *by_shadow})
+    rows = [{"version": v, "function": f, **_row(by_call[v, f], by_audit[v, f], by_shadow[v, f], level, resamples)}
+            for v, f in keys]
+    versions = sorted({v for v, _ in keys})
+    totals = [{"version": v, "function": "all", **_row(
+        [x for (w, _), xs in by_call.items() if w == v for x in xs],
+        [q for (w, _), qs in by_audit.items() if w == v for q in qs],
+        [s for (w, _), ss in by_shadow.items() if w == v for s in ss], level, resamples)} for v in versions]
+    kinds: dict[str, int] = defaultdict(int)
+    for r in live:
+        kinds[r["kind"]] += 1
+    return {"rows": rows, "versions": totals, "since": since, "confidence_level": level,
+            "counts": {"calls": len(calls), "audit_calls": len(audit_calls), **kinds},
+            "unreadable_lines": bad + bad_live}
