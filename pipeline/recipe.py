@@ -59,6 +59,13 @@ class Recipe(Section):
         check_dir_path(str(self.run_path), "run directory <run_dir>/<name>")
         return self
 
+    @model_validator(mode="after")
+    def _golden_decontaminated(self) -> Recipe:
+        from pipeline.config.evaluate import check_golden_decontaminated
+
+        check_golden_decontaminated(self)
+        return self
+
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir) / self.name

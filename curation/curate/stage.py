@@ -67,9 +67,10 @@ def _references(ctx: StageContext) -> list[tuple[str, str]]:
         return []
     golden = ctx.recipe.evaluate.golden if ctx.recipe.evaluate else []
     if golden:
-        from curation.harvest.golden import load_golden
+        from curation.harvest.golden import golden_redaction, load_golden
 
-        return load_external(cfg.decontaminate.external) + golden_references(load_golden(golden))
+        records = load_golden(golden, golden_redaction(ctx.recipe))  # redacted like the training text it is matched to
+        return load_external(cfg.decontaminate.external) + golden_references(records)
     return load_external(cfg.decontaminate.external)
 
 

@@ -3,7 +3,9 @@
 The files are read whole with harvest's readers and importers (the same ``format``, ``fields`` and
 ``function_field`` settings as a harvest source) into canonical records, the reviewed answer as ``output``. Unlike
 harvest, nothing is quarantined: a golden set is small and curated by hand, so a row that cannot be read or holds no
-answer is an error naming the file and line. The evaluate stage scores the student on these records beside the test
+answer is an error naming the file and line. Golden records get harvest's redaction (``curate.pii`` and
+``curate.max_record_bytes``, ``pipeline.pii``; :func:`golden_redaction`) where they are loaded, so decontamination
+compares them with training text redacted the same way and no raw PII reaches the run directory. The evaluate stage scores the student on these records beside the test
 split; the curate stage removes training records whose user turns overlap them (decontamination).
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 from curation.harvest.importers.common import BadRecord
 from curation.harvest.importers.formats import IMPORTERS
 from curation.harvest.sources import LogFile, json_rows, list_files, row_batches
+from pipeline.pii import Redaction, enabled
 from pipeline.record import from_table, to_table
 from pipeline.rundir import digest
 
@@ -55,9 +58,17 @@ def _record(src, row: Any, where: str) -> list[dict[str, Any]]:
     return records
 
 
-def load_golden(sources) -> list[dict[str, Any]]:
+def golden_redaction(recipe) -> Redaction | None:
+    """The redaction harvest applies to every record it writes (the recipe's curate.pii and curate.max_record_bytes),
+    for golden records; None when curate.pii looks for nothing."""
+    cfg = recipe.curate.pii
+    return Redaction(cfg, recipe.curate.max_record_bytes) if enabled(cfg) else None
+
+
+def load_golden(sources, redaction: Redaction | None = None) -> list[dict[str, Any]]:
     """Every golden record of the sources, as canonical records (what the splits' Parquet files hold), tagged with
-    the file they came from (``tags.golden_file``). Raises ValueError naming the file and line of a bad row."""
+    the file they came from (``tags.golden_file``) and redacted by ``redaction`` (:func:`golden_redaction`) as
+    harvest redacts training records. Raises ValueError naming the file and line of a bad row."""
     out: list[dict[str, Any]] = []
     for _, src, f in golden_files(sources):
         for number, row in _rows(f, f.kind(src.file_format)):
@@ -72,7 +83,10 @@ def load_golden(sources) -> list[dict[str, Any]]:
         n = seen[r["id"]] = seen.get(r["id"], 0) + 1
         if n > 1:
             r["id"] = f"{r['id']}#{n}"
-    return from_table(to_table(out))
+    table = to_table(out)
+    if redaction is not None:  # 'drop' redacts too; a golden record is never dropped
+        table, _ = redaction.apply(table)
+    return from_table(table)
 
 
 def golden_inputs(sources) -> dict[str, str]:

@@ -349,7 +349,8 @@ def make_format(job: Job, fmt: str, master_rows: list[dict[str, Any]], master_by
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     quantize.make(fmt, art, out, name=cfg.model_name, dtype=getattr(torch, cfg.dtype), calibration=job.calibration,
-                  max_length=ctx.recipe.train.max_length, metadata=job.gguf_meta)
+                  max_length=student_info(ctx.inputs["train"]).get("max_length", ctx.recipe.train.max_length),
+                  metadata=job.gguf_meta)
     made_s = time.perf_counter() - t0
     progress.remove_task(task)
     qmodel = quantize.load(fmt, out, cfg.model_name)

@@ -160,3 +160,11 @@ from pipeline.config import harvest as _harvest  # noqa: E402
 
 if hasattr(_harvest, "Source"):  # else harvest is being imported first, and pydantic completes the model on first use
     EvaluateConfig.model_rebuild()
+
+
+def check_golden_decontaminated(recipe) -> None:
+    """A golden set with curate.decontaminate off would stay in the training data unnoticed (its reviewed scores
+    then measure memory): refused when the recipe is validated (``pipeline.recipe``)."""
+    if recipe.evaluate is not None and recipe.evaluate.golden and recipe.curate.decontaminate is None:
+        raise ValueError("evaluate.golden needs curate.decontaminate, which keeps the golden requests out of "
+                         "training; it is null: remove 'decontaminate: null' from curate or drop evaluate.golden")

@@ -66,6 +66,9 @@ def test_a_bad_golden_row_is_an_error_naming_file_and_line(tmp_path, line, says)
 def test_recipe_checks_of_the_golden_section():
     with pytest.raises(RecipeError, match="golden_min_quality and gate.golden_functions need evaluate.golden"):
         parse_recipe(merge(BASE_RECIPE, {"evaluate": {"gate": {"golden_min_quality": 90}}}))
+    with pytest.raises(RecipeError, match="evaluate.golden needs curate.decontaminate"):
+        parse_recipe(merge(BASE_RECIPE, {"curate": {"decontaminate": None},
+                                         "evaluate": {"golden": [{"path": "g.jsonl", "format": "openai_finetune"}]}}))
     with pytest.raises(RecipeError, match="evaluate.golden.0.format"):
         parse_recipe(merge(BASE_RECIPE, {"evaluate": {"golden": [{"path": "g.jsonl", "format": "csv"}]}}))
     with pytest.raises(RecipeError, match="a golden set is read from files"):
@@ -80,6 +83,9 @@ def test_the_gate_holds_each_golden_function_to_its_floor():
     gate = GateConfig(max_regression_points=None, golden_min_quality=95, golden_functions={"faq": 85})
     assert check({}, gate, "auto", None, golden)["passed"]
     assert check({}, GateConfig(max_regression_points=None), "auto", None, golden)["passed"]  # no floor: reported only
+    unscored = {**golden, "faq": {"n": 20, "quality": None}}  # a floor with nothing measured is not cleared
+    assert check({}, GateConfig(max_regression_points=None, golden_min_quality=50), "auto", None, unscored)[
+        "failures"] == ["faq: no quality score on the golden set, which has a floor of 50 (n=20)"]
     gate = GateConfig(max_regression_points=None, golden_functions={"missing_fn": 50})
     assert check({}, gate, "auto", None, golden)["failures"] == [
         "missing_fn: not in the golden set, which gate.golden_functions names"]
@@ -98,6 +104,7 @@ def test_golden_set_leaves_training_and_is_scored_and_gated_on_its_own(project):
     assert cli(["curate", str(recipe)]) == 0
     run = recipe.parent / "runs" / "t"
     taken = _train_prompts(run, 6)  # six training prompts become golden requests, with answers no teacher gave
+    taken[0] = (taken[0][0], taken[0][1], "REVIEWED ANSWER, by ops.lead@example.org")  # raw PII in a golden file
     golden = _finetune_rows(recipe.parent / "golden.jsonl", taken)
     before = expected_fingerprint(load_recipe(recipe), RunDir(run), "curate")
 
@@ -122,7 +129,9 @@ def test_golden_set_leaves_training_and_is_scored_and_gated_on_its_own(project):
     assert g["records"] == 6 and g["files"] == {"golden.jsonl": 6}
     assert g["overall"]["exact_match"] == 0.0  # scored against the reviewed answers, which no student can give
     assert scores["overall"]["n"] > 6  # the test split is reported apart
-    assert len(pq.read_table(run / "evaluate" / "golden_predictions.parquet")) == 6
+    predictions = pq.read_table(run / "evaluate" / "golden_predictions.parquet")
+    assert len(predictions) == 6 and "<EMAIL>" in str(predictions.to_pylist())
+    assert not [p for p in run.rglob("*") if p.is_file() and b"ops.lead@example.org" in p.read_bytes()]
     gate = json.loads((run / "evaluate" / "gate.json").read_text())
     assert not gate["passed"] and all("on the golden set, below its floor of 50" in f for f in gate["failures"])
     assert cli(["report", str(recipe)]) == 0
@@ -133,3 +142,72 @@ def test_golden_set_leaves_training_and_is_scored_and_gated_on_its_own(project):
                                                                     {"role": "assistant", "content": "ok"}]}) + "\n")
     assert expected_fingerprint(load_recipe(recipe), RunDir(run), "curate") != \
         RunDir(run).manifest("curate")["fingerprint"]  # a changed golden file reruns curate (and what follows)
+
+
+SHORT = ["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "juniper"]
+
+
+def _short_tickets_with_email(logs: Path) -> list[tuple[str, str, str]]:
+    """Adds logs/short.jsonl.gz: demo requests whose ticket is cut to a few words ending in an e-mail address
+    (fewer words than decontamination's n-gram, so each is one n-gram); returns them raw as golden rows."""
+    import gzip
+    import re
+
+    out, lines = [], []
+    with gzip.open(logs / "2026-11-23.jsonl.gz", "rt") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            user = [m for m in (row.get("request") or {}).get("messages", []) if m["role"] == "user"]
+            if row.get("status_code") != 200 or len(user) != 1 or "@" not in user[0]["content"]:
+                continue
+            email = re.search(r"\S+@\S+[a-z]", user[0]["content"]).group(0)
+            user[0]["content"] = f"Ticket {SHORT[len(out)]}: refund please, reach me at {email}"
+            row["id"] = f"short-{len(out)}"
+            out.append(("support", user[0]["content"], "Reviewed answer"))
+            lines.append(json.dumps(row))
+            if len(out) == len(SHORT):
+                break
+    with gzip.open(logs / "short.jsonl.gz", "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return out
+
+
+def test_golden_records_are_redacted_like_training_text(tmp_path):
+    """A golden prompt with an e-mail address is loaded redacted (curate.pii), so it matches the training copy
+    harvest redacted, and its raw address never reaches the run directory; curate.pii keep leaves it."""
+    from curation.harvest.golden import golden_redaction
+
+    path = _finetune_rows(tmp_path / "g.jsonl", [("faq", "Refund? You can reach me at ana.97@inbox.example.net.",
+                                                  "Sure, we wrote to ana.97@inbox.example.net")])
+    recipe = parse_recipe(merge(BASE_RECIPE, {"evaluate": {"golden": [{"path": str(path),
+                                                                        "format": "openai_finetune"}]}}))
+    (r,) = load_golden(recipe.evaluate.golden, golden_redaction(recipe))
+    assert r["messages"][-1]["content"] == "Refund? You can reach me at <EMAIL>."
+    assert r["output"]["content"] == "Sure, we wrote to <EMAIL>"
+    kept = parse_recipe(merge(BASE_RECIPE, {"curate": {"pii": {"action": "keep", "secrets": []}}}))
+    assert golden_redaction(kept) is None  # curate.pii looks for nothing: nor does the golden set
+
+
+def test_a_golden_prompt_with_pii_leaves_training_where_it_was_redacted(project):
+    """Harvest redacts the training copy (<EMAIL>); the golden set holds the raw prompt. Decontamination must
+    compare like with like: a short ticket is a single 13-gram, so one raw address would hide the match."""
+    recipe = project()
+    taken = _short_tickets_with_email(recipe.parent / "logs")
+    _finetune_rows(recipe.parent / "golden.jsonl", taken)
+    recipe.write_text(recipe.read_text().replace("evaluate:", "evaluate:\n  golden:\n  - {path: golden.jsonl, "
+                                                 "format: openai_finetune}", 1))
+    assert cli(["curate", str(recipe)]) == 0
+    run = recipe.parent / "runs" / "t"
+    from pipeline.record import from_table
+
+    kept = [m["content"] for s in ("train", "val") for r in from_table(pq.read_table(run / "curate" / f"{s}.parquet"))
+            for m in r["messages"] if m["role"] == "user"]
+    assert not [t for t in kept if t.startswith("Ticket ")]
+    rejected = pq.read_table(run / "curate" / "rejected.parquet", columns=["rejected_by", "reason", "messages"])
+    dropped = [r for r in rejected.to_pylist() if r["rejected_by"] == "decontaminate"
+               and any(m["content"].startswith("Ticket ") for m in r["messages"] if m["role"] == "user")]
+    assert len(dropped) >= 3 and all(r["reason"].endswith("occur in golden set golden.jsonl") for r in dropped)
+    assert all("@" not in m["content"] for r in dropped for m in r["messages"])  # harvest's redacted copies

@@ -13,7 +13,16 @@ import yaml
 from pipeline.cli import main as cli
 from pipeline.config.candidates import effective_candidates
 from pipeline.recipe import RecipeError, parse_recipe
-from training.train.candidates import choice_inputs, gate_on_validation, rank_key
+from training.train.candidates import (
+    DONE,
+    candidate_fingerprint,
+    check_length_tokens,
+    choice_inputs,
+    gate_metric,
+    gate_on_validation,
+    rank_key,
+    train_one,
+)
 
 from conftest import BASE_RECIPE, merge
 
@@ -82,6 +91,98 @@ def test_the_winner_clears_the_gate_then_has_quality_then_costs_less():
     assert gate_on_validation(val, gate)["failures"] == ["a: 7.0 points below the teacher (allowed 6)"]
 
 
+def test_a_gated_function_without_a_quality_score_fails_the_gate():
+    gate = parse_recipe(merge(BASE_RECIPE, {"evaluate": {"gate": {"max_points_below_teacher": 5,
+                                                                  "min_records": 5}}})).evaluate.gate
+    val = {"functions": {"a": {"n": 10, "quality": None}, "b": {"n": 2, "quality": None}}}
+    assert gate_on_validation(val, gate)["failures"] == [
+        "a: no quality score on validation (allowed 5 points below the teacher)"]  # b: too few records to gate
+    assert gate_on_validation(val, gate.model_copy(update={"max_points_below_teacher": None}))["passed"]  # no floor: nothing to fail
+
+
+def test_candidates_are_gated_in_evaluates_quality_metric():
+    r = parse_recipe(merge(BASE_RECIPE, {"train": {"select": {"metric": "exact_match"}},
+                                         "evaluate": {"quality": "chrf"}}))
+    assert gate_metric(r) == "chrf"
+    assert gate_metric(r.model_copy(update={"evaluate": r.evaluate.model_copy(update={"quality": "judge"})})) == "auto"
+    a = parse_recipe(merge(BASE_RECIPE, {"train": {"candidates": [{}]}, "evaluate": {"quality": "chrf"}}))
+    b = parse_recipe(merge(BASE_RECIPE, {"train": {"candidates": [{}]}, "evaluate": {"quality": "exact_match"}}))
+    assert choice_inputs(a) != choice_inputs(b)  # the metric that ranks the candidates reruns train
+
+
+def _ctx(tmp_path: Path, **train):
+    from rich.console import Console
+
+    from pipeline.rundir import RunDir
+    from pipeline.stages import StageContext
+
+    return StageContext(_recipe(**train), RunDir(tmp_path / "run"), tmp_path / "work", {}, Console(quiet=True))
+
+
+def test_what_does_not_change_the_weights_keeps_a_candidates_cache(tmp_path):
+    base = candidate_fingerprint(_ctx(tmp_path), _recipe().train)
+    for other in ({"logging_steps": 1}, {"report_to": ["tensorboard"]}, {"select": {"max_records": 3}},
+                  {"candidates": [{"name": "x"}]}):
+        assert candidate_fingerprint(_ctx(tmp_path), _recipe(**other).train) == base, other
+    for other in ({"learning_rate": 1e-4}, {"select_by": "quality"},
+                  {"select_by": "quality", "select": {"max_records": 3}}):
+        assert candidate_fingerprint(_ctx(tmp_path), _recipe(**other).train) != base, other
+    q = candidate_fingerprint(_ctx(tmp_path), _recipe(select_by="quality").train)
+    assert candidate_fingerprint(_ctx(tmp_path), _recipe(select_by="quality",
+                                                         select={"max_records": 3}).train) != q
+
+
+def test_a_cut_off_or_unmoved_candidate_is_recovered(tmp_path):
+    """A candidate.json cut off mid-write is not done (it is retrained, not read); a candidate killed after its
+    candidate.json was written but before its folder was moved is moved, not retrained."""
+    calls = []
+
+    def fake_train(cctx):
+        calls.append(cctx.work.name)
+        (cctx.work / "model").mkdir(parents=True, exist_ok=True)
+        (cctx.work / "model" / "w.bin").write_text("weights")
+        (cctx.work / "checkpoints").mkdir(exist_ok=True)
+        return {"parameters": 1}
+
+    ctx = _ctx(tmp_path)
+    eff = ctx.recipe.train
+    folder, reused = train_one(ctx, "a", eff, {}, fake_train)
+    assert not reused and len(calls) == 1 and not (folder / "checkpoints").exists()
+    (folder / DONE).write_text('{"fingerprint": "ab')  # killed mid-write
+    folder, reused = train_one(ctx, "a", eff, {}, fake_train)
+    assert not reused and len(calls) == 2 and json.loads((folder / DONE).read_text())["student"] == {"parameters": 1}
+
+    partial = folder.parent / f".partial-{folder.name}"  # killed between candidate.json and the move
+    folder.rename(partial)
+    (partial / "checkpoints").mkdir()
+    folder, reused = train_one(ctx, "a", eff, {}, fake_train)
+    assert reused and len(calls) == 2 and (folder / "model" / "w.bin").is_file()
+    assert not partial.exists() and not (folder / "checkpoints").exists()
+
+
+def test_a_candidate_must_count_lengths_in_the_tokens_curate_counted(tmp_path):
+    """Curate filters by length in train.student's tokens: a candidate with another tokenizer is refused; one
+    with the same tokenizer (another checkpoint of the family) is fine, as is any candidate of a student built from
+    config (curate counts those by its approximation)."""
+    from train_helpers import tiny_tokenizer
+
+    tok_a, tok_b = tiny_tokenizer(500), tiny_tokenizer(400)
+    for name, tok in (("small", tok_a), ("large", tok_a), ("other", tok_b)):
+        tok.save_pretrained(tmp_path / name)
+    base = _recipe(student={"checkpoint": str(tmp_path / "small"), "from_config": None},
+                   candidates=[{"student": {"checkpoint": str(tmp_path / "large")}},
+                               {"student": {"checkpoint": str(tmp_path / "other")}},
+                               {"student": {"from_config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2}}}]).train
+    same, other, built = (eff for _, eff in effective_candidates(base))
+    check_length_tokens(base, same)
+    with pytest.raises(ValueError, match="the tokenizer of .*other differs from train.student's"):
+        check_length_tokens(base, other)
+    with pytest.raises(ValueError, match="train.student.from_config: curate counts lengths"):
+        check_length_tokens(base, built)
+    check_length_tokens(_recipe().train, _recipe(student={"checkpoint": str(tmp_path / "other"),
+                                                          "from_config": None}).train)
+
+
 def _sha(folder: Path) -> dict[str, str]:
     from pipeline.rundir import sha256_file
 
@@ -89,7 +190,7 @@ def _sha(folder: Path) -> dict[str, str]:
 
 
 def test_candidates_train_once_each_and_the_best_is_passed_on(project):
-    cands = [{"name": "still", "learning_rate": 1e-6}, {"name": "moving", "learning_rate": 5e-3}]
+    cands = [{"name": "still", "learning_rate": 1e-6}, {"name": "moving", "learning_rate": 5e-3, "max_length": 176}]
     recipe = project(train={**TINY, "candidates": cands}, evaluate={"gate": {"max_points_below_teacher": 100}})
     assert cli(["train", str(recipe)]) == 0
     run = recipe.parent / "runs" / "t"
@@ -118,6 +219,24 @@ def test_candidates_train_once_each_and_the_best_is_passed_on(project):
     assert {n: r["reused"] for n, r in again.items()} == {"still": True, "moving": True, "third": False}
     assert {n: (cache / again[n]["cache"] / "candidate.json").stat().st_mtime_ns for n in stamps} == stamps
     assert again["moving"]["val_quality"] == rows["moving"]["val_quality"]
+
+    # a losing candidate (the winner's twin: same cache, same score, listed later) leaves train's output as it was,
+    # so evaluate, route and export are not rerun; the table lives in candidates.json (a report file) alone
+    from pipeline.rundir import RunDir
+    from pipeline.stages import data_digest
+
+    digest_before = data_digest("train", RunDir(run).manifest("train")["outputs"])
+    winner = json.loads((run / "train" / "candidates.json").read_text())["chosen"]
+    twin = next(c for c in data["train"]["candidates"] if c["name"] == winner)
+    data["train"]["candidates"].append({**twin, "name": "twin"})
+    recipe.write_text(yaml.safe_dump(data))
+    assert cli(["train", str(recipe)]) == 0
+    table = json.loads((run / "train" / "candidates.json").read_text())
+    assert table["chosen"] == winner and len(table["candidates"]) == 4
+    assert data_digest("train", RunDir(run).manifest("train")["outputs"]) == digest_before
+    info = json.loads((run / "train" / "student.json").read_text())
+    assert "candidates" not in info and info["candidate"] == winner
+    assert info["max_length"] == twin.get("max_length", TINY["max_length"])  # the winner's own, which export uses
 
 
 def test_each_candidate_is_checked_before_any_stage_works(project, capsys):

@@ -81,8 +81,8 @@ def golden_checks(golden: dict[str, dict[str, Any]] | None, cfg: GateConfig) -> 
         if floor is None:
             continue
         check: dict[str, Any] = {"function": fn, "kind": "golden", "n": s["n"], "min_points": floor}
-        if s.get("quality") is None:
-            out.append({**check, "passed": True, "skipped": "no quality score"})
+        if s.get("quality") is None:  # a floor nothing was measured against is not cleared
+            out.append({**check, "passed": False, "unscored": True})
             continue
         student = 100 * s["quality"]
         out.append({**check, "student": round(student, 4), "passed": student >= floor - 1e-9})
@@ -100,6 +100,8 @@ def failures(checks: list[dict[str, Any]]) -> list[str]:
             continue
         if c["kind"] == "golden":
             lines.append(f"{c['function']}: not in the golden set, which gate.golden_functions names" if c.get("missing")
+                         else f"{c['function']}: no quality score on the golden set, which has a floor of "
+                              f"{c['min_points']:g} (n={c['n']})" if c.get("unscored")
                          else f"{c['function']}: {c['student']:.1f} on the golden set, below its floor of "
                               f"{c['min_points']:g} (n={c['n']})")
         elif c["kind"] == "teacher":

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.harvest.golden import golden_inputs, load_golden
+from curation.harvest.golden import golden_inputs, golden_redaction, load_golden
 from pipeline.chat import prompt_messages
 from pipeline.config.evaluate import EvaluateConfig
 from pipeline.record import from_table
@@ -36,6 +36,7 @@ from training.train.outputs import load_trained_student
 # regression check against the published student; they stay out of its fingerprint because the store changes
 # without the recipe changing, and export checks the gate again against the store as it is when it publishes.
 READS = ("curate", "train")
+ALSO_READS = ("curate.pii", "curate.max_record_bytes")  # golden records are redacted as harvest redacts (golden.py)
 
 
 def external_inputs(recipe) -> dict[str, str]:
@@ -43,12 +44,14 @@ def external_inputs(recipe) -> dict[str, str]:
     return golden_inputs(recipe.evaluate.golden) if recipe.evaluate else {}
 
 
-def _golden(cfg: EvaluateConfig, model, tokenizer, progress, detect, boot, work) -> dict[str, Any] | None:
-    """The student on the golden set, scored against its reviewed answers (the judge is not asked: with quality
-    'judge' the golden set is scored by 'auto'); writes golden_predictions.parquet."""
+def _golden(ctx: StageContext, model, tokenizer, progress, detect, boot) -> dict[str, Any] | None:
+    """The student on the golden set, redacted as harvest redacts (so no raw PII is written), scored against its
+    reviewed answers (the judge is not asked: with quality 'judge' the golden set is scored by 'auto'); writes
+    golden_predictions.parquet."""
+    cfg, work = ctx.recipe.evaluate, ctx.work
     if not cfg.golden:
         return None
-    records = load_golden(cfg.golden)
+    records = load_golden(cfg.golden, golden_redaction(ctx.recipe))
     metric = "auto" if cfg.quality == "judge" else cfg.quality
     rows, _ = evaluate_model(model, tokenizer, records, cfg, progress, "golden", detect, metric)
     pq.write_table(pa.Table.from_pylist(rows), work / "golden_predictions.parquet")
@@ -145,7 +148,7 @@ def run(ctx: StageContext) -> StageResult:
         single = single_request_latency(model, tokenizer, [prompt_messages(r) for r in records[: cfg.latency_samples]],
                                         cfg.max_new_tokens)
         boot = (cfg.bootstrap, cfg.confidence, ctx.recipe.seed)
-        golden = _golden(cfg, model, tokenizer, progress, detect, boot, ctx.work)
+        golden = _golden(ctx, model, tokenizer, progress, detect, boot)
     pq.write_table(pa.Table.from_pylist(rows), ctx.work / "predictions.parquet")
 
     by_fn: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -30,12 +30,33 @@ from pipeline.chat import prompt_messages
 from pipeline.config.candidates import effective_candidates
 from pipeline.metrics import quality, response_schema, score
 from pipeline.record import from_table
-from pipeline.rundir import digest
+from pipeline.rundir import digest, write_json_atomic
 from pipeline.stages import StageContext, data_digest
 from training.train.outputs import load_trained_student
 from training.train.select import greedy_answers, scored_records
 
 DONE = "candidate.json"
+# Fields of the train section that change what is reported, not the weights: left out of a candidate's fingerprint
+# (train.select decides which checkpoint is kept only with select_by: quality, where it stays in).
+NOT_WEIGHTS = ("candidates", "logging_steps", "report_to")
+
+
+def read_done(path: Path) -> dict[str, Any] | None:
+    """A finished candidate's record, or None when it is missing or cannot be read (a cut-off write): not done."""
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and isinstance(done.get("student"), dict) else None
+
+
+def gate_metric(recipe) -> str:
+    """The quality metric the candidates are gated and ranked with: evaluate's (its gate's points are in it; 'judge'
+    is scored by 'auto', as on the golden set), else train.select.metric."""
+    ev = recipe.evaluate
+    if ev is None:
+        return recipe.train.select.metric
+    return "auto" if ev.quality == "judge" else ev.quality
 
 
 def choice_inputs(recipe) -> dict[str, str]:
@@ -43,18 +64,41 @@ def choice_inputs(recipe) -> dict[str, str]:
     without candidates, so a recipe without them keeps its fingerprint."""
     if not recipe.train or not recipe.train.candidates or recipe.evaluate is None:
         return {}
-    return {"candidates: evaluate.gate": digest(recipe.evaluate.gate.model_dump(mode="json"))}
+    return {"candidates: evaluate.gate": digest(recipe.evaluate.gate.model_dump(mode="json")),
+            "candidates: evaluate.quality": recipe.evaluate.quality}
+
+
+def check_length_tokens(base, eff) -> None:
+    """Curate's length filter counts tokens with train.student's tokenizer (when it names a checkpoint; a student
+    built from config is counted by the documented approximation). A candidate with another tokenizer would train on
+    records filtered by counts in tokens it does not use: refused (checkpoints of one family share theirs)."""
+    b, c = base.student, eff.student
+    if not b.checkpoint or (c.checkpoint, c.revision) == (b.checkpoint, b.revision):
+        return
+    if not c.checkpoint:
+        raise ValueError(f"train.student.from_config: curate counts lengths in the tokens of train.student "
+                         f"({b.checkpoint}), but a student built from config trains its own tokenizer; give the "
+                         f"candidate a checkpoint with the same tokenizer")
+    from training.train.student import load_tokenizer
+
+    vocab = [load_tokenizer(s.checkpoint, s.revision, s.trust_remote_code).get_vocab() for s in (b, c)]
+    if vocab[0] != vocab[1]:
+        raise ValueError(f"train.student.checkpoint: the tokenizer of {c.checkpoint} differs from train.student's "
+                         f"({b.checkpoint}), in whose tokens curate counts lengths: candidates must share it")
 
 
 def candidate_fingerprint(ctx: StageContext, eff) -> str:
+    """What the candidate's weights depend on: its effective section less what only reports (NOT_WEIGHTS, and
+    train.select unless it picks the checkpoint), the seed, curate's data and the version."""
     outputs = (ctx.run.manifest("curate") or {}).get("outputs", {})
-    return digest({"train": eff.model_dump(mode="json"), "seed": ctx.recipe.seed, "curate": data_digest("curate", outputs),
-                   "version": __version__})
+    skip = set(NOT_WEIGHTS) | ({"select"} if eff.select_by != "quality" else set())
+    return digest({"train": eff.model_dump(mode="json", exclude=skip), "seed": ctx.recipe.seed,
+                   "curate": data_digest("curate", outputs), "version": __version__})
 
 
-def score_validation(folder: Path, records: list[dict[str, Any]], select) -> dict[str, Any]:
-    """The trained candidate's greedy answers to the scored validation records: quality and exact match, overall
-    and per function."""
+def score_validation(folder: Path, records: list[dict[str, Any]], select, metric: str) -> dict[str, Any]:
+    """The trained candidate's greedy answers to the scored validation records: quality (in ``metric``) and exact
+    match, overall and per function."""
     model, tokenizer = load_trained_student(folder)
     chosen = scored_records(records, select.max_records)
     rows: dict[str, list[tuple[float | None, float]]] = defaultdict(list)
@@ -64,7 +108,7 @@ def score_validation(folder: Path, records: list[dict[str, Any]], select) -> dic
         answers = greedy_answers(model, tokenizer, [prompt_messages(r) for r in batch], select.max_new_tokens)
         for r, answer in zip(batch, answers, strict=True):
             s = score(answer, r["output"]["content"] or "", response_schema(r.get("response_format")))
-            rows[r["function"]].append((quality(s, select.metric), float(s["exact_match"])))
+            rows[r["function"]].append((quality(s, metric), float(s["exact_match"])))
 
     def summary(pairs: list[tuple[float | None, float]]) -> dict[str, Any]:
         q = [x for x, _ in pairs if x is not None]
@@ -73,15 +117,24 @@ def score_validation(folder: Path, records: list[dict[str, Any]], select) -> dic
 
     every = [p for pairs in rows.values() for p in pairs]
     return {**summary(every), "functions": {fn: summary(p) for fn, p in sorted(rows.items())},
-            "seconds": round(time.perf_counter() - t0, 2), "scored_with": select.model_dump(mode="json")}
+            "seconds": round(time.perf_counter() - t0, 2), "scored_with": scored_with(select, metric)}
+
+
+def scored_with(select, metric: str) -> dict[str, Any]:
+    """What a validation score depends on besides the weights: a cached score with other settings is redone."""
+    return {**select.model_dump(mode="json"), "metric": metric}
 
 
 def gate_on_validation(val: dict[str, Any], gate) -> dict[str, Any]:
-    """evaluate.gate's teacher checks on validation scores (agreement metrics: the teacher scores 100)."""
+    """evaluate.gate's teacher checks on validation scores (agreement metrics: the teacher scores 100). A gated
+    function without a quality score fails: a floor nothing was measured against is not cleared."""
     failures = []
     for fn, s in val["functions"].items():
         allowed = gate.functions.get(fn, gate.max_points_below_teacher) if gate else None
-        if allowed is None or s["n"] < gate.min_records or s["quality"] is None:
+        if allowed is None or s["n"] < gate.min_records:
+            continue
+        if s["quality"] is None:
+            failures.append(f"{fn}: no quality score on validation (allowed {allowed:g} points below the teacher)")
             continue
         below = 100 - 100 * s["quality"]
         if below > allowed + 1e-9:
@@ -94,18 +147,26 @@ def train_one(ctx: StageContext, name: str, eff, over: dict[str, Any], train_stu
     fp = candidate_fingerprint(ctx, eff)
     root = ctx.run.path / "cache" / "candidates"
     folder = root / fp[:20]
-    if (folder / DONE).is_file():
+    if read_done(folder / DONE) is not None:
         return folder, True
     partial = root / f".partial-{fp[:20]}"  # kept when killed: the next run resumes from its checkpoints
+    if read_done(partial / DONE) is not None:  # trained, killed before it was moved: move it now
+        _finish(partial, folder)
+        return folder, True
     partial.mkdir(parents=True, exist_ok=True)
     ctx.console.print(f"[bold]candidate {name}[/]: training")
     cctx = StageContext(ctx.recipe.model_copy(update={"train": eff}), ctx.run, partial, ctx.inputs, ctx.console)
     info = train_student(cctx)
-    shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-    (partial / DONE).write_text(json.dumps({"fingerprint": fp, "overrides": over, "student": info}, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    write_json_atomic(partial / DONE, {"fingerprint": fp, "overrides": over, "student": info})
+    _finish(partial, folder)
     return folder, False
+
+
+def _finish(partial: Path, folder: Path) -> None:
+    """A trained candidate's partial folder (its DONE written) becomes its cache folder, less its checkpoints."""
+    shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished or unreadable earlier copy
+    partial.rename(folder)
 
 
 def rank_key(c: dict[str, Any]) -> tuple:
@@ -128,14 +189,15 @@ def train_candidates(ctx: StageContext, train_student: Callable) -> dict[str, An
         raise ValueError("train.candidates chooses on the validation split, which is empty: set "
                          "curate.split.val_fraction > 0")
     gate = ctx.recipe.evaluate.gate if ctx.recipe.evaluate else None
+    metric = gate_metric(ctx.recipe)
     found = []
     for i, (name, eff) in enumerate(effective_candidates(cfg)):
         over = {k: v for k, v in cfg.candidates[i].items() if k != "name"}
         folder, reused = train_one(ctx, name, eff, over, train_student)
-        done = json.loads((folder / DONE).read_text())
-        if done.get("val", {}).get("scored_with") != cfg.select.model_dump(mode="json"):
-            done["val"] = score_validation(folder, val_records, cfg.select)
-            (folder / DONE).write_text(json.dumps(done, indent=2) + "\n")
+        done = read_done(folder / DONE)
+        if done.get("val", {}).get("scored_with") != scored_with(cfg.select, metric):
+            done["val"] = score_validation(folder, val_records, cfg.select, metric)
+            write_json_atomic(folder / DONE, done)
         found.append({"index": i, "name": name, "folder": folder, "reused": reused, "overrides": over,
                       "student": done["student"], "val": done["val"], "gate": gate_on_validation(done["val"], gate)})
     best = min(found, key=rank_key)
@@ -145,11 +207,12 @@ def train_candidates(ctx: StageContext, train_student: Callable) -> dict[str, An
         elif item.name != DONE:
             shutil.copy2(item, ctx.work / item.name)
     table = [candidate_row(c, c is best) for c in found]
-    (ctx.work / "candidates.json").write_text(json.dumps(
-        {"chosen": best["name"], "gate_cleared": best["gate"]["passed"], "candidates": table}, indent=2) + "\n")
-    info = {**best["student"], "candidate": best["name"], "candidates": table}
+    (ctx.work / "candidates.json").write_text(json.dumps(  # a report file: reruns and losers change only it
+        {"chosen": best["name"], "gate_cleared": best["gate"]["passed"], "quality_metric": metric,
+         "candidates": table}, indent=2) + "\n")
+    info = {**best["student"], "candidate": best["name"]}  # the winner alone: its settings are in its info
     (ctx.work / "student.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return {**info, "candidates": table}
 
 
 def candidate_row(c: dict[str, Any], chosen: bool) -> dict[str, Any]:

@@ -54,12 +54,14 @@ REPORT_FILES = ("metrics.jsonl", "candidates.json")
 def preflight(recipe) -> None:
     """Checks that need files (tokenizers, model configs, the launcher's environment), before any stage works."""
     from pipeline.config.candidates import effective_candidates
+    from training.train.candidates import check_length_tokens
     from training.train.preflight import check
 
     check(recipe)
     for i, (name, section) in enumerate(effective_candidates(recipe.train)):  # each candidate's student too
         try:
             check(recipe.model_copy(update={"train": section}))
+            check_length_tokens(recipe.train, section)
         except ValueError as err:
             raise ValueError(f"train.candidates[{i}] ({name}): {err}") from None
 
@@ -256,6 +258,7 @@ def student_info(ctx: StageContext, trainer, n_params: int, trainable: int, data
         "teacher_revision": cfg.distill.teacher_revision,
         "parameters": n_params,
         "trainable_parameters": trainable,
+        "max_length": cfg.max_length,  # the trained section's (a candidate's own): export reads it from here
         **_data_info(cfg, data),
         "tokens_seen": seen,
         "tokens_per_second": round(seen / seconds, 1) if seen and seconds > 0 else None,
@@ -357,6 +360,6 @@ def run(ctx: StageContext) -> StageResult:
         counts={k: info[k] for k in ("train_records", "val_records", "steps", "parameters", "trainable_parameters",
                                      "world_size")},
         summary=summary,
-        extra={"student": info},
+        extra={"student": {k: v for k, v in info.items() if k != "candidates"}},  # the table: candidates.json
     )
 
