@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +43,18 @@ SECRET_PATTERNS: dict[str, str] = {
     # a whole key block, or from its header to the end of the text when the block was cut off
     "private_key": r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]*?-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
                    r"|[\s\S]*)",
-    "url_credentials": r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@'\"]+:[^\s@/'\"]+@",
+    # user:password@ in a URL, or a signed URL's credential or signature (presigned S3/GCS links, SAS tokens;
+    # a value of 8 characters or more: `?key=id` is no secret)
+    "url_credentials": r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@'\"]+:[^\s@/'\"]+@"
+                       r"|(?<=[?&])(?i:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+                       r"|signature|sig|access_token|token|api[_\-]?key|key)=[^&#\s\"'<>]{8,}",
     "password_assignment": r"(?i)\b(?:password|passwd|pwd|api[_\-]?key|secret[_\-]?key|access[_\-]?token|client[_\-]?"
                            r"secret)\b[\"']?\s*[:=]\s*[\"']?[^\s\"',;]{6,}",
 }
 SECRET_PLACEHOLDER = "<SECRET>"
+# The detector's version, in harvest's redaction.json: bump it whenever a pattern, gate, recognizer or a field
+# that is scanned changes, so that batches carried from earlier nights are scanned again under the new one.
+DETECTOR_VERSION = 2  # 2: signed URL queries; message names, image URLs, response format, tag keys
 SECRET_WORDS = ("sk-", "sk_", "rk_", "pk_", "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva",
                 "aroa", "apka", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "aiza", "eyj", "bearer",
                 "-----begin", "://", "password", "passwd", "pwd", "api_key", "api-key", "apikey", "secret",
@@ -159,21 +168,37 @@ def _merge(found: list[Finding]) -> tuple[Finding, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=1)
+_IMPORT_LOCK = threading.Lock()
+
+
 def _import_presidio() -> None:
     """Import presidio_analyzer without the NLP engines it never uses here: its package imports transformers and
     torch when they are installed (about 10 CPU-seconds and 500 MiB per process, paid by every harvest worker).
     Both read as absent during that import (presidio and spaCy test for them and go on); a later import of
-    either works as usual. Already imported, they are left alone."""
-    blocked = [m for m in ("torch", "transformers") if m not in sys.modules]
-    for m in blocked:
-        sys.modules[m] = None  # type: ignore[assignment]
-    try:
-        import presidio_analyzer.predefined_recognizers  # noqa: F401
-    finally:
+    either works as usual. Already imported, they are left alone.
+
+    Caveats: the window is process-wide. It is held under a lock (one window at a time, and only once), but a
+    thread of this process that imports torch or transformers while it is open gets ImportError: build detectors
+    (``detector``) before starting threads that need them. And spaCy's thinc, imported in the window, records
+    ``thinc.compat.has_torch = False`` for the process: spaCy's torch-backed models do not work in a process that
+    redacted (none is used here); torch and transformers themselves do."""
+    global _presidio_imported
+    with _IMPORT_LOCK:
+        if _presidio_imported:
+            return
+        blocked = [m for m in ("torch", "transformers") if m not in sys.modules]
         for m in blocked:
-            if sys.modules.get(m, 0) is None:
-                del sys.modules[m]
+            sys.modules[m] = None  # type: ignore[assignment]
+        try:
+            import presidio_analyzer.predefined_recognizers  # noqa: F401
+        finally:
+            for m in blocked:
+                if sys.modules.get(m, 0) is None:
+                    del sys.modules[m]
+        _presidio_imported = True
+
+
+_presidio_imported = False
 
 
 def _recognizer(entity: str, phone_regions: tuple[str, ...]):
@@ -292,13 +317,38 @@ def enabled(cfg: PIIConfig) -> bool:
 
 
 def _rewrite_messages(batch: pa.Table, det: Detector, cfg: PIIConfig, kinds: dict[int, set[str]]) -> pa.Table:
+    """Message texts, tool calls, names and image references (URLs: a presigned one carries a key and a
+    signature in its query) rewritten."""
     flat, msg_rows, _ = columns.messages_flat(batch)
     children = {}
-    for name in ("content", "tool_calls"):
+    for name in ("content", "tool_calls", "name"):
         new = _rewrite(columns.field(flat, name), msg_rows, det, cfg, kinds)
         if new is not None:
             children[name] = new
+    if "images" in [f.name for f in flat.type]:
+        new = _rewrite_images(columns.field(flat, "images"), msg_rows, det, cfg, kinds)
+        if new is not None:
+            children["images"] = new
     return columns.set_column(batch, "messages", columns.rebuild_message_list(batch, children)) if children else batch
+
+
+def _rewrite_images(images: pa.Array, msg_rows: np.ndarray, det: Detector, cfg: PIIConfig,
+                    kinds: dict[int, set[str]]) -> pa.Array | None:
+    """A messages' images column (list of strings) with findings in its URLs and references replaced; data URIs
+    (the image's bytes, base64) are not text and are left as they are. None when nothing changed."""
+    lengths = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False).astype(np.int32)
+    values = images.flatten()
+    if len(values) == 0:
+        return None
+    is_data = pc.fill_null(pc.starts_with(values, "data:"), False)
+    texts = pc.if_else(is_data, pa.nulls(len(values), values.type), values)
+    new = _rewrite(texts, np.repeat(msg_rows, lengths), det, cfg, kinds)
+    if new is None:
+        return None
+    offsets = np.zeros(len(images) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pc.if_else(is_data, values, new),
+                                    type=images.type, mask=images.is_null())
 
 
 def _rewrite_output(batch: pa.Table, det: Detector, cfg: PIIConfig, kinds: dict[int, set[str]]) -> pa.Table:
@@ -312,16 +362,20 @@ def _rewrite_output(batch: pa.Table, det: Detector, cfg: PIIConfig, kinds: dict[
 
 
 def _rewrite_tags(batch: pa.Table, det: Detector, cfg: PIIConfig, kinds: dict[int, set[str]]) -> pa.Table:
+    """Tag keys (logged metadata keys, which can be anything) and values rewritten."""
     n = batch.num_rows
     tags = columns.column(batch, "tags")
     entries, lengths = columns.map_entries(tags)
-    new = _rewrite(columns.field(entries, "value"), np.repeat(np.arange(n), lengths), det, cfg, kinds)
-    if new is None:
+    rows = np.repeat(np.arange(n), lengths)
+    key, value = columns.field(entries, "key"), columns.field(entries, "value")
+    new_key, new_value = _rewrite(key, rows, det, cfg, kinds), _rewrite(value, rows, det, cfg, kinds)
+    if new_key is None and new_value is None:
         return batch
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return columns.set_column(batch, "tags", pa.MapArray.from_arrays(
-        pa.array(offsets, pa.int32()), columns.field(entries, "key"), new, type=tags.type, mask=tags.is_null()))
+        pa.array(offsets, pa.int32()), key if new_key is None else new_key, value if new_value is None else new_value,
+        type=tags.type, mask=tags.is_null()))
 
 
 def _rewrite_teacher(batch: pa.Table, det: Detector, cfg: PIIConfig, kinds: dict[int, set[str]],
@@ -393,8 +447,8 @@ def mask_long_texts(batch: pa.Table, limit: int) -> pa.Table:
 
 
 def redact_table(batch: pa.Table, cfg: PIIConfig) -> tuple[pa.Table, dict[int, set[str]]]:
-    """Find PII and secrets in message contents and tool calls, the output, the error text, tool definitions,
-    sampling parameters and tag values, and redact or mask them per the config ('drop' redacts too: the caller
+    """Find PII and secrets in message contents, names, tool calls and image URLs, the output, the error text, tool
+    definitions, the response format, sampling parameters and tag keys and values, and redact or mask them per the config ('drop' redacts too: the caller
     drops). An output with findings loses its teacher logprobs. Returns the table and, per row with findings, the
     kinds found now; the tag pii_redacted holds them, merged with the kinds an earlier pass tagged, so redacting
     twice (harvest, then curate) gives the same table as once."""
@@ -405,7 +459,8 @@ def redact_table(batch: pa.Table, cfg: PIIConfig) -> tuple[pa.Table, dict[int, s
     out_kinds: dict[int, set[str]] = {}
     batch = _rewrite_messages(batch, det, cfg, kinds)
     batch = _rewrite_output(batch, det, cfg, out_kinds)
-    for name in ("error", "tools"):  # an API error can echo a key; tool descriptions can hold examples
+    # an API error can echo a key; tool descriptions and a response format's schema can hold examples
+    for name in ("error", "tools", "response_format"):
         if name in batch.column_names:
             new = _rewrite(columns.column(batch, name), np.arange(batch.num_rows), det, cfg, kinds)
             if new is not None:
@@ -448,6 +503,29 @@ class Redaction:
             return batch, {}
         return redact_table(mask_long_texts(batch, self.max_text_bytes), self.cfg)
 
+    def redact_json(self, value: Any) -> tuple[Any, set[str]]:
+        """A JSON value (a teacher's answer, before it is cached) with every string redacted as records are:
+        over ``max_text_bytes`` masked whole, else findings replaced per the config. Returns it and the
+        short_kind names found. Object keys are left alone."""
+        kinds: set[str] = set()
+        det = detector(self.cfg)
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, str):
+                if len(v) * 4 > self.max_text_bytes and len(v.encode()) > self.max_text_bytes:
+                    return v.encode().translate(_MASK_BYTES).decode()
+                found = tuple(f for f in det.find(v) if _action(f, self.cfg) != "keep")
+                kinds.update(short_kind(f.kind) for f in found)
+                return replace(v, found, self.cfg) if found else v
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            return v
+
+        return walk(value), kinds
+
     def stamp(self) -> dict:
         """What the setting is, to tell whether files were written under the same one."""
-        return {"curate.pii": self.cfg.model_dump(mode="json"), "curate.max_record_bytes": self.max_text_bytes}
+        return {"curate.pii": self.cfg.model_dump(mode="json"), "curate.max_record_bytes": self.max_text_bytes,
+                "detector_version": DETECTOR_VERSION}

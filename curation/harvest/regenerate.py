@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from curation.harvest.importers.common import SAMPLING_KEYS, BadRecord, chat_message
 from curation.harvest.importers.openai import logprobs
 from pipeline.config.harvest import RegenerateConfig
+from pipeline.pii import TAG as PII_TAG
 from pipeline.record import dumps
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -138,17 +139,69 @@ def request_key(body: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-class Cache:
-    """Answers on disk, keyed by the request body's hash; each answer is committed as it arrives."""
+PII_KEY = "distill_pii_redacted"  # in a cached answer: the kinds redacted out of it (short_kind names, sorted)
 
-    def __init__(self, folder: Path):
+
+def redact_answer(answer: dict[str, Any], redaction: Any) -> dict[str, Any]:
+    """A teacher's answer as it is cached: every string redacted as harvest redacts records
+    (``pipeline.pii.Redaction``), a choice with findings losing its logprobs (their tokens would spell the
+    findings out), and the kinds found kept under PII_KEY for the records' pii_redacted tag."""
+    kinds: set[str] = set()
+    out: dict[str, Any] = {}
+    for k, v in answer.items():
+        if k == "choices" and isinstance(v, list):
+            choices = []
+            for ch in v:
+                rest, found = redaction.redact_json({x: y for x, y in ch.items() if x != "logprobs"}
+                                                    if isinstance(ch, dict) else ch)
+                if isinstance(ch, dict) and "logprobs" in ch and not found:
+                    rest["logprobs"] = ch["logprobs"]
+                kinds |= found
+                choices.append(rest)
+            out[k] = choices
+        elif k != PII_KEY:
+            out[k], found = redaction.redact_json(v)
+            kinds |= found
+    out[PII_KEY] = sorted(kinds | set(answer.get(PII_KEY) or []))
+    return out
+
+
+class Cache:
+    """Answers on disk, keyed by the request body's hash; each answer is committed as it arrives. ``redact``
+    (``redact_answer`` with the recipe's redaction), when given, is applied to every answer before it is written,
+    and once to every answer already there when the cache was written under another ``stamp`` (or before answers
+    were redacted): the file never holds what redaction would remove. Deleted and overwritten rows are zeroed
+    (SQLite secure_delete) and the file compacted, so no raw copy lingers in free pages or the WAL."""
+
+    def __init__(self, folder: Path, redact: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 stamp: Any = None):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "responses.sqlite3"
+        self.redact = redact
         self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.execute("PRAGMA secure_delete=ON")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body BLOB NOT NULL, "
                         "latency_ms REAL, created REAL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
         self.db.commit()
+        self._redact_all(orjson.dumps(stamp, option=orjson.OPT_SORT_KEYS).decode())
+
+    def _redact_all(self, stamp: str) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'redaction'").fetchone()
+        if row is not None and row[0] == stamp:
+            return
+        if self.redact is not None:
+            for key, body in self.db.execute("SELECT key, body FROM responses").fetchall():
+                self.db.execute("UPDATE responses SET body = ? WHERE key = ?",
+                                (orjson.dumps(self.redact(orjson.loads(body))), key))
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('redaction', ?)", (stamp,))
+        self.db.commit()
+        self._compact()
+
+    def _compact(self) -> None:
+        self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def get(self, keys: list[str]) -> dict[str, tuple[dict[str, Any], float | None]]:
         out = {}
@@ -160,9 +213,22 @@ class Cache:
         return out
 
     def put(self, key: str, body: dict[str, Any], latency_ms: float) -> None:
+        if self.redact is not None:
+            body = self.redact(body)
         self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
                         (key, orjson.dumps(body), latency_ms, time.time()))
         self.db.commit()
+
+    def prune(self, keep: set[str]) -> int:
+        """Delete every answer whose key is not in ``keep`` (the requests today's batches make); returns how many."""
+        old = [k for (k,) in self.db.execute("SELECT key FROM responses").fetchall() if k not in keep]
+        for i in range(0, len(old), 500):
+            part = old[i:i + 500]
+            self.db.execute(f"DELETE FROM responses WHERE key IN ({','.join('?' * len(part))})", part)
+        self.db.commit()
+        if old:
+            self._compact()
+        return len(old)
 
     def close(self) -> None:
         self.db.close()
@@ -317,6 +383,9 @@ def apply(rec: dict[str, Any], answer: dict[str, Any], latency_ms: float | None,
     rec["cost_usd"] = cost(cfg, tin, tout)
     tags = dict(rec.get("tags") or {})
     tags["regenerated"] = why
+    found = answer.get(PII_KEY)
+    if found:  # kinds redacted out of the answer before it was cached (redact_answer)
+        tags[PII_TAG] = ",".join(sorted(set(found) | set(filter(None, (tags.get(PII_TAG) or "").split(",")))))
     if old_model:
         tags["original_teacher"] = str(old_model)
     rec["tags"] = tags

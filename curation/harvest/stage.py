@@ -33,7 +33,7 @@ from curation.harvest.feedback import FeedbackIndex
 from curation.harvest.ingest import Ingest, Runner, auto_workers, ingest_files, ingest_sql
 from curation.harvest.sources import list_files
 from pipeline.config.harvest import HarvestConfig, Source
-from pipeline.pii import Redaction, enabled
+from pipeline.pii import DETECTOR_VERSION, Redaction, enabled
 from pipeline.recipe import Recipe
 from pipeline.record import from_table, to_table
 from pipeline.stages import StageContext, StageResult
@@ -75,10 +75,15 @@ def source_label(src: Source) -> str:
 
 def external_inputs(recipe: Recipe) -> dict[str, str]:
     """What harvest reads from outside the run directory, so that new or changed logs rerun it: a content hash of
-    every local file, size and ETag of remote ones, row count and newest timestamp of SQL sources."""
+    every local file, size and ETag of remote ones, row count and newest timestamp of SQL sources; and the PII
+    detector's version, so that a new detector rescans the carried batches even when no log changed; and, with
+    re-generation on, the top_logprobs it asks for (regenerate.for_recipe reads train.objective)."""
+    from curation.harvest import regenerate
     from curation.harvest.sql_source import probe
 
-    out = {}
+    out = {"pii:detector_version": str(DETECTOR_VERSION)} if enabled(recipe.curate.pii) else {}
+    if (regen := regenerate.for_recipe(recipe)) is not None:
+        out["regenerate:top_logprobs"] = str(regen.top_logprobs)
     cfg = recipe.harvest
     for i, loc in enumerate([*cfg.sources, *cfg.feedback]):
         if loc.sql is not None:
@@ -156,13 +161,15 @@ def run(ctx: StageContext) -> StageResult:
             runner.close()
         read_s = time.perf_counter() - t0
         fb = _load_feedback(cfg, quarantine)
-        regen = _Regeneration(ctx, cfg) if cfg.regenerate else None
+        regen = _Regeneration(ctx, cfg, pii) if cfg.regenerate else None
         batch_files = sorted(n for s in states.values() for n in s.batches)
         try:
             if regen is not None:
                 regen.prepare(work, batch_files, fb)
                 regen.call(progress)
             totals = _assemble(work, batch_files, fb, regen, pii)
+            if regen is not None:  # answers no batch asks for any more (an old prompt, a record gone)
+                regen.pruned = regen.cache.prune(set(regen.bodies))
         finally:
             if regen is not None:
                 regen.finish()
@@ -185,7 +192,9 @@ def _stamp(pii: Redaction | None) -> dict[str, Any]:
 def _redact_carried(prev: Path, work: Path, names: list[str], pii: Redaction | None) -> None:
     """Earlier nights' batches (hard-linked into the work folder) redacted again where they were written under
     another curate.pii, or before harvest redacted at all: a new copy replaces the link, the earlier file is left
-    as it was. A setting that now redacts less cannot restore text: rerun harvest with incremental off."""
+    as it was. A setting that now redacts less cannot restore text: rerun harvest with incremental off. A batch
+    is rewritten whenever redaction changed it, a finding or not (a text over curate.max_record_bytes is masked
+    whole before detection, so its PII is never a finding)."""
     try:
         same = orjson.loads((prev / REDACTION).read_bytes()) == _stamp(pii)
     except (OSError, orjson.JSONDecodeError):
@@ -194,8 +203,9 @@ def _redact_carried(prev: Path, work: Path, names: list[str], pii: Redaction | N
         return
     for name in names:
         path = work / "batches" / name
-        table, found = pii.apply(pq.read_table(path))
-        if found:
+        before = pq.read_table(path)
+        table, found = pii.apply(before)
+        if found or not table.equals(before):
             tmp = path.with_suffix(".tmp")
             pq.write_table(table, tmp, compression="zstd")
             os.replace(tmp, path)
@@ -215,12 +225,17 @@ def _load_feedback(cfg: HarvestConfig, quarantine) -> FeedbackIndex | None:
 class _Regeneration:
     """The re-generation pass: choose records, call the teacher for what the cache lacks, apply answers."""
 
-    def __init__(self, ctx: StageContext, cfg: HarvestConfig):
+    def __init__(self, ctx: StageContext, cfg: HarvestConfig, pii: Redaction | None):
+        from functools import partial
+
         from curation.harvest import regenerate
 
         self.mod = regenerate
         self.cfg = regenerate.for_recipe(ctx.recipe)  # asks for logprobs when train.objective is sparse_kd
-        self.cache = regenerate.Cache(ctx.run.path / "cache" / "teacher")
+        # answers are redacted before they are cached, as the records are (the prompts sent already are)
+        self.cache = regenerate.Cache(ctx.run.path / "cache" / "teacher",
+                                      partial(regenerate.redact_answer, redaction=pii) if pii else None, _stamp(pii))
+        self.pruned = 0
         self.chosen: dict[str, tuple[str, str]] = {}  # record id -> (request key, reason)
         self.bodies: dict[str, dict[str, Any]] = {}
         self.answers: dict[str, tuple[dict[str, Any], float | None]] = {}
@@ -296,7 +311,8 @@ class _Regeneration:
         new = self.stats.answered
         return {"records": len(self.chosen), "requests": len(self.bodies), "cached": self.cached,
                 "new_answers": new, "http_calls": self.stats.calls, "retries": self.stats.retries,
-                "failed": len(self.stats.failures), "reasons": dict(self.reasons), "input_tokens": tin,
+                "failed": len(self.stats.failures), "pruned": self.pruned, "reasons": dict(self.reasons),
+                "input_tokens": tin,
                 "output_tokens": tout, "cost_usd": round(cost, 6) if self.cfg.price else None,
                 "statuses": dict(self.stats.statuses)}
 

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -69,11 +70,18 @@ def _damage_text(rng: random.Random, lines: list[bytes]) -> bytes:
     return b"\n".join(lines) + (b"\n" if rng.random() < 0.8 else b"")
 
 
-def make_files(folder: Path, n: int = N_FILES, seed: int = SEED) -> dict[str, int]:
-    """Write n damaged files; returns {file name: lines it holds when read whole} for the plain ones."""
+def readable_lines(gz: bytes) -> int:
+    """How many whole lines the readable prefix of a truncated gzip stream holds (what a decoder can give)."""
+    return zlib.decompressobj(wbits=31).decompress(gz).count(b"\n")
+
+
+def make_files(folder: Path, n: int = N_FILES, seed: int = SEED) -> tuple[dict[str, int], dict[str, int]]:
+    """Write n damaged files; returns {file name: lines it holds when read whole} for the plain ones, and
+    {file name: whole lines before the cut} for the truncated gzip ones."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     plain: dict[str, int] = {}
+    prefix: dict[str, int] = {}
     for f in range(n):
         lines = _lines(rng, f, rng.randint(1, 12))
         kind = rng.randrange(10)
@@ -84,6 +92,7 @@ def make_files(folder: Path, n: int = N_FILES, seed: int = SEED) -> dict[str, in
         elif kind == 3:
             whole = gzip.compress(b"\n".join(lines) + b"\n")
             data, name = whole[: rng.randrange(len(whole))], f"f{f:04d}.jsonl.gz"  # truncated gzip
+            prefix[name] = readable_lines(data)
         elif kind == 4:
             data, name = _corrupt(rng, gzip.compress(b"\n".join(lines) + b"\n")), f"f{f:04d}.jsonl.gz"
         elif kind == 5:
@@ -106,20 +115,20 @@ def make_files(folder: Path, n: int = N_FILES, seed: int = SEED) -> dict[str, in
             plain[name] = len(lines)
         (folder / name).write_bytes(data)
     (folder / "z.jsonl.zst").write_bytes(b"(\xb5/\xfd" + bytes(40))  # zstd magic, then garbage
-    return plain
+    return plain, prefix
 
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-files")
-    plain = make_files(root / "logs")
+    plain, prefix = make_files(root / "logs")
     recipe = write_recipe(root, {"sources": [{"path": "logs/*", "name": "fuzz"}], "workers": 1})
     t0 = time.perf_counter()
     code = ("import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
             "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "harvest", str(recipe)], cwd=root, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
-    return root, plain, proc, time.perf_counter() - t0
+    return root, (plain, prefix), proc, time.perf_counter() - t0
 
 
 def test_harvest_finishes_without_traceback_in_bounded_memory(fuzzed):
@@ -132,7 +141,7 @@ def test_harvest_finishes_without_traceback_in_bounded_memory(fuzzed):
 
 
 def test_every_line_of_every_file_is_accounted_for(fuzzed):
-    root, plain, _, _ = fuzzed
+    root, (plain, _), _, _ = fuzzed
     run = root / "runs" / "t" / "harvest"
     m = json.loads((run / "manifest.json").read_text())["counts"]
     assert m["lines"] == m["records"] + m["quarantined"] + m["skipped_old"] + m["duplicates"] - m["extra_choices"]
@@ -167,3 +176,17 @@ def test_clear_reasons_for_encodings_and_compression(fuzzed):
     joined = "\n".join(reasons)
     assert "file damaged" in joined and "z.jsonl.zst" in (root / "runs/t/harvest/quarantine.jsonl").read_text()
     assert all(len(r) < 600 for r in reasons)
+
+
+def test_the_readable_prefix_of_a_truncated_gzip_is_harvested(fuzzed):
+    """A truncated .gz is not just one 'file damaged' entry: every whole line before the cut is a record."""
+    root, (_, prefix), _, _ = fuzzed
+    run = root / "runs" / "t" / "harvest"
+    got: dict[str, set[int]] = {}
+    for f in run.glob("records-*.parquet"):
+        for r in pq.read_table(f, columns=["source"]).to_pylist():
+            name, line = r["source"].rsplit(":", 1)
+            got.setdefault(name, set()).add(int(line))
+    assert sum(prefix.values()) >= 20, prefix  # enough truncated files with whole lines to mean something
+    missing = {name: n for name, n in prefix.items() if not got.get(name, set()) >= set(range(1, n + 1))}
+    assert missing == {}, missing

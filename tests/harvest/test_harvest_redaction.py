@@ -183,3 +183,198 @@ def test_a_text_over_curate_max_record_bytes_is_masked_whole_in_seconds(tmp_path
     rejected = pq.read_table(tmp_path / "runs/t/curate/rejected.parquet").to_pylist()
     reasons = [r["reason"] for r in rejected if r["id"] == "req_1"]
     assert len(reasons) == 1 and reasons[0].startswith("record texts are ") and "curate.max_record_bytes" in reasons[0]
+
+
+def test_a_carried_batch_whose_only_change_is_a_masked_long_text_is_rewritten(tmp_path):
+    """Night 1 kept everything raw; its one PII sits in a text over curate.max_record_bytes. Night 2 masks that
+    text whole before detection (so nothing is 'found'): the carried batch must still be rewritten."""
+    row = openai_row(1)
+    row["request"]["messages"] = [{"role": "user", "content": f"mail {EMAIL} " + "padding " * 300}]
+    log = jsonl(tmp_path / "logs" / "app.jsonl", [row])
+    src = {"sources": [{"path": "logs/*.jsonl", "name": "app"}]}
+    harvest(write_recipe(tmp_path, src, curate={"pii": {"action": "keep", "secrets": []}}))
+    assert leaks(tmp_path / RUN) == [EMAIL]  # the control
+    jsonl(log, [openai_row(2, ts="2026-11-24T10:00:00Z")], mode="a")
+    night2 = write_recipe(tmp_path, src, curate={"max_record_bytes": 1000})
+    harvest(night2)
+    assert leaks(tmp_path / RUN) == []
+    assert set(by_id(night2)["req_1"]["messages"][0]["content"]) == {"*", " "}
+
+
+def test_carried_batches_are_scanned_again_when_the_detector_version_changes(tmp_path):
+    """redaction.json names the detector's version: batches stamped by an older detector (same recipe setting)
+    are scanned again on the next night."""
+    from pipeline.config.curate import PIIConfig
+    from pipeline.pii import Redaction
+
+    log = jsonl(tmp_path / "logs" / "app.jsonl", [pii_row(1)])
+    src = {"sources": [{"path": "logs/*.jsonl", "name": "app"}]}
+    harvest(write_recipe(tmp_path, src, curate={"pii": {"action": "keep", "secrets": []}}))
+    # as an older detector would have stamped it under the default setting (one that missed these canaries)
+    stamp = Redaction(PIIConfig(), 2_000_000).stamp()
+    assert "detector_version" in stamp
+    stamp["detector_version"] -= 1
+    (tmp_path / RUN / "redaction.json").write_text(json.dumps(stamp))
+    jsonl(log, [openai_row(2, ts="2026-11-24T10:00:00Z")], mode="a")
+    harvest(write_recipe(tmp_path, src))
+    assert leaks(tmp_path / RUN) == []
+    assert json.loads((tmp_path / RUN / "redaction.json").read_text())["detector_version"] == stamp[
+        "detector_version"] + 1
+
+
+AKIA = "AKIACANARYIMG0000001"
+SIGNATURE = "f00dcafe0123456789abcdefCANARYSIG"
+DATA_URI = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
+
+def test_image_urls_message_names_response_format_and_tag_keys_are_redacted(tmp_path):
+    """Fields beyond the texts: a presigned image URL (an access key and a signature in its query), a message
+    name, a response format's schema and a metadata key; a data URI (image bytes) is kept as it is."""
+    row = openai_row(1)
+    url = (f"https://bucket.s3.amazonaws.com/cat.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={AKIA}"
+           f"%2F20261123%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Signature={SIGNATURE}")
+    row["request"]["messages"] = [{"role": "user", "name": EMAIL, "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}},
+        {"type": "image_url", "image_url": {"url": DATA_URI}}]}]
+    row["request"]["response_format"] = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "description": f"reply to {EMAIL}"}}}
+    row["request"]["metadata"][EMAIL] = "vip"
+    jsonl(tmp_path / "logs" / "app.jsonl", [row])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}]})
+    harvest(recipe)
+    text = raw_text_of(tmp_path / RUN)
+    assert [c for c in (EMAIL, AKIA, SIGNATURE) if c in text] == []
+    msg = by_id(recipe)["req_1"]["messages"][0]
+    assert msg["name"] == "<EMAIL>"
+    assert msg["images"][0].startswith("https://bucket.s3.amazonaws.com/cat.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&")
+    assert msg["images"][1] == DATA_URI
+    assert json.loads(by_id(recipe)["req_1"]["response_format"])["json_schema"]["schema"]["description"] == \
+        "reply to <EMAIL>"
+
+
+def test_torch_and_transformers_import_and_work_after_redaction(tmp_path):
+    """pipeline.pii hides torch and transformers from sys.modules while presidio is imported: in a fresh process
+    that has redacted (and built detectors from two threads at once), both still import and run a model."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading
+from pipeline.config.curate import PIIConfig
+from pipeline.pii import scrub, detector
+threads = [threading.Thread(target=detector, args=(PIIConfig(action=a),)) for a in ("redact", "mask")]
+[t.start() for t in threads]; [t.join() for t in threads]
+assert scrub("mail jane@example.com") == "mail <EMAIL>"
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "the window was not exercised"
+import torch, transformers
+cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8)
+logits = transformers.GPT2LMHeadModel(cfg)(torch.tensor([[1, 2, 3]])).logits
+assert tuple(logits.shape) == (1, 3, 16) and torch.isfinite(logits).all()
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+class LeakyTeacher:
+    """An OpenAI-compatible teacher on loopback whose answers hold canaries (an e-mail in the text, a key in a
+    tool call, both spelled out by the logprobs' tokens); it records the requests it gets."""
+
+    def __init__(self):
+        from aiohttp import web
+        from loopback import LoopbackServer
+
+        requests = self.requests = []
+
+        class Server(LoopbackServer):
+            async def handle(self, request):
+                body = await request.json()
+                requests.append(body)
+                words = ["Write", "to", EMAIL, "with", KEY]
+                return web.json_response({
+                    "id": "chatcmpl-1", "object": "chat.completion", "model": "teacher-70b",
+                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": [
+                        {"token": w, "logprob": -0.1, "bytes": list(w.encode()), "top_logprobs": []} for w in words]},
+                        "message": {"role": "assistant", "content": " ".join(words), "tool_calls": [
+                            {"id": "c1", "type": "function",
+                             "function": {"name": "send", "arguments": json.dumps({"to": EMAIL, "key": KEY})}}]}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+
+        self.server = Server().start()
+        self.url = self.server.url
+
+
+def _regen_recipe(tmp_path: Path, url: str, **curate) -> Path:
+    return write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl", "name": "app"}], "regenerate": {
+        "endpoint": url, "model": "teacher-70b", "when": {"teacher_models": ["gpt-3.5*"]}, "top_logprobs": 2}},
+        **curate)
+
+
+def _old_teacher_row(i: int, ts: str = "2026-11-23T10:00:00Z", pii: bool = False) -> dict:
+    row = pii_row(i, ts=ts) if pii else openai_row(i, ts=ts)
+    row["response"] = {**row["response"], "model": "gpt-3.5-turbo-0125"}
+    return row
+
+
+def test_regenerated_answers_and_the_teacher_cache_hold_no_canary(tmp_path):
+    """A teacher that echoes PII and keys: the prompts it gets are redacted, its answers are redacted before
+    they are cached (logprobs of such an answer dropped, kinds tagged), and no file under runs/ -- the cache's
+    SQLite file and WAL included -- holds a canary."""
+    teacher = LeakyTeacher()
+    try:
+        jsonl(tmp_path / "logs" / "app.jsonl", [_old_teacher_row(1, pii=True), _old_teacher_row(2)])
+        recipe = _regen_recipe(tmp_path, teacher.url)
+        m = harvest(recipe)
+    finally:
+        teacher.server.stop()
+    assert m["counts"]["regenerate"]["new_answers"] == 2
+    assert [c for c in CANARIES if c in json.dumps(teacher.requests)] == []  # the prompts sent
+    assert leaks(tmp_path / "runs") == []
+    r = by_id(recipe)["req_2"]
+    assert r["output"]["content"] == "Write to <EMAIL> with <SECRET>" and r["teacher"]["logprobs"] is None
+    assert {"email_address", "openai_api_key"} <= set(r["tags"]["pii_redacted"].split(","))
+
+
+def test_a_cache_from_before_is_redacted_and_stale_answers_are_pruned(tmp_path):
+    """Night 1 cached the teacher's raw answers (nothing redacted, as before harvest redacted) and the cache holds
+    an answer no record asks for any more. Night 2 (the default setting): the answers still asked for are redacted
+    in place (same prompt, same key: no new call), the stale one is deleted, and the file holds no canary."""
+    import sqlite3
+
+    teacher = LeakyTeacher()
+    try:
+        log = jsonl(tmp_path / "logs" / "app.jsonl", [_old_teacher_row(1)])
+        harvest(_regen_recipe(tmp_path, teacher.url, curate={"pii": {"action": "keep", "secrets": []}}))
+        cache = tmp_path / "runs/t/cache/teacher/responses.sqlite3"
+        db = sqlite3.connect(cache)
+        db.execute("INSERT INTO responses VALUES ('stale', ?, 1.0, 0)", (json.dumps({"note": EMAIL}),))
+        db.commit()
+        db.close()
+        assert leaks(tmp_path / "runs") != []  # the control: raw answers on disk
+        jsonl(log, [openai_row(3, ts="2026-11-24T10:00:00Z")], mode="a")
+        m = harvest(_regen_recipe(tmp_path, teacher.url))
+    finally:
+        teacher.server.stop()
+    s = m["counts"]["regenerate"]
+    assert (s["cached"], s["new_answers"], s["pruned"], len(teacher.requests)) == (1, 0, 1, 1)
+    assert leaks(tmp_path / "runs") == []
+    db = sqlite3.connect(cache)
+    assert [k for (k,) in db.execute("SELECT key FROM responses")] != ["stale"]
+    assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 1
+    db.close()
+
+
+def test_a_new_detector_version_reruns_harvest_with_no_new_logs(tmp_path, monkeypatch, capsys):
+    """The detector's version is one of harvest's inputs: bumped, harvest reruns even though no log changed."""
+    from pipeline import pii
+
+    jsonl(tmp_path / "logs" / "app.jsonl", [pii_row(1)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl", "name": "app"}]})
+    harvest(recipe)
+    assert cli(["harvest", str(recipe)]) == 0
+    assert "harvest: unchanged" in capsys.readouterr().out  # the control
+    monkeypatch.setattr("curation.harvest.stage.DETECTOR_VERSION", pii.DETECTOR_VERSION + 1)
+    assert cli(["harvest", str(recipe)]) == 0
+    assert "harvest: unchanged" not in capsys.readouterr().out

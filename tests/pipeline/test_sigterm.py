@@ -49,3 +49,27 @@ def test_sigterm_during_training_leaves_no_temp_folders_and_exits_143(tmp_path, 
     assert proc.returncode == 143, out[-2000:]
     assert _wandb_dirs(tmp) == []
     assert not (tmp_path / "runs" / "t" / "train" / "manifest.json").exists()  # nothing looks complete
+
+
+def test_a_second_sigterm_kills_a_process_whose_clean_up_hangs():
+    """The handler is one-shot: the first TERM starts clean-up (SystemExit); when clean-up hangs, a second TERM
+    ends the process by the default action (killed by signal 15), not by another SystemExit inside the finally."""
+    code = ("import signal, sys, time; from pipeline.cli import _exit_on_sigterm; "
+            "signal.signal(signal.SIGTERM, _exit_on_sigterm)\n"
+            "try:\n    print('ready', flush=True); time.sleep(60)\n"
+            "finally:\n    print('cleaning', flush=True)\n"
+            "    while True:\n        try:\n            time.sleep(60)\n        except SystemExit:\n"
+            "            print('swallowed', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "cleaning"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM
