@@ -390,13 +390,25 @@ def _rewrite_teacher(batch: pa.Table, det: Detector, cfg: PIIConfig, kinds: dict
         new = _rewrite(columns.field(teacher, "params"), np.arange(n), det, cfg, kinds)
         if new is not None:
             children["params"] = new
-    if out_rows and "logprobs" in names:
-        lp = columns.field(teacher, "logprobs")
+    if children:
+        batch = columns.set_column(batch, "teacher", columns.rebuild_struct(batch, "teacher", children))
+    if out_rows:
         clear = np.zeros(n, dtype=bool)
         clear[list(out_rows)] = True
-        children["logprobs"] = pc.if_else(pa.array(clear), pa.nulls(n, lp.type), lp)
-    return columns.set_column(batch, "teacher", columns.rebuild_struct(batch, "teacher", children)) if children \
-        else batch
+        batch = _clear_logprobs(batch, clear)
+    return batch
+
+
+def _clear_logprobs(batch: pa.Table, rows: np.ndarray) -> pa.Table:
+    """The teacher logprobs of the rows marked in `rows` (a bool mask) set to null."""
+    if "teacher" not in batch.column_names or not rows.any():
+        return batch
+    teacher = columns.column(batch, "teacher")
+    if "logprobs" not in [f.name for f in teacher.type]:
+        return batch
+    lp = columns.field(teacher, "logprobs")
+    new = pc.if_else(pa.array(rows), pa.nulls(len(rows), lp.type), lp)
+    return columns.set_column(batch, "teacher", columns.rebuild_struct(batch, "teacher", {"logprobs": new}))
 
 
 # every byte but ASCII whitespace to '*': one pass, one copy, the byte length kept (a multi-byte character becomes
@@ -439,7 +451,12 @@ def mask_long_texts(batch: pa.Table, limit: int) -> pa.Table:
     out = columns.column(batch, "output")
     children = {n: m for n in ("content", "tool_calls") if (m := _mask_long(columns.field(out, n), limit)) is not None}
     if children:
+        masked = np.zeros(batch.num_rows, dtype=bool)
+        for n in children:  # rows whose output was masked: their logprobs would still spell the text out
+            masked |= pc.fill_null(pc.greater(pc.binary_length(columns.field(out, n)), limit), False).to_numpy(
+                zero_copy_only=False)
         batch = columns.set_column(batch, "output", columns.rebuild_struct(batch, "output", children))
+        batch = _clear_logprobs(batch, masked)
     for name in ("error", "tools"):
         if name in batch.column_names and (m := _mask_long(columns.column(batch, name), limit)) is not None:
             batch = columns.set_column(batch, name, m)

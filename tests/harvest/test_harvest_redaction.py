@@ -378,3 +378,22 @@ def test_a_new_detector_version_reruns_harvest_with_no_new_logs(tmp_path, monkey
     monkeypatch.setattr("curation.harvest.stage.DETECTOR_VERSION", pii.DETECTOR_VERSION + 1)
     assert cli(["harvest", str(recipe)]) == 0
     assert "harvest: unchanged" not in capsys.readouterr().out
+
+
+def test_an_output_masked_whole_loses_its_logprobs():
+    """A teacher answer over curate.max_record_bytes is masked whole without detection; its logged tokens would
+    still spell it out (PII included), so its logprobs go too, and only its."""
+    from pipeline.pii import mask_long_texts
+    from pipeline.record import from_table, to_table
+
+    def rec(i: int, text: str) -> dict:
+        tokens = [{"token": text[:5], "logprob": -0.1, "bytes": None, "top_logprobs": []}]
+        return {"id": f"r{i}", "messages": [{"role": "user", "content": "hi"}],
+                "output": {"role": "assistant", "content": text},
+                "teacher": {"model": "gpt-4o", "logprobs": tokens}}
+
+    table = to_table([rec(1, f"mail {EMAIL} " * 50), rec(2, "short answer")])
+    assert all(r["teacher"]["logprobs"] for r in from_table(table))
+    out = {r["id"]: r for r in from_table(mask_long_texts(table, 200))}
+    assert set(out["r1"]["output"]["content"]) <= {"*", " "} and not out["r1"]["teacher"]["logprobs"]
+    assert out["r2"]["output"]["content"] == "short answer" and out["r2"]["teacher"]["logprobs"]
