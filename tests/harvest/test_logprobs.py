@@ -106,3 +106,13 @@ def test_regeneration_asks_for_logprobs_when_the_objective_needs_them(tmp_path, 
     n = len(t.requests)
     harvest(recipe, "--force")
     assert len(t.requests) > n and all("logprobs" not in b for b in t.requests[n:])
+    # switching to sparse_kd changes what harvest asks for, so harvest reruns without --force
+    data["train"]["objective"] = "sparse_kd"
+    recipe.write_text(yaml.safe_dump(data))
+    n = len(t.requests)
+    harvest(recipe)
+    assert len(t.requests) > n and all(b["top_logprobs"] == 20 for b in t.requests[n:])
+    assert len(by_id(recipe)["req_1"]["teacher"]["logprobs"][0]["top"]) == 20
+    n = len(t.requests)
+    harvest(recipe)  # nothing changed: nothing is asked again
+    assert len(t.requests) == n

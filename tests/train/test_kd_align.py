@@ -316,16 +316,34 @@ def test_training_messages_final_turn_is_what_is_aligned(student):
     assert out.tokens[align.SOFT] == 5
 
 
-def test_preflight_lines_up_a_sample_of_curated_data_before_training(two_tokenizers, tmp_path):
-    """With curated data already in the run folder, preflight refuses sparse_kd in seconds, naming the reason."""
+def _curated(recipe, records: list[dict], stages: tuple[str, ...] = ("harvest", "curate")) -> None:
+    """Write ``records`` as curate's training split and mark the given stages complete with this recipe."""
     import pyarrow.parquet as pq
 
-    from pipeline.recipe import parse_recipe
     from pipeline.record import to_table
+    from pipeline.rundir import RunDir
+    from pipeline.stages import expected_fingerprint
+
+    run = RunDir(recipe.run_path)
+    for stage in ("harvest", "curate"):
+        work = run.begin(stage, "0" * 64)
+        if stage == "curate":
+            pq.write_table(to_table(records), work / "train.parquet")
+        fp = expected_fingerprint(recipe, run, stage) if stage in stages else "stale"
+        run.complete(stage, {"fingerprint": fp})
+
+
+def test_preflight_lines_up_a_sample_of_curated_data_before_training(two_tokenizers, tmp_path, monkeypatch):
+    """With up-to-date curated data in the run folder, preflight refuses sparse_kd in seconds, naming the reason;
+    data that harvest or curate will write afresh is left to the train stage (it may be about to get logprobs)."""
+    from pipeline.recipe import parse_recipe
     from training.train.preflight import check
 
     from conftest import BASE_RECIPE, merge
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "a.jsonl.gz").write_bytes(b"")
     student, teacher = two_tokenizers
     student.save_pretrained(tmp_path / "student_tok")
     data = merge(BASE_RECIPE, {"run_dir": str(tmp_path / "runs"), "train": {
@@ -335,11 +353,12 @@ def test_preflight_lines_up_a_sample_of_curated_data_before_training(two_tokeniz
     records = _records(teacher, 30)
     for r in records:
         r["teacher"]["logprobs"] = None  # logs without logprobs
-    (recipe.run_path / "curate").mkdir(parents=True)
-    pq.write_table(to_table(records), recipe.run_path / "curate" / "train.parquet")
+    _curated(recipe, records, stages=("curate",))  # harvest is stale: it will rerun (e.g. re-generate)
+    check(recipe)  # before: refused on the stale data, blocking the rerun that the refusal suggests
+    _curated(recipe, records)
     with pytest.raises(ValueError, match=r"train.objective 'sparse_kd': only 0 of .*no teacher logprobs"):
         check(recipe)
-    pq.write_table(to_table(_records(teacher, 30)), recipe.run_path / "curate" / "train.parquet")
+    _curated(recipe, _records(teacher, 30))
     check(recipe)
 
 
@@ -385,3 +404,116 @@ def test_train_stage_distils_across_tokenizers_and_reports_coverage(two_tokenize
     assert sum(tokens.values()) == sp["target_tokens"] and tokens[align.SOFT] == sp["tokens_with_targets"]
     assert tokens[align.SOFT] >= 0.5 * sp["target_tokens"] and tokens[align.END_OF_TURN] == sp["aligned"]
     assert losses(run.path, "kd_loss") and losses(run.path, "teacher_token_share")[-1] > 0.5
+
+
+# --- fixes after review ------------------------------------------------------------------------------------------
+
+def metaspace_student():
+    """A SentencePiece-style (Metaspace) BPE student that writes 'hello' as ▁hel|lo, with distill's specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\u2581", "h", "e", "l", "o", "i", "w", "r", "d", "!", "x"]
+    merges = [("\u2581", "h"), ("\u2581h", "e"), ("\u2581he", "l"), ("l", "o"), ("\u2581h", "i"), ("\u2581", "w")]
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    return fast
+
+
+def test_the_one_byte_lead_is_only_a_sentencepiece_students_own_space(student):
+    """Byte-level student: ' hello' is the answer's own text, so logs of 'hello' do not spell it. SentencePiece
+    student: its '▁' is its own, so 'hello' lines up; alternatives at the first teacher token map with the space."""
+    r = {"messages": [{"role": "user", "content": "q"}], "output": {"content": " hello"}}
+    ids, labels, _ = encode_chat(student, CHATML_TEMPLATE, training_messages(r), 512)
+    logs = [entry("hello", -0.1, [("hello", -0.1), ("hi", -2.0)])]
+    out = align.record_targets(student, ids, labels, logs, 20, {})
+    assert out.reason == align.NOT_SPELLED and not any(out.ids)  # before: ' ' and 'hel' both got hello's target
+    sp = metaspace_student()
+    assert align.prepends_space(sp) and not align.prepends_space(student)
+    ids = sp.encode("hello", add_special_tokens=False) + [sp.convert_tokens_to_ids("<|im_end|>")]
+    assert [align.student_bytes(sp)[i] for i in ids[:-1]] == [b" hel", b"lo"]
+    out = align.record_targets(sp, ids, ids, logs, 20, {})
+    assert out.method == "aligned" and out.reason is None
+    assert _target(sp, ids, out, 0) == pytest.approx({b" hel": -0.1, b" hi": -2.0})
+    assert dict(out.tokens) == {align.SOFT: 1, align.INSIDE: 1, align.END_OF_TURN: 1}
+    alone = [sp.convert_tokens_to_ids("\u2581"), *sp.encode("x", add_special_tokens=False)[1:]]
+    assert [align.student_bytes(sp)[i] for i in alone] == [b" ", b"x"]
+    out = align.record_targets(sp, alone, alone, [entry("x", -0.3, [("x", -0.3), ("hi", -1.0)])], 20, {})
+    assert out.tokens[align.LEAD] == 1 and out.ids[0] == [] and out.tokens[align.SOFT] == 1
+    assert _target(sp, alone, out, 1) == {b"x": -0.3}  # 'x' does not start with the space: 'hi' -> no token
+
+
+def test_one_method_for_the_whole_dataset(two_tokenizers):
+    """A cross-tokenizer recipe lines up every record by bytes, even one whose logged tokens happen to be single
+    student tokens; same-tokenizer logs keep exactly the id path's targets."""
+    student, teacher = two_tokenizers
+    records = _records(teacher, 12)
+    rng = random.Random(9)
+    lucky = _teacher_logs(student, "ok", rng, k=3)  # logs that read as the student's own tokens
+    records.append({"id": "lucky", "messages": [{"role": "user", "content": "q"}], "output": {"content": "ok"},
+                    "teacher": {"logprobs": _stored(lucky)}})
+    _, stats = tokenize_records(records, student, CHATML_TEMPLATE, 512, 20)
+    assert stats.methods == {"aligned": len(records)}  # before: {'aligned': 12, 'same_tokenizer': 1}
+    same = _records(student, 12)
+    ds, stats = tokenize_records(same, student, CHATML_TEMPLATE, 512, 3)
+    assert stats.methods.get("same_tokenizer", 0) >= 10
+    for row, r in zip(ds, same, strict=True):
+        ids, labels = row["input_ids"], row["labels"]
+        want = reference_targets(student, ids, labels, r["teacher"]["logprobs"], 3, {})
+        if want[2] is None:
+            assert row["kd_ids"] == want[0]
+
+
+def test_float16_teacher_masses_above_one_are_renormalised():
+    import torch
+
+    from training.train.kd import sparse_buckets
+
+    lps = torch.tensor([[math.log(0.6), math.log(0.45)]]).half().float()  # rounded logs that add up to 1.05
+    student_logp = torch.log_softmax(torch.zeros(1, 5), -1)
+    for t in (1.0, 2.0):
+        _, teacher = sparse_buckets(student_logp, torch.tensor([[1, 2]]), lps, t)
+        assert teacher.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    _, teacher = sparse_buckets(student_logp, torch.tensor([[1, 2]]), torch.tensor([[math.log(0.5), -3.0]]))
+    assert teacher.exp()[0, :2].tolist() == pytest.approx([0.5, math.exp(-3.0)])  # under 1: left as logged
+
+
+def test_a_final_answer_cut_away_by_truncation_gets_no_targets(student):
+    r = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "b " * 40}], "output": {"content": "hello world!"},
+         "teacher": {"logprobs": [entry("hel", -0.1, []), entry("lo", -0.2, []), entry(" wor", -0.3, []),
+                                  entry("ld", -0.05, []), entry("!", -0.5, [])]}}
+    ids, labels, truncated = encode_chat(student, CHATML_TEMPLATE, training_messages(r), 30)
+    assert truncated and any(x != IGNORE for x in labels)  # only the earlier 'hello' turn is left
+    ds, stats = tokenize_records([r], student, CHATML_TEMPLATE, 30, 20)
+    assert not any(ds[0]["kd_ids"])  # before: 'hel' got the final answer's first target
+    assert stats.reasons == {align.CUT_AWAY: 1} and stats.token_outcomes == {align.EARLIER_TURN: 3}
+    assert stats.sparse_aligned == 0
+
+
+def test_records_without_a_single_soft_token_are_not_counted_as_aligned(student):
+    r = {"messages": [{"role": "user", "content": "q"}], "output": {"content": "hello world!"},
+         "teacher": {"logprobs": [entry("he", -0.1, [])]}}  # logs cut short: 'hel' runs past their end
+    _, stats = tokenize_records([r], student, CHATML_TEMPLATE, 512, 20)
+    assert stats.token_outcomes.get(align.SOFT, 0) == 0 and stats.sparse_aligned == 0
+
+
+def test_leading_whitespace_a_template_trims_still_lines_up(student):
+    """A chat template that trims the answer (``|trim``) drops the teacher's leading whitespace: the rest lines up
+    from the first teacher boundary after it; whitespace inside the first teacher token leaves that token on CE."""
+    ids, labels = encode(student, "hello world!")
+    start, _ = align.final_turn(labels)
+    logs = [entry(" \n", -0.2, []), entry("hel", -0.1, [("hel", -0.1), ("hi", -2.0)]), entry("lo", -0.2, []),
+            entry(" wor", -0.3, []), entry("ld", -0.05, []), entry("!", -0.5, [])]
+    out = align.record_targets(student, ids, labels, logs, 20, {})
+    assert out.reason is None and out.tokens[align.SOFT] == 5  # before: NOT_SPELLED for the whole record
+    assert _target(student, ids, out, start) == pytest.approx({b"hel": -0.1, b"h": -2.0})
+    logs = [entry(" hello", -0.1, []), entry(" wor", -0.3, []), entry("ld", -0.05, []), entry("!", -0.5, [])]
+    out = align.record_targets(student, ids, labels, logs, 20, {})
+    assert dict(out.tokens) == {align.SOFT: 3, align.INSIDE: 2, align.END_OF_TURN: 1}

@@ -41,7 +41,10 @@ INSIDE = "the student token starts inside a teacher token (boundaries do not mee
 BEYOND = "past the end of the logged tokens"
 END_OF_TURN = "end-of-turn token (not in the teacher's logs)"
 EARLIER_TURN = "an earlier assistant turn (the logs cover the final answer)"
-TOKEN_REASONS = (NO_LOGPROBS, NOT_SPELLED, INSIDE, BEYOND, END_OF_TURN, EARLIER_TURN)
+LEAD = "the space a SentencePiece student puts before the first word (not in the teacher's logs)"
+TOKEN_REASONS = (NO_LOGPROBS, NOT_SPELLED, INSIDE, BEYOND, END_OF_TURN, EARLIER_TURN, LEAD)
+# why a whole record got no soft target (besides NO_LOGPROBS / NOT_SPELLED)
+CUT_AWAY = "max_length cut the final answer away (the logs cover only it)"
 SOFT = "soft target"
 
 
@@ -195,13 +198,32 @@ def _student_spans(ids: list[int], start: int, end: int, table: list[bytes | Non
     return spans, b"".join(table[ids[p]] for p, _, _ in spans)
 
 
-def _line_up(student: bytes, teacher: bytes) -> int | None:
-    """How many bytes the student's spelling has in front of the teacher's (0, or 1 for the space a SentencePiece
-    tokenizer puts before the first word); None when the two do not spell the same answer."""
-    for lead in (0, 1):
-        s = student[lead:]
-        n = min(len(s), len(teacher))
-        if n and s[:n] == teacher[:n] and (lead == 0 or student[:1] == b" "):
+def prepends_space(tokenizer) -> bool:
+    """Whether the student's tokenizer writes a space of its own before the first word (SentencePiece, or a
+    Metaspace pre-tokenizer/'▁' prepending normalizer); byte-level BPE spells only the text's own spaces."""
+    if getattr(tokenizer, "_distill_prepends_space", None) is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            found = hasattr(tokenizer, "sp_model")
+        else:
+            parts = repr(backend.pre_tokenizer) + repr(backend.normalizer)
+            found = "Metaspace" in parts or "Prepend" in parts
+        tokenizer._distill_prepends_space = found
+    return tokenizer._distill_prepends_space
+
+
+def _line_up(student: bytes, teacher: bytes, may_lead: bool) -> int | None:
+    """How many bytes the student's spelling has in front of the teacher's: 0; 1 for the space a tokenizer that
+    prepends one puts before the first word (only when ``may_lead``); or minus the teacher's leading whitespace
+    when the student's text lacks it (a chat template that trims the answer). None when they spell different
+    answers."""
+    stripped = len(teacher) - len(teacher.lstrip())
+    for lead in (0, 1, -stripped):
+        if (lead == 1 and not (may_lead and student[:1] == b" ")) or (lead < 0 and student[:1].isspace()):
+            continue
+        s, t = student[max(lead, 0):], teacher[max(-lead, 0):]
+        n = min(len(s), len(t))
+        if n and s[:n] == t[:n]:
             return lead
     return None
 
@@ -211,10 +233,11 @@ def _add(buckets: dict[int, float], i: int, lp: float) -> None:
 
 
 def _position_target(tokenizer, chosen: int, stop: int, i: int, teacher: list[tuple], table, top_k: int,
-                     cache: dict) -> tuple[list[int], list[float]]:
+                     cache: dict, prefix: bytes = b"") -> tuple[list[int], list[float]]:
     """The target of the student token ``chosen`` that starts where teacher token i starts and ends at byte
     ``stop``: the chain-rule probability of the teacher tokens that spell it, plus the alternatives logged at i
-    mapped to the student tokens that begin them."""
+    mapped to the student tokens that begin them (``prefix`` + their bytes: the space a SentencePiece student
+    writes before the first word is part of its first token)."""
     raw_i, lp, ends, alts = teacher[i]
     k = i
     while ends < stop and k + 1 < len(teacher):  # the student token spans several teacher tokens
@@ -226,7 +249,7 @@ def _position_target(tokenizer, chosen: int, stop: int, i: int, teacher: list[tu
         raw = logged_bytes(alt)
         if raw is None or raw == raw_i:  # lossy text, or the chosen token itself (already counted)
             continue
-        w = _first_student_token(tokenizer, raw, table, cache)
+        w = _first_student_token(tokenizer, prefix + raw, table, cache)
         if w is not None:
             _add(buckets, w, float(alt["logprob"]))
     best = sorted(buckets.items(), key=lambda kv: -kv[1])[:top_k]
@@ -253,7 +276,7 @@ def aligned_targets(tokenizer, ids: list[int], labels: list[int], logprobs: list
     table = student_bytes(tokenizer)
     spans, spelled = _student_spans(ids, start, end, table)
     logged = _teacher_tokens(logprobs)
-    lead = None if logged is None else _line_up(spelled, logged[1])
+    lead = None if logged is None else _line_up(spelled, logged[1], prepends_space(tokenizer))
     if lead is None:
         out.method, out.reason = None, NOT_SPELLED
         out.tokens[NOT_SPELLED] += len(spans)
@@ -261,31 +284,57 @@ def aligned_targets(tokenizer, ids: list[int], labels: list[int], logprobs: list
         return out
     teacher, text = logged
     starts = {0: 0, **{t[2]: n + 1 for n, t in enumerate(teacher[:-1])}}
-    for p, a, b in spans:
-        a, b = max(a - lead, 0), b - lead
-        if b > len(text):
+    for p, a0, b in spans:
+        a, b = max(a0 - lead, 0), b - lead
+        if b <= 0:  # the student's own leading space, alone: the teacher never wrote it
+            out.tokens[LEAD] += 1
+        elif b > len(text):
             out.tokens[BEYOND] += 1
         elif a not in starts:
             out.tokens[INSIDE] += 1
         else:
+            prefix = b" " if lead > 0 and a0 == 0 else b""
             out.ids[p], out.logprobs[p] = _position_target(tokenizer, ids[p], b, starts[a], teacher, table,
-                                                           top_k, cache)
+                                                           top_k, cache, prefix)
             out.tokens[SOFT] += 1
     out.tokens[END_OF_TURN] += end - start - len(spans)
     return out
 
 
+def logs_in_student_tokens(tokenizer, ids: list[int], labels: list[int], logprobs: list[dict[str, Any]] | None,
+                           cache: dict) -> bool | None:
+    """Whether a record's logs read as the student's own tokens (the same-tokenizer path takes them); None when
+    it has no logs. ``choose_method`` decides from these once per dataset."""
+    if not logprobs:
+        return None
+    return same_tokenizer_targets(tokenizer, ids, labels, logprobs, 1, cache)[2] is None
+
+
+def choose_method(votes: list[bool | None]) -> str:
+    """One method for a whole dataset, so that one recipe never mixes two kinds of target: 'same_tokenizer' when
+    most records with logs read as the student's own tokens (the teacher shares its tokenizer; records it cannot
+    take, such as a split multi-byte character, are lined up by bytes as before), else 'aligned' for all."""
+    cast = [v for v in votes if v is not None]
+    return "same_tokenizer" if cast and 2 * sum(cast) > len(cast) else "aligned"
+
+
 def record_targets(tokenizer, ids: list[int], labels: list[int], logprobs: list[dict[str, Any]] | None, top_k: int,
-                   cache: dict) -> Targets:
-    """Sparse targets for one tokenized example: the same-tokenizer path when the logs are in the student's tokens,
-    byte-offset alignment when they are not. Assistant tokens outside the final turn are counted too."""
+                   cache: dict, method: str = "same_tokenizer", final_kept: bool = True) -> Targets:
+    """Sparse targets for one tokenized example. ``method`` 'same_tokenizer': the id path when the logs are in the
+    student's tokens, else byte-offset alignment; 'aligned': byte-offset alignment always (see
+    ``choose_method``). ``final_kept`` False: truncation cut the final answer away, so the last labelled turn is
+    an earlier one and gets nothing. Assistant tokens outside the final turn are counted too."""
     start, end = final_turn(labels)
     earlier = sum(x != IGNORE for x in labels[:start])
     if not logprobs:
         out = Targets([[] for _ in ids], [[] for _ in ids], reason=NO_LOGPROBS)
         out.tokens[NO_LOGPROBS] += end - start
+    elif not final_kept:
+        out = Targets([[] for _ in ids], [[] for _ in ids], reason=CUT_AWAY)
+        earlier += end - start
     else:
-        t_ids, t_lps, why = same_tokenizer_targets(tokenizer, ids, labels, logprobs, top_k, cache)
+        t_ids, t_lps, why = (same_tokenizer_targets(tokenizer, ids, labels, logprobs, top_k, cache)
+                             if method == "same_tokenizer" else ([], [], method))
         if why is None:
             out = Targets(t_ids, t_lps, method="same_tokenizer")
             table = student_bytes(tokenizer)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.chat import prompt_messages, training_messages
-from training.train.align import record_targets
+from training.train.align import choose_method, final_turn, logs_in_student_tokens, record_targets
 
 IGNORE = -100
 
@@ -25,7 +25,7 @@ class DataStats:
     dropped_no_target: int = 0  # truncation left no assistant token to learn from
     target_tokens: int = 0
     sparse_records: int = 0  # records that carry teacher logprobs
-    sparse_aligned: int = 0  # ... whose tokens line up with the student's tokenization
+    sparse_aligned: int = 0  # ... with at least one answer token given a teacher target
     sparse_tokens: int = 0  # assistant tokens with teacher targets
     reasons: dict[str, int] = field(default_factory=dict)  # why sparse targets were not used
     methods: dict[str, int] = field(default_factory=dict)  # records per method: same_tokenizer / aligned
@@ -39,9 +39,10 @@ class DataStats:
         if got.reason:
             self.miss(got.reason)
         else:
-            self.sparse_aligned += 1
+            soft = sum(bool(x) for x in got.ids)
+            self.sparse_aligned += soft > 0
             self.methods[got.method] = self.methods.get(got.method, 0) + 1
-            self.sparse_tokens += sum(bool(x) for x in got.ids)
+            self.sparse_tokens += soft
         for k, v in got.tokens.items():
             self.token_outcomes[k] = self.token_outcomes.get(k, 0) + v
 
@@ -63,18 +64,27 @@ def sparse_targets(tokenizer, ids: list[int], labels: list[int], logprobs: list[
     return out.ids, out.logprobs, out.reason
 
 
+def _final_kept(tokenizer, template: str, messages: list[dict[str, str]], labels: list[int], truncated: bool) -> bool:
+    """Whether the final answer (the turn the logs cover) survived truncation, at least in part."""
+    if not truncated:
+        return True
+    full = encode_chat(tokenizer, template, messages, 1 << 62)[1]
+    return final_turn(full)[0] < len(labels)
+
+
 def tokenize_records(records: list[dict[str, Any]], tokenizer, template: str, max_length: int,
                      sparse_top_k: int | None = None) -> tuple[Any, DataStats]:
-    """A `datasets.Dataset` of input_ids / labels (plus kd_ids / kd_logprobs when sparse_top_k is set)."""
+    """A `datasets.Dataset` of input_ids / labels (plus kd_ids / kd_logprobs when sparse_top_k is set). Sparse
+    targets are built by one method for the whole dataset (``training.train.align.choose_method``)."""
     from datasets import Dataset, Features, List, Value
 
     stats = DataStats()
     rows: dict[str, list] = {"input_ids": [], "labels": []}
-    if sparse_top_k:
-        rows.update(kd_ids=[], kd_logprobs=[])
+    kept: list[tuple[list, bool]] = []  # per example: the record's logprobs, and whether its final answer survived
     cache: dict[str, int | None] = {}
     for r in records:
-        ids, labels, truncated = encode_chat(tokenizer, template, training_messages(r), max_length)
+        messages = training_messages(r)
+        ids, labels, truncated = encode_chat(tokenizer, template, messages, max_length)
         stats.truncated += truncated
         if all(x == IGNORE for x in labels):
             stats.dropped_no_target += 1
@@ -85,14 +95,19 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, template: str, ma
         rows["labels"].append(labels)
         if sparse_top_k:
             logprobs = (r.get("teacher") or {}).get("logprobs") or []
-            got = record_targets(tokenizer, ids, labels, logprobs, sparse_top_k, cache)
-            stats.sparse_records += bool(logprobs)
-            stats.count(got)
-            kd_ids, kd_lps = got.ids, got.logprobs
-            rows["kd_ids"].append(kd_ids)
-            rows["kd_logprobs"].append(kd_lps)
+            kept.append((logprobs, _final_kept(tokenizer, template, messages, labels, truncated)))
     features = {"input_ids": List(Value("int32")), "labels": List(Value("int32"))}
     if sparse_top_k:
+        method = choose_method([logs_in_student_tokens(tokenizer, ids, labels, lp, cache) if ok else None
+                                for ids, labels, (lp, ok) in zip(rows["input_ids"], rows["labels"], kept,
+                                                                 strict=True)])
+        rows.update(kd_ids=[], kd_logprobs=[])
+        for ids, labels, (logprobs, ok) in zip(rows["input_ids"], rows["labels"], kept, strict=True):
+            got = record_targets(tokenizer, ids, labels, logprobs, sparse_top_k, cache, method, ok)
+            stats.sparse_records += bool(logprobs)
+            stats.count(got)
+            rows["kd_ids"].append(got.ids)
+            rows["kd_logprobs"].append(got.logprobs)
         features.update(kd_ids=List(List(Value("int32"))), kd_logprobs=List(List(Value("float32"))))
     return Dataset.from_dict(rows, features=Features(features)), stats
 

@@ -54,7 +54,8 @@ def sparse_buckets(student_logp: torch.Tensor, ids: torch.Tensor, teacher_lp: to
     """Student and teacher log-probabilities over the teacher's top-k tokens plus one 'rest' bucket.
 
     student_logp: (N, V) log-softmax of the student at the temperature; ids: (N, K) token ids, -1 for none;
-    teacher_lp: (N, K) logged teacher logprobs (temperature 1). The teacher side is softened by raising each
+    teacher_lp: (N, K) logged teacher logprobs (temperature 1); where they add up to more than 1 (float16
+    rounding), the K + 1 buckets are renormalised. The teacher side is softened by raising each
     bucket, 'rest' included, to 1/T and renormalising (exact for the listed tokens; 'rest' is treated as one
     outcome). Returns two (N, K + 1) tensors.
     """
@@ -63,6 +64,8 @@ def sparse_buckets(student_logp: torch.Tensor, ids: torch.Tensor, teacher_lp: to
     student = torch.cat([s, _rest(s)[:, None]], -1)
     t = teacher_lp.masked_fill(~valid, -math.inf)
     teacher = torch.cat([t, _rest(t)[:, None]], -1)
+    # logged logprobs rounded to float16 can add up to slightly more than 1: scale those rows back to a distribution
+    teacher = teacher - teacher.logsumexp(-1, keepdim=True).clamp(min=0)
     if temperature != 1.0:
         teacher = (teacher / temperature).log_softmax(-1)
     return student, teacher

@@ -145,12 +145,22 @@ def check_sparse_coverage(stats, where: str = "the curated training records") ->
 
 
 def sample_sparse_coverage(recipe, tokenizer) -> None:
-    """When curate has already written the training split, line up a sample of it with the student's tokens."""
-    from pathlib import Path
+    """When curate's training split is up to date with this recipe, line up a sample of it with the student's
+    tokens. Data that harvest or curate will write afresh (missing, or stale: e.g. harvest re-generates with
+    logprobs once the objective is sparse_kd) is left to the train stage, which checks all of its data."""
+    from pipeline.rundir import RunDir
+    from pipeline.stages import plan, stage_state
 
-    path = Path(recipe.run_path) / "curate" / "train.parquet"
+    run = RunDir(recipe.run_path)
+    try:
+        due = any(stage_state(recipe, run, stage)[0] != "complete" for stage in plan(["curate"]))
+    except (OSError, ValueError, RuntimeError):  # the logs cannot be listed now: harvest will say why
+        return
+    if due:
+        return
+    path = run.stage_dir("curate") / "train.parquet"
     if not path.is_file():
-        return  # harvest and curate have not run yet: the train stage checks all of its data
+        return
     import pyarrow.parquet as pq
 
     from pipeline.record import from_table
