@@ -124,8 +124,9 @@ def fuzzed(tmp_path_factory):
     plain, prefix = make_files(root / "logs")
     recipe = write_recipe(root, {"sources": [{"path": "logs/*", "name": "fuzz"}], "workers": 1})
     t0 = time.perf_counter()
-    code = ("import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so it would count the pytest process this one was forked from
+    code = ("import re, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+            "print('MAXRSS', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "harvest", str(recipe)], cwd=root, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
     return root, (plain, prefix), proc, time.perf_counter() - t0
