@@ -11,9 +11,12 @@ fastText language, mean_entropy on top-5), so each proxied request pays both rou
 
 Per case, the direct and proxied runs alternate in rounds (so drift of the shared cores hits both) and the added
 latency is the difference of the two latency percentiles. Streaming: time to first token (the first chunk with
-content) and to the end of the stream; through the proxy a student answer is checked before it is streamed, so the
-proxied first token comes after the student's whole answer — compared both with the student's own first token and
-with the student's own whole (non-streamed) answer. The student takes ``--prefill-ms`` before its first token and
+content) and to the end of the stream; through the proxy a student answer that a threshold checks is checked before
+it is streamed, so the proxied first token comes after the student's whole answer — compared both with the
+student's own first token and with the student's own whole (non-streamed) answer. A second proxy serves the same
+policy with no thresholds (what the route stage leaves for a function the student answers well everywhere, as in
+the demo's own policy): there the student's stream is relayed as it comes, and its first token is compared with the
+student's own. The student takes ``--prefill-ms`` before its first token and
 ``--token-ms`` per further token (18 tokens); the baseline is always the student called directly in the same run.
 """
 
@@ -24,6 +27,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,12 +170,14 @@ def start(args: list[str], port: int, env: dict[str, str] | None = None) -> subp
 
 
 # ---------------------------------------------------------------------------------------------- main
-CASES = [  # (name, stream, concurrency, proxied function: None = the policy's, routed to the student)
-    ("non-streaming, 1 at a time", False, 1, None),
-    ("non-streaming, 200 concurrent", False, 200, None),
-    ("streaming, 1 at a time", True, 1, None),
-    ("streaming, 200 concurrent", True, 200, None),
-    ("streaming, escalated before generation (teacher relayed), 1 at a time", True, 1, "unknown_function"),
+CASES = [  # (name, stream, concurrency, proxied function: None = the policy's, routed to the student; proxy)
+    ("non-streaming, 1 at a time", False, 1, None, "checked"),
+    ("non-streaming, 200 concurrent", False, 200, None, "checked"),
+    ("streaming, 1 at a time", True, 1, None, "checked"),
+    ("streaming, 200 concurrent", True, 200, None, "checked"),
+    ("streaming, escalated before generation (teacher relayed), 1 at a time", True, 1, "unknown_function", "checked"),
+    ("streaming, no threshold (student relayed as it streams), 1 at a time", True, 1, None, "unchecked"),
+    ("streaming, no threshold (student relayed as it streams), 200 concurrent", True, 200, None, "unchecked"),
 ]
 
 
@@ -233,16 +239,21 @@ def main() -> None:
     from router import build_policy  # bench/router.py
 
     with tempfile.TemporaryDirectory() as tmp:
-        policy, reqs = build_policy(Path(tmp) / "route")
-        up_port, px_port = free_port(), free_port()
+        policy, reqs, _ = build_policy(Path(tmp) / "route")
+        unchecked = without_thresholds(policy.parent, Path(tmp) / "route-unchecked")
+        up_port, px_ports = free_port(), {"checked": free_port(), "unchecked": free_port()}
         procs = [start([sys.executable, __file__, "--serve-upstream", str(up_port), "--prefill-ms",
                         str(args.prefill_ms), "--token-ms", str(args.token_ms)], up_port)]
         try:
-            procs.append(start([sys.executable, "-m", "pipeline.cli", "serve-router", str(policy.parent),
-                                "--student-url", f"http://127.0.0.1:{up_port}/student/v1",
-                                "--teacher-url", f"http://127.0.0.1:{up_port}/teacher/v1", "--no-embeddings",
-                                "--log-dir", str(Path(tmp) / "logs"), "--port", str(px_port)], px_port))
-            lines = asyncio.run(bench(args, reqs[0][0], up_port, px_port, Path(tmp) / "logs", procs[1].pid))
+            pids = {}
+            for which, folder in (("checked", policy.parent), ("unchecked", unchecked)):
+                procs.append(start([sys.executable, "-m", "pipeline.cli", "serve-router", str(folder),
+                                    "--student-url", f"http://127.0.0.1:{up_port}/student/v1",
+                                    "--teacher-url", f"http://127.0.0.1:{up_port}/teacher/v1", "--no-embeddings",
+                                    "--log-dir", str(Path(tmp) / "logs"), "--port", str(px_ports[which])],
+                                   px_ports[which]))
+                pids[which] = procs[-1].pid
+            lines = asyncio.run(bench(args, reqs[0][0], up_port, px_ports, Path(tmp) / "logs", pids))
         finally:
             for p in procs:
                 p.send_signal(signal.SIGINT)
@@ -253,21 +264,34 @@ def main() -> None:
     report(lines, args)
 
 
-async def bench(args, request: dict[str, Any], up_port: int, px_port: int, logs: Path, proxy_pid: int,
-                ) -> list[list[str]]:
-    proxy_base = f"http://127.0.0.1:{px_port}/v1"
-    await check_route(proxy_base, {**request}, "student")
-    out, whole, calls = [], None, 1
-    for name, stream, conc, fn in CASES:
+def without_thresholds(src: Path, dest: Path) -> Path:
+    """A copy of the policy with no post-generation threshold (how the route stage leaves a function the student
+    answers well everywhere, as in the demo's own policy): serve-router then relays the student's stream."""
+    shutil.copytree(src, dest)
+    path = dest / "routing_policy.json"
+    policy = json.loads(path.read_text())
+    for rule in policy["functions"].values():
+        rule["after"]["threshold"] = None
+    path.write_text(json.dumps(policy, indent=1))
+    return dest
+
+
+async def bench(args, request: dict[str, Any], up_port: int, px_ports: dict[str, int], logs: Path,
+                pids: dict[str, int]) -> list[list[str]]:
+    bases = {k: f"http://127.0.0.1:{port}/v1" for k, port in px_ports.items()}
+    for base in bases.values():
+        await check_route(base, {**request}, "student")
+    out, whole, calls = [], None, 2
+    for name, stream, conc, fn, which in CASES:
         n = (60 if conc == 1 else 400) if args.quick else (300 if conc == 1 else 2000)
         direct, proxied = bodies(request, stream, fn)
         base = f"http://127.0.0.1:{up_port}/{'teacher' if fn else 'student'}/v1"
-        res = await measure_case(base, proxy_base, direct, proxied, n, conc, args.rounds, proxy_pid)
+        res = await measure_case(base, bases[which], direct, proxied, n, conc, args.rounds, pids[which])
         out.append(row(name, res, stream))
         calls += res["calls"]
         if not stream and conc == 1:
             whole = [x[1] for x in res["direct"]]
-        if stream and conc == 1 and not fn and whole:  # the student's own whole answer as the baseline
+        if stream and conc == 1 and not fn and whole and which == "checked":  # the student's own whole answer as the baseline
             p = [x[0] for x in res["proxy"]]
             out.append([name + ": vs the student's whole answer (not streamed)", "TTFT", f"{len(p)}",
                         f"{pct(whole, 0.5):.2f} / {pct(whole, 0.99):.2f}", f"{pct(p, 0.5):.2f} / {pct(p, 0.99):.2f}",

@@ -3,18 +3,24 @@
     python bench/router.py                     # builds everything it needs (about 10 s), then measures
     python bench/router.py --embeddings        # also the MiniLM distance rule (torch; slow by design)
     python bench/router.py --append-results    # and append the table to bench/RESULTS.md
+    python bench/router.py --language-chars    # only fastText's cost against how many characters it reads
 
 What it builds (``build_policy``), shaped like the demo's route stage: demo traffic (``distill demo-data``'s
 generator, seed 0), split 80/20 into training and held-out records; a byte-level BPE tokenizer of the demo's size
 (1,024) trained on the training texts; the length rule (``length.count: estimate``) and the language rule
 (fastText lid.176) fitted by ``export.route.rules``; synthetic student answers for the held-out records (one token
 per teacher-answer token, top-5 logprobs per token, seeded; wrong answers get unsure tokens); the post-generation
-rule fitted by ``export.route.thresholds`` with ``signal: mean_entropy``, the signal the demo's policy chose. The
-policy is written with its files and loaded back by ``Router.load``, as serve-router does.
+rule fitted by ``export.route.thresholds`` with ``signal: mean_entropy`` (a threshold). The policy is written with
+its files and loaded back by ``Router.load``, as serve-router does, and must reproduce the calibration on every
+held-out request (checked before timing).
 
 Each request is decided in both phases (before generation, then after it on the student's logprobs with top-k),
-the way serve-router does. The baseline, run in the same process, is the first Router's algorithm: every message
-tokenized on every request and the lowest token logprob. Prints a table; ``--append-results`` appends it.
+the way serve-router does. Rows: the demo policy as the route stage now writes it (``DEMO_AFTER``: no threshold,
+``max_entropy`` for ticket_triage and ``min_logprob`` for product_faq; so the entropy is not computed), the same
+rules with the signal computed as before that change (a threshold of -1e300: every finite signal kept, the same
+work), the fitted ``mean_entropy`` threshold, and every other signal with that threshold. The baseline, run in the
+same process, is the first Router's algorithm: every message tokenized on every request and the lowest token
+logprob. Prints a table; ``--append-results`` appends it.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ from pipeline.rundir import sha256_file  # noqa: E402
 
 Request = tuple[dict[str, Any], list[dict[str, Any]]]  # (chat-completions body, OpenAI logprobs.content)
 TOP_K = 5  # the demo recipe's route.top_logprobs (the default)
+# The post-generation rules of the demo's policy (runs/ds0 quality-s0-t1, 2026-12-06): a signal, no threshold.
+DEMO_AFTER = {"ticket_triage": {"signal": "max_entropy", "threshold": None},
+              "product_faq": {"signal": "min_logprob", "threshold": None}}
 MAX_NEW_TOKENS = 48  # the demo recipe's evaluate.max_new_tokens
 
 
@@ -111,9 +120,10 @@ def student_logprobs(n_tokens: int, correct: bool, rng: random.Random) -> list[d
     return out
 
 
-def build_policy(work: Path, n: int = 3000, seed: int = 0, embeddings: bool = False) -> tuple[Path, list[Request]]:
-    """Fit a demo-shaped routing policy in ``work`` (see the module docstring); returns its path and the held-out
-    requests with the student's synthetic logprobs."""
+def build_policy(work: Path, n: int = 3000, seed: int = 0,
+                 embeddings: bool = False) -> tuple[Path, list[Request], list[bool]]:
+    """Fit a demo-shaped routing policy in ``work`` (see the module docstring); returns its path, the held-out
+    requests with the student's synthetic logprobs, and which of them calibration keeps for the student."""
     (work / EXTRAS).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     recs = demo_records(n, seed)
@@ -163,7 +173,7 @@ def build_policy(work: Path, n: int = 3000, seed: int = 0, embeddings: bool = Fa
         functions=fitted.functions, files={f: sha256_file(work / f) for f in files},
     ).to_json_dict()
     (work / POLICY_FILE).write_text(json.dumps(policy, indent=2) + "\n")
-    return work / POLICY_FILE, reqs
+    return work / POLICY_FILE, reqs, fitted.kept.tolist()
 
 
 def measure(router: Router, reqs: list[Request], min_seconds: float) -> tuple[float, int]:
@@ -193,22 +203,35 @@ def configs(full: Router, embeddings: bool, n_reqs: int) -> list[tuple[str, Rout
     baseline.counter.cache_size = 0  # v1 tokenized every message of every request
 
     def variant(count: str = "estimate", language: bool = False, distance: bool = False,
-                signal: str | None = None) -> Router:
+                after: dict[str, dict[str, Any]] | None = None, signal: str | None = None,
+                threshold: float | None = None) -> Router:
         p = {**policy, "length": {"count": count}}
-        if signal:  # the same thresholds' share is not kept: only the cost of computing the signal is measured
-            p["functions"] = {fn: {**f, "after": {**f["after"], "signal": signal}} for fn, f in p["functions"].items()}
+        if after or signal:  # the thresholds' share is not kept: only the cost of the rules is measured
+            p["functions"] = {fn: {**f, "after": {**f["after"], **(after or {}).get(fn, {}),
+                                                  **({"signal": signal} if signal else {}),
+                                                  **({"threshold": threshold} if threshold is not None else {})}}
+                              for fn, f in p["functions"].items()}
         return Router(p, full.encode, language=full.language if language else None,
                       embed=full.embed if distance else None, reference=full.reference if distance else None,
                       skip=tuple(s for s, on in (("language", language), ("distance", distance)) if not on))
 
+    demo = "demo policy (function + length estimate; max_entropy / min_logprob, no threshold)"
     rows: list[tuple[str, Router, int | None]] = [
         ("baseline: v1 Router (every message tokenized, min logprob)", baseline, None),
-        ("function + length (estimate) + mean_entropy: the demo policy without language", variant(), None),
-        ("+ language (fastText lid.176): the demo policy as served without embeddings", variant(language=True), None),
-        ("function + length (bounded) + mean_entropy", variant("bounded"), None),
-        ("function + length (exact, cached system prompt) + mean_entropy", variant("exact"), None),
+        (f"{demo}, without language", variant(after=DEMO_AFTER), None),
+        (f"{demo} + language (fastText lid.176): as served without embeddings",
+         variant(language=True, after=DEMO_AFTER), None),
+        ("  the same without language, signal computed as before (threshold -1e300)",
+         variant(after=DEMO_AFTER, threshold=-1e300), None),
+        ("  the same + language, signal computed as before (threshold -1e300)",
+         variant(language=True, after=DEMO_AFTER, threshold=-1e300), None),
+        ("function + length (estimate) + mean_entropy with its threshold", variant(), None),
+        ("  + language (fastText lid.176)", variant(language=True), None),
+        ("function + length (bounded) + mean_entropy with its threshold", variant("bounded"), None),
+        ("function + length (exact, cached system prompt) + mean_entropy with its threshold", variant("exact"), None),
     ]
-    rows += [(f"function + length (estimate) + {s}", variant(signal=s), None) for s in SIGNALS if s != "mean_entropy"]
+    rows += [(f"function + length (estimate) + {s} with a threshold", variant(signal=s), None)
+             for s in SIGNALS if s != "mean_entropy"]
     if embeddings:  # about 1 ms an embedding on a quiet core, far more on a busy one: 100 requests suffice
         rows.append(("+ language + distance (MiniLM kNN, one request at a time; 100 requests)",
                      variant(language=True, distance=True), min(100, n_reqs)))
@@ -222,12 +245,22 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=3000, help="demo calls generated (80%% train, 20%% held out)")
     ap.add_argument("--embeddings", action="store_true", help="also time the MiniLM distance rule (torch)")
     ap.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--language-chars", action="store_true",
+                    help="only time fastText on the first N characters of every demo input (N = 200, the Router's, "
+                         "down to 40) and count the language decisions that differ from N = 200")
     args = ap.parse_args()
+    if args.language_chars:
+        language_chars(args.records)
+        return
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path, reqs = build_policy(Path(tmp), args.records, embeddings=args.embeddings)
+        path, reqs, kept = build_policy(Path(tmp), args.records, embeddings=args.embeddings)
         full = Router.load(path, language=True, embeddings=args.embeddings)
     built = time.perf_counter() - t0
+    served = [full.after(r, lp).to_student for r, lp in reqs]
+    if served != kept:
+        sys.exit(f"the Router does not reproduce the calibration on {sum(a != b for a, b in zip(served, kept, strict=True))} "
+                 f"of {len(reqs)} held-out requests")
     table = Table(title=f"Router decisions on {len(reqs)} held-out demo-shaped requests (before + after phases; "
                         f"median of {args.repeats} x {args.seconds:g} s)", title_justify="left")
     for col in ("signals", "decisions/CPU-s", "range", "µs/decision", "vs baseline"):
@@ -243,15 +276,39 @@ def main() -> None:
         row = (name, f"{rate:,.0f}", f"{rates[0]:,.0f}–{rates[-1]:,.0f}", f"{1e6 / rate:.1f}", f"{rate / base:.2f}x")
         table.add_row(*row)
         lines.append(row)
-    share = sum(full.after(r, lp).to_student for r, lp in reqs) / len(reqs)
-    signals = sorted({f["after"]["signal"] for f in full.policy["functions"].values()})
-    Console(width=150).print(table)
-    note = (f"policy built in {built:.1f} s; signals {', '.join(signals)}; student share of these requests with "
-            f"every loaded rule {share:.1%}; cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
+    share = sum(served) / len(reqs)
+    Console(width=160).print(table)
+    note = (f"policy built in {built:.1f} s; the fitted policy's decisions equal its calibration's on all "
+            f"{len(reqs)} held-out requests (student share {share:.1%} with every loaded rule); "
+            f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
             "(other processes share them: compare ratios, not rates)")
     print(note)
     if args.append_results:
         append_results(lines, note)
+
+
+def language_chars(n: int, seed: int = 0) -> None:
+    """fastText lid.176's cost per input against how much of it is read, and what reading less changes: the
+    language (code, and whether p >= 0.5) of each demo input against reading the first 200 characters."""
+    from export.route.signals import LanguageDetector, bundled_language_model, user_text
+
+    texts = [user_text(r["messages"]) for r in demo_records(n, seed)]
+    detect = LanguageDetector(bundled_language_model())
+    ref = [(lang, p >= 0.5) for lang, p in map(detect, texts)]
+    table = Table(title=f"fastText lid.176 on {len(texts)} demo inputs ({len(set(texts))} distinct; mean "
+                        f"{sum(map(len, texts)) / len(texts):.0f} characters)", title_justify="left")
+    for col in ("max_chars", "µs/input (best of 3)", "results unlike 200's (code, or p >= 0.5)"):
+        table.add_column(col, justify="right")
+    for chars in (200, 120, 80, 60, 40):
+        detect.max_chars = chars
+        best = math.inf
+        for _ in range(3):
+            start = time.process_time()
+            got = [(lang, p >= 0.5) for lang, p in map(detect, texts)]
+            best = min(best, (time.process_time() - start) / len(texts))
+        table.add_row(str(chars), f"{1e6 * best:.1f}", str(sum(a != b for a, b in zip(got, ref, strict=True))))
+    Console(width=120).print(table)
+    print(f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
 
 
 def append_results(lines: list[tuple[str, ...]], note: str) -> None:

@@ -22,9 +22,11 @@ the environment variables named on the command line. ``metadata`` is not forward
 sets ``store`` (OpenAI accepts it only then).
 
 ``stream: true``: the teacher is asked to stream (with usage always asked; the usage-only chunk reaches the client
-only when its ``stream_options.include_usage`` asked for it) and its events are relayed as they arrive; the student
-is asked without streaming (its answer is checked first), and a kept answer is sent as ``chat.completion.chunk``
-events. A streamed call is logged with its assembled response. Every log line's ``routing.cost`` holds what the
+only when its ``stream_options.include_usage`` asked for it) and its events are relayed as they arrive. The student
+is asked without streaming when its answer is checked (phase 2), and a kept answer is sent as
+``chat.completion.chunk`` events; for a function whose rule has no threshold (nothing to check) the student streams
+and its events are relayed as they arrive, like the teacher's (a student that fails before its first byte still
+falls back to the teacher). A streamed call is logged with its assembled response. Every log line's ``routing.cost`` holds what the
 call cost and what the teacher alone would have cost (``RouterProxy.costs``); ``distill ledger`` sums them.
 
 Live loop (docs/live.md): with ``--deployment`` the versions come from the store's deployment file (``lanes``): the
@@ -60,7 +62,7 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     error_response,
     json_errors,
     json_parse_errors,
-    relay,
+    relay_events,
     request_problem,
     send_events,
 )
@@ -96,6 +98,19 @@ def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
         if len(text) <= limit or not reasons:
             return text
         reasons = ["...", *reasons[2:]]  # drop the oldest reason (the first stays "...")
+
+
+PASSED_ON = "no answer check for this function: the student's stream is passed on as it comes"
+
+
+def _headers(decision: Decision, lane: Lane, rid: str) -> dict[str, str]:
+    """The routing decision in response headers."""
+    headers = {"x-distill-route": decision.route, "x-distill-phase": decision.phase,
+               "x-distill-reasons": _reasons_header(decision.reasons),
+               "x-distill-policy": lane.policy_sha, "x-request-id": rid}
+    if lane.version is not None:
+        headers["x-distill-version"] = lane.version
+    return headers
 
 
 def _tokens(usage: Any) -> tuple[int, int] | None:
@@ -251,15 +266,32 @@ class RouterProxy:
             return await asyncio.get_running_loop().run_in_executor(None, lane.router.before, body, fn)
         return lane.router.before(body, fn)
 
+    def checks_answer(self, lane: Lane, decision: Decision) -> bool:
+        """Whether phase 2 can still send this request to the teacher: off with ``check_after=False``, and for a
+        function whose rule has no threshold (the route stage found the student good enough on all of it)."""
+        if not self.cfg.check_after:
+            return False
+        rule = lane.router.functions.get(decision.signals.get("function")) or {}
+        return (rule.get("after") or {}).get("threshold") is not None
+
+    def student_body(self, lane: Lane, upstream: dict[str, Any], stream: bool = False) -> dict[str, Any]:
+        """What the lane's student is asked. Checked first: whole, with the logprobs phase 2 reads. Passed on as a
+        stream: streaming, with usage always asked (the ledger), logprobs only when the client asked."""
+        sbody = {k: v for k, v in upstream.items() if k not in ("stream", "stream_options")}
+        sbody["model"] = lane.model
+        if stream:  # _stream asks for usage, and passes it on only when the client asked
+            sbody.update(stream=True, stream_options=dict(upstream.get("stream_options") or {}))
+            return sbody
+        sbody["logprobs"] = True
+        if lane.top_k:
+            sbody["top_logprobs"] = lane.top_k
+        return sbody
+
     async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,
                           fn: str | None, routing: dict[str, Any]) -> tuple[Decision, int, dict[str, Any]]:
         """The lane's student answers (never streamed: its answer is checked first); phase 2 keeps it or
         escalates."""
-        sbody = {k: v for k, v in upstream.items() if k not in ("stream", "stream_options")}
-        sbody.update(model=lane.model, logprobs=True)
-        if lane.top_k:
-            sbody["top_logprobs"] = lane.top_k
-        status, resp = await self._forward(lane.url, sbody, self.cfg.student_key_env)
+        status, resp = await self._forward(lane.url, self.student_body(lane, upstream), self.cfg.student_key_env)
         choices = resp.get("choices")
         problem = answer_problem(status, resp)
         if problem:  # the teacher answers instead
@@ -315,14 +347,12 @@ class RouterProxy:
             routing.update(version=lane.version, lane=stage)
         status, resp, student_usage = 0, {}, None
         tried = decision.to_student
-        if tried:
+        passed = tried and stream and not self.checks_answer(lane, decision)
+        if passed:  # nothing to check: the student's stream goes to the client as it comes
+            decision = Decision("student", [*decision.reasons, PASSED_ON], "before", decision.signals)
+        elif tried:
             decision, status, resp = await self.ask_student(lane, body, upstream, decision, fn, routing)
             student_usage = resp.get("usage") if status == 200 else None
-        headers = {"x-distill-route": decision.route, "x-distill-phase": decision.phase,
-                   "x-distill-reasons": _reasons_header(decision.reasons),
-                   "x-distill-policy": lane.policy_sha, "x-request-id": rid}
-        if lane.version is not None:
-            headers["x-distill-version"] = lane.version
 
         def finish(status: int, resp: dict[str, Any]) -> None:
             self.counts[decision.route] += 1
@@ -338,13 +368,28 @@ class RouterProxy:
                                     None if decision.to_student else answer,
                                     self.versions.shadow() if self.versions is not None else None), stage)
 
+        if passed:
+            out, status, resp = await self._stream(request, lane.url, self.cfg.student_key_env,
+                                                   self.student_body(lane, upstream, stream=True),
+                                                   _headers(decision, lane, rid))
+            student_usage = resp.get("usage") if status == 200 else None
+            if out is not None:
+                finish(200, resp)
+                return out
+            problem = answer_problem(status, resp)  # failed before its first byte: the teacher answers instead
+            if problem:
+                decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
+                                    decision.signals)
+        headers = _headers(decision, lane, rid)
         if not decision.to_student:
             tbody = self.teacher_body(upstream, lane)
             if stream:
-                streamed = await self._stream_teacher(request, tbody, headers, finish)
-                if isinstance(streamed, web.StreamResponse):
-                    return streamed
-                status, resp = streamed  # an error before the stream began, or a teacher that does not stream
+                out, status, resp = await self._stream(request, self.cfg.teacher_url, self.cfg.teacher_key_env,
+                                                       tbody, headers)
+                if out is not None:
+                    finish(200, resp)
+                    return out
+                # else an error before the stream began, or a teacher that does not stream
             else:
                 status, resp = await self._forward(self.cfg.teacher_url, tbody, self.cfg.teacher_key_env)
         finish(status, resp)
@@ -353,53 +398,40 @@ class RouterProxy:
             return await send_events(request, completion_chunks(resp, include_usage), headers)
         return web.json_response(resp, status=status, headers=headers)
 
-    async def _stream_teacher(self, request: web.Request, tbody: dict[str, Any], headers: dict[str, str],
-                              finish) -> web.StreamResponse | tuple[int, dict[str, Any]]:
-        """Relay the teacher's server-sent events to the client as they arrive. The teacher is always asked for
-        usage (the ledger needs it); the usage-only chunk is passed on only when the client asked for it. Returns
-        (status, body) instead when the teacher answered with an error or with a plain JSON completion."""
-        asked = tbody.get("stream_options") or {}
+    async def _stream(self, request: web.Request, base: str, key_env: str | None, ubody: dict[str, Any],
+                      headers: dict[str, str]) -> tuple[web.StreamResponse | None, int, dict[str, Any]]:
+        """Relay an upstream's server-sent events to the client as they arrive (the teacher's, or the student's
+        when nothing is checked). The upstream is always asked for usage (the ledger needs it); the usage-only
+        chunk is passed on only when the client asked for it. Returns (the response, 200, the assembled
+        completion), or (None, status, body) when the upstream answered with an error or a plain JSON completion
+        before anything was sent."""
+        asked = ubody.get("stream_options") or {}
         want_usage = bool(asked.get("include_usage"))
-        tbody = {**tbody, "stream": True, "stream_options": {**asked, "include_usage": True}}
-        url, up_headers = self._target(self.cfg.teacher_url, self.cfg.teacher_key_env)
+        ubody = {**ubody, "stream": True, "stream_options": {**asked, "include_usage": True}}
+        url, up_headers = self._target(base, key_env)
         chunks: list[dict[str, Any]] = []
         out: web.StreamResponse | None = None
         broken = None
         try:
-            async with self.session.post(url, json=tbody, headers=up_headers) as up:
+            async with self.session.post(url, json=ubody, headers=up_headers) as up:
                 if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
-                    return up.status, await self._read_json(up, url)
+                    return None, up.status, await self._read_json(up, url)
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
-                event: list[bytes] = []
-                buf = b""
-                async for data in up.content.iter_any():  # no line-length limit (a chunk with logprobs is long)
-                    buf += data
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            event.append(line.rstrip(b"\r") + b"\n")
-                        elif event:
-                            await relay(out, event, chunks, want_usage)
-                            event = []
-                if buf.strip():
-                    event.append(buf.rstrip(b"\r") + b"\n")
-                if event:
-                    await relay(out, event, chunks, want_usage)
+                await relay_events(up.content, out, chunks, want_usage)
                 await out.write_eof()
         except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
             if out is None:
-                return 502, {"error": {"message": f"cannot reach {url}: {type(err).__name__}",
-                                       "type": "upstream_error"}}
+                return None, 502, {"error": {"message": f"cannot reach {url}: {type(err).__name__}",
+                                             "type": "upstream_error"}}
             broken = f"stream broken after {len(chunks)} chunks: {type(err).__name__}"
         try:
             resp = reassemble_stream(chunks)
         except BadRecord as err:
-            resp = {"error": {"message": f"teacher stream unusable: {err}", "type": "upstream_error"}}
+            resp = {"error": {"message": f"stream from {url} unusable: {err}", "type": "upstream_error"}}
         if broken:
             resp["error"] = resp.get("error") or {"message": broken, "type": "upstream_error"}
-        finish(200, resp)
-        return out
+        return out, 200, resp
 
     def log_error(self, request: web.Request, rid: str, resp: web.Response) -> None:
         """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""

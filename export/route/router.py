@@ -10,7 +10,7 @@ distance from the training inputs and the Router is loaded with ``embeddings=Tru
         answer, logprobs = call_student(request)   # logprobs: floats, or OpenAI logprobs.content with top_logprobs
         d = router.after(request, logprobs, before=d)   # the student's confidence in its own answer
     # d.route is "student" or "teacher"; d.reasons lists the checks in order, the last one decided;
-    # d.signals holds the measured values (input_tokens, language, distance, confidence)
+    # d.signals holds the measured values (input_tokens, language, distance; confidence where a threshold needs it)
 
 ``request`` is an OpenAI chat-completions body; its function is read from ``metadata.function`` unless given.
 
@@ -125,7 +125,7 @@ class _Rule:
     depend on the request are formatted here, once."""
 
     __slots__ = ("enabled", "why", "limit", "estimate", "languages", "max_distance", "signal", "threshold", "entropy",
-                 "calibrated", "disabled", "below", "kept", "_length_reasons")
+                 "calibrated", "disabled", "below", "kept", "unchecked", "_length_reasons")
 
     def __init__(self, fn: str, r: FunctionRule):
         self.enabled = r.enabled
@@ -142,6 +142,10 @@ class _Rule:
         thr = self.threshold
         self.below = f" ({self.signal}) < threshold {thr:.3f}" if thr is not None else ""
         self.kept = f" ({self.signal}) " + ("no threshold" if thr is None else f">= threshold {thr:.3f}")
+        # No threshold on an entropy signal: its value would only be logged, and it costs more than the rest of the
+        # decision; only whether it could be computed matters (calibration keeps no answer without top-k).
+        self.unchecked = (f"student answer kept: no threshold ({self.signal} not computed)"
+                          if self.entropy and thr is None else None)
         self._length_reasons: dict[str, dict[int, str]] = {}
 
     def length_reason(self, n: int, how: str) -> str:
@@ -158,6 +162,16 @@ class _Rule:
             if len(seen) < 4096:
                 seen[n] = reason
         return reason
+
+    def has_top_k(self, logprobs: Sequence[Any]) -> bool:
+        """Whether every token of a non-empty answer has top-k logprobs (an entropy signal is finite exactly then,
+        for logprobs below 700)."""
+        if not isinstance(logprobs[0], dict):
+            return False
+        for t in logprobs:  # noqa: SIM110  (a loop: faster than all() over a generator or map() on CPython 3.11)
+            if not t.get("top_logprobs"):
+                return False
+        return True
 
     def confidence(self, logprobs: Sequence[Any]) -> float | None:
         """The rule's confidence signal of a non-empty answer; None when it needs top-k the answer lacks."""
@@ -208,6 +222,7 @@ class Router:
                 if what not in skip:
                     raise PolicyError(f"this policy checks {what}: pass its helper or skip=('{what}',)")
                 self.skipped.append(what)
+        self._not_checked = f"not checked: {', '.join(self.skipped)}" if self.skipped else None
 
     @classmethod
     def load(cls, path: str | Path, *, language: bool = True, embeddings: bool = True) -> Router:
@@ -306,15 +321,17 @@ class Router:
                 reasons.append(f"distance {d:.3f} from the training inputs is over the limit {rule.max_distance:.3f}")
                 return Decision("teacher", reasons, "before", signals)
             reasons.append(f"distance {d:.3f} <= {rule.max_distance:.3f}")
-        if self.skipped:
-            reasons.append(f"not checked: {', '.join(self.skipped)}")
+        if self._not_checked:
+            reasons.append(self._not_checked)
         return Decision("student", reasons, "before", signals)
 
     def after(self, request: dict[str, Any], logprobs: Sequence[Any], function: str | None = None,
               before: Decision | None = None) -> Decision:
         """Phase 2, after the student answered: keep its answer only if it was confident enough.
         ``logprobs``: the answer's token logprobs (floats), or OpenAI ``logprobs.content`` (needed, with
-        ``top_logprobs``, by the entropy signals). ``before``: the phase-1 decision, to skip recomputing it."""
+        ``top_logprobs``, by the entropy signals). ``before``: the phase-1 decision, to skip recomputing it.
+        With no threshold the answer is kept if its signal is finite, as calibration keeps it; an entropy signal is
+        then not computed (only whether every token has top-k), and ``signals`` has no ``confidence``."""
         first = before if before is not None else self.before(request, function)
         signals = dict(first.signals)
         if first.route != "student":
@@ -322,13 +339,19 @@ class Router:
         if not logprobs:
             return Decision("teacher", [*first.reasons, "the student's answer is empty"], "after", signals)
         rule = self._rules[signals["function"]]
+        if rule.unchecked is not None and rule.has_top_k(logprobs):  # no threshold: the value would change nothing
+            return Decision("student", [*first.reasons, rule.unchecked], "after", signals)
         c = rule.confidence(logprobs)
         if c is None:
             raise ValueError(f"function '{signals['function']}' routes on {rule.signal}: pass logprobs as OpenAI "
                              f"logprobs.content with top_logprobs (ask the student endpoint for top_logprobs)")
         signals["confidence"] = c
-        if rule.threshold is not None and (c < rule.threshold or c != c):  # c != c: NaN
+        thr = rule.threshold
+        if thr is not None and (c < thr or c != c):  # c != c: NaN
             return Decision("teacher", [*first.reasons, f"student confidence {c:.3f}{rule.below}"], "after", signals)
+        if c - c != 0:  # inf or NaN: calibration keeps no answer whose signal is not finite, threshold or not
+            return Decision("teacher", [*first.reasons, f"student confidence {c} ({rule.signal}) is not finite"],
+                            "after", signals)
         return Decision("student", [*first.reasons, f"student confidence {c:.3f}{rule.kept}"], "after", signals)
 
     def decide(self, request: dict[str, Any], logprobs: Sequence[Any] | None = None,

@@ -6,6 +6,7 @@ header) get the same JSON errors through ``json_parse_errors``."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -16,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+log = logging.getLogger("distill.serve_router")
 MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
 
 
@@ -80,6 +82,7 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         resp = error_response(exc.status, exc.reason if exc.status != 413 else
                       f"the request body is over the {MAX_BODY:,}-byte limit", kind, rid)
     except Exception as exc:  # noqa: BLE001 - a bug must still answer in JSON, be logged, and not kill the proxy
+        log.exception("request %s failed inside serve-router", rid)  # the traceback only: never the body
         resp = error_response(500, f"internal error in distill serve-router: {type(exc).__name__}", "server_error", rid)
     if resp.status >= 400 and "x-distill-route" not in resp.headers:
         proxy.log_error(request, rid, resp)
@@ -166,6 +169,26 @@ async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[s
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
     await out.write(b"".join(event) + b"\n")
+
+
+async def relay_events(content: Any, out: web.StreamResponse, chunks: list[dict[str, Any]], want_usage: bool) -> None:
+    """Relay an upstream's SSE body (aiohttp ``StreamReader``) event by event, as it arrives; no line-length limit
+    (a chunk with logprobs is long)."""
+    event: list[bytes] = []
+    buf = b""
+    async for data in content.iter_any():
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.strip():
+                event.append(line.rstrip(b"\r") + b"\n")
+            elif event:
+                await relay(out, event, chunks, want_usage)
+                event = []
+    if buf.strip():
+        event.append(buf.rstrip(b"\r") + b"\n")
+    if event:
+        await relay(out, event, chunks, want_usage)
 
 
 def completion_chunks(resp: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:

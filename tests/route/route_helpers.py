@@ -72,7 +72,9 @@ def completion(content: str, model: str, logprobs: list[dict[str, Any]] | None =
 
 TEACHER_PIECES = ['{"answer', '": "from', ' the', ' teacher"}']  # json.dumps({"answer": "from the teacher"})
 TEACHER_USAGE = {"prompt_tokens": 21, "completion_tokens": 9, "total_tokens": 30}
+STUDENT_USAGE = {"prompt_tokens": 20, "completion_tokens": 6, "total_tokens": 26}
 STREAM_DELAY_S = 0.15
+STUDENT_PIECES = ["The", " Echo", " Speaker", " is", " in", " stock."]  # the student's answer, when it streams
 
 
 class Upstream:
@@ -95,24 +97,28 @@ class Upstream:
         n = len(self.bodies)
         if self.kind == "teacher" and body.get("stream"):
             return await self.stream(request, body, f"chatcmpl-teacher-{n}")
+        if self.kind == "student" and "FAIL" in user:
+            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+        if self.kind == "student" and body.get("stream"):
+            return await self.stream(request, body, f"chatcmpl-student-{n}", STUDENT_PIECES, STUDENT_USAGE)
         if self.kind == "teacher":
             return web.json_response(completion(json.dumps({"answer": "from the teacher"}), "gpt-4o-2024-08-06",
                                                 rid=f"chatcmpl-teacher-{n}"))
-        if "FAIL" in user:
-            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
         values = [-0.01, -0.02, -4.5, -0.01] if "UNSURE" in user else [-0.01, -0.03, -0.02, -0.01]
         return web.json_response(completion("The Echo Speaker is in stock.", body.get("model", "?"),
                                             content_logprobs(values, body.get("top_logprobs") or 3),
                                             rid=f"chatcmpl-student-{n}"))
 
-    async def stream(self, request: web.Request, body: dict[str, Any], rid: str) -> web.StreamResponse:
-        """The teacher's answer as OpenAI streams it: role chunk, one chunk per TEACHER_PIECES item (STREAM_DELAY_S
-        apart), a finish chunk, the usage chunk when stream_options.include_usage, then [DONE]."""
+    async def stream(self, request: web.Request, body: dict[str, Any], rid: str, pieces: list[str] = TEACHER_PIECES,
+                     usage_of: dict[str, int] | None = None) -> web.StreamResponse:
+        """An answer as OpenAI streams it: role chunk, one chunk per piece (STREAM_DELAY_S apart), a finish chunk,
+        the usage chunk when stream_options.include_usage, then [DONE]."""
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        base = {"id": rid, "object": "chat.completion.chunk", "created": 1764000000, "model": "gpt-4o-2024-08-06"}
-        deltas = [({"role": "assistant", "content": ""}, None), *[({"content": p}, None) for p in TEACHER_PIECES],
+        model = "gpt-4o-2024-08-06" if self.kind == "teacher" else body.get("model", "?")
+        base = {"id": rid, "object": "chat.completion.chunk", "created": 1764000000, "model": model}
+        deltas = [({"role": "assistant", "content": ""}, None), *[({"content": p}, None) for p in pieces],
                   ({}, "stop")]
         for delta, finish in deltas:
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
@@ -121,7 +127,8 @@ class Upstream:
             await out.write(f"data: {json.dumps(chunk)}\n\n".encode())
             await asyncio.sleep(STREAM_DELAY_S)
         if usage:
-            await out.write(f"data: {json.dumps({**base, 'choices': [], 'usage': TEACHER_USAGE})}\n\n".encode())
+            tail = {**base, "choices": [], "usage": usage_of or TEACHER_USAGE}
+            await out.write(f"data: {json.dumps(tail)}\n\n".encode())
         await out.write(b"data: [DONE]\n\n")
         return out
 
