@@ -14,7 +14,7 @@ from pipeline.stages import PIPELINE
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "curation", "training", "export")
 ROOMS = [module.rsplit(".", 1)[0] for _, module in PIPELINE]  # curation.harvest, ..., export.export
-TOP_LAYER = {"pipeline.cli"}  # the commands: may import any room's public modules (lazily)
+TOP_LAYER = {"pipeline.cli", "pipeline.cli_serve"}  # the commands: may import any room's public modules (lazily)
 SHIMS = {"export.router": "export.route.router"}  # earlier import paths, each re-exporting one public module
 MAX_LINES = 80
 

@@ -1,0 +1,378 @@
+"""The `distill` commands that serve and watch a student: serve-router, serve-student, route-check, ledger, live,
+promote, rollback (docs/route.md, docs/live.md). `pipeline.cli` adds their parsers and dispatches to them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.recipe import load_recipe
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_DRIFT = 6
+EXIT_ROLLED_BACK, EXIT_BROKEN, EXIT_CHANGED = 7, 8, 9  # distill live --decide (docs/live.md)
+
+
+def _serve_student_parser(sub) -> None:
+    ss = sub.add_parser("serve-student", help="OpenAI-compatible server for a published student on CPU (transformers)",
+                        description="Serve POST /v1/chat/completions from a pulled store version or the run's export "
+                        "folder: greedy answers as evaluate made them (the evaluated max_new_tokens from "
+                        "generation_config.json), logprobs and top_logprobs when asked (what serve-router's "
+                        "confidence check needs), concurrent requests batched. For production: vLLM (GPU) or "
+                        "llama-server (docs/export.md).")
+    ss.add_argument("folder", help="a pulled store version or runs/<name>/export/<model_name>")
+    ss.add_argument("--host", default="127.0.0.1")
+    ss.add_argument("--port", type=int, default=8000)
+    ss.add_argument("--model-name", help="the model name in answers and /v1/models (default: the version's name)")
+    ss.add_argument("--max-batch", type=int, default=8, help="most requests answered in one batch (default 8)")
+    ss.add_argument("--batch-wait-ms", type=float, default=5.0,
+                    help="how long the first request of a batch waits for others (default 5 ms)")
+
+
+def _ledger_parser(sub) -> None:
+    lg = sub.add_parser("ledger", help="savings ledger: serve-router's logs by day, function and version",
+                        description="Rolls serve-router's logs up by day, function and version (the routing "
+                        "policy's sha256 prefix): requests, student share, dollars spent, what the teacher alone "
+                        "would have cost, dollars saved, escalation rate.")
+    lg.add_argument("--logs", required=True, help="serve-router's --log-dir (or a .jsonl file or a glob)")
+    lg.add_argument("--json", dest="json_out", help="also write the ledger as JSON to this file")
+
+
+def _serve_router_parser(sub) -> None:
+    sr = sub.add_parser("serve-router", help="OpenAI-compatible proxy applying a routing policy (student or teacher)",
+                        description="Serve POST /v1/chat/completions: each request goes to the student when the "
+                        "routing policy allows it (and its answer is confident enough), else to the teacher. The "
+                        "decision is in the x-distill-route / x-distill-reasons response headers; every call is "
+                        "logged in the format `distill harvest` reads (teacher-*.jsonl: training data for the next "
+                        "run; student-*.jsonl: for route-check).")
+    sr.add_argument("policy", nargs="?", help="a recipe (its run's route stage; its route.live settings are the "
+                    "defaults), a routing_policy.json or a folder holding one (e.g. a pulled store version); "
+                    "with --deployment, a recipe or nothing")
+    sr.add_argument("--student-url", help="base URL of the student's OpenAI-compatible API (…/v1); with "
+                    "--deployment, each version's URL comes from --version-url or the file")
+    sr.add_argument("--teacher-url", required=True, help="base URL of the teacher's OpenAI-compatible API (…/v1)")
+    sr.add_argument("--student-model", help="model name sent to the student (default: the policy's student name)")
+    sr.add_argument("--teacher-model", help="model name sent to the teacher (default: the one the client sent)")
+    sr.add_argument("--student-key-env", help="NAME of the env var holding the student's API key (never the key)")
+    sr.add_argument("--teacher-key-env", help="NAME of the env var holding the teacher's API key (never the key)")
+    sr.add_argument("--log-dir", default="logs/router", help="where request logs go (default: logs/router)")
+    sr.add_argument("--host", default="127.0.0.1")
+    sr.add_argument("--port", type=int, default=8080)
+    sr.add_argument("--timeout", type=float, default=120.0, help="seconds per upstream call")
+    sr.add_argument("--no-embeddings", action="store_true", help="skip the distance rule (no torch, no MiniLM)")
+    sr.add_argument("--no-language", action="store_true", help="skip the language rule")
+    sr.add_argument("--before-only", action="store_true", help="do not check the student's confidence after it "
+                    "answers (a streamed answer is then relayed as it comes)")
+    _live_serve_args(sr)
+
+
+def _live_serve_args(sr) -> None:
+    sr.add_argument("--deployment", metavar="PATH", help="serve the versions a deployment file names "
+                    "(<store>/<name>/deployment.json; re-read when it changes): serving, canary, shadow")
+    sr.add_argument("--version-url", action="append", default=[], metavar="VERSION=URL",
+                    help="a store version's student endpoint, e.g. v2=http://student-v2:8000/v1 (repeatable)")
+    sr.add_argument("--audit-share", type=float, help="share of student answers the teacher audits in the "
+                    "background (default: 0; with --deployment, or a recipe that sets route.live.audit_share: "
+                    "route.live.audit_share)")
+    sr.add_argument("--canary-audit-share", type=float, help="audit share of a canary's answers "
+                    "(default: route.live.canary_audit_share)")
+    sr.add_argument("--queue-size", type=int, help="background audits waiting at most; more are dropped and "
+                    "counted (default: route.live.queue_size)")
+    sr.add_argument("--seed", type=int, help="seed of the audit, shadow and canary sampling (default: random)")
+
+
+def _live_parsers(sub) -> None:
+    lv = sub.add_parser("live", help="live quality per version and function; --decide: promote or roll back",
+                        description="Reads serve-router's logs: per version and function, the audited quality of "
+                        "the student's answers with confidence intervals, the routed quality it implies, student "
+                        "share, escalation rate, latency percentiles, and a shadowed candidate's scores. --decide "
+                        "then moves the deployment on (docs/live.md): exit 7 rolled back, 8 a guardrail broke "
+                        "with nothing to roll back to, 9 a version moved on, 0 nothing to do. Without --decide: "
+                        "exit 8 when a guardrail is broken (nothing changes), else 0.")
+    lv.add_argument("recipe", help="the recipe (export.store, export.model_name and route.live)")
+    lv.add_argument("--logs", help="serve-router's --log-dir (default: route.live.log_dir)")
+    lv.add_argument("--since", help="only lines at or after this ISO time (e.g. 2026-12-06T00:00)")
+    lv.add_argument("--json", dest="json_out", help="also write the report (and decisions) as JSON to this file")
+    lv.add_argument("--decide", action="store_true", help="apply the sequential tests and change the deployment")
+    lv.add_argument("--deployment", metavar="PATH", help="default: route.live.deployment, else "
+                    "<export.store>/<export.model_name>/deployment.json")
+    lv.add_argument("--version-url", action="append", default=[], metavar="VERSION=URL",
+                    help="record a version's student endpoint in the deployment file (repeatable)")
+    for cmd, what in (("promote", "make a version serve (or enter shadow or canary) by hand"),
+                      ("rollback", "withdraw the candidate, or put the previous version back, by hand")):
+        c = sub.add_parser(cmd, help=what, description=f"{what[0].upper()}{what[1:]}; the change and --reason are "
+                           "logged in the deployment file's history. Exit 2 when the change is not possible.")
+        c.add_argument("recipe", help="the recipe (export.store, export.model_name)")
+        if cmd == "promote":
+            c.add_argument("version", nargs="?", help="the version (default: the candidate)")
+            c.add_argument("--stage", choices=("serving", "canary", "shadow"), default="serving",
+                           help="where the version goes (default: serving)")
+            c.add_argument("--share", type=float, help="canary or shadow share (default: route.live's)")
+            c.add_argument("--version-url", action="append", default=[], metavar="VERSION=URL",
+                           help="record a version's student endpoint in the deployment file (repeatable)")
+        else:
+            c.add_argument("version", nargs="?", help="the version to withdraw: the candidate, or the serving "
+                           "version (which keeps a candidate beside it); default: the candidate if any, else the "
+                           "serving version")
+        c.add_argument("--reason", default="", help="why, for the history")
+        c.add_argument("--deployment", metavar="PATH", help="the deployment file (default: beside the store)")
+
+
+def _urls(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        version, sep, url = pair.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--version-url {pair!r}: expected VERSION=http(s)://HOST:PORT/v1")
+        out[version.strip()] = url.strip()
+    return out
+
+
+def _deployment_path(args: argparse.Namespace, recipe) -> Path:
+    from export.route.deployment import path_for
+
+    if args.deployment or recipe.route.live.deployment:
+        return Path(args.deployment or recipe.route.live.deployment)
+    if recipe.export is None:
+        raise ValueError("the recipe has no export section: pass --deployment PATH")
+    return path_for(recipe.export.store, recipe.export.model_name)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _ci(q) -> str:
+    return "-" if not q or q.get("mean") is None else f"{100 * q['mean']:.1f} [{100 * q['ci'][0]:.1f}-" \
+        f"{100 * q['ci'][1]:.1f}]"
+
+
+def _live_table(report: dict, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    cols = ("version", "function", "requests", "student", "escalated", "audits", "audited quality %",
+            "routed quality %", "p50 ms", "p99 ms", "shadow quality %")
+    for col in cols:
+        table.add_column(col, justify="left" if col in cols[:2] else "right")
+    for r in [*report["rows"], *report["versions"]]:
+        lat, sh = r["latency_ms"], r["shadow"]
+        table.add_row(r["version"], r["function"], str(r["requests"]), _pct(r["student_share"]),
+                      _pct(r["escalation_rate"]), str(r["audited_quality"]["n"]), _ci(r["audited_quality"]),
+                      _ci(r["routed_quality"]), "-" if lat["p50"] is None else f"{lat['p50']:.0f}",
+                      "-" if lat["p99"] is None else f"{lat['p99']:.0f}",
+                      f"{_ci(sh['quality'])} n={sh['quality']['n']}" if sh else "-")
+    return table
+
+
+def _live(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from export.route import canary
+    from export.route.live import report as live_report
+
+    recipe = load_recipe(args.recipe)
+    cfg = recipe.route.live
+    logs = args.logs or cfg.log_dir
+    out: dict = {"report": live_report(logs, args.since, recipe.route.confidence_level, recipe.route.bootstrap,
+                                      missing_ok=args.decide)}
+    console.print(_live_table(out["report"], f"live: {out['report']['counts']['calls']} routed requests in {logs}"))
+    code = EXIT_OK
+    path = _deployment_path(args, recipe) if recipe.export else None
+    if not args.decide and path is not None and path.exists():  # report a broken guardrail, change nothing
+        would, _ = canary.run(path, recipe.export.store, recipe.export.model_name, logs, cfg, dry_run=True)
+        out["would_decide"] = would
+        broken = [d for d in would if d["action"] in ("rollback", "broken")]
+        for d in broken:
+            console.print(f"[bold red]guardrail broken:[/] {d['reason']} (--decide would: {d['action']})",
+                          soft_wrap=True)
+        code = EXIT_BROKEN if broken else EXIT_OK
+    if args.decide:
+        if recipe.export is None:
+            raise ValueError("--decide needs the recipe's export section (store and model_name)")
+        done, dep = canary.run(path, recipe.export.store, recipe.export.model_name, logs, cfg,
+                               _urls(args.version_url))
+        out.update(decisions=done, deployment=dep)
+        for d in done:
+            console.print(f"[bold]{d['action']}[/] {d.get('version')}: {d['reason']}", soft_wrap=True)
+        actions = {d["action"] for d in done}
+        code = EXIT_ROLLED_BACK if "rollback" in actions else EXIT_BROKEN if "broken" in actions else \
+            EXIT_CHANGED if actions else EXIT_OK
+        cand = dep.get("candidate")
+        console.print(f"serving {dep.get('serving')}" + (f"; {cand['version']} in {cand['stage']} at "
+                      f"{cand['share']:g}" if cand else "") + f" (exit {code})")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return code
+
+
+def _promote_or_rollback(args: argparse.Namespace, console: Console) -> int:
+    from export.route import deployment
+
+    recipe = load_recipe(args.recipe)
+    cfg = recipe.route.live
+    name = recipe.export.model_name if recipe.export else "student"
+    path = _deployment_path(args, recipe)
+    if args.command != "rollback" and args.version and not (path.parent / args.version / "routing_policy.json").is_file():
+        raise deployment.DeploymentError(f"{args.version} is not in the store: no routing policy at "
+                                         f"{path.parent / args.version / 'routing_policy.json'} (distill run publishes "
+                                         "versions there)")
+    with deployment.updating(path, name) as dep:
+        if args.command == "rollback":
+            entry = deployment.change(dep, "rollback", args.version, reason=args.reason or "by hand")
+        else:
+            dep["urls"] = {**dep.get("urls", {}), **_urls(args.version_url)}
+            action = {"serving": "serve" if args.version else "promote", "canary": "canary",
+                      "shadow": "shadow"}[args.stage]
+            if args.stage == "canary" and args.version and (dep.get("candidate") or {}).get("version") != args.version:
+                deployment.change(dep, "shadow", args.version, share=args.share or cfg.shadow_share,
+                                  reason=args.reason or "by hand, on the way to canary")
+            if action == "serve" and (dep.get("candidate") or {}).get("version") == args.version:
+                action = "promote"
+            entry = deployment.change(dep, action, args.version if action in ("serve", "shadow", "promote") else None,
+                                      share=args.share or (cfg.canary_share if action == "canary" else
+                                                           cfg.shadow_share),
+                                      reason=args.reason or "by hand")
+    console.print(f"{entry['action']} {entry.get('version')}: serving {dep.get('serving')}" +
+                  (f", candidate {dep['candidate']['version']} ({dep['candidate']['stage']})"
+                   if dep.get("candidate") else ""), soft_wrap=True)
+    return EXIT_OK
+
+
+def _ledger(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from export.route.ledger import ledger
+
+    report = ledger(args.logs)
+    table = Table(title=f"ledger: {report['total']['requests']} routed requests in {args.logs}", title_justify="left")
+    cols = ("day", "function", "version", "requests", "student share", "escalation rate", "spent $",
+            "teacher-only $", "saved $", "live quality")
+    for col in cols:
+        table.add_column(col, justify="left" if col in cols[:3] else "right")
+    for r in [*report["rows"], {**report["total"], "day": "total", "function": "", "version": ""}]:
+        table.add_row(r["day"], r["function"], r["version"], str(r["requests"]), f"{100 * r['student_share']:.1f}%",
+                      f"{100 * r['escalation_rate']:.1f}%", f"{r['spent_usd']:.6f}", f"{r['teacher_only_usd']:.6f}",
+                      f"{r['saved_usd']:.6f}", "-" if r["live_quality"] is None else
+                      f"{100 * r['live_quality']:.1f}% n={r['live_audits']}")
+    console.print(table)
+    if report["total"]["unpriced"]:
+        console.print(f"[yellow]{report['total']['unpriced']} requests have no price[/] (no usage or no prices): "
+                      "counted, not in the dollars", soft_wrap=True)
+    if report["unreadable_lines"]:
+        console.print(f"[dim]{report['unreadable_lines']} log lines could not be read[/]")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return EXIT_OK
+
+
+def _route_check_parser(sub) -> None:
+    rc = sub.add_parser("route-check", help="compare recent logs with the routing policy's calibration (drift)",
+                        description="Replays the routing policy's pre-generation rules on logged requests and compares "
+                        "per function the escalation rates and the distance and length distributions with "
+                        f"calibration. Exit code {EXIT_DRIFT} when they moved (drift), 0 when not.")
+    rc.add_argument("recipe", help="a recipe (its run's route stage), a routing_policy.json or its folder")
+    rc.add_argument("--logs", required=True, help="a .jsonl(.gz) file, a folder or a glob of OpenAI-format logs")
+    rc.add_argument("--max-rate-change", type=float, default=0.1,
+                    help="flag an escalation rate that moved more than this from calibration (default 0.1)")
+    rc.add_argument("--max-psi", type=float, default=0.2,
+                    help="flag a distance or length distribution whose PSI exceeds this (default 0.2)")
+    rc.add_argument("--min-requests", type=int, default=30, help="functions with fewer requests are never flagged")
+    rc.add_argument("--no-embeddings", action="store_true", help="do not compare distances (no torch)")
+    rc.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
+
+
+def _serve_router(args: argparse.Namespace, console: Console) -> int:
+    from export.route.proxy import ProxyConfig, serve
+    from pipeline.config.route import LiveConfig
+
+    for name in (args.student_key_env, args.teacher_key_env):
+        if name and name not in os.environ:
+            console.print(f"[yellow]warning:[/] environment variable {name} is not set; calls go without a key")
+    recipe = load_recipe(args.policy) if args.policy and args.policy.endswith((".yaml", ".yml")) else None
+    live = recipe.route.live if recipe else LiveConfig()
+    deployment = args.deployment or (live.deployment if recipe and args.deployment is None and
+                                     live.deployment else None)
+    if not deployment and not (args.policy and args.student_url):
+        raise ValueError("serve-router needs a policy and --student-url, or --deployment PATH")
+    # Audits cost teacher calls: a plain policy proxy audits nothing unless asked (--audit-share, or the recipe
+    # sets route.live.audit_share itself); with a deployment file the live loop's default applies.
+    audit = args.audit_share if args.audit_share is not None else live.audit_share if (
+        deployment or "audit_share" in live.model_fields_set) else 0.0
+    live = LiveConfig(**{**live.model_dump(), **{k: v for k, v in (
+        ("audit_share", audit), ("canary_audit_share", args.canary_audit_share),
+        ("queue_size", args.queue_size)) if v is not None}})  # validated: a share outside [0, 1] is refused
+    cfg = ProxyConfig(student_url=args.student_url or "", teacher_url=args.teacher_url, log_dir=Path(args.log_dir),
+                      student_model=args.student_model, teacher_model=args.teacher_model,
+                      student_key_env=args.student_key_env, teacher_key_env=args.teacher_key_env,
+                      timeout_s=args.timeout, check_after=not args.before_only, audit_share=live.audit_share,
+                      canary_audit_share=live.canary_audit_share, queue_size=live.queue_size, workers=live.workers,
+                      reload_s=live.reload_s, seed=args.seed)
+    try:
+        serve(args.policy, cfg, args.host, args.port, language=not args.no_language,
+              embeddings=not args.no_embeddings, print_fn=lambda m: console.print(m, soft_wrap=True),
+              deployment=deployment, version_urls=_urls(args.version_url))
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _route_check(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from export.route.drift import check, fmt, read_logs
+    from export.route.proxy import policy_path
+    from export.route.router import Router
+
+    path = policy_path(args.recipe)
+    try:
+        router = Router.load(path, embeddings=not args.no_embeddings)
+    except ImportError as err:  # no MiniLM here: compare what can be compared
+        console.print(f"[yellow]warning:[/] {err}; distances are not compared", soft_wrap=True)
+        router = Router.load(path, embeddings=False)
+    lines, bad = read_logs(args.logs, requests_only=True)
+    report = check(router, lines, args.max_rate_change, args.max_psi, args.min_requests)
+    report["unreadable_lines"] = bad
+    table = Table(title=f"route-check: {report['requests']} logged requests vs the calibration of {path}",
+                  title_justify="left")
+    for col in ("function", "metric", "calibration", "live", "n", "", "note"):
+        table.add_column(col)
+    for r in report["rows"]:
+        table.add_row(r["function"], r["metric"], fmt(r["calibration"]), fmt(r["live"]), str(r["n"]),
+                      "[bold red]DRIFT[/]" if r["drift"] else "[green]ok[/]", r["note"])
+    console.print(table)
+    if bad:
+        console.print(f"[dim]{bad} log lines could not be read (not JSON or no request.messages)[/]")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if report["drift"]:
+        console.print(f"[bold red]drift:[/] recent traffic moved away from what the policy was calibrated on; "
+                      f"rerun the pipeline on recent logs (exit code {EXIT_DRIFT})", soft_wrap=True)
+        return EXIT_DRIFT
+    console.print("[green]no drift[/]: recent traffic matches the calibration")
+    return EXIT_OK
+
+
+def _serve_student(args: argparse.Namespace, console: Console) -> int:
+    from export.export.serve import serve as serve_student
+
+    serve_student(args.folder, args.host, args.port, model_name=args.model_name, max_batch=args.max_batch,
+                  batch_wait_ms=args.batch_wait_ms, print_fn=lambda m: console.print(m, soft_wrap=True))
+    return EXIT_OK
+
+
+def add_parsers(sub) -> None:
+    """The serving commands' parsers, in the order `distill --help` lists them."""
+    _serve_router_parser(sub)
+    _serve_student_parser(sub)
+    _ledger_parser(sub)
+    _live_parsers(sub)
+    _route_check_parser(sub)
+
+
+COMMANDS = {"serve-router": _serve_router, "route-check": _route_check, "ledger": _ledger, "live": _live,
+            "promote": _promote_or_rollback, "rollback": _promote_or_rollback, "serve-student": _serve_student}
