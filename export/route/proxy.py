@@ -5,8 +5,8 @@ teacher endpoint, and logs every call in the format ``distill harvest`` reads.
     GET  /v1/models, /health
 
 Per request: phase 1 (function, length, language, distance) decides whether the student may try; the student is
-asked for ``logprobs`` (and ``top_logprobs``), phase 2 keeps its answer only when it is confident enough, else the
-teacher answers. A student endpoint that fails also falls back to the teacher. The response carries the decision
+asked for ``logprobs`` (and ``top_logprobs``) when its function's rule has a threshold, and phase 2 keeps its
+answer only when it is confident enough, else the teacher answers. A student endpoint that fails also falls back to the teacher. The response carries the decision
 in headers: ``x-distill-route`` (student | teacher), ``x-distill-phase``, ``x-distill-reasons`` (JSON list) and
 ``x-distill-policy`` (the policy's sha256 prefix).
 
@@ -59,10 +59,13 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     SSE_HEADERS,
     answer_problem,
     completion_chunks,
+    end_with_error,
     error_response,
+    first_event,
+    iter_events,
     json_errors,
     json_parse_errors,
-    relay_events,
+    relay,
     request_problem,
     send_events,
 )
@@ -100,7 +103,14 @@ def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
         reasons = ["...", *reasons[2:]]  # drop the oldest reason (the first stays "...")
 
 
-PASSED_ON = "no answer check for this function: the student's stream is passed on as it comes"
+PASSED_ON = "no answer check (no threshold, or --before-only): the student's stream is passed on as it comes"
+
+
+def _drop_logprobs(resp: dict[str, Any]) -> None:
+    """Remove the logprobs the proxy asked for and the client did not."""
+    for c in resp.get("choices") or []:
+        if isinstance(c, dict):
+            c.pop("logprobs", None)
 
 
 def _headers(decision: Decision, lane: Lane, rid: str) -> dict[str, str]:
@@ -289,8 +299,8 @@ class RouterProxy:
 
     async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,
                           fn: str | None, routing: dict[str, Any]) -> tuple[Decision, int, dict[str, Any]]:
-        """The lane's student answers (never streamed: its answer is checked first); phase 2 keeps it or
-        escalates."""
+        """The lane's student answers whole (its answer is checked before anything is sent); phase 2 keeps it
+        or escalates."""
         status, resp = await self._forward(lane.url, self.student_body(lane, upstream), self.cfg.student_key_env)
         choices = resp.get("choices")
         problem = answer_problem(status, resp)
@@ -307,9 +317,7 @@ class RouterProxy:
             if not decision.to_student:
                 routing["student_answer"] = (choices[0].get("message") or {}).get("content")
         if decision.to_student and not body.get("logprobs"):
-            for c in resp.get("choices") or []:
-                if isinstance(c, dict):
-                    c.pop("logprobs", None)
+            _drop_logprobs(resp)
         return decision, status, resp
 
     def teacher_body(self, upstream: dict[str, Any], lane: Lane | None = None) -> dict[str, Any]:
@@ -376,10 +384,12 @@ class RouterProxy:
             if out is not None:
                 finish(200, resp)
                 return out
-            problem = answer_problem(status, resp)  # failed before its first byte: the teacher answers instead
+            problem = answer_problem(status, resp)  # failed before its first chunk: the teacher answers instead
             if problem:
                 decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
                                     decision.signals)
+            elif not body.get("logprobs"):  # it answered plain JSON: sent as chunks below, without unasked logprobs
+                _drop_logprobs(resp)
         headers = _headers(decision, lane, rid)
         if not decision.to_student:
             tbody = self.teacher_body(upstream, lane)
@@ -416,15 +426,26 @@ class RouterProxy:
             async with self.session.post(url, json=ubody, headers=up_headers) as up:
                 if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
                     return None, up.status, await self._read_json(up, url)
+                events = iter_events(up.content)
+                head, problem = await first_event(events)
+                if problem:  # nothing sent yet: the caller may still fall back
+                    return None, 502, {"error": {"message": f"{url}: {problem}", "type": "upstream_error"}}
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
-                await relay_events(up.content, out, chunks, want_usage)
+                for event in head:
+                    await relay(out, event, chunks, want_usage)
+                async for event in events:
+                    await relay(out, event, chunks, want_usage)
                 await out.write_eof()
         except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
             if out is None:
-                return None, 502, {"error": {"message": f"cannot reach {url}: {type(err).__name__}",
-                                             "type": "upstream_error"}}
-            broken = f"stream broken after {len(chunks)} chunks: {type(err).__name__}"
+                return None, 502, {"error": {"message": f"cannot reach {url} or its stream broke before its first "
+                                             f"chunk: {type(err).__name__}", "type": "upstream_error"}}
+            gone = request.transport is None or request.transport.is_closing()
+            broken = (f"{'client disconnected' if gone else 'stream broken'} after {len(chunks)} chunks: "
+                      f"{type(err).__name__}")
+            if not gone:
+                await end_with_error(out, broken)
         try:
             resp = reassemble_stream(chunks)
         except BadRecord as err:

@@ -10,6 +10,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -154,26 +155,37 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _PIECE = re.compile(r"\s*\S+|\s+$")
 
 
+def event_data(event: list[bytes]) -> bytes:
+    """The data of one SSE event (its ``data:`` lines joined); b"" for a comment or keep-alive."""
+    return b"\n".join(x[5:].strip() for x in event if x.startswith(b"data:"))
+
+
+def event_chunk(event: list[bytes]) -> dict[str, Any] | None:
+    """One SSE event's JSON chunk; None for [DONE], a comment or data that is not a JSON object."""
+    data = event_data(event)
+    if not data or data == b"[DONE]":
+        return None
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
 async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool) -> None:
     """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage) and
     keep its chunk for the log."""
-    data = b"\n".join(x[5:].strip() for x in event if x.startswith(b"data:"))
-    chunk = None
-    if data and data != b"[DONE]":
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            chunk = None
-    if isinstance(chunk, dict):
+    chunk = event_chunk(event)
+    if chunk is not None:
         chunks.append(chunk)
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
     await out.write(b"".join(event) + b"\n")
 
 
-async def relay_events(content: Any, out: web.StreamResponse, chunks: list[dict[str, Any]], want_usage: bool) -> None:
-    """Relay an upstream's SSE body (aiohttp ``StreamReader``) event by event, as it arrives; no line-length limit
-    (a chunk with logprobs is long)."""
+async def iter_events(content: Any) -> AsyncIterator[list[bytes]]:
+    """An upstream's SSE body (aiohttp ``StreamReader``) event by event, as it arrives; no line-length limit (a
+    chunk with logprobs is long)."""
     event: list[bytes] = []
     buf = b""
     async for data in content.iter_any():
@@ -183,12 +195,42 @@ async def relay_events(content: Any, out: web.StreamResponse, chunks: list[dict[
             if line.strip():
                 event.append(line.rstrip(b"\r") + b"\n")
             elif event:
-                await relay(out, event, chunks, want_usage)
+                yield event
                 event = []
     if buf.strip():
         event.append(buf.rstrip(b"\r") + b"\n")
     if event:
-        await relay(out, event, chunks, want_usage)
+        yield event
+
+
+async def first_event(events: AsyncIterator[list[bytes]]) -> tuple[list[list[bytes]], str | None]:
+    """The events up to and including the first one with data, and what is wrong with that one (None when it is a
+    chunk): an error event (how vLLM reports a failure after the stream opened), [DONE] first, or no data at all.
+    Nothing has been sent to the client yet, so the caller can still answer otherwise."""
+    head: list[list[bytes]] = []
+    async for event in events:
+        head.append(event)
+        if not event_data(event):
+            continue  # a comment or keep-alive: wait for data
+        chunk = event_chunk(event)
+        if chunk is None:
+            return head, "the stream ended before its first chunk"
+        if chunk.get("error"):
+            err = chunk["error"]
+            return head, f"error event: {str(err.get('message') if isinstance(err, dict) else err)[:200]}"
+        return head, None
+    return head, "the stream ended before any data"
+
+
+async def end_with_error(out: web.StreamResponse, message: str) -> None:
+    """End a relayed stream that broke with an OpenAI-style error event, so the client's SDK raises instead of
+    taking a cut answer for a whole one."""
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
+    try:
+        await out.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+        await out.write_eof()
+    except (ConnectionResetError, RuntimeError):  # the client is gone too
+        pass
 
 
 def completion_chunks(resp: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:

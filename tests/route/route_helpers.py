@@ -100,7 +100,7 @@ class Upstream:
         if self.kind == "student" and "FAIL" in user:
             return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
         if self.kind == "student" and body.get("stream"):
-            return await self.stream(request, body, f"chatcmpl-student-{n}", STUDENT_PIECES, STUDENT_USAGE)
+            return await self.stream(request, body, f"chatcmpl-student-{n}", STUDENT_PIECES, STUDENT_USAGE, user)
         if self.kind == "teacher":
             return web.json_response(completion(json.dumps({"answer": "from the teacher"}), "gpt-4o-2024-08-06",
                                                 rid=f"chatcmpl-teacher-{n}"))
@@ -110,17 +110,29 @@ class Upstream:
                                             rid=f"chatcmpl-student-{n}"))
 
     async def stream(self, request: web.Request, body: dict[str, Any], rid: str, pieces: list[str] = TEACHER_PIECES,
-                     usage_of: dict[str, int] | None = None) -> web.StreamResponse:
+                     usage_of: dict[str, int] | None = None, user: str = "") -> web.StreamResponse:
         """An answer as OpenAI streams it: role chunk, one chunk per piece (STREAM_DELAY_S apart), a finish chunk,
-        the usage chunk when stream_options.include_usage, then [DONE]."""
+        the usage chunk when stream_options.include_usage, then [DONE]. A user turn holding ERREVENT gets an error
+        event first (as vLLM reports a failure after the stream opened), NOEVENT a stream closed before any event,
+        BREAK a stream cut after two pieces."""
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
+        if "ERREVENT" in user:
+            await out.write(b'data: {"error": {"message": "model crashed", "type": "server_error"}}\n\ndata: [DONE]\n\n')
+            return out
+        if "NOEVENT" in user:
+            await asyncio.sleep(0.05)
+            request.transport.close()
+            return out
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model = "gpt-4o-2024-08-06" if self.kind == "teacher" else body.get("model", "?")
         base = {"id": rid, "object": "chat.completion.chunk", "created": 1764000000, "model": model}
         deltas = [({"role": "assistant", "content": ""}, None), *[({"content": p}, None) for p in pieces],
                   ({}, "stop")]
-        for delta, finish in deltas:
+        for k, (delta, finish) in enumerate(deltas):
+            if "BREAK" in user and k == 3:
+                request.transport.close()
+                return out
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
             if usage:
                 chunk["usage"] = None

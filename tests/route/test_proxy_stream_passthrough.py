@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from openai import OpenAI
+from openai import APIError, OpenAI
 from route_helpers import (
     FAQ,
     IN_BAND_FAQ,
@@ -52,7 +52,14 @@ def passthrough(e2e, tmp_path_factory):
     try:
         client = OpenAI(base_url=url, api_key="unused", max_retries=0)
         out = {"stream": _ask(client, IN_BAND_FAQ), "usage": _ask(client, IN_BAND_FAQ, usage=True),
-               "failed": _ask(client, IN_BAND_FAQ + " FAIL"), "plain": _ask(client, IN_BAND_FAQ, stream=False)}
+               "failed": _ask(client, IN_BAND_FAQ + " FAIL"), "plain": _ask(client, IN_BAND_FAQ, stream=False),
+               "error_event": _ask(client, IN_BAND_FAQ + " ERREVENT"),
+               "no_event": _ask(client, IN_BAND_FAQ + " NOEVENT")}
+        try:
+            _ask(client, IN_BAND_FAQ + " BREAK")
+            out["broken"] = None
+        except APIError as err:  # what the SDK raises on an error event: the cut answer is not taken for whole
+            out["broken"] = err
     finally:
         stop()
     return out, student, teacher, log_dir
@@ -79,31 +86,43 @@ def test_the_student_streams_through_as_it_comes(passthrough):
     last = out["usage"][1][-1][1]
     assert last.choices == [] and last.usage.model_dump(exclude_none=True) == STUDENT_USAGE
     streamed = [b for b in student.bodies if b.get("stream")]
-    assert len(streamed) == 3  # stream, usage, failed
+    assert len(streamed) == 6  # stream, usage, failed, error_event, no_event, broken
     # Usage always asked (the ledger needs it); no logprobs: nothing reads them and the client did not ask.
     assert all(b["stream_options"] == {"include_usage": True} and "logprobs" not in b for b in streamed)
     assert all(b["model"] == "tiny-student" for b in streamed)
 
 
-def test_a_student_failing_before_its_first_byte_falls_back_to_the_teacher(passthrough):
-    headers, chunks, _ = passthrough[0]["failed"]
+@pytest.mark.parametrize("case", ["failed", "error_event", "no_event"])
+def test_a_student_failing_before_its_first_chunk_falls_back_to_the_teacher(passthrough, case):
+    """An HTTP error, an error event first (vLLM's way after the stream opened), a stream closed before any event:
+    nothing was sent yet, so the teacher answers."""
+    headers, chunks, _ = passthrough[0][case]
     assert (headers["x-distill-route"], headers["x-distill-phase"]) == ("teacher", "after")
     assert "student endpoint failed" in json.loads(headers["x-distill-reasons"])[-1]
     assert [c.choices[0].delta.content for _, c in _content(chunks)] == TEACHER_PIECES
+
+
+def test_a_stream_broken_midway_ends_with_an_error_the_client_sees(passthrough):
+    err = passthrough[0]["broken"]
+    assert err is not None and "stream broken after" in str(err)
+    lines = [x for f in passthrough[3].glob("student-*.jsonl") for x in read_jsonl(f)]
+    broken = [x for x in lines if "BREAK" in json.dumps(x["request"])]
+    assert len(broken) == 1 and "stream broken after" in broken[0]["response"]["error"]["message"]
 
 
 def test_a_plain_request_is_still_answered_whole_and_checked(passthrough):
     headers, completion, _ = passthrough[0]["plain"]
     assert (headers["x-distill-route"], headers["x-distill-phase"]) == ("student", "after")
     assert completion.choices[0].message.content == "The Echo Speaker is in stock."
-    assert not passthrough[1].bodies[-1].get("stream") and passthrough[1].bodies[-1]["logprobs"] is True
+    whole = [b for b in passthrough[1].bodies if not b.get("stream")]
+    assert len(whole) == 1 and whole[0]["logprobs"] is True
 
 
 def test_passed_on_streams_are_logged_whole_and_priced(passthrough, tmp_path):
     log_dir = passthrough[3]
     lines = read_jsonl(next(log_dir.glob("student-*.jsonl")))
-    streamed = [x for x in lines if x["routing"].get("stream")]
-    assert len(streamed) == 2 and len(lines) == 3
+    streamed = [x for x in lines if x["routing"].get("stream") and not x["response"].get("error")]
+    assert len(streamed) == 2 and len(lines) == 4  # + the broken stream, logged with its error
     for x in streamed:
         assert x["response"]["choices"][0]["message"]["content"] == STUDENT_TEXT
         assert x["response"]["usage"] == STUDENT_USAGE and x["routing"]["reasons"][-1] == PASSED_ON
@@ -111,4 +130,4 @@ def test_passed_on_streams_are_logged_whole_and_priced(passthrough, tmp_path):
     out = tmp_path / "ledger.json"
     assert cli(["ledger", "--logs", str(log_dir), "--json", str(out)]) == 0
     total = json.loads(out.read_text())["total"]
-    assert (total["requests"], total["student"], total["escalated"]) == (4, 3, 1)
+    assert (total["requests"], total["student"], total["escalated"]) == (7, 4, 3)
