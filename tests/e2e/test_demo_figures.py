@@ -46,7 +46,7 @@ def test_generated_sections_match_the_file(bench, result, page):
     assert bench.section(result) in text, f"{page} is out of date: run bench/demo_seeds.py --docs"
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/train.md", "bench/RESULTS.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/train.md", "docs/route.md", "bench/RESULTS.md"])
 def test_every_page_quotes_the_ranges(bench, result, page):
     text = (ROOT / page).read_text()
     missing = [f"{k}: {v}" for k, v in bench.headline(result).items() if v not in text]
