@@ -45,7 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-# recipes/demo.yaml's student and optimiser (its train section, less selection: the bench replays that)
+# recipes/demo.yaml's student and optimiser as of f99b825 (batch 16, constant rate; fbb1d2c moved the demo to
+# batch 8 and cosine); its train section less selection, which the bench replays
 STUDENT = {"architecture": "llama", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "vocab_size": 1024}
 TRAIN = {"method": "full", "batch_size": 16, "learning_rate": 4.0e-3, "lr_scheduler": "constant_with_warmup",
          "packing": True, "logging_steps": 20, "save_steps": 100_000}
@@ -289,6 +290,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="Keep the runs rows.json under --root already holds.")
     ap.add_argument("--render", action="store_true", help="Only write the results of rows.json under --root again.")
     ap.add_argument("--merge", nargs="*", default=[], help="With --render: more rows.json files to add.")
+    ap.add_argument("--note", default="", help="A paragraph to print under the run's description (what is missing).")
     ap.add_argument("--candidates", type=int, default=len(CANDIDATES), help="Train only the first N candidates.")
     ap.add_argument("--root", default="/tmp/distill-bench-candidates")
     ap.add_argument("--out", default=str(ROOT / "bench/results/candidates.md"))
@@ -326,7 +328,8 @@ def write(rows: list[dict[str, Any]], args, root: Path) -> None:
             f"at the runs' ends {min(r['load_average'] for r in rows)}-{max(r['load_average'] for r in rows)}")
     if not args.render:
         (root / "rows.json").write_text(json.dumps(rows, indent=1))
-    Path(args.out).write_text(f"# Checkpoint selection and candidates\n\n{__doc__}\n\n## Run\n\n{meta}\n\n"
+    note = f"{args.note}\n\n" if args.note else ""
+    Path(args.out).write_text(f"# Checkpoint selection and candidates\n\n{__doc__}\n\n## Run\n\n{meta}\n\n{note}"
                               f"Test exact match with the teacher, mean (min-max) over seeds:\n\n{md}\n\n"
                               "Per run (validation curves in bench/results/candidates_rows.json); the per-run rows "
                               "follow.\n\n```json\n"
