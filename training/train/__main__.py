@@ -5,5 +5,19 @@ import sys
 
 from pipeline.cli import main
 
+
+def _end_process_group() -> None:
+    """Tear the launch's process group down before the interpreter exits: a rank that exits with gloo's threads
+    still running can abort ("terminate called without an active exception", SIGABRT) after a finished training."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    try:
+        code = main(["train", *sys.argv[1:]])
+    finally:
+        _end_process_group()
+    sys.exit(code)
