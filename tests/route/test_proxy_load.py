@@ -120,13 +120,15 @@ async def call(client: AsyncOpenAI, i: int) -> str:
 
 async def load(url: str, ids: range, kill: tuple[subprocess.Popen, Path, int] | None = None) -> list[Any]:
     """All requests at once (the openai client's pool sized for them, retries off); with ``kill`` = (proxy, log
-    dir, lines), the proxy is killed with SIGKILL once that many log lines are written."""
+    dir, lines), the proxy is killed with SIGKILL once that many log lines are written, the teacher's log among them
+    (student answers stream as they come, so the first lines can all be the student's)."""
     async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60,
                            http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=N + 10))) as client:
         tasks = [asyncio.create_task(call(client, i)) for i in ids]
         if kill:
             proc, logs, lines = kill
-            while sum(p.read_bytes().count(b"\n") for p in call_logs(logs)) < lines:
+            while (sum(p.read_bytes().count(b"\n") for p in call_logs(logs)) < lines
+                   or not any(p.name.startswith("teacher-") and p.stat().st_size for p in call_logs(logs))):
                 await asyncio.sleep(0.005)
             proc.send_signal(signal.SIGKILL)
         return await asyncio.gather(*tasks, return_exceptions=kill is not None)
