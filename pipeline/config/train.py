@@ -137,6 +137,17 @@ class SelectConfig(Section):
     batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="Prompts generated together.")
 
 
+class PlateauConfig(Section):
+    """When lr_scheduler 'plateau' cuts the learning rate."""
+
+    patience: int = Field(
+        2, gt=0, le=1_000_000,
+        description="Evaluations in a row without a better select_by figure (by more than early_stopping_threshold; "
+        "a tie in quality is not better) before each cut.",
+    )
+    factor: float = Field(0.5, gt=0, lt=1, description="The rate is multiplied by this at each cut.")
+
+
 class TrainConfig(Section):
     student: StudentConfig
     method: Literal["full", "lora", "qlora"] = Field(
@@ -156,7 +167,12 @@ class TrainConfig(Section):
     batch_size: int = Field(8, gt=0, le=MAX_BATCH, description="Sequences (packed rows when packing) per device per step.")
     grad_accum: int = Field(1, gt=0, le=MAX_BATCH, description="Gradient accumulation steps.")
     learning_rate: float = Field(2e-4, gt=0, le=10, description="Peak learning rate.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "plateau"] = Field(
+        "cosine",
+        description="How the learning rate moves after warm-up. 'plateau': constant, cut by plateau.factor each time "
+        "plateau.patience evaluations bring no better select_by figure (needs a validation split).",
+    )
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="lr_scheduler: plateau settings.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, le=10)
     max_length: int = Field(512, gt=8, le=MAX_TOKENS, description="Longest tokenized example; longer ones are truncated.")

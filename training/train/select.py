@@ -27,8 +27,9 @@ SELECT_KEY = "select"  # eval_select: what picks the checkpoint (quality, ties b
 
 def selection_value(quality_: float, loss: float | None) -> float:
     """Quality first, then validation loss, as one number that the Trainer maximizes: quality rounded to 6
-    digits, less 1e-9 x the loss (capped at 999), which can only order checkpoints of equal quality."""
-    tie = 0.0 if loss is None or not math.isfinite(loss) else min(loss, 999.0) * 1e-9
+    digits, less 1e-9 x the loss (capped at 99), which can only order checkpoints of equal quality and stays below
+    training.train.plateau.TIE_SPAN, the least change that counts as an improvement."""
+    tie = 0.0 if loss is None or not math.isfinite(loss) else min(loss, 99.0) * 1e-9
     return round(quality_, 6) - tie
 
 

@@ -108,6 +108,9 @@ def training_arguments(cfg, output_dir: str, seed: int, run_name: str, has_val: 
     if cfg.keeps_best and not has_val:
         field = "select_by: quality" if cfg.select_by == "quality" else "early_stopping_patience"
         raise ValueError(f"train.{field} needs a validation split: set curate.split.val_fraction > 0")
+    if cfg.lr_scheduler == "plateau" and not has_val:
+        raise ValueError("train.lr_scheduler: plateau follows the validation figure and needs a validation split: "
+                         "set curate.split.val_fraction > 0, or choose another lr_scheduler")
     eval_strategy = "no" if not has_val else ("steps" if cfg.eval_steps else "epoch")
     args: dict[str, Any] = dict(
         output_dir=output_dir,
@@ -115,7 +118,8 @@ def training_arguments(cfg, output_dir: str, seed: int, run_name: str, has_val: 
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
+        # plateau: the warm-up schedule, whose base rates training.train.plateau scales after each evaluation
+        lr_scheduler_type="constant_with_warmup" if cfg.lr_scheduler == "plateau" else cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a share of the steps
         weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.epochs,

@@ -1,0 +1,77 @@
+"""A learning rate that follows the validation figure (``train.lr_scheduler: plateau``): constant after warm-up,
+multiplied by ``train.plateau.factor`` each time ``train.plateau.patience`` evaluations in a row bring no better
+``select_by`` figure, like torch's ReduceLROnPlateau but after a warm-up and on the task metric.
+
+A run keeps its full rate for as long as it is still learning, however late that starts, and slows down once it
+stops: the demo's student learns to copy a ticket's fields in a jump whose epoch varies with the seed and the
+thread count, which a fixed cosine schedule can leave unfinished (docs/train.md).
+
+How many times the rate was cut is worked out from the Trainer's log history at every evaluation, not kept in the
+callback, so a resumed run continues with the rate it stopped at. "Better" is the rule early stopping uses
+(``improved``): with ``select_by: quality`` a tie in quality with a lower validation loss is not better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+# selection_value breaks quality ties by 1e-9 x the validation loss (capped at 99): less than this, so never
+# counted as an improvement; any real change of quality (rounded to 6 digits) is larger.
+TIE_SPAN = 1e-7
+
+
+def improvement_threshold(cfg) -> float:
+    """Smallest change of the select_by figure that counts as better (early stopping and the plateau rule)."""
+    if cfg.select_by == "quality":
+        return max(cfg.early_stopping_threshold, TIE_SPAN)
+    return cfg.early_stopping_threshold
+
+
+def improved(value: float, best: float | None, greater_is_better: bool, threshold: float) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``threshold``."""
+    if best is None:
+        return True
+    return value - best > threshold if greater_is_better else best - value > threshold
+
+
+def reductions(values: Iterable[float], greater_is_better: bool, threshold: float, patience: int) -> int:
+    """How many times the rate is cut over this series of evaluations: once per ``patience`` evaluations in a row
+    without an improvement (the count restarts after each cut and after each improvement)."""
+    best, bad, cuts = None, 0, 0
+    for v in values:
+        if improved(v, best, greater_is_better, threshold):
+            best, bad = v, 0
+            continue
+        bad += 1
+        if bad == patience:
+            cuts, bad = cuts + 1, 0
+    return cuts
+
+
+def plateau_callback(cfg, key: str, greater_is_better: bool, say: Callable[[str], None] = lambda _: None):
+    """The Trainer callback that scales the warm-up schedule's base rates after every evaluation. ``key``: the
+    logged figure (eval_select or eval_loss)."""
+    from transformers import TrainerCallback
+
+    threshold = improvement_threshold(cfg)
+
+    class Plateau(TrainerCallback):
+        def __init__(self):
+            self.cuts = 0
+
+        def on_evaluate(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
+            values = [row[key] for row in state.log_history if key in row]
+            cuts = reductions(values, greater_is_better, threshold, cfg.plateau.patience)
+            sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+            groups = optimizer.param_groups
+            scale = cfg.plateau.factor ** cuts
+            sched.base_lrs = [g["initial_lr"] * scale for g in groups]
+            for g, base, f in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                g["lr"] = base * f(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in groups]  # what the Trainer logs as the next step's learning_rate
+            if cuts > self.cuts and state.is_world_process_zero:
+                say(f"no better validation {cfg.select_by} for {cfg.plateau.patience} evaluations: learning rate "
+                    f"now {args.learning_rate * scale:.3g} (cut {cuts}x)")
+            self.cuts = cuts
+
+    return Plateau()
