@@ -16,7 +16,8 @@ it is streamed, so the proxied first token comes after the student's whole answe
 student's own first token and with the student's own whole (non-streamed) answer. A second proxy serves the same
 policy with no thresholds (what the route stage leaves for a function the student answers well everywhere, as in
 the demo's own policy): there the student's stream is relayed as it comes, and its first token is compared with the
-student's own. The student takes ``--prefill-ms`` before its first token and
+student's own. A third proxy serves the checked policy from two processes (``--processes 2``) for the
+200-concurrent case; its CPU is counted over both. The student takes ``--prefill-ms`` before its first token and
 ``--token-ms`` per further token (18 tokens); the baseline is always the student called directly in the same run.
 """
 
@@ -178,6 +179,7 @@ CASES = [  # (name, stream, concurrency, proxied function: None = the policy's, 
     ("streaming, escalated before generation (teacher relayed), 1 at a time", True, 1, "unknown_function", "checked"),
     ("streaming, no threshold (student relayed as it streams), 1 at a time", True, 1, None, "unchecked"),
     ("streaming, no threshold (student relayed as it streams), 200 concurrent", True, 200, None, "unchecked"),
+    ("non-streaming, 200 concurrent, --processes 2", False, 200, None, "two"),
 ]
 
 
@@ -191,9 +193,12 @@ def bodies(request: dict[str, Any], stream: bool, function: str | None) -> tuple
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc)."""
+    """User + system CPU time a process and its live children (serve-router --processes) have used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(x) for x in children.read_text().split()] if children.exists() else []
+    return own + sum(cpu_seconds(k) for k in kids)
 
 
 async def measure_case(direct_base: str, proxy_base: str, direct: dict, proxied: dict, n: int, concurrency: int,
@@ -241,13 +246,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         policy, reqs, _ = build_policy(Path(tmp) / "route")
         unchecked = without_thresholds(policy.parent, Path(tmp) / "route-unchecked")
-        up_port, px_ports = free_port(), {"checked": free_port(), "unchecked": free_port()}
+        up_port, px_ports = free_port(), {"checked": free_port(), "unchecked": free_port(), "two": free_port()}
         procs = [start([sys.executable, __file__, "--serve-upstream", str(up_port), "--prefill-ms",
                         str(args.prefill_ms), "--token-ms", str(args.token_ms)], up_port)]
         try:
             pids = {}
-            for which, folder in (("checked", policy.parent), ("unchecked", unchecked)):
+            for which, folder in (("checked", policy.parent), ("unchecked", unchecked), ("two", policy.parent)):
                 procs.append(start([sys.executable, "-m", "pipeline.cli", "serve-router", str(folder),
+                                    "--processes", "2" if which == "two" else "1",
                                     "--student-url", f"http://127.0.0.1:{up_port}/student/v1",
                                     "--teacher-url", f"http://127.0.0.1:{up_port}/teacher/v1", "--no-embeddings",
                                     "--log-dir", str(Path(tmp) / "logs"), "--port", str(px_ports[which])],

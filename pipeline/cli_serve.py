@@ -63,6 +63,9 @@ def _serve_router_parser(sub) -> None:
     sr.add_argument("--log-dir", default="logs/router", help="where request logs go (default: logs/router)")
     sr.add_argument("--host", default="127.0.0.1")
     sr.add_argument("--port", type=int, default=8080)
+    sr.add_argument("--processes", type=int, default=1, metavar="N",
+                    help="serve from N processes on the one port (SO_REUSEPORT; one event loop uses one core): "
+                    "they share the log folder line by line and each re-reads a deployment file (default: 1)")
     sr.add_argument("--timeout", type=float, default=120.0, help="seconds per upstream call")
     sr.add_argument("--no-embeddings", action="store_true", help="skip the distance rule (no torch, no MiniLM)")
     sr.add_argument("--no-language", action="store_true", help="skip the language rule")
@@ -286,7 +289,8 @@ def _route_check_parser(sub) -> None:
 
 
 def _serve_router(args: argparse.Namespace, console: Console) -> int:
-    from export.route.proxy import ProxyConfig, serve
+    from export.route.proxy import ProxyConfig
+    from export.route.serve import ServeOptions, serve
     from pipeline.config.route import LiveConfig
 
     for name in (args.student_key_env, args.teacher_key_env):
@@ -311,22 +315,25 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
                       timeout_s=args.timeout, check_after=not args.before_only, audit_share=live.audit_share,
                       canary_audit_share=live.canary_audit_share, queue_size=live.queue_size, workers=live.workers,
                       reload_s=live.reload_s, seed=args.seed)
+    if not 1 <= args.processes <= 256:
+        raise ValueError(f"--processes must be between 1 and 256, got {args.processes}")
+    opts = ServeOptions(args.policy, args.host, args.port, language=not args.no_language,
+                        embeddings=not args.no_embeddings, deployment=deployment,
+                        version_urls=_urls(args.version_url))
     try:
-        serve(args.policy, cfg, args.host, args.port, language=not args.no_language,
-              embeddings=not args.no_embeddings, print_fn=lambda m: console.print(m, soft_wrap=True),
-              deployment=deployment, version_urls=_urls(args.version_url))
+        code = serve(opts, cfg, args.processes, print_fn=lambda m: console.print(m, soft_wrap=True))
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    return EXIT_OK
+    return EXIT_OK if code == 0 else code
 
 
 def _route_check(args: argparse.Namespace, console: Console) -> int:
     import json
 
     from export.route.drift import check, fmt, read_logs
-    from export.route.proxy import policy_path
     from export.route.router import Router
+    from export.route.serve import policy_path
 
     path = policy_path(args.recipe)
     try:

@@ -39,19 +39,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
-from export.route.audit import Job, LiveWork, answer_text, live_line
+from export.route.audit import Job, LiveWork, answer_text
+from export.route.calllog import CallLog
+from export.route.cost import request_cost
 from export.route.lanes import Lane, Versions, make_lane
 from export.route.router import Decision, Router
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
@@ -69,7 +68,6 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     request_problem,
     send_events,
 )
-from pipeline.rundir import sha256_file
 
 
 @dataclass
@@ -123,21 +121,6 @@ def _headers(decision: Decision, lane: Lane, rid: str) -> dict[str, str]:
     return headers
 
 
-def _tokens(usage: Any) -> tuple[int, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    tin, tout = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not isinstance(tin, int) or not isinstance(tout, int):
-        return None
-    return tin, tout
-
-
-def _usd(price: tuple[float, float] | None, tokens: tuple[int, int] | None) -> float | None:
-    if price is None or tokens is None:
-        return None
-    return (tokens[0] * price[0] + tokens[1] * price[1]) / 1e6
-
-
 class RouterProxy:
     def __init__(self, router: Router | None, cfg: ProxyConfig, policy_sha256: str = "", *,
                  versions: Versions | None = None):
@@ -151,7 +134,7 @@ class RouterProxy:
         self.live = LiveWork(self, cfg.audit_share, cfg.canary_audit_share, cfg.queue_size, cfg.workers, cfg.seed)
         self._watch: asyncio.Task | None = None
         self.session: ClientSession | None = None
-        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
 
     def serving(self) -> Lane:
@@ -188,28 +171,10 @@ class RouterProxy:
 
     def costs(self, tried: bool, student_usage: Any, teacher_usage: Any, route: str,
               lane: Lane | None = None) -> dict[str, Any]:
-        """What a request cost and what the teacher alone would have cost, in USD (None where a price or the
-        usage is unknown). The student costs its per-token price when one is configured, else evaluate's cost per
-        request (its hourly price over its measured throughput, in the policy); a request the student did not
-        answer is priced for the teacher-only case at the teacher's own usage, one the student answered at the
-        student's token counts (a different tokenizer: an estimate)."""
-        s_tok = _tokens(student_usage) if tried else None
-        t_tok = _tokens(teacher_usage) if route == "teacher" else None
-        if not tried:
-            student_usd, basis = 0.0, "not asked"
-        elif self.cfg.student_price:
-            student_usd, basis = _usd(self.cfg.student_price, s_tok or (0, 0)), "per token"
-        else:
-            student_usd, basis = (lane or self.serving()).per_request_usd, "per request (evaluate)"
-        price = self.price_of_teacher(lane)
-        teacher_usd = _usd(price, t_tok) if route == "teacher" else 0.0
-        teacher_only = teacher_usd if route == "teacher" else _usd(price, s_tok)
-        spent = None if student_usd is None or teacher_usd is None else student_usd + teacher_usd
-        return {"usd": spent, "student_usd": student_usd, "teacher_usd": teacher_usd, "teacher_only_usd": teacher_only,
-                "saved_usd": None if spent is None or teacher_only is None else teacher_only - spent,
-                "student_tokens": list(s_tok) if s_tok else None, "teacher_tokens": list(t_tok) if t_tok else None,
-                "student_basis": basis,
-                "teacher_only_basis": "teacher usage" if route == "teacher" else "student tokens"}
+        """What a request cost and what the teacher alone would have cost (export.route.cost.request_cost)."""
+        return request_cost(tried, student_usage, teacher_usage, route, student_price=self.cfg.student_price,
+                            per_request_usd=(lane or self.serving()).per_request_usd,
+                            teacher_price=self.price_of_teacher(lane))
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
@@ -240,7 +205,7 @@ class RouterProxy:
                                                               "owned_by": "distill"}]})
 
     async def health(self, _request: web.Request) -> web.Response:
-        body = {"status": "ok", "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts}
+        body = {"status": "ok", "pid": os.getpid(), "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts}
         if self.versions is not None:
             body["deployment"] = self.versions.status()
         return web.json_response(body)
@@ -455,84 +420,11 @@ class RouterProxy:
         return out, 200, resp
 
     def log_error(self, request: web.Request, rid: str, resp: web.Response) -> None:
-        """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""
-        now = datetime.now(timezone.utc)
-        try:
-            message = json.loads(resp.body)["error"]["message"]
-        except (TypeError, ValueError, KeyError):
-            message = ""
-        line = {"id": rid, "timestamp": now.isoformat(), "status_code": resp.status, "method": request.method,
-                "path": request.path[:200], "error": message[:500]}
-        with open(self.cfg.log_dir / f"errors-{now:%Y-%m-%d}.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.log.error(request, rid, resp)
 
     def log_call(self, request: dict[str, Any], status: int, response: dict[str, Any], latency_ms: float,
                  routing: dict[str, Any]) -> str:
-        """One call in <route>-<date>.jsonl (harvest's format); returns its id."""
-        now = datetime.now(timezone.utc)
-        line = {"id": response.get("id") or f"distill-{uuid.uuid4().hex}", "timestamp": now.isoformat(),
-                "status_code": status, "latency_ms": round(latency_ms, 1), "request": request, "response": response,
-                "routing": routing}
-        path = self.cfg.log_dir / f"{routing['route']}-{now:%Y-%m-%d}.jsonl"
-        append_line(path, json.dumps(line, ensure_ascii=False, default=str) + "\n")
-        return line["id"]
+        return self.log.call(request, status, response, latency_ms, routing)
 
     def log_live(self, record: dict[str, Any]) -> None:
-        """One live-loop record (audit and shadow scores, dropped or failed work) in live-<date>.jsonl."""
-        append_line(self.cfg.log_dir / f"live-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl", live_line(record))
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one line in one write, so a crash leaves at most one torn line. A file that ends in a torn line (a
-    proxy killed mid-write) gets a newline first: the torn line stays one bad line that harvest quarantines, instead
-    of swallowing this whole one."""
-    data = line.encode("utf-8")
-    with open(path, "ab+") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":
-                data = b"\n" + data
-        f.write(data)
-
-
-def policy_path(source: str | Path) -> Path:
-    """A routing_policy.json from a recipe (its run's route stage), a policy file or a folder holding one."""
-    p = Path(source)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        from pipeline.recipe import load_recipe
-
-        p = load_recipe(p).run_path / "route" / "routing_policy.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"no routing policy at {p}: run `distill route {source}` first")
-    elif p.is_dir():
-        p = p / "routing_policy.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"no routing policy at {p} (pass a recipe, a routing_policy.json or its folder)")
-    return p
-
-
-def serve(source: str | Path | None, cfg: ProxyConfig, host: str = "127.0.0.1", port: int = 8080, *,
-          language: bool = True, embeddings: bool = True, print_fn=print, deployment: str | Path | None = None,
-          version_urls: dict[str, str] | None = None) -> None:
-    """Load the policy (or the deployment file's versions) and serve until interrupted."""
-    # bitsandbytes (pulled in by transformers with the MiniLM embedder) warns at import that its optional CPU
-    # "kernels" package is missing; serve-router never runs 4-bit layers.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if deployment is not None:
-        versions = Versions(deployment, version_urls, model=cfg.student_model, language=language,
-                            embeddings=embeddings, seed=cfg.seed)
-        proxy = RouterProxy(None, cfg, versions=versions)
-        what = f"deployment {deployment} ({versions.status()['serving']} serving"
-        cand = versions.candidate
-        what += f", {cand.lane.version} in {cand.stage} at {cand.share:g})" if cand else ")"
-    else:
-        path = policy_path(source)
-        router = Router.load(path, language=language, embeddings=embeddings)
-        proxy = RouterProxy(router, cfg, sha256_file(path))
-        skipped = f" (not checked: {', '.join(router.skipped)})" if router.skipped else ""
-        what = f"policy {path}{skipped}; student {cfg.student_url}"
-    audits = f"; audits {cfg.audit_share:g} of student answers" if cfg.audit_share else ""
-    print_fn(f"distill serve-router: {what}, teacher {cfg.teacher_url}; logs in {cfg.log_dir}{audits}; "
-             f"listening on http://{host}:{port}/v1")
-    web.run_app(proxy.app(), host=host, port=port, print=None)
+        self.log.live(record)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from openai import AsyncOpenAI
 from route_helpers import FAQ, STREAM_DELAY_S, Upstream, free_port
@@ -59,15 +60,15 @@ class Upstreams:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def start_proxy(tmp: Path, up: Upstreams, logs: Path) -> tuple[subprocess.Popen, str]:
-    """`distill serve-router` as a process; returns it and its base URL once /health answers."""
+def start_proxy(tmp: Path, up: Upstreams, logs: Path, processes: int = 1) -> tuple[subprocess.Popen, str]:
+    """`distill serve-router` as a process (``--processes``); returns it and its base URL once /health answers."""
     policy = tmp / "policy"
     policy.mkdir(exist_ok=True)
     (policy / "routing_policy.json").write_text(json.dumps(POLICY))
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve-router", str(policy), "--student-url",
                              up.student_url, "--teacher-url", up.teacher_url, "--log-dir", str(logs), "--port",
-                             str(port), "--no-embeddings", "--no-language"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             str(port), "--no-embeddings", "--no-language", "--processes", str(processes)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     end = time.monotonic() + 60
     while time.monotonic() < end:
@@ -147,11 +148,20 @@ def log_lines(logs: Path) -> list[tuple[str, bytes]]:
     return out
 
 
-def test_200_concurrent_requests_none_fails_no_log_line_lost_or_interleaved(tmp_path):
+def pids(url: str, tries: int = 60) -> set[int]:
+    """The serving processes /health reports over ``tries`` fresh connections."""
+    base = url.removesuffix("/v1")
+    return {httpx.get(f"{base}/health", timeout=5).json()["pid"] for _ in range(tries)}
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_200_concurrent_requests_none_fails_no_log_line_lost_or_interleaved(tmp_path, processes):
+    """Also with --processes 2: two proxies on one port, appending to the same log files."""
     logs = tmp_path / "logs"
     with Upstreams() as up:
-        proc, url = start_proxy(tmp_path, up, logs)
+        proc, url = start_proxy(tmp_path, up, logs, processes)
         try:
+            assert len(pids(url)) == processes  # the kernel spreads connections over every process
             t0 = time.perf_counter()
             answers = asyncio.run(load(url, range(N)))
             elapsed = time.perf_counter() - t0
@@ -242,3 +252,22 @@ def test_a_proxy_killed_mid_load_leaves_logs_harvest_reads_and_a_restart_keeps_t
     assert c["records"] == 40, c  # every request after the restart, none lost to the torn line
     assert c["quarantined"] == len(held)  # the torn lines themselves, now ended, are quarantined with a reason
     assert m["counts"]["held_back_partial_line"] == []
+
+
+def test_processes_stop_together(tmp_path):
+    """--processes 2: SIGTERM to the parent stops both (exit 0); a process that dies stops the other and the
+    parent exits non-zero, so a supervisor restarts the whole."""
+    with Upstreams() as up:
+        for how in ("sigterm", "child dies"):
+            proc, url = start_proxy(tmp_path, up, tmp_path / "logs", 2)
+            children = pids(url)
+            assert len(children) == 2 and proc.pid not in children
+            if how == "sigterm":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.kill(min(children), signal.SIGKILL)
+            proc.wait(60)
+            assert (proc.returncode == 0) == (how == "sigterm"), (how, proc.returncode)
+            for pid in children:  # every child is gone (reaped by the parent)
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)

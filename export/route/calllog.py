@@ -1,0 +1,72 @@
+"""serve-router's logs: one JSON object per line, each line appended with one ``write`` on a file opened with
+``O_APPEND``, so several proxy processes (``--processes``) can share a log folder without interleaving lines
+(the kernel appends each write whole, at the end), and a killed proxy leaves at most one torn last line.
+
+- ``<route>-<date>.jsonl`` (student, teacher): ``{id, timestamp, status_code, latency_ms, request, response,
+  routing}``, harvest's format;
+- ``errors-<date>.jsonl``: refused or failed requests, never their body;
+- ``live-<date>.jsonl``: the live loop's audit and shadow scores, dropped or failed background work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from export.route.audit import live_line
+
+
+class CallLog:
+    """The log files of one log folder (UTC dates in their names)."""
+
+    def __init__(self, log_dir: Path):
+        self.dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def error(self, request: web.Request, rid: str, resp: web.Response) -> None:
+        """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""
+        now = datetime.now(timezone.utc)
+        try:
+            message = json.loads(resp.body)["error"]["message"]
+        except (TypeError, ValueError, KeyError):
+            message = ""
+        line = {"id": rid, "timestamp": now.isoformat(), "status_code": resp.status, "method": request.method,
+                "path": request.path[:200], "error": message[:500]}
+        append_line(self.dir / f"errors-{now:%Y-%m-%d}.jsonl", json.dumps(line, ensure_ascii=False) + "\n")
+
+    def call(self, request: dict[str, Any], status: int, response: dict[str, Any], latency_ms: float,
+             routing: dict[str, Any]) -> str:
+        """One call in <route>-<date>.jsonl (harvest's format); returns its id."""
+        now = datetime.now(timezone.utc)
+        line = {"id": response.get("id") or f"distill-{uuid.uuid4().hex}", "timestamp": now.isoformat(),
+                "status_code": status, "latency_ms": round(latency_ms, 1), "request": request, "response": response,
+                "routing": routing}
+        path = self.dir / f"{routing['route']}-{now:%Y-%m-%d}.jsonl"
+        append_line(path, json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        return line["id"]
+
+    def live(self, record: dict[str, Any]) -> None:
+        """One live-loop record (audit and shadow scores, dropped or failed work) in live-<date>.jsonl."""
+        append_line(self.dir / f"live-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl", live_line(record))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line in one write on an O_APPEND descriptor. A file that ends in a torn line (a proxy killed
+    mid-write) gets a newline first: the torn line stays one bad line that harvest quarantines, instead of
+    swallowing this whole one."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)

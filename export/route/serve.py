@@ -1,0 +1,136 @@
+"""Starting ``distill serve-router``: the policy (or deployment file) loaded, then one proxy process, or with
+``--processes N`` N of them on one port (``SO_REUSEPORT``: the kernel spreads new connections over them).
+
+One process is one event loop on one core; N processes use N cores. They share nothing but the log folder, where
+each line is one ``O_APPEND`` write (export.route.calllog), and the deployment file, which each re-reads. The
+parent only watches: Ctrl-C or SIGTERM stops them all (each finishes its requests and queued audits first); a
+process that dies stops the others and ``serve`` returns its exit code, so a supervisor (systemd, Kubernetes)
+restarts the whole. A process whose parent is gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from export.route.lanes import Versions
+from export.route.proxy import ProxyConfig, RouterProxy
+from export.route.router import Router
+from pipeline.rundir import sha256_file
+
+
+def policy_path(source: str | Path) -> Path:
+    """A routing_policy.json from a recipe (its run's route stage), a policy file or a folder holding one."""
+    p = Path(source)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        from pipeline.recipe import load_recipe
+
+        p = load_recipe(p).run_path / "route" / "routing_policy.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"no routing policy at {p}: run `distill route {source}` first")
+    elif p.is_dir():
+        p = p / "routing_policy.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no routing policy at {p} (pass a recipe, a routing_policy.json or its folder)")
+    return p
+
+
+@dataclasses.dataclass
+class ServeOptions:
+    """What serve-router serves, beside its ProxyConfig (picklable: each process builds its own proxy)."""
+
+    source: str | Path | None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    language: bool = True
+    embeddings: bool = True
+    deployment: str | Path | None = None
+    version_urls: dict[str, str] | None = None
+
+
+def build_proxy(opts: ServeOptions, cfg: ProxyConfig) -> tuple[RouterProxy, str]:
+    """The proxy over the policy or the deployment file's versions, and a line saying what it serves."""
+    # bitsandbytes (pulled in by transformers with the MiniLM embedder) warns at import that its optional CPU
+    # "kernels" package is missing; serve-router never runs 4-bit layers.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if opts.deployment is not None:
+        versions = Versions(opts.deployment, opts.version_urls, model=cfg.student_model, language=opts.language,
+                            embeddings=opts.embeddings, seed=cfg.seed)
+        what = f"deployment {opts.deployment} ({versions.status()['serving']} serving"
+        cand = versions.candidate
+        what += f", {cand.lane.version} in {cand.stage} at {cand.share:g})" if cand else ")"
+        return RouterProxy(None, cfg, versions=versions), what
+    path = policy_path(opts.source)
+    router = Router.load(path, language=opts.language, embeddings=opts.embeddings)
+    skipped = f" (not checked: {', '.join(router.skipped)})" if router.skipped else ""
+    return RouterProxy(router, cfg, sha256_file(path)), f"policy {path}{skipped}; student {cfg.student_url}"
+
+
+def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=print) -> int:
+    """Serve until interrupted; returns the exit code (0 after Ctrl-C or SIGTERM)."""
+    proxy, what = build_proxy(opts, cfg)  # loaded here first, so a bad policy fails before any process starts
+    audits = f"; audits {cfg.audit_share:g} of student answers" if cfg.audit_share else ""
+    many = f" ({processes} processes)" if processes > 1 else ""
+    print_fn(f"distill serve-router: {what}, teacher {cfg.teacher_url}; logs in {cfg.log_dir}{audits}; "
+             f"listening on http://{opts.host}:{opts.port}/v1{many}")
+    if processes == 1:
+        web.run_app(proxy.app(), host=opts.host, port=opts.port, print=None)
+        return 0
+    return _supervise(opts, cfg, processes)
+
+
+def _worker(opts: ServeOptions, cfg: ProxyConfig, parent: int) -> None:
+    """One of several processes: its own proxy on the shared port; stops when the parent is gone."""
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # aiohttp's graceful shutdown
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    proxy, _ = build_proxy(opts, cfg)
+    web.run_app(proxy.app(), host=opts.host, port=opts.port, print=None, reuse_port=True)
+
+
+def _supervise(opts: ServeOptions, cfg: ProxyConfig, processes: int) -> int:
+    """Start the processes (each its own sampling seed), wait for a stop signal or a process to end, stop all."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no event loop or threads inherited
+    procs = []
+    for i in range(processes):
+        seed = None if cfg.seed is None else cfg.seed + i
+        procs.append(ctx.Process(target=_worker, args=(opts, dataclasses.replace(cfg, seed=seed), os.getpid()),
+                                 name=f"serve-router-{i}", daemon=False))
+        procs[-1].start()
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.is_set() and all(p.is_alive() for p in procs):
+            stop.wait(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        codes = _stop_all(procs)
+    died = [c for p, c in zip(procs, codes, strict=True) if c not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    return 0 if stop.is_set() else (died[0] if died and died[0] > 0 else 1)
+
+
+def _stop_all(procs: list[Any], grace_s: float = 30.0) -> list[int | None]:
+    """SIGTERM every live process, then wait (SIGKILL after ``grace_s``); their exit codes."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    return [p.exitcode for p in procs]
