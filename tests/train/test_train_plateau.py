@@ -5,17 +5,19 @@ loss is not an improvement (before, it was, so early stopping with select_by: qu
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
+import torch
+from test_train_select import SELECT, TINY
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from pipeline.cli import main as cli
 from pipeline.recipe import RecipeError, parse_recipe
-from training.train.plateau import improvement_threshold, reductions
+from training.train.plateau import early_stop_callback, improvement_threshold, reductions
 from training.train.select import selection_value
 
 from conftest import BASE_RECIPE, merge
-from test_train_select import SELECT, TINY
 
 
 def test_reductions_count_patience_long_runs_without_improvement():
@@ -25,24 +27,64 @@ def test_reductions_count_patience_long_runs_without_improvement():
     assert reductions([0.5, 0.55, 0.58], True, 0.1, 1) == 2  # under the threshold is no improvement
 
 
-def test_a_tie_in_quality_with_a_lower_loss_does_not_reset_early_stopping(tmp_path):
-    """The real EarlyStoppingCallback over evaluations of equal quality and falling loss: with the threshold the
-    stage now gives it, patience runs out; with the recipe's 0 alone (the code before), it never did."""
+def _stops(cb, values: list[float], key: str = "eval_select") -> bool:
+    """Feed evaluations to an early-stopping callback as the Trainer does (logged first, then on_evaluate)."""
+    state, control = TrainerState(), TrainerControl()
+    for v in values:
+        state.log_history.append({key: v})
+        cb.on_evaluate(None, state, control, metrics={key: v})
+    return control.should_training_stop
+
+
+def test_a_tie_in_quality_with_a_lower_loss_does_not_reset_early_stopping():
+    """Evaluations of equal quality and falling loss: patience runs out (with transformers' EarlyStoppingCallback
+    and the recipe's threshold 0, the code before, every one counted as better and it never stopped)."""
     cfg = parse_recipe(merge(BASE_RECIPE, {"train": {"select_by": "quality", "early_stopping_patience": 2}})).train
     values = [selection_value(0.9, loss) for loss in (0.50, 0.40, 0.30, 0.20)]
     assert len(set(values)) == 4 and reductions(values, True, improvement_threshold(cfg), 2) == 1
+    assert _stops(early_stop_callback(cfg, "eval_select", True), values)
+    assert not _stops(early_stop_callback(cfg, "eval_select", True), [0.5, 0.6, 0.6, 0.7, 0.7])
 
-    def stops(threshold: float) -> bool:
-        args = TrainingArguments(str(tmp_path), metric_for_best_model="eval_select", greater_is_better=True,
-                                 load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch")
-        cb, state, control = EarlyStoppingCallback(2, threshold), TrainerState(), TrainerControl()
-        for v in values:
-            cb.on_evaluate(args, state, control, metrics={"eval_select": v})
-            state.best_metric = v if state.best_metric is None else max(v, state.best_metric)  # as the Trainer
-        return control.should_training_stop
 
-    assert stops(improvement_threshold(cfg))
-    assert not stops(cfg.early_stopping_threshold)
+class _Flat(torch.nn.Module):
+    """A model whose validation loss never moves: early stopping must stop it after `patience` evaluations."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, labels=None):
+        return {"loss": 1.0 + 0 * self.w.sum() * x.sum()}
+
+
+class _Ones(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return {"x": torch.ones(1), "labels": torch.ones(1)}
+
+
+def _stop_step(out, callback, resume=None) -> int:
+    args = TrainingArguments(str(out), max_steps=12, per_device_train_batch_size=4, eval_strategy="steps",
+                             eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                             metric_for_best_model="eval_loss", greater_is_better=False, report_to="none",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(_Flat(), args, train_dataset=_Ones(), eval_dataset=_Ones(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer.state.global_step
+
+
+def test_early_stopping_goes_on_counting_after_a_resume(tmp_path):
+    """A real Trainer resumed from a checkpoint stops where the uninterrupted run stopped (transformers'
+    EarlyStoppingCallback, which the stage used before, starts counting again: it stopped 2 steps later)."""
+    cfg = parse_recipe(merge(BASE_RECIPE, {"train": {"early_stopping_patience": 3}})).train
+    whole = _stop_step(tmp_path / "a", early_stop_callback(cfg, "eval_loss", False))
+    assert whole == 4  # the first evaluation is the best; three more without a better one
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    resumed = _stop_step(tmp_path / "b", early_stop_callback(cfg, "eval_loss", False),
+                         str(tmp_path / "b" / "checkpoint-3"))
+    assert resumed == whole
 
 
 def test_the_rate_is_cut_after_each_plateau_as_logged_in_a_real_training(project):

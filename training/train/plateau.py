@@ -1,4 +1,4 @@
-"""A learning rate that follows the validation figure (``train.lr_scheduler: plateau``): constant after warm-up,
+"""Following the validation figure: early stopping, and a learning rate that follows it (``train.lr_scheduler: plateau``): constant after warm-up,
 multiplied by ``train.plateau.factor`` each time ``train.plateau.patience`` evaluations in a row bring no better
 ``select_by`` figure, like torch's ReduceLROnPlateau but after a warm-up and on the task metric.
 
@@ -6,9 +6,12 @@ A run keeps its full rate for as long as it is still learning, however late that
 stops: the demo's student learns to copy a ticket's fields in a jump whose epoch varies with the seed and the
 thread count, which a fixed cosine schedule can leave unfinished (docs/train.md).
 
-How many times the rate was cut is worked out from the Trainer's log history at every evaluation, not kept in the
-callback, so a resumed run continues with the rate it stopped at. "Better" is the rule early stopping uses
-(``improved``): with ``select_by: quality`` a tie in quality with a lower validation loss is not better.
+How many times the rate was cut, and how many evaluations went by without a better figure, are worked out from the
+Trainer's log history at every evaluation, not kept in a callback, so a resumed run goes on with the rate and the
+count it stopped at (transformers' EarlyStoppingCallback starts counting again). Both use one rule, ``improved``:
+better than the best so far by more than ``train.early_stopping_threshold``; with ``select_by: quality`` a tie in
+quality with a lower validation loss is not better. While quality is still 0 everywhere nothing is better, so a
+student that has not yet got one answer right gets its rate cut (and is stopped) by the patience counts.
 """
 
 from __future__ import annotations
@@ -48,6 +51,32 @@ def reductions(values: Iterable[float], greater_is_better: bool, threshold: floa
     return cuts
 
 
+def since_improvement(values: Iterable[float], greater_is_better: bool, threshold: float) -> int:
+    """Evaluations since the last one that improved on the best so far (0: the last one did)."""
+    best, since = None, 0
+    for v in values:
+        if improved(v, best, greater_is_better, threshold):
+            best, since = v, 0
+        else:
+            since += 1
+    return since
+
+
+def early_stop_callback(cfg, key: str, greater_is_better: bool):
+    """Stops training once ``train.early_stopping_patience`` evaluations in a row bring no better ``key``."""
+    from transformers import TrainerCallback
+
+    threshold = improvement_threshold(cfg)
+
+    class EarlyStop(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            values = [row[key] for row in state.log_history if key in row]
+            if since_improvement(values, greater_is_better, threshold) >= cfg.early_stopping_patience:
+                control.should_training_stop = True
+
+    return EarlyStop()
+
+
 def plateau_callback(cfg, key: str, greater_is_better: bool, say: Callable[[str], None] = lambda _: None):
     """The Trainer callback that scales the warm-up schedule's base rates after every evaluation. ``key``: the
     logged figure (eval_select or eval_loss)."""
@@ -58,6 +87,14 @@ def plateau_callback(cfg, key: str, greater_is_better: bool, say: Callable[[str]
     class Plateau(TrainerCallback):
         def __init__(self):
             self.cuts = 0
+
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            from torch.optim.lr_scheduler import LambdaLR
+
+            if not isinstance(getattr(lr_scheduler, "scheduler", lr_scheduler), LambdaLR):
+                raise ValueError(f"train.lr_scheduler: plateau scales the Trainer's own warm-up schedule, but the "
+                                 f"DeepSpeed config (train.deepspeed: {cfg.deepspeed}) brings its own 'scheduler': "
+                                 "remove that section, or choose another lr_scheduler")
 
         def on_evaluate(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
             values = [row[key] for row in state.log_history if key in row]
@@ -70,7 +107,8 @@ def plateau_callback(cfg, key: str, greater_is_better: bool, say: Callable[[str]
                 g["lr"] = base * f(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in groups]  # what the Trainer logs as the next step's learning_rate
             if cuts > self.cuts and state.is_world_process_zero:
-                say(f"no better validation {cfg.select_by} for {cfg.plateau.patience} evaluations: learning rate "
+                n = cfg.plateau.patience
+                say(f"no better validation {cfg.select_by} for {n} evaluation{'s' * (n > 1)}: learning rate "
                     f"now {args.learning_rate * scale:.3g} (cut {cuts}x)")
             self.cuts = cuts
 

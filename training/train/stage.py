@@ -31,7 +31,7 @@ from training.train.callbacks import metrics_callback, progress_callback
 from training.train.chat_template import check_assistant_mask, tokenizer_corpus, train_tokenizer
 from training.train.distributed import write_weights_digest, zero_stage
 from training.train.packing import decide as decide_packing
-from training.train.plateau import improvement_threshold, plateau_callback
+from training.train.plateau import early_stop_callback, plateau_callback
 from training.train.select import select_info, select_summary
 from training.train.student import build_from_config, load_checkpoint, load_tokenizer
 from training.train.trainer import (
@@ -167,7 +167,6 @@ def load_data(cfg, tokenizer, template: str, train_records: list[dict[str, Any]]
 def build_trainer(ctx: StageContext, model, tokenizer, data: TrainData):
     """The TRL trainer with the stage's callbacks (metrics.jsonl, progress bar, early stopping) and the teacher."""
     import torch
-    from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback
 
     cfg = ctx.recipe.train
@@ -177,12 +176,12 @@ def build_trainer(ctx: StageContext, model, tokenizer, data: TrainData):
 
         teacher = load_teacher(cfg.distill, dtype=torch.bfloat16 if precision(cfg.precision)["bf16"] else None)
     callbacks = [metrics_callback(ctx.work / "metrics.jsonl"), progress_callback(ctx.console)]
-    if cfg.early_stopping_patience:  # with select_by quality, a tie in quality with a lower loss is no progress
-        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, improvement_threshold(cfg)))
+    by_quality = cfg.select_by == "quality"
+    key = "eval_select" if by_quality else "eval_loss"
+    if cfg.early_stopping_patience:  # counted from the log history: a resumed run goes on counting
+        callbacks.append(early_stop_callback(cfg, key, by_quality))
     if cfg.lr_scheduler == "plateau":
-        by_quality = cfg.select_by == "quality"
-        callbacks.append(plateau_callback(cfg, "eval_select" if by_quality else "eval_loss", by_quality,
-                                          ctx.console.print))
+        callbacks.append(plateau_callback(cfg, key, by_quality, ctx.console.print))
     common = training_arguments(cfg, str(ctx.work / "checkpoints"), cfg.seed_or(ctx.recipe.seed), ctx.recipe.name,
                                 data.val_ds is not None)
     trainer = make_trainer(cfg, common, model, tokenizer, data.train_ds, data.val_ds, teacher, callbacks,
