@@ -326,10 +326,10 @@ def test_live_records_survive_a_torn_line_and_rotated_files_are_read(setup):
 
 def _recorded_audit_share(args, monkeypatch, tmp_path) -> float:
     """serve-router's audit share for these arguments (the server itself is not started)."""
-    import export.route.proxy as proxy_module
+    import export.route.serve as serve_module
 
     seen = []
-    monkeypatch.setattr(proxy_module, "serve", lambda source, cfg, *a, **kw: seen.append(cfg))
+    monkeypatch.setattr(serve_module, "serve", lambda opts, cfg, *a, **kw: seen.append(cfg) or 0)
     assert cli(["serve-router", *args, "--teacher-url", "http://127.0.0.1:9/v1", "--log-dir",
                 str(tmp_path / "logs")]) == 0
     return seen[0].audit_share
