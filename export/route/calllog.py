@@ -1,6 +1,7 @@
 """serve-router's logs: one JSON object per line, each line appended with one ``write`` on a file opened with
-``O_APPEND``, so several proxy processes (``--processes``) can share a log folder without interleaving lines
-(the kernel appends each write whole, at the end), and a killed proxy leaves at most one torn last line.
+``O_APPEND`` under an exclusive ``flock``, so several proxy processes (``--processes``) can share a log folder
+without interleaving lines, and a killed proxy leaves at most one torn last line. On a local file system: NFS does
+not keep O_APPEND writes whole.
 
 - ``<route>-<date>.jsonl`` (student, teacher): ``{id, timestamp, status_code, latency_ms, request, response,
   routing}``, harvest's format;
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import uuid
@@ -61,8 +63,11 @@ def append_line(path: Path, line: str) -> None:
     mid-write) gets a newline first: the torn line stays one bad line that harvest quarantines, instead of
     swallowing this whole one."""
     data = line.encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
     try:
+        # Locked: without it, another process's write still in progress (the size grows page by page) would look
+        # like a torn line here and get a stray newline.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data

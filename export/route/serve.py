@@ -1,5 +1,5 @@
 """Starting ``distill serve-router``: the policy (or deployment file) loaded, then one proxy process, or with
-``--processes N`` N of them on one port (``SO_REUSEPORT``: the kernel spreads new connections over them).
+``--processes N`` N of them on one port (``SO_REUSEPORT``: on Linux the kernel spreads new connections over them).
 
 One process is one event loop on one core; N processes use N cores. They share nothing but the log folder, where
 each line is one ``O_APPEND`` write (export.route.calllog), and the deployment file, which each re-reads. The
@@ -10,11 +10,13 @@ restarts the whole. A process whose parent is gone stops by itself.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -78,6 +80,8 @@ def build_proxy(opts: ServeOptions, cfg: ProxyConfig) -> tuple[RouterProxy, str]
 def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=print) -> int:
     """Serve until interrupted; returns the exit code (0 after Ctrl-C or SIGTERM)."""
     proxy, what = build_proxy(opts, cfg)  # loaded here first, so a bad policy fails before any process starts
+    if processes > 1:
+        check_port_free(opts.host, opts.port)
     audits = f"; audits {cfg.audit_share:g} of student answers" if cfg.audit_share else ""
     many = f" ({processes} processes)" if processes > 1 else ""
     print_fn(f"distill serve-router: {what}, teacher {cfg.teacher_url}; logs in {cfg.log_dir}{audits}; "
@@ -85,7 +89,22 @@ def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=pri
     if processes == 1:
         web.run_app(proxy.app(), host=opts.host, port=opts.port, print=None)
         return 0
-    return _supervise(opts, cfg, processes)
+    del proxy  # each process loads its own; the parent only watches
+    return _supervise(opts, cfg, processes, print_fn)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on. The processes bind with SO_REUSEPORT, which would let them share
+    the port with another serve-router --processes (same user) without a word: this bind, without it, fails."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} (another server is there: stop it "
+                             "or choose another --port)") from None
 
 
 def _worker(opts: ServeOptions, cfg: ProxyConfig, parent: int) -> None:
@@ -93,14 +112,29 @@ def _worker(opts: ServeOptions, cfg: ProxyConfig, parent: int) -> None:
     def orphaned() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)  # aiohttp's graceful shutdown
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=orphaned, daemon=True).start()
     proxy, _ = build_proxy(opts, cfg)
-    web.run_app(proxy.app(), host=opts.host, port=opts.port, print=None, reuse_port=True)
+    asyncio.run(_serve_until_stopped(proxy.app(), opts.host, opts.port))
 
 
-def _supervise(opts: ServeOptions, cfg: ProxyConfig, processes: int) -> int:
+async def _serve_until_stopped(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully (requests and queued audits finish). Any further signal
+    is ignored: Ctrl-C reaches every process of the group and the parent then sends SIGTERM too, which under
+    web.run_app would cancel the requests still running."""
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_port=True).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def _supervise(opts: ServeOptions, cfg: ProxyConfig, processes: int, print_fn=print) -> int:
     """Start the processes (each its own sampling seed), wait for a stop signal or a process to end, stop all."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no event loop or threads inherited
     procs = []
@@ -114,16 +148,26 @@ def _supervise(opts: ServeOptions, cfg: ProxyConfig, processes: int) -> int:
     try:
         while not stop.is_set() and all(p.is_alive() for p in procs):
             stop.wait(0.2)
+        for i, p in enumerate(procs):
+            if not p.is_alive() and not stop.is_set():
+                print_fn(f"serve-router: process {i} (pid {p.pid}) ended ({_how(p.exitcode)}): stopping the others")
+        codes = _stop_all(procs)  # a second Ctrl-C meanwhile only sets the event again
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        codes = _stop_all(procs)
-    died = [c for p, c in zip(procs, codes, strict=True) if c not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    died = [c for c in codes if c not in (0, -signal.SIGTERM, -signal.SIGINT)]
     return 0 if stop.is_set() else (died[0] if died and died[0] > 0 else 1)
 
 
-def _stop_all(procs: list[Any], grace_s: float = 30.0) -> list[int | None]:
-    """SIGTERM every live process, then wait (SIGKILL after ``grace_s``); their exit codes."""
+def _how(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _stop_all(procs: list[Any], grace_s: float = 80.0) -> list[int | None]:
+    """SIGTERM every live process, then wait (SIGKILL after ``grace_s``: longer than a process's own graceful stop,
+    aiohttp's 60 s for running requests and the audit queue's drain); their exit codes."""
     for p in procs:
         if p.is_alive():
             p.terminate()

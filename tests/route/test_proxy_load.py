@@ -60,16 +60,20 @@ class Upstreams:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def start_proxy(tmp: Path, up: Upstreams, logs: Path, processes: int = 1) -> tuple[subprocess.Popen, str]:
-    """`distill serve-router` as a process (``--processes``); returns it and its base URL once /health answers."""
+def start_proxy(tmp: Path, up: Upstreams, logs: Path, processes: int = 1, port: int | None = None,
+                wait: bool = True) -> tuple[subprocess.Popen, str]:
+    """`distill serve-router` as a process (``--processes``) in its own session (a process group of its own, as in
+    a terminal); returns it and its base URL once /health answers (at once with ``wait`` False)."""
     policy = tmp / "policy"
     policy.mkdir(exist_ok=True)
     (policy / "routing_policy.json").write_text(json.dumps(POLICY))
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve-router", str(policy), "--student-url",
                              up.student_url, "--teacher-url", up.teacher_url, "--log-dir", str(logs), "--port",
                              str(port), "--no-embeddings", "--no-language", "--processes", str(processes)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
+    if not wait:
+        return proc, f"http://127.0.0.1:{port}/v1"
     end = time.monotonic() + 60
     while time.monotonic() < end:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -271,3 +275,41 @@ def test_processes_stop_together(tmp_path):
             for pid in children:  # every child is gone (reaped by the parent)
                 with pytest.raises(ProcessLookupError):
                     os.kill(pid, 0)
+
+
+def test_ctrl_c_lets_every_process_finish_its_requests(tmp_path):
+    """Ctrl-C reaches the whole process group, then the parent sends SIGTERM too: a streamed answer still running
+    (the teacher takes ~0.9 s) must arrive whole, and be logged. Before, the second signal cancelled it."""
+    logs = tmp_path / "logs"
+    with Upstreams() as up:
+        proc, url = start_proxy(tmp_path, up, logs, 2)
+
+        async def slow_then_ctrl_c() -> list[str]:
+            async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30) as client:
+                calls = [asyncio.create_task(call(client, i)) for i in (3, 7, 11, 15)]  # teacher streams
+                end = time.monotonic() + 30
+                while len(up.teacher.bodies) < 4 and time.monotonic() < end:  # all four in flight
+                    await asyncio.sleep(0.01)
+                os.killpg(proc.pid, signal.SIGINT)
+                return await asyncio.gather(*calls)
+
+        try:
+            assert asyncio.run(slow_then_ctrl_c()) == [TEACHER_TEXT] * 4
+            assert proc.wait(60) == 0
+        finally:
+            stop(proc)
+    assert len(log_lines(logs)) == 4
+
+
+def test_a_port_in_use_is_refused_with_one_clear_line(tmp_path):
+    """SO_REUSEPORT would let a second serve-router --processes share the port without a word."""
+    with Upstreams() as up:
+        first, url = start_proxy(tmp_path, up, tmp_path / "logs", 2)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        try:
+            second, _ = start_proxy(tmp_path, up, tmp_path / "logs2", 2, port=port, wait=False)
+            assert second.wait(60) != 0
+            err = second.stderr.read().decode() + ""
+            assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("Traceback") == 0, err[-2000:]
+        finally:
+            stop(first)
