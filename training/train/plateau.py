@@ -1,10 +1,8 @@
-"""Following the validation figure: early stopping, and a learning rate that follows it (``train.lr_scheduler: plateau``): constant after warm-up,
-multiplied by ``train.plateau.factor`` each time ``train.plateau.patience`` evaluations in a row bring no better
-``select_by`` figure, like torch's ReduceLROnPlateau but after a warm-up and on the task metric.
-
-A run keeps its full rate for as long as it is still learning, however late that starts, and slows down once it
-stops: the demo's student learns to copy a ticket's fields in a jump whose epoch varies with the seed and the
-thread count, which a fixed cosine schedule can leave unfinished (docs/train.md).
+"""Following the validation figure: early stopping, and ``train.lr_scheduler: plateau`` — a learning rate that is
+constant after warm-up and multiplied by ``train.plateau.factor`` each time ``train.plateau.patience`` evaluations
+in a row bring no better ``select_by`` figure (torch's ReduceLROnPlateau, after a warm-up and on the task metric).
+A run keeps its full rate for as long as it still learns. On the demo it did worse than a cosine decay (three of six
+runs stalled: docs/train.md), so the demo does not use it.
 
 How many times the rate was cut, and how many evaluations went by without a better figure, are worked out from the
 Trainer's log history at every evaluation, not kept in a callback, so a resumed run goes on with the rate and the
@@ -37,29 +35,28 @@ def improved(value: float, best: float | None, greater_is_better: bool, threshol
     return value - best > threshold if greater_is_better else best - value > threshold
 
 
+def streaks(values: Iterable[float], greater_is_better: bool, threshold: float) -> list[int]:
+    """For each evaluation, how many in a row up to it brought no improvement (0: it improved)."""
+    best, run, out = None, 0, []
+    for v in values:
+        if improved(v, best, greater_is_better, threshold):
+            best, run = v, 0
+        else:
+            run += 1
+        out.append(run)
+    return out
+
+
 def reductions(values: Iterable[float], greater_is_better: bool, threshold: float, patience: int) -> int:
     """How many times the rate is cut over this series of evaluations: once per ``patience`` evaluations in a row
     without an improvement (the count restarts after each cut and after each improvement)."""
-    best, bad, cuts = None, 0, 0
-    for v in values:
-        if improved(v, best, greater_is_better, threshold):
-            best, bad = v, 0
-            continue
-        bad += 1
-        if bad == patience:
-            cuts, bad = cuts + 1, 0
-    return cuts
+    return sum(1 for run in streaks(values, greater_is_better, threshold) if run and run % patience == 0)
 
 
 def since_improvement(values: Iterable[float], greater_is_better: bool, threshold: float) -> int:
     """Evaluations since the last one that improved on the best so far (0: the last one did)."""
-    best, since = None, 0
-    for v in values:
-        if improved(v, best, greater_is_better, threshold):
-            best, since = v, 0
-        else:
-            since += 1
-    return since
+    runs = streaks(values, greater_is_better, threshold)
+    return runs[-1] if runs else 0
 
 
 def early_stop_callback(cfg, key: str, greater_is_better: bool):
