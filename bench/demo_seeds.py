@@ -61,6 +61,15 @@ def write_recipe(base: dict[str, Any], work: Path, name: str, train: dict[str, A
     return path
 
 
+def shifted_candidates(base: dict[str, Any], train: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The recipe's train.candidates with each candidate's own seed moved by the matrix's seed (the recipe's seed
+    0 runs them as written), so the retries of different matrix seeds are different students too."""
+    cands = train.get("candidates", base["train"].get("candidates"))
+    if not cands:
+        return {}
+    return {"candidates": [{**c, "seed": c["seed"] + seed} if "seed" in c else c for c in cands]}
+
+
 def figures(run: Path) -> dict[str, Any]:
     """The figures of one run, from its evaluate scores, route manifest and train outputs."""
     funcs = json.loads((run / "evaluate" / "scores.json").read_text())["functions"]
@@ -82,7 +91,18 @@ def figures(run: Path) -> dict[str, Any]:
         "stopped_early": student.get("stopped_early"),
         "val_quality_best": student.get("val_quality_best"),
         "packing": student.get("packing"),
+        **trainings(run / "train" / "candidates.json"),
     }
+
+
+def trainings(path: Path) -> dict[str, Any]:
+    """With train.candidates: how many students were trained, which one was kept, and each one's validation
+    quality (train.candidates_until stops at the first good enough one)."""
+    if not path.is_file():
+        return {"trainings": 1}
+    table = json.loads(path.read_text())
+    return {"trainings": len(table["candidates"]), "chosen": table["chosen"],
+            "candidates_val_quality": {r["name"]: round(r["val_quality"], 4) for r in table["candidates"]}}
 
 
 def _pct(v: Any) -> float | None:
@@ -109,7 +129,7 @@ def run_matrix(base: dict[str, Any], work: Path, seeds: list[int], threads: list
             name = f"{label}-s{seed}-t{t}"
             shutil.rmtree(work / "runs" / name, ignore_errors=True)
             shutil.copytree(work / "runs" / "base", work / "runs" / name, ignore=shutil.ignore_patterns(".lock"))
-            recipe = write_recipe(base, work, name, {**train, "seed": seed})
+            recipe = write_recipe(base, work, name, {**train, "seed": seed, **shifted_candidates(base, train, seed)})
             log = work / f"{name}.log"
             seconds = {s: round(distill([s, str(recipe)], t, log), 1) for s in ("train", "evaluate", "route")}
             row = {"seed": seed, "threads": t, **figures(work / "runs" / name), "stage_seconds": seconds,
@@ -123,12 +143,16 @@ def run_matrix(base: dict[str, Any], work: Path, seeds: list[int], threads: list
 
 def table(runs: list[dict[str, Any]], title: str) -> str:
     lines = [f"**{title}**", "", "| seed | threads | ticket_triage exact | field acc. | product_faq exact | routed to "
-             "student | routed exact | steps (kept) | train s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "student | routed exact | students trained | steps (kept) | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
+        vq = r.get("candidates_val_quality") or {}
+        tried = f"{r.get('trainings', 1)}" + (f" (val. {', '.join(f'{q:.3f}' for q in vq.values())})" if vq else "")
+        seconds = (r.get("stage_seconds") or {}).get("train", r["train_seconds"])
         lines.append(f"| {r['seed']} | {r['threads']} | {r['ticket_triage_exact_match']} % | "
                      f"{r['ticket_triage_field_accuracy']} % | {r['product_faq_exact_match']} % | "
-                     f"{r['routed_to_student']} % | {r['routed_exact_match']} % | {r['steps']} ({r['kept_step']}) | "
-                     f"{r['train_seconds']:.0f} |")
+                     f"{r['routed_to_student']} % | {r['routed_exact_match']} % | {tried} | "
+                     f"{r['steps']} ({r['kept_step']}) | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -168,7 +192,7 @@ def section(result: dict[str, Any]) -> str:
         f"{h.get('ticket_triage_field_accuracy', '-')}); routed to the student {h.get('routed_to_student', '-')} "
         f"at routed exact match {h.get('routed_exact_match', '-')}. Target `ticket_triage` exact match >= "
         f"{TARGET:g} % on every run: {'met' if met else 'MISSED'}"
-        f"{' so far' if not result.get('complete') else ''}. Train seconds are wall-clock on a shared machine "
+        f"{' so far' if not result.get('complete') else ''}. Train seconds: the train stage's wall-clock (every student it trained) on a shared machine "
         f"(load average per run in the file). Source: `bench/results/demo_seeds.json`.",
         "",
         table(result["runs"], "per run"),

@@ -53,14 +53,15 @@ def effective_candidates(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         return []
     if len(cfg.candidates) > MAX_CANDIDATES:
         raise ValueError(f"candidates: at most {MAX_CANDIDATES} (got {len(cfg.candidates)})")
-    base = cfg.model_dump(mode="python", exclude={"candidates"}, exclude_unset=True)
+    base = cfg.model_dump(mode="python", exclude={"candidates", "candidates_until"}, exclude_unset=True)
     out: list[tuple[str, TrainConfig]] = []
     for i, over in enumerate(cfg.candidates):
         if not isinstance(over, dict):
             raise ValueError(f"candidates[{i}]: must be a mapping of train fields to override (got {short(over)})")
         name = candidate_name(over, i)
-        if "candidates" in over:
-            raise ValueError(f"candidates[{i}].candidates: a candidate cannot hold candidates")
+        for field in ("candidates", "candidates_until"):
+            if field in over:
+                raise ValueError(f"candidates[{i}].{field}: a candidate cannot hold candidates")
         merged = merge(base, {k: v for k, v in over.items() if k != "name"})
         try:
             eff = type(cfg).model_validate(merged)

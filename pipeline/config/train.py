@@ -234,12 +234,22 @@ class TrainConfig(Section):
         "train.select says, and the best that clears evaluate.gate there (quality first, then serving cost) is "
         "the stage's output. Empty: train this section alone.",
     )
+    candidates_until: float | None = Field(
+        None, gt=0, le=1,
+        description="Train the candidates in the listed order and stop at the first that clears evaluate.gate on "
+        "validation with a validation quality of at least this (0-1, in evaluate's quality metric); the later ones "
+        "are not trained. List the cheapest first to pass on the cheapest student that is good enough, or list "
+        "seeds of one student to retrain only when a run falls short. Unset: train every candidate.",
+    )
 
     @model_validator(mode="after")
     def _candidates(self) -> TrainConfig:
         from pipeline.config.candidates import effective_candidates
 
         effective_candidates(self)  # raises naming candidates[i].<field>
+        if self.candidates_until is not None and not self.candidates:
+            raise ValueError("candidates_until stops a search over train.candidates, and there are none: list "
+                             "candidates or remove candidates_until")
         return self
 
     @model_validator(mode="after")

@@ -247,3 +247,44 @@ def test_each_candidate_is_checked_before_any_stage_works(project, capsys):
     err = capsys.readouterr().err
     assert "train.candidates[1] (gone): train.student.checkpoint" in err and "no/such-model" in err
     assert not (recipe.parent / "runs" / "t" / "harvest").exists()
+
+
+@pytest.mark.parametrize(("train", "says"), [
+    ({"candidates_until": 0.9}, "candidates_until stops a search over train.candidates, and there are none"),
+    ({"candidates": [{"name": "a", "candidates_until": 0.9}]}, "candidates[0].candidates_until: a candidate cannot"),
+    ({"candidates": [{"name": "a"}], "candidates_until": 1.5}, "train.candidates_until: Input should be less than"),
+])
+def test_candidates_until_is_checked_with_the_recipe(train, says):
+    with pytest.raises(RecipeError) as err:
+        _recipe(**train)
+    assert says in str(err.value)
+
+
+def test_candidates_until_stops_at_the_first_good_enough_candidate(project, tmp_path, capsys, monkeypatch):
+    """With train.candidates_until the candidates train in order and the first that clears the gate with that
+    validation quality ends the search: the later ones are not trained (no cache folder, no training time), the
+    table says so. Below the bar every candidate trains, and the best of them is passed on."""
+    from conftest import make_project
+
+    cands = [{"name": "first", "learning_rate": 5e-3}, {"name": "second", "learning_rate": 1e-6}]
+    gate = {"quality": "chrf", "gate": {"max_points_below_teacher": 100}}  # chrF: partial credit from step 12 on
+    recipe = project(train={**TINY, "candidates": cands, "candidates_until": 1.0}, evaluate=gate)
+    assert cli(["train", str(recipe)]) == 0  # nothing reaches 1.0: both train
+    table = json.loads((recipe.parent / "runs" / "t" / "train" / "candidates.json").read_text())
+    assert [r["name"] for r in table["candidates"]] == ["first", "second"] and table["not_trained"] == []
+    first = table["candidates"][0]["val_quality"]
+    assert 0 < first < 1, first  # the bar below is reachable by the first alone
+
+    other = make_project(tmp_path / "b", train={**TINY, "candidates": cands, "candidates_until": first},
+                         evaluate=gate)
+    monkeypatch.chdir(other.parent)  # a fresh project: nothing cached
+    capsys.readouterr()
+    assert cli(["train", str(other)]) == 0
+    run = other.parent / "runs" / "t"
+    table = json.loads((run / "train" / "candidates.json").read_text())
+    assert [r["name"] for r in table["candidates"]] == ["first"] and table["not_trained"] == ["second"]
+    assert table["chosen"] == "first" and table["candidates"][0]["val_quality"] == first
+    assert len(list((run / "cache" / "candidates").iterdir())) == 1  # the second was never started
+    out = capsys.readouterr().out
+    assert "1 later candidate(s) not trained" in out and "not trained: an earlier candidate reached" in out
+    assert "candidates_not_trained" not in json.loads((run / "train" / "manifest.json").read_text())["student"]

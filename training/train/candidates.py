@@ -9,7 +9,9 @@ greedily and is scored with the evaluate stage's metric (``pipeline.metrics``) u
 ``evaluate.gate`` on validation (each function at most ``max_points_below_teacher`` below the teacher, per-function
 overrides and ``min_records`` as evaluate applies them), the highest quality, then the lowest serving cost (the
 parameters the served model runs), then the lowest validation loss. When none clears the gate the best is passed on
-anyway and evaluate's gate decides. Its files become the stage's output; ``candidates.json`` records every one.
+anyway and evaluate's gate decides. With ``train.candidates_until`` the candidates are trained in the listed order
+and the search stops at the first that clears the gate with at least that validation quality (a cheaper student
+first, or more seeds of one student as retries): the winner is chosen among those trained. Its files become the stage's output; ``candidates.json`` records every one.
 """
 
 from __future__ import annotations
@@ -190,8 +192,8 @@ def train_candidates(ctx: StageContext, train_student: Callable) -> dict[str, An
                          "curate.split.val_fraction > 0")
     gate = ctx.recipe.evaluate.gate if ctx.recipe.evaluate else None
     metric = gate_metric(ctx.recipe)
-    found = []
-    for i, (name, eff) in enumerate(effective_candidates(cfg)):
+    found, listed = [], effective_candidates(cfg)
+    for i, (name, eff) in enumerate(listed):
         over = {k: v for k, v in cfg.candidates[i].items() if k != "name"}
         folder, reused = train_one(ctx, name, eff, over, train_student)
         done = read_done(folder / DONE)
@@ -200,6 +202,12 @@ def train_candidates(ctx: StageContext, train_student: Callable) -> dict[str, An
             write_json_atomic(folder / DONE, done)
         found.append({"index": i, "name": name, "folder": folder, "reused": reused, "overrides": over,
                       "student": done["student"], "val": done["val"], "gate": gate_on_validation(done["val"], gate)})
+        if good_enough(found[-1], cfg.candidates_until) and i + 1 < len(listed):
+            ctx.console.print(f"[bold]candidate {name}[/]: validation quality {found[-1]['val']['quality']:.3f} "
+                              f">= candidates_until {cfg.candidates_until:g} and the gate cleared: "
+                              f"{len(listed) - i - 1} later candidate(s) not trained")
+            break
+    skipped = [name for name, _ in listed[len(found):]]
     best = min(found, key=rank_key)
     for item in best["folder"].iterdir():
         if item.is_dir():
@@ -209,10 +217,17 @@ def train_candidates(ctx: StageContext, train_student: Callable) -> dict[str, An
     table = [candidate_row(c, c is best) for c in found]
     (ctx.work / "candidates.json").write_text(json.dumps(  # a report file: reruns and losers change only it
         {"chosen": best["name"], "gate_cleared": best["gate"]["passed"], "quality_metric": metric,
-         "candidates": table}, indent=2) + "\n")
+         "candidates_until": cfg.candidates_until, "candidates": table, "not_trained": skipped}, indent=2) + "\n")
     info = {**best["student"], "candidate": best["name"]}  # the winner alone: its settings are in its info
     (ctx.work / "student.json").write_text(json.dumps(info, indent=2) + "\n")
-    return {**info, "candidates": table}
+    return {**info, "candidates": table, "candidates_not_trained": skipped}
+
+
+def good_enough(c: dict[str, Any], until: float | None) -> bool:
+    """Whether a scored candidate ends the search (train.candidates_until): the gate cleared on validation and a
+    validation quality of at least ``until``."""
+    q = c["val"]["quality"]
+    return until is not None and c["gate"]["passed"] and q is not None and q >= until - 1e-9
 
 
 def candidate_row(c: dict[str, Any], chosen: bool) -> dict[str, Any]:
@@ -240,4 +255,6 @@ def candidates_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{r['parameters']:>11,} params  {r['steps']:>6,} steps  {r['train_seconds']:>7.0f}s  "
                     + ("gate ok" if r["gate"]["passed"] else f"gate: {len(r['gate']['failures'])} function(s) below")
                     + ("  (cached)" if r["reused"] else "")))
+    for name in info.get("candidates_not_trained") or []:
+        out.append(("  " + name, "not trained: an earlier candidate reached train.candidates_until"))
     return out

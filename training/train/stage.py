@@ -364,6 +364,7 @@ def run(ctx: StageContext) -> StageResult:
         counts={k: info[k] for k in ("train_records", "val_records", "steps", "parameters", "trainable_parameters",
                                      "world_size")},
         summary=summary,
-        extra={"student": {k: v for k, v in info.items() if k != "candidates"}},  # the table: candidates.json
+        extra={"student": {k: v for k, v in info.items()  # the table: candidates.json
+                            if k not in ("candidates", "candidates_not_trained")}},
     )
 
