@@ -2,15 +2,17 @@
 student for every (train.seed, torch threads) pair, each in its own copy of the run directory, and write one results
 file that the README and docs take the demo's figures from (tests/e2e/test_demo_figures.py checks that they do).
 
-    nice -n 10 .venv/bin/python bench/demo_seeds.py                       # 3 seeds x {1, 2} threads, ~30 min on 2 cores
+    nice -n 10 .venv/bin/python bench/demo_seeds.py                       # 3 seeds x {1, 2} threads, hours on 2 cores
     .venv/bin/python bench/demo_seeds.py --seeds 0 --threads 2 --out /tmp/one.json
 
 Each run is `distill train|evaluate|route RECIPE` in a subprocess with OMP_NUM_THREADS / MKL_NUM_THREADS set to the
 thread count (torch reads them at start-up), from a copy of recipes/demo.yaml that differs only in its name, its
-run_dir and train.seed; the copied harvest and curate stages are complete for it, so they are skipped. The runs go
+run_dir and train.seed (and the seeds of train.candidates, moved by the same amount: the recipe's retries are
+other students for every matrix seed); the copied harvest and curate stages are complete for it, so they are skipped. The runs go
 one after another (the 1-thread runs would otherwise compete with each other for the 2 cores). Per run the file holds
 the evaluate stage's figures per function, the share routed to the student, the training's steps, kept checkpoint
-and seconds; ``ranges`` holds min and max over the runs, ``baseline`` the same figures for the recipe's
+and seconds (``train_seconds``: the kept student's own training; ``stage_seconds.train``: the whole train stage,
+every student it trained, which the table shows), the students trained and each one's validation quality; ``ranges`` holds min and max over the runs, ``baseline`` the same figures for the recipe's
 selection by validation loss when --baseline is given. Results: bench/results/demo_seeds.json and a section in
 bench/RESULTS.md.
 """
@@ -67,7 +69,7 @@ def shifted_candidates(base: dict[str, Any], train: dict[str, Any], seed: int) -
     cands = train.get("candidates", base["train"].get("candidates"))
     if not cands:
         return {}
-    return {"candidates": [{**c, "seed": c["seed"] + seed} if "seed" in c else c for c in cands]}
+    return {"candidates": [{**c, "seed": c["seed"] + seed} if c.get("seed") is not None else c for c in cands]}
 
 
 def figures(run: Path) -> dict[str, Any]:
@@ -102,7 +104,8 @@ def trainings(path: Path) -> dict[str, Any]:
         return {"trainings": 1}
     table = json.loads(path.read_text())
     return {"trainings": len(table["candidates"]), "chosen": table["chosen"],
-            "candidates_val_quality": {r["name"]: round(r["val_quality"], 4) for r in table["candidates"]}}
+            "candidates_val_quality": {r["name"]: None if r["val_quality"] is None else round(r["val_quality"], 4)
+                                       for r in table["candidates"]}}
 
 
 def _pct(v: Any) -> float | None:
@@ -147,7 +150,8 @@ def table(runs: list[dict[str, Any]], title: str) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         vq = r.get("candidates_val_quality") or {}
-        tried = f"{r.get('trainings', 1)}" + (f" (val. {', '.join(f'{q:.3f}' for q in vq.values())})" if vq else "")
+        tried = f"{r.get('trainings', 1)}" + (f" (val. {', '.join('-' if q is None else f'{q:.3f}' for q in vq.values())})"
+                                              if vq else "")
         seconds = (r.get("stage_seconds") or {}).get("train", r["train_seconds"])
         lines.append(f"| {r['seed']} | {r['threads']} | {r['ticket_triage_exact_match']} % | "
                      f"{r['ticket_triage_field_accuracy']} % | {r['product_faq_exact_match']} % | "
@@ -362,7 +366,7 @@ def main() -> None:
 
     runs = run_matrix(base, work, args.seeds, args.threads, {}, "quality", save)
     if args.baseline:
-        loss = {"select_by": "loss", "early_stopping_patience": None}
+        loss = {"select_by": "loss", "early_stopping_patience": None, "candidates": [], "candidates_until": None}
         result["baseline"] = {"train": loss, "runs": (b := run_matrix(base, work, args.seeds, args.threads, loss,
                                                                        "loss")), "ranges": ranges(b)}
     result.update(total_seconds=round(time.time() - t0, 1), complete=True)

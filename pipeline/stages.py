@@ -101,6 +101,7 @@ class StageContext:
     work: Path
     inputs: dict[str, Path]
     console: Console
+    force: bool = False  # --force: the stage reruns; a stage that caches work inside it redoes that too
 
 
 @dataclass
@@ -189,10 +190,10 @@ def _prepare(recipe: Recipe, run: RunDir, stage: str, force: bool,
 
 
 def _execute(recipe: Recipe, run: RunDir, stage: str, work: Path, console: Console,
-             rank: int = 0) -> tuple[StageResult, float, float]:
+             rank: int = 0, force: bool = False) -> tuple[StageResult, float, float]:
     """Run the stage's module in its work folder; a failure keeps its traceback in the run directory."""
     c = contract(stage)
-    ctx = StageContext(recipe, run, work, {d: run.stage_dir(d) for d in c.reads}, console)
+    ctx = StageContext(recipe, run, work, {d: run.stage_dir(d) for d in c.reads}, console, force)
     console.rule(f"[bold]{stage}")
     started = time.time()
     try:
@@ -236,7 +237,7 @@ def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: 
     if work is None:
         _skipped(console, stage, done)
         return done
-    return _finish(recipe, run, stage, fp, *_execute(recipe, run, stage, work, console), console)
+    return _finish(recipe, run, stage, fp, *_execute(recipe, run, stage, work, console, force=force), console)
 
 
 def preflight(recipe: Recipe, stages: list[str], force: list[str]) -> None:
@@ -342,7 +343,8 @@ def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list
             follow(decision and decision.get("failure"), err)
             if not contract(stage).distributed or decision["work"] is None:
                 continue
-            result, started, finished = _execute(recipe, run, stage, Path(decision["work"]), console, rank)
+            result, started, finished = _execute(recipe, run, stage, Path(decision["work"]), console, rank,
+                                                  force=stage in force)
             state.wait_for_everyone()  # every rank has written what it writes before the folder moves into place
             if main:
                 _finish(recipe, run, stage, decision["fp"], result, started, finished, console)

@@ -61,7 +61,8 @@ def effective_candidates(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         name = candidate_name(over, i)
         for field in ("candidates", "candidates_until"):
             if field in over:
-                raise ValueError(f"candidates[{i}].{field}: a candidate cannot hold candidates")
+                raise ValueError(f"candidates[{i}].{field}: a candidate cannot hold candidates or candidates_until "
+                                 "(they belong to the train section)")
         merged = merge(base, {k: v for k, v in over.items() if k != "name"})
         try:
             eff = type(cfg).model_validate(merged)

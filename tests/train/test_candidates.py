@@ -122,7 +122,7 @@ def _ctx(tmp_path: Path, **train):
 def test_what_does_not_change_the_weights_keeps_a_candidates_cache(tmp_path):
     base = candidate_fingerprint(_ctx(tmp_path), _recipe().train)
     for other in ({"logging_steps": 1}, {"report_to": ["tensorboard"]}, {"select": {"max_records": 3}},
-                  {"candidates": [{"name": "x"}]}):
+                  {"candidates": [{"name": "x"}]}, {"candidates": [{"name": "x"}], "candidates_until": 0.5}):
         assert candidate_fingerprint(_ctx(tmp_path), _recipe(**other).train) == base, other
     for other in ({"learning_rate": 1e-4}, {"select_by": "quality"},
                   {"select_by": "quality", "select": {"max_records": 3}}):
@@ -271,9 +271,17 @@ def test_candidates_until_stops_at_the_first_good_enough_candidate(project, tmp_
     recipe = project(train={**TINY, "candidates": cands, "candidates_until": 1.0}, evaluate=gate)
     assert cli(["train", str(recipe)]) == 0  # nothing reaches 1.0: both train
     table = json.loads((recipe.parent / "runs" / "t" / "train" / "candidates.json").read_text())
-    assert [r["name"] for r in table["candidates"]] == ["first", "second"] and table["not_trained"] == []
+    assert [r["name"] for r in table["candidates"]] == ["first", "second"] and table["skipped"] == []
     first = table["candidates"][0]["val_quality"]
     assert 0 < first < 1, first  # the bar below is reachable by the first alone
+
+    data = yaml.safe_load(recipe.read_text())  # the bar reached but the gate failed: the search goes on
+    data["train"]["candidates_until"], data["evaluate"]["gate"]["max_points_below_teacher"] = first, 0
+    recipe.write_text(yaml.safe_dump(data))
+    assert cli(["train", str(recipe)]) == 0
+    table = json.loads((recipe.parent / "runs" / "t" / "train" / "candidates.json").read_text())
+    assert [r["name"] for r in table["candidates"]] == ["first", "second"] and table["skipped"] == []
+    assert not any(r["gate"]["passed"] for r in table["candidates"])
 
     other = make_project(tmp_path / "b", train={**TINY, "candidates": cands, "candidates_until": first},
                          evaluate=gate)
@@ -282,9 +290,17 @@ def test_candidates_until_stops_at_the_first_good_enough_candidate(project, tmp_
     assert cli(["train", str(other)]) == 0
     run = other.parent / "runs" / "t"
     table = json.loads((run / "train" / "candidates.json").read_text())
-    assert [r["name"] for r in table["candidates"]] == ["first"] and table["not_trained"] == ["second"]
+    assert [r["name"] for r in table["candidates"]] == ["first"] and table["skipped"] == ["second"]
     assert table["chosen"] == "first" and table["candidates"][0]["val_quality"] == first
-    assert len(list((run / "cache" / "candidates").iterdir())) == 1  # the second was never started
+    cache = run / "cache" / "candidates"
+    assert len(list(cache.iterdir())) == 1  # the second was never started
     out = capsys.readouterr().out
-    assert "1 later candidate(s) not trained" in out and "not trained: an earlier candidate reached" in out
-    assert "candidates_not_trained" not in json.loads((run / "train" / "manifest.json").read_text())["student"]
+    assert "1 later candidate(s) skipped" in out and "reached train.candidates_until" in out
+    assert "candidates_skipped" not in json.loads((run / "train" / "manifest.json").read_text())["student"]
+
+    done = next(cache.iterdir()) / "candidate.json"
+    stamp = done.stat().st_mtime_ns
+    assert cli(["train", str(other), "--force"]) == 0  # --force retrains the candidates too, not only re-chooses
+    table = json.loads((run / "train" / "candidates.json").read_text())
+    assert done.stat().st_mtime_ns != stamp and not table["candidates"][0]["reused"]
+    assert table["candidates"][0]["val_quality"] == first and table["skipped"] == ["second"]

@@ -40,7 +40,7 @@ from training.train.select import greedy_answers, scored_records
 DONE = "candidate.json"
 # Fields of the train section that change what is reported, not the weights: left out of a candidate's fingerprint
 # (train.select decides which checkpoint is kept only with select_by: quality, where it stays in).
-NOT_WEIGHTS = ("candidates", "logging_steps", "report_to")
+NOT_WEIGHTS = ("candidates", "candidates_until", "logging_steps", "report_to")
 
 
 def read_done(path: Path) -> dict[str, Any] | None:
@@ -145,10 +145,14 @@ def gate_on_validation(val: dict[str, Any], gate) -> dict[str, Any]:
 
 
 def train_one(ctx: StageContext, name: str, eff, over: dict[str, Any], train_student: Callable) -> tuple[Path, bool]:
-    """The candidate's folder in the cache, trained now unless it was before; (folder, reused)."""
+    """The candidate's folder in the cache, trained now unless it was before (or the stage runs with --force);
+    (folder, reused)."""
     fp = candidate_fingerprint(ctx, eff)
     root = ctx.run.path / "cache" / "candidates"
     folder = root / fp[:20]
+    if ctx.force:  # `distill train --force` retrains, candidates included
+        shutil.rmtree(root / f".partial-{fp[:20]}", ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     if read_done(folder / DONE) is not None:
         return folder, True
     partial = root / f".partial-{fp[:20]}"  # kept when killed: the next run resumes from its checkpoints
@@ -157,7 +161,8 @@ def train_one(ctx: StageContext, name: str, eff, over: dict[str, Any], train_stu
         return folder, True
     partial.mkdir(parents=True, exist_ok=True)
     ctx.console.print(f"[bold]candidate {name}[/]: training")
-    cctx = StageContext(ctx.recipe.model_copy(update={"train": eff}), ctx.run, partial, ctx.inputs, ctx.console)
+    cctx = StageContext(ctx.recipe.model_copy(update={"train": eff}), ctx.run, partial, ctx.inputs, ctx.console,
+                        ctx.force)
     info = train_student(cctx)
     write_json_atomic(partial / DONE, {"fingerprint": fp, "overrides": over, "student": info})
     _finish(partial, folder)
@@ -205,7 +210,7 @@ def train_candidates(ctx: StageContext, train_student: Callable) -> dict[str, An
         if good_enough(found[-1], cfg.candidates_until) and i + 1 < len(listed):
             ctx.console.print(f"[bold]candidate {name}[/]: validation quality {found[-1]['val']['quality']:.3f} "
                               f">= candidates_until {cfg.candidates_until:g} and the gate cleared: "
-                              f"{len(listed) - i - 1} later candidate(s) not trained")
+                              f"{len(listed) - i - 1} later candidate(s) skipped")
             break
     skipped = [name for name, _ in listed[len(found):]]
     best = min(found, key=rank_key)
@@ -217,10 +222,10 @@ def train_candidates(ctx: StageContext, train_student: Callable) -> dict[str, An
     table = [candidate_row(c, c is best) for c in found]
     (ctx.work / "candidates.json").write_text(json.dumps(  # a report file: reruns and losers change only it
         {"chosen": best["name"], "gate_cleared": best["gate"]["passed"], "quality_metric": metric,
-         "candidates_until": cfg.candidates_until, "candidates": table, "not_trained": skipped}, indent=2) + "\n")
+         "candidates_until": cfg.candidates_until, "candidates": table, "skipped": skipped}, indent=2) + "\n")
     info = {**best["student"], "candidate": best["name"]}  # the winner alone: its settings are in its info
     (ctx.work / "student.json").write_text(json.dumps(info, indent=2) + "\n")
-    return {**info, "candidates": table, "candidates_not_trained": skipped}
+    return {**info, "candidates": table, "candidates_skipped": skipped}
 
 
 def good_enough(c: dict[str, Any], until: float | None) -> bool:
@@ -255,6 +260,7 @@ def candidates_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{r['parameters']:>11,} params  {r['steps']:>6,} steps  {r['train_seconds']:>7.0f}s  "
                     + ("gate ok" if r["gate"]["passed"] else f"gate: {len(r['gate']['failures'])} function(s) below")
                     + ("  (cached)" if r["reused"] else "")))
-    for name in info.get("candidates_not_trained") or []:
-        out.append(("  " + name, "not trained: an earlier candidate reached train.candidates_until"))
+    for name in info.get("candidates_skipped") or []:
+        out.append(("  " + name, "skipped (not trained, or if cached not considered): an earlier candidate "
+                                 "reached train.candidates_until"))
     return out

@@ -365,6 +365,6 @@ def run(ctx: StageContext) -> StageResult:
                                      "world_size")},
         summary=summary,
         extra={"student": {k: v for k, v in info.items()  # the table: candidates.json
-                            if k not in ("candidates", "candidates_not_trained")}},
+                            if k not in ("candidates", "candidates_skipped")}},
     )
 
