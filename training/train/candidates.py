@@ -11,7 +11,8 @@ overrides and ``min_records`` as evaluate applies them), the highest quality, th
 parameters the served model runs), then the lowest validation loss. When none clears the gate the best is passed on
 anyway and evaluate's gate decides. With ``train.candidates_until`` the candidates are trained in the listed order
 and the search stops at the first that clears the gate with at least that validation quality (a cheaper student
-first, or more seeds of one student as retries): the winner is chosen among those trained. Its files become the stage's output; ``candidates.json`` records every one.
+first, or more seeds of one student as retries): the winner is chosen among those trained. Its files become the
+stage's output; ``candidates.json`` records every one.
 """
 
 from __future__ import annotations
@@ -150,12 +151,12 @@ def train_one(ctx: StageContext, name: str, eff, over: dict[str, Any], train_stu
     fp = candidate_fingerprint(ctx, eff)
     root = ctx.run.path / "cache" / "candidates"
     folder = root / fp[:20]
+    partial = root / f".partial-{fp[:20]}"  # kept when killed: the next run resumes from its checkpoints
     if ctx.force:  # `distill train --force` retrains, candidates included
-        shutil.rmtree(root / f".partial-{fp[:20]}", ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     if read_done(folder / DONE) is not None:
         return folder, True
-    partial = root / f".partial-{fp[:20]}"  # kept when killed: the next run resumes from its checkpoints
     if read_done(partial / DONE) is not None:  # trained, killed before it was moved: move it now
         _finish(partial, folder)
         return folder, True
