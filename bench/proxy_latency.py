@@ -17,8 +17,11 @@ student's own first token and with the student's own whole (non-streamed) answer
 policy with no thresholds (what the route stage leaves for a function the student answers well everywhere, as in
 the demo's own policy): there the student's stream is relayed as it comes, and its first token is compared with the
 student's own. A third proxy serves the checked policy from two processes (``--processes 2``) for the
-200-concurrent case; its CPU is counted over both. The student takes ``--prefill-ms`` before its first token and
-``--token-ms`` per further token (18 tokens); the baseline is always the student called directly in the same run.
+200-concurrent case; its CPU is counted over both. A fourth serves the checked policy as serve-router did before
+2026-12-06, with aiohttp's default pool of 100 upstream connections (``--upstream-connections 100``: the
+"baseline" rows), so the same run shows what the unlimited pool changes. The
+student takes ``--prefill-ms`` before its first token and ``--token-ms`` per further token (18 tokens); added
+latency is always against the student called directly in the same run.
 """
 
 from __future__ import annotations
@@ -180,7 +183,14 @@ CASES = [  # (name, stream, concurrency, proxied function: None = the policy's, 
     ("streaming, no threshold (student relayed as it streams), 1 at a time", True, 1, None, "unchecked"),
     ("streaming, no threshold (student relayed as it streams), 200 concurrent", True, 200, None, "unchecked"),
     ("non-streaming, 200 concurrent, --processes 2", False, 200, None, "two"),
+    ("baseline: non-streaming, 1 at a time, --upstream-connections 100 (aiohttp's pool, the default before "
+     "2026-12-06)", False, 1, None, "before"),
+    ("baseline: non-streaming, 200 concurrent, --upstream-connections 100", False, 200, None, "before"),
 ]
+PROXIES = {  # name: (policy folder: checked or unchecked, serve-router options)
+    "checked": ("checked", ()), "unchecked": ("unchecked", ()), "two": ("checked", ("--processes", "2")),
+    "before": ("checked", ("--upstream-connections", "100")),
+}
 
 
 def bodies(request: dict[str, Any], stream: bool, function: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -246,14 +256,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         policy, reqs, _ = build_policy(Path(tmp) / "route")
         unchecked = without_thresholds(policy.parent, Path(tmp) / "route-unchecked")
-        up_port, px_ports = free_port(), {"checked": free_port(), "unchecked": free_port(), "two": free_port()}
+        up_port, px_ports = free_port(), {which: free_port() for which in PROXIES}
         procs = [start([sys.executable, __file__, "--serve-upstream", str(up_port), "--prefill-ms",
                         str(args.prefill_ms), "--token-ms", str(args.token_ms)], up_port)]
         try:
             pids = {}
-            for which, folder in (("checked", policy.parent), ("unchecked", unchecked), ("two", policy.parent)):
-                procs.append(start([sys.executable, "-m", "pipeline.cli", "serve-router", str(folder),
-                                    "--processes", "2" if which == "two" else "1",
+            folders = {"checked": policy.parent, "unchecked": unchecked}
+            for which, (folder, options) in PROXIES.items():
+                procs.append(start([sys.executable, "-m", "pipeline.cli", "serve-router", str(folders[folder]),
+                                    *options,
                                     "--student-url", f"http://127.0.0.1:{up_port}/student/v1",
                                     "--teacher-url", f"http://127.0.0.1:{up_port}/teacher/v1", "--no-embeddings",
                                     "--log-dir", str(Path(tmp) / "logs"), "--port", str(px_ports[which])],
@@ -295,7 +306,7 @@ async def bench(args, request: dict[str, Any], up_port: int, px_ports: dict[str,
         res = await measure_case(base, bases[which], direct, proxied, n, conc, args.rounds, pids[which])
         out.append(row(name, res, stream))
         calls += res["calls"]
-        if not stream and conc == 1:
+        if not stream and conc == 1 and which == "checked":
             whole = [x[1] for x in res["direct"]]
         if stream and conc == 1 and not fn and whole and which == "checked":  # the student's own whole answer as the baseline
             p = [x[0] for x in res["proxy"]]

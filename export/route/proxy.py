@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
 from export.route.audit import Job, LiveWork, answer_text
@@ -88,6 +88,7 @@ class ProxyConfig:
     queue_size: int = 1000  # background audits / shadow calls waiting at most (more are dropped and counted)
     workers: int = 4  # background audits / shadow calls at once
     reload_s: float = 1.0  # how often the deployment file is checked
+    upstream_connections: int = 0  # open connections to the student(s) and teacher at most (0: no limit)
     seed: int | None = None  # of the audit, shadow and canary sampling
 
 
@@ -188,7 +189,10 @@ class RouterProxy:
         return json_parse_errors(app)  # aiohttp's own refusals (an over-long header) in JSON too
 
     async def _start(self, _app) -> None:
-        self.session = ClientSession(timeout=ClientTimeout(total=self.cfg.timeout_s))
+        # aiohttp's default pool holds 100 connections: a 101st concurrent request would wait for a free one (its
+        # wait counted in its timeout). A proxy's upstream calls follow its clients', so no limit unless asked.
+        self.session = ClientSession(connector=TCPConnector(limit=self.cfg.upstream_connections),
+                                     timeout=ClientTimeout(total=self.cfg.timeout_s))
         await self.live.start()
         if self.versions is not None:
             self._watch = asyncio.create_task(self.versions.watch(self.cfg.reload_s))

@@ -6,6 +6,9 @@ each line is one ``O_APPEND`` write (export.route.calllog), and the deployment f
 parent only watches: Ctrl-C or SIGTERM stops them all (each finishes its requests and queued audits first); a
 process that dies stops the others and ``serve`` returns its exit code, so a supervisor (systemd, Kubernetes)
 restarts the whole. A process whose parent is gone stops by itself.
+
+Each process listens with a backlog of ``BACKLOG`` connections (aiohttp's default, 128, is low for a proxy that
+takes bursts of new connections) and keeps no access log (serve-router's logs are its own).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from export.route.lanes import Versions
 from export.route.proxy import ProxyConfig, RouterProxy
 from export.route.router import Router
 from pipeline.rundir import sha256_file
+
+BACKLOG = 2048  # pending connections per listening socket (the kernel caps it at net.core.somaxconn)
 
 
 def policy_path(source: str | Path) -> Path:
@@ -87,7 +92,7 @@ def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=pri
     print_fn(f"distill serve-router: {what}, teacher {cfg.teacher_url}; logs in {cfg.log_dir}{audits}; "
              f"listening on http://{opts.host}:{opts.port}/v1{many}")
     if processes == 1:
-        web.run_app(proxy.app(), host=opts.host, port=opts.port, print=None)
+        web.run_app(proxy.app(), host=opts.host, port=opts.port, print=None, backlog=BACKLOG, access_log=None)
         return 0
     del proxy  # each process loads its own; the parent only watches
     return _supervise(opts, cfg, processes, print_fn)
@@ -123,9 +128,9 @@ async def _serve_until_stopped(app: web.Application, host: str, port: int) -> No
     """Serve until SIGINT or SIGTERM, then stop gracefully (requests and queued audits finish). Any further signal
     is ignored: Ctrl-C reaches every process of the group and the parent then sends SIGTERM too, which under
     web.run_app would cancel the requests still running."""
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_port=True).start()
+    await web.TCPSite(runner, host, port, reuse_port=True, backlog=BACKLOG).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

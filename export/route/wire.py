@@ -266,10 +266,9 @@ async def send_events(request: web.Request, chunks: list[dict[str, Any]], header
                        ) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
     await out.prepare(request)
-    try:
-        for c in chunks:
-            await out.write(b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n")
-        await out.write(b"data: [DONE]\n\n")
+    events = [b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks]
+    try:  # the answer is whole already: one write (one system call), not one per event
+        await out.write(b"".join(events) + b"data: [DONE]\n\n")
         await out.write_eof()
     except ConnectionResetError:  # the client left: the answer is logged already
         pass

@@ -4,6 +4,7 @@ in and out of band, and OpenAI-compatible stand-ins for a student and a teacher 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import math
@@ -80,16 +81,34 @@ STUDENT_PIECES = ["The", " Echo", " Speaker", " is", " in", " stock."]  # the st
 class Upstream:
     """A stand-in OpenAI-compatible server. The student answers with confident logprobs, or unsure ones when the
     user turn contains UNSURE, and fails with HTTP 503 on FAIL; the teacher always answers. Every request body
-    and Authorization header it receives is kept."""
+    and Authorization header it receives is kept. With ``hold`` = n, each request waits (up to ``hold_s``) until
+    n requests are in flight at once; ``max_in_flight`` is the most seen."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, hold: int = 0, hold_s: float = 10.0):
         self.kind = kind
         self.bodies: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
         self.runner: web.AppRunner | None = None
         self.url = ""
+        self.hold, self.hold_s = hold, hold_s
+        self.in_flight = self.max_in_flight = 0
+        self._all_in: asyncio.Event | None = None
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.hold:
+                self._all_in = self._all_in or asyncio.Event()
+                if self.in_flight >= self.hold:
+                    self._all_in.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_in.wait(), self.hold_s)
+            return await self.answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
         self.auth.append(request.headers.get("Authorization"))

@@ -41,12 +41,16 @@ POLICY = {"schema": "distill-routing/v2", "tokenizer": None, "unknown_function":
 
 
 class Upstreams:
-    """The stand-in student and teacher (route_helpers.Upstream) on their own event loop in a thread."""
+    """The stand-in student and teacher (route_helpers.Upstream) on their own event loop in a thread; ``hold``:
+    the student answers once that many of its requests are in flight at once."""
+
+    def __init__(self, hold: int = 0):
+        self.hold = hold
 
     def __enter__(self) -> Upstreams:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.student, self.teacher = Upstream("student"), Upstream("teacher")
+        self.student, self.teacher = Upstream("student", hold=self.hold), Upstream("teacher")
         self.student_url = self._run(self.student.start())
         self.teacher_url = self._run(self.teacher.start())
         return self
@@ -61,7 +65,7 @@ class Upstreams:
 
 
 def start_proxy(tmp: Path, up: Upstreams, logs: Path, processes: int = 1, port: int | None = None,
-                wait: bool = True) -> tuple[subprocess.Popen, str]:
+                wait: bool = True, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """`distill serve-router` as a process (``--processes``) in its own session (a process group of its own, as in
     a terminal); returns it and its base URL once /health answers (at once with ``wait`` False)."""
     policy = tmp / "policy"
@@ -70,7 +74,7 @@ def start_proxy(tmp: Path, up: Upstreams, logs: Path, processes: int = 1, port: 
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve-router", str(policy), "--student-url",
                              up.student_url, "--teacher-url", up.teacher_url, "--log-dir", str(logs), "--port",
-                             str(port), "--no-embeddings", "--no-language", "--processes", str(processes)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             str(port), "--no-embeddings", "--no-language", "--processes", str(processes), *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     if not wait:
         return proc, f"http://127.0.0.1:{port}/v1"
@@ -193,6 +197,41 @@ def test_200_concurrent_requests_none_fails_no_log_line_lost_or_interleaved(tmp_
         assert r["status_code"] == 200 and r["routing"]["route"] == name.split("-")[0]
         assert user.count("[load request ") == 1  # no two requests' text in one line
     assert sorted(seen) == list(range(N)) and set(seen.values()) == {1}
+
+
+def test_upstream_calls_are_as_concurrent_as_the_clients(tmp_path):
+    """200 requests in flight reach the student as 200 calls in flight: aiohttp's default pool (100 connections)
+    made the other 100 wait for a free connection. --upstream-connections 50 caps them, as asked."""
+    n = 200
+
+    async def burst(url: str) -> list[str]:
+        async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60,
+                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 10))) as c:
+            calls = [c.chat.completions.create(model="gpt-4o", metadata={"function": FAQ}, messages=[
+                {"role": "user", "content": f"Is the Echo Speaker in stock? {marker(i)}"}]) for i in range(n)]
+            return [r.choices[0].message.content for r in await asyncio.gather(*calls)]
+
+    for limit, expect in ((None, n), ("50", 50)):
+        with Upstreams(hold=n) as up:
+            up.student.hold_s = 10.0 if limit is None else 0.5  # capped: the calls can never all be in at once
+            extra = ("--upstream-connections", limit) if limit else ()
+            proc, url = start_proxy(tmp_path, up, tmp_path / f"logs-{limit}", extra=extra)
+            try:
+                t0 = time.perf_counter()
+                answers = asyncio.run(burst(url))
+                elapsed = time.perf_counter() - t0
+            finally:
+                stop(proc)
+        assert answers == [STUDENT_TEXT] * n
+        assert up.student.max_in_flight == expect, (limit, up.student.max_in_flight)
+        if limit is None:  # released as soon as all 200 were in, not by the student's 10 s timeout
+            assert elapsed < 8, f"{elapsed:.1f} s"
+
+
+def test_upstream_connections_must_not_be_negative(tmp_path, capsys):
+    assert cli(["serve-router", str(tmp_path), "--student-url", "http://127.0.0.1:9/v1", "--teacher-url",
+                "http://127.0.0.1:9/v1", "--upstream-connections", "-1"]) != 0
+    assert "--upstream-connections must be 0 (no limit) or more" in capsys.readouterr().err
 
 
 def harvest(tmp: Path) -> dict[str, Any]:
