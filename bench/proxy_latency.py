@@ -184,7 +184,7 @@ CASES = [  # (name, stream, concurrency, proxied function: None = the policy's, 
     ("streaming, no threshold (student relayed as it streams), 200 concurrent", True, 200, None, "unchecked"),
     ("non-streaming, 200 concurrent, --processes 2", False, 200, None, "two"),
     ("baseline: non-streaming, 1 at a time, --upstream-connections 100 (aiohttp's pool, the default before "
-     "2026-12-06)", False, 1, None, "before"),
+     "2026-12-06; the day's other changes in both arms)", False, 1, None, "before"),
     ("baseline: non-streaming, 200 concurrent, --upstream-connections 100", False, 200, None, "before"),
 ]
 PROXIES = {  # name: (policy folder: checked or unchecked, serve-router options)

@@ -67,10 +67,11 @@ def _serve_router_parser(sub) -> None:
                     help="serve from N processes on the one port (SO_REUSEPORT; one event loop uses one core): "
                     "they share the log folder line by line and each re-reads a deployment file (default: 1)")
     sr.add_argument("--timeout", type=float, default=120.0, help="seconds per upstream call")
-    sr.add_argument("--upstream-connections", type=int, default=0, metavar="N",
-                    help="open connections to the student(s) and teacher at most, per process; a request beyond "
-                    "them waits for a free one, the wait counted in --timeout (default: 0, no limit: as many as "
-                    "the clients' requests in flight)")
+    sr.add_argument("--upstream-connections", type=int, metavar="N",
+                    help="upstream connections in use at once per process, over the student(s), the teacher and "
+                    "the background audits; a call beyond them waits for a free one, the wait counted in "
+                    "--timeout; 0: no limit (default: a quarter of the open-file limit, which serve-router "
+                    "raises to its hard limit: each request in flight holds a client and an upstream descriptor)")
     sr.add_argument("--no-embeddings", action="store_true", help="skip the distance rule (no torch, no MiniLM)")
     sr.add_argument("--no-language", action="store_true", help="skip the language rule")
     sr.add_argument("--before-only", action="store_true", help="do not check the student's confidence after it "
@@ -313,6 +314,8 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
     live = LiveConfig(**{**live.model_dump(), **{k: v for k, v in (
         ("audit_share", audit), ("canary_audit_share", args.canary_audit_share),
         ("queue_size", args.queue_size)) if v is not None}})  # validated: a share outside [0, 1] is refused
+    if args.upstream_connections is not None and args.upstream_connections < 0:
+        raise ValueError(f"--upstream-connections must be 0 (no limit) or more, got {args.upstream_connections}")
     cfg = ProxyConfig(student_url=args.student_url or "", teacher_url=args.teacher_url, log_dir=Path(args.log_dir),
                       student_model=args.student_model, teacher_model=args.teacher_model,
                       student_key_env=args.student_key_env, teacher_key_env=args.teacher_key_env,
@@ -321,8 +324,6 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
                       reload_s=live.reload_s, seed=args.seed, upstream_connections=args.upstream_connections)
     if not 1 <= args.processes <= 256:
         raise ValueError(f"--processes must be between 1 and 256, got {args.processes}")
-    if args.upstream_connections < 0:
-        raise ValueError(f"--upstream-connections must be 0 (no limit) or more, got {args.upstream_connections}")
     opts = ServeOptions(args.policy, args.host, args.port, language=not args.no_language,
                         embeddings=not args.no_embeddings, deployment=deployment,
                         version_urls=_urls(args.version_url))

@@ -88,8 +88,32 @@ class ProxyConfig:
     queue_size: int = 1000  # background audits / shadow calls waiting at most (more are dropped and counted)
     workers: int = 4  # background audits / shadow calls at once
     reload_s: float = 1.0  # how often the deployment file is checked
-    upstream_connections: int = 0  # open connections to the student(s) and teacher at most (0: no limit)
+    # upstream connections in use at once, over the student(s), the teacher and the background audits (0: no
+    # limit; None: a quarter of the open-file limit, the rest left for the clients' connections and the logs)
+    upstream_connections: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.upstream_connections is not None and self.upstream_connections < 0:
+            raise ValueError(f"upstream_connections must be 0 (no limit) or more, got {self.upstream_connections}")
     seed: int | None = None  # of the audit, shadow and canary sampling
+
+
+def upstream_limit(asked: int | None) -> int:
+    """The upstream connection limit: as asked, or a quarter of this process's open-file limit (each request in
+    flight holds a client and an upstream descriptor; serve-router raises the soft limit to the hard one)."""
+    if asked is not None:
+        return asked
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 0 if soft == resource.RLIM_INFINITY else max(16, soft // 4)
+
+
+def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str:
+    if isinstance(err, asyncio.TimeoutError):
+        return (f"no answer from {url} within {timeout_s:g} s (the proxy's --timeout, which includes any wait for "
+                "a free upstream connection: --upstream-connections)")
+    return f"cannot reach {url}: {type(err).__name__}"
 
 
 def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
@@ -190,8 +214,8 @@ class RouterProxy:
 
     async def _start(self, _app) -> None:
         # aiohttp's default pool holds 100 connections: a 101st concurrent request would wait for a free one (its
-        # wait counted in its timeout). A proxy's upstream calls follow its clients', so no limit unless asked.
-        self.session = ClientSession(connector=TCPConnector(limit=self.cfg.upstream_connections),
+        # wait counted in its timeout). A proxy's upstream calls follow its clients', up to the descriptors left.
+        self.session = ClientSession(connector=TCPConnector(limit=upstream_limit(self.cfg.upstream_connections)),
                                      timeout=ClientTimeout(total=self.cfg.timeout_s))
         await self.live.start()
         if self.versions is not None:
@@ -235,7 +259,7 @@ class RouterProxy:
             async with self.session.post(url, json=body, headers=headers) as resp:
                 return resp.status, await self._read_json(resp, url)
         except (ClientError, asyncio.TimeoutError) as err:
-            return 502, {"error": {"message": f"cannot reach {url}: {type(err).__name__}", "type": "upstream_error"}}
+            return 502, {"error": {"message": upstream_failure(url, err, self.cfg.timeout_s), "type": "upstream_error"}}
 
     async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
@@ -408,8 +432,9 @@ class RouterProxy:
                 await out.write_eof()
         except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
             if out is None:
-                return None, 502, {"error": {"message": f"cannot reach {url} or its stream broke before its first "
-                                             f"chunk: {type(err).__name__}", "type": "upstream_error"}}
+                why = (upstream_failure(url, err, self.cfg.timeout_s) if isinstance(err, asyncio.TimeoutError) else
+                       f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}")
+                return None, 502, {"error": {"message": why, "type": "upstream_error"}}
             gone = request.transport is None or request.transport.is_closing()
             broken = (f"{'client disconnected' if gone else 'stream broken'} after {len(chunks)} chunks: "
                       f"{type(err).__name__}")

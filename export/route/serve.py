@@ -7,8 +7,10 @@ parent only watches: Ctrl-C or SIGTERM stops them all (each finishes its request
 process that dies stops the others and ``serve`` returns its exit code, so a supervisor (systemd, Kubernetes)
 restarts the whole. A process whose parent is gone stops by itself.
 
-Each process listens with a backlog of ``BACKLOG`` connections (aiohttp's default, 128, is low for a proxy that
-takes bursts of new connections) and keeps no access log (serve-router's logs are its own).
+Each request in flight holds two file descriptors (the client's connection and the upstream one): ``serve`` raises
+the soft open-file limit to the hard one, and the proxy opens upstream connections up to a quarter of it unless
+told otherwise (``ProxyConfig.upstream_connections``). Each process listens with a backlog of ``BACKLOG``
+connections (aiohttp's default is 128) and keeps no access log (serve-router's logs are its own).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from export.route.lanes import Versions
-from export.route.proxy import ProxyConfig, RouterProxy
+from export.route.proxy import ProxyConfig, RouterProxy, upstream_limit
 from export.route.router import Router
 from pipeline.rundir import sha256_file
 
@@ -82,8 +84,29 @@ def build_proxy(opts: ServeOptions, cfg: ProxyConfig) -> tuple[RouterProxy, str]
     return RouterProxy(router, cfg, sha256_file(path)), f"policy {path}{skipped}; student {cfg.student_url}"
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard limit (the processes started after inherit it); the soft
+    limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
+
+
 def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=print) -> int:
     """Serve until interrupted; returns the exit code (0 after Ctrl-C or SIGTERM)."""
+    files = raise_open_file_limit()
+    if cfg.upstream_connections is None and files < 4096:
+        print_fn(f"warning: the open-file limit is {files} (its hard limit too): serve-router opens at most "
+                 f"{upstream_limit(None)} upstream connections at once and can hold about that many requests in "
+                 "flight; raise it (ulimit -n, systemd LimitNOFILE=, or set --upstream-connections)")
     proxy, what = build_proxy(opts, cfg)  # loaded here first, so a bad policy fails before any process starts
     if processes > 1:
         check_port_free(opts.host, opts.port)

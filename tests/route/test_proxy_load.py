@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -65,22 +66,30 @@ class Upstreams:
 
 
 def start_proxy(tmp: Path, up: Upstreams, logs: Path, processes: int = 1, port: int | None = None,
-                wait: bool = True, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+                wait: bool = True, extra: tuple[str, ...] = (), nofile: int | None = None
+                ) -> tuple[subprocess.Popen, str]:
     """`distill serve-router` as a process (``--processes``) in its own session (a process group of its own, as in
-    a terminal); returns it and its base URL once /health answers (at once with ``wait`` False)."""
+    a terminal); returns it and its base URL once /health answers (at once with ``wait`` False). ``nofile``: its
+    open-file limit, soft and hard. Its output goes to the file ``proc.out`` (a pipe nobody reads could fill and
+    stall it)."""
     policy = tmp / "policy"
     policy.mkdir(exist_ok=True)
     (policy / "routing_policy.json").write_text(json.dumps(POLICY))
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve-router", str(policy), "--student-url",
+    path = tmp / f"serve-router-{port}-{time.monotonic_ns()}.out"
+    with open(path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve-router", str(policy), "--student-url",
                              up.student_url, "--teacher-url", up.teacher_url, "--log-dir", str(logs), "--port",
-                             str(port), "--no-embeddings", "--no-language", "--processes", str(processes), *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                             str(port), "--no-embeddings", "--no-language", "--processes", str(processes), *extra], cwd=ROOT,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+                            if nofile else None)
+    proc.out = path
     if not wait:
         return proc, f"http://127.0.0.1:{port}/v1"
     end = time.monotonic() + 60
     while time.monotonic() < end:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, proc.out.read_text()[-2000:]
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc, f"http://127.0.0.1:{port}/v1"
@@ -228,6 +237,33 @@ def test_upstream_calls_are_as_concurrent_as_the_clients(tmp_path):
             assert elapsed < 8, f"{elapsed:.1f} s"
 
 
+def test_a_low_open_file_limit_holds_requests_back_instead_of_failing_them(tmp_path):
+    """Each request in flight holds two descriptors. Under an open-file limit of 1024 (soft and hard, as a shell
+    or a container may set), 600 requests at once all get their answer and a log line: the proxy opens at most a
+    quarter of the limit upstream and says so at start. With no limit on upstream connections, 171 of 600 failed
+    (HTTP 500, OSError: too many open files) and lost their log lines."""
+    n, logs = 600, tmp_path / "logs"
+
+    async def burst(url: str) -> list[str]:
+        async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120,
+                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 10))) as c:
+            calls = [c.chat.completions.create(model="gpt-4o", metadata={"function": FAQ}, messages=[
+                {"role": "user", "content": f"Is the Echo Speaker in stock? {marker(i)}"}]) for i in range(n)]
+            return [r.choices[0].message.content for r in await asyncio.gather(*calls)]
+
+    with Upstreams(hold=n) as up:
+        up.student.hold_s = 0.5  # the limit keeps them from all being in at once
+        proc, url = start_proxy(tmp_path, up, logs, nofile=1024)
+        try:
+            answers = asyncio.run(burst(url))
+        finally:
+            stop(proc)
+    assert answers == [STUDENT_TEXT] * n
+    assert up.student.max_in_flight == 1024 // 4
+    assert len(log_lines(logs)) == n and not list(logs.glob("errors-*.jsonl"))
+    assert "the open-file limit is 1024" in proc.out.read_text()
+
+
 def test_upstream_connections_must_not_be_negative(tmp_path, capsys):
     assert cli(["serve-router", str(tmp_path), "--student-url", "http://127.0.0.1:9/v1", "--teacher-url",
                 "http://127.0.0.1:9/v1", "--upstream-connections", "-1"]) != 0
@@ -348,7 +384,7 @@ def test_a_port_in_use_is_refused_with_one_clear_line(tmp_path):
         try:
             second, _ = start_proxy(tmp_path, up, tmp_path / "logs2", 2, port=port, wait=False)
             assert second.wait(60) != 0
-            err = second.stderr.read().decode() + ""
+            err = second.out.read_text()
             assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("Traceback") == 0, err[-2000:]
         finally:
             stop(first)
