@@ -70,7 +70,7 @@ def _serve_router_parser(sub) -> None:
     sr.add_argument("--upstream-connections", type=int, metavar="N",
                     help="upstream connections in use at once per process, over the student(s), the teacher and "
                     "the background audits; a call beyond them waits for a free one, the wait counted in "
-                    "--timeout; 0: no limit (default: a quarter of the open-file limit, which serve-router "
+                    "--timeout; 0: no limit (default: an eighth of the open-file limit, which serve-router "
                     "raises to its hard limit: each request in flight holds a client and an upstream descriptor)")
     sr.add_argument("--no-embeddings", action="store_true", help="skip the distance rule (no torch, no MiniLM)")
     sr.add_argument("--no-language", action="store_true", help="skip the language rule")

@@ -11,9 +11,12 @@ not keep O_APPEND writes whole.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +33,8 @@ class CallLog:
     def __init__(self, log_dir: Path):
         self.dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
+        with _SPARE_LOCK:
+            _take_spare()
 
     def error(self, request: web.Request, rid: str, resp: web.Response) -> None:
         """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""
@@ -58,12 +63,48 @@ class CallLog:
         append_line(self.dir / f"live-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl", live_line(record))
 
 
+FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT
+_SPARE: int | None = None  # a descriptor held back for a log line when the process has run out of them
+_SPARE_LOCK = threading.Lock()
+
+
+def _take_spare() -> None:
+    global _SPARE
+    if _SPARE is None:
+        with contextlib.suppress(OSError):  # out of descriptors now: taken at the next line
+            _SPARE = os.open(os.devnull, os.O_RDONLY)
+
+
 def append_line(path: Path, line: str) -> None:
-    """Append one line in one write on an O_APPEND descriptor. A file that ends in a torn line (a proxy killed
-    mid-write) gets a newline first: the torn line stays one bad line that harvest quarantines, instead of
-    swallowing this whole one."""
+    """Append one line in one write on an O_APPEND descriptor. When the process is out of descriptors (EMFILE:
+    too many connections at once), the spare one is given up for this line and taken back after, so a request
+    that failed for want of a descriptor is still logged."""
+    global _SPARE
     data = line.encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
+    try:
+        fd = os.open(path, FLAGS, 0o666)  # less the umask, as open() does
+    except OSError as err:
+        if err.errno != errno.EMFILE:
+            raise
+        with _SPARE_LOCK:
+            if _SPARE is None:
+                raise
+            os.close(_SPARE)
+            _SPARE = None
+            try:
+                _write(os.open(path, FLAGS, 0o666), data)
+            finally:
+                _take_spare()
+        return
+    _write(fd, data)
+    if _SPARE is None:
+        with _SPARE_LOCK:
+            _take_spare()
+
+
+def _write(fd: int, data: bytes) -> None:
+    """Write under an exclusive lock, then close. A file that ends in a torn line (a proxy killed mid-write) gets
+    a newline first: the torn line stays one bad line that harvest quarantines, instead of swallowing this one."""
     try:
         # Locked: without it, another process's write still in progress (the size grows page by page) would look
         # like a torn line here and get a stray newline.

@@ -38,6 +38,7 @@ audited by the teacher in the background (``audit``); the scores go to ``live-<d
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import time
@@ -89,27 +90,34 @@ class ProxyConfig:
     workers: int = 4  # background audits / shadow calls at once
     reload_s: float = 1.0  # how often the deployment file is checked
     # upstream connections in use at once, over the student(s), the teacher and the background audits (0: no
-    # limit; None: a quarter of the open-file limit, the rest left for the clients' connections and the logs)
+    # limit; None: an eighth of the open-file limit, see upstream_limit)
     upstream_connections: int | None = None
+    seed: int | None = None  # of the audit, shadow and canary sampling
 
     def __post_init__(self) -> None:
         if self.upstream_connections is not None and self.upstream_connections < 0:
             raise ValueError(f"upstream_connections must be 0 (no limit) or more, got {self.upstream_connections}")
-    seed: int | None = None  # of the audit, shadow and canary sampling
 
 
 def upstream_limit(asked: int | None) -> int:
-    """The upstream connection limit: as asked, or a quarter of this process's open-file limit (each request in
-    flight holds a client and an upstream descriptor; serve-router raises the soft limit to the hard one)."""
+    """The upstream connection limit: as asked, or an eighth of this process's open-file limit. Each request in
+    flight holds a client and an upstream descriptor, and aiohttp counts only the connections in use (idle ones
+    stay open for reuse, per upstream host), so the rest is left for the clients, idle connections and the logs.
+    ``serve`` raises the soft limit to the hard one first; a RouterProxy run in-process gets the soft limit as
+    it is."""
     if asked is not None:
         return asked
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return 0 if soft == resource.RLIM_INFINITY else max(16, soft // 4)
+    return 0 if soft == resource.RLIM_INFINITY else max(16, soft // 8)
 
 
 def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str:
+    """What went wrong calling an upstream, for the client's 502 and the log."""
+    if getattr(getattr(err, "os_error", None), "errno", None) == errno.EMFILE:
+        return (f"cannot reach {url}: serve-router is out of file descriptors (more connections at once than its "
+                "open-file limit allows: raise it, ulimit -n or systemd LimitNOFILE=)")
     if isinstance(err, asyncio.TimeoutError):
         return (f"no answer from {url} within {timeout_s:g} s (the proxy's --timeout, which includes any wait for "
                 "a free upstream connection: --upstream-connections)")
@@ -432,8 +440,9 @@ class RouterProxy:
                 await out.write_eof()
         except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
             if out is None:
-                why = (upstream_failure(url, err, self.cfg.timeout_s) if isinstance(err, asyncio.TimeoutError) else
-                       f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}")
+                why = upstream_failure(url, err, self.cfg.timeout_s)
+                if why.endswith(type(err).__name__):  # neither a timeout nor out of descriptors
+                    why = f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}"
                 return None, 502, {"error": {"message": why, "type": "upstream_error"}}
             gone = request.transport is None or request.transport.is_closing()
             broken = (f"{'client disconnected' if gone else 'stream broken'} after {len(chunks)} chunks: "

@@ -8,7 +8,7 @@ process that dies stops the others and ``serve`` returns its exit code, so a sup
 restarts the whole. A process whose parent is gone stops by itself.
 
 Each request in flight holds two file descriptors (the client's connection and the upstream one): ``serve`` raises
-the soft open-file limit to the hard one, and the proxy opens upstream connections up to a quarter of it unless
+the soft open-file limit to the hard one, and the proxy uses upstream connections up to an eighth of it unless
 told otherwise (``ProxyConfig.upstream_connections``). Each process listens with a backlog of ``BACKLOG``
 connections (aiohttp's default is 128) and keeps no access log (serve-router's logs are its own).
 """
@@ -84,29 +84,34 @@ def build_proxy(opts: ServeOptions, cfg: ProxyConfig) -> tuple[RouterProxy, str]
     return RouterProxy(router, cfg, sha256_file(path)), f"policy {path}{skipped}; student {cfg.student_url}"
 
 
-def raise_open_file_limit() -> int:
-    """Raise the soft limit on open files to the hard limit (the processes started after inherit it); the soft
-    limit now."""
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files as far as the hard limit allows (the processes started after inherit
+    it); returns (soft, hard) as they are now. An unlimited hard limit (macOS) is tried at 2**20, then 10,240."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
+    if soft == resource.RLIM_INFINITY:
+        return soft, hard
+    for target in ([hard] if hard != resource.RLIM_INFINITY else [1 << 20, 10240]):
+        if target <= soft:
+            break
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target, hard
         except (ValueError, OSError):
-            return soft
-        return target
-    return soft
+            continue
+    return soft, hard
 
 
 def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=print) -> int:
     """Serve until interrupted; returns the exit code (0 after Ctrl-C or SIGTERM)."""
-    files = raise_open_file_limit()
-    if cfg.upstream_connections is None and files < 4096:
-        print_fn(f"warning: the open-file limit is {files} (its hard limit too): serve-router opens at most "
-                 f"{upstream_limit(None)} upstream connections at once and can hold about that many requests in "
-                 "flight; raise it (ulimit -n, systemd LimitNOFILE=, or set --upstream-connections)")
+    files, hard = raise_open_file_limit()
+    if files < 4096:
+        hard_too = " (its hard limit too)" if files == hard else ""
+        up = upstream_limit(cfg.upstream_connections)
+        print_fn(f"warning: the open-file limit is {files}{hard_too}: each request in flight holds two descriptors, "
+                 f"so about {files // 2 - 64} requests at once at most ({f'{up} upstream connections' if up else 'no limit'}"
+                 " in use); raise it for more (ulimit -n, systemd LimitNOFILE=)")
     proxy, what = build_proxy(opts, cfg)  # loaded here first, so a bad policy fails before any process starts
     if processes > 1:
         check_port_free(opts.host, opts.port)

@@ -237,31 +237,66 @@ def test_upstream_calls_are_as_concurrent_as_the_clients(tmp_path):
             assert elapsed < 8, f"{elapsed:.1f} s"
 
 
+async def held_burst(url: str, n: int, unsure_every: int = 0) -> list[Any]:
+    """n requests at once (the student holds them until all are in, or its hold_s); every ``unsure_every``-th
+    one is escalated after the student answered. Answers' texts, or the exceptions the client raised."""
+    async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120,
+                           http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 10))) as c:
+        async def one(i: int) -> str:
+            unsure = " UNSURE" if unsure_every and i % unsure_every == 0 else ""
+            r = await c.chat.completions.create(model="gpt-4o", metadata={"function": FAQ}, messages=[
+                {"role": "user", "content": f"Is the Echo Speaker in stock? {marker(i)}{unsure}"}])
+            return r.choices[0].message.content
+        return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+
+
+def logged_markers(logs: Path) -> Counter:
+    """How often each request's marker appears in the call logs and (by request id) the error log."""
+    seen = Counter()
+    for _, line in log_lines(logs):
+        seen[json.loads(line)["request"]["messages"][0]["content"].split("[load request ")[1][:4]] += 1
+    return seen
+
+
 def test_a_low_open_file_limit_holds_requests_back_instead_of_failing_them(tmp_path):
     """Each request in flight holds two descriptors. Under an open-file limit of 1024 (soft and hard, as a shell
-    or a container may set), 600 requests at once all get their answer and a log line: the proxy opens at most a
-    quarter of the limit upstream and says so at start. With no limit on upstream connections, 171 of 600 failed
-    (HTTP 500, OSError: too many open files) and lost their log lines."""
+    or a container may set), 600 requests at once, a third of them escalated to the teacher after the student
+    answered, all get their answer and a log line: the proxy uses at most an eighth of the limit upstream and
+    says so at start. With no limit on upstream connections (4560a1e), requests failed with HTTP 500 (OSError:
+    too many open files) and lost their log lines."""
     n, logs = 600, tmp_path / "logs"
-
-    async def burst(url: str) -> list[str]:
-        async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120,
-                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 10))) as c:
-            calls = [c.chat.completions.create(model="gpt-4o", metadata={"function": FAQ}, messages=[
-                {"role": "user", "content": f"Is the Echo Speaker in stock? {marker(i)}"}]) for i in range(n)]
-            return [r.choices[0].message.content for r in await asyncio.gather(*calls)]
-
     with Upstreams(hold=n) as up:
         up.student.hold_s = 0.5  # the limit keeps them from all being in at once
         proc, url = start_proxy(tmp_path, up, logs, nofile=1024)
         try:
-            answers = asyncio.run(burst(url))
+            answers = asyncio.run(held_burst(url, n, unsure_every=3))
         finally:
             stop(proc)
-    assert answers == [STUDENT_TEXT] * n
-    assert up.student.max_in_flight == 1024 // 4
-    assert len(log_lines(logs)) == n and not list(logs.glob("errors-*.jsonl"))
-    assert "the open-file limit is 1024" in proc.out.read_text()
+    assert answers == [TEACHER_TEXT if i % 3 == 0 else STUDENT_TEXT for i in range(n)]
+    assert up.student.max_in_flight == 1024 // 8
+    assert sorted(logged_markers(logs).values()) == [1] * n and not list(logs.glob("errors-*.jsonl"))
+    assert "the open-file limit is 1024 (its hard limit too)" in proc.out.read_text()
+
+
+def test_out_of_descriptors_every_request_is_still_answered_or_refused_and_logged(tmp_path):
+    """More clients than the open-file limit can hold (900 connections under 1024): some calls cannot open an
+    upstream connection. Each is answered or refused with a clear status, never a 500, and each leaves its log
+    line: the call log holds a spare descriptor for it. Before, the log file could not be opened either, and
+    those requests vanished from the logs."""
+    n, logs = 900, tmp_path / "logs"
+    with Upstreams(hold=n) as up:
+        up.student.hold_s = 0.5
+        proc, url = start_proxy(tmp_path, up, logs, nofile=1024)
+        try:
+            answers = asyncio.run(held_burst(url, n))
+        finally:
+            stop(proc)
+    failed = [a for a in answers if isinstance(a, Exception)]
+    assert failed, "900 connections fit under the limit: the test shows nothing"
+    for a in failed:
+        assert getattr(a, "status_code", None) == 502 and "out of file descriptors" in str(a), repr(a)[:300]
+    assert [a for a in answers if not isinstance(a, Exception)] == [STUDENT_TEXT] * (n - len(failed))
+    assert sorted(logged_markers(logs).values()) == [1] * n, "a request left no log line"
 
 
 def test_upstream_connections_must_not_be_negative(tmp_path, capsys):
