@@ -76,21 +76,21 @@ def _take_spare() -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line in one write on an O_APPEND descriptor. When the process is out of descriptors (EMFILE:
-    too many connections at once), the spare one is given up for this line and taken back after, so a request
+    """Append one line in one write on an O_APPEND descriptor. When the process is out of descriptors (EMFILE,
+    or ENFILE for the system: too many connections at once), the spare one is given up for this line and taken back after, so a request
     that failed for want of a descriptor is still logged."""
     global _SPARE
     data = line.encode("utf-8")
     try:
         fd = os.open(path, FLAGS, 0o666)  # less the umask, as open() does
     except OSError as err:
-        if err.errno != errno.EMFILE:
+        if err.errno not in (errno.EMFILE, errno.ENFILE):
             raise
         with _SPARE_LOCK:
             if _SPARE is None:
                 raise
-            os.close(_SPARE)
-            _SPARE = None
+            spare, _SPARE = _SPARE, None
+            os.close(spare)
             try:
                 _write(os.open(path, FLAGS, 0o666), data)
             finally:

@@ -46,7 +46,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import (
+    ClientConnectorError,
+    ClientError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    TCPConnector,
+    web,
+)
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
 from export.route.audit import Job, LiveWork, answer_text
@@ -113,15 +121,23 @@ def upstream_limit(asked: int | None) -> int:
     return 0 if soft == resource.RLIM_INFINITY else max(16, soft // 8)
 
 
-def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str:
-    """What went wrong calling an upstream, for the client's 502 and the log."""
-    if getattr(getattr(err, "os_error", None), "errno", None) == errno.EMFILE:
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def out_of_descriptors(err: BaseException) -> bool:
+    """A connect that failed because this process (EMFILE) or the system (ENFILE) has no file descriptor left."""
+    return getattr(getattr(err, "os_error", None), "errno", None) in OUT_OF_DESCRIPTORS
+
+
+def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str | None:
+    """Why an upstream call failed, for the client's 502 and the log; None for a plain connection error."""
+    if out_of_descriptors(err):
         return (f"cannot reach {url}: serve-router is out of file descriptors (more connections at once than its "
-                "open-file limit allows: raise it, ulimit -n or systemd LimitNOFILE=)")
+                f"open-file limit allows, for {timeout_s:g} s: raise it, ulimit -n or systemd LimitNOFILE=)")
     if isinstance(err, asyncio.TimeoutError):
         return (f"no answer from {url} within {timeout_s:g} s (the proxy's --timeout, which includes any wait for "
                 "a free upstream connection: --upstream-connections)")
-    return f"cannot reach {url}: {type(err).__name__}"
+    return None
 
 
 def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
@@ -264,10 +280,25 @@ class RouterProxy:
     async def _forward(self, base: str, body: dict[str, Any], key_env: str | None) -> tuple[int, dict[str, Any]]:
         url, headers = self._target(base, key_env)
         try:
-            async with self.session.post(url, json=body, headers=headers) as resp:
+            async with await self._post(url, body, headers) as resp:
                 return resp.status, await self._read_json(resp, url)
         except (ClientError, asyncio.TimeoutError) as err:
-            return 502, {"error": {"message": upstream_failure(url, err, self.cfg.timeout_s), "type": "upstream_error"}}
+            why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
+            return 502, {"error": {"message": why, "type": "upstream_error"}}
+
+    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> ClientResponse:
+        """POST upstream. Out of file descriptors (more clients than the open-file limit holds), the call waits
+        for a pooled connection to come free and tries again, within --timeout, instead of failing at once."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self.cfg.timeout_s, 0.005
+        while True:
+            try:
+                return await self.session.post(url, json=body, headers=headers)
+            except ClientConnectorError as err:
+                if not out_of_descriptors(err) or loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.1)
 
     async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
@@ -424,7 +455,7 @@ class RouterProxy:
         out: web.StreamResponse | None = None
         broken = None
         try:
-            async with self.session.post(url, json=ubody, headers=up_headers) as up:
+            async with await self._post(url, ubody, up_headers) as up:
                 if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
                     return None, up.status, await self._read_json(up, url)
                 events = iter_events(up.content)
@@ -440,9 +471,8 @@ class RouterProxy:
                 await out.write_eof()
         except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
             if out is None:
-                why = upstream_failure(url, err, self.cfg.timeout_s)
-                if why.endswith(type(err).__name__):  # neither a timeout nor out of descriptors
-                    why = f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}"
+                why = upstream_failure(url, err, self.cfg.timeout_s) or (
+                    f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}")
                 return None, 502, {"error": {"message": why, "type": "upstream_error"}}
             gone = request.transport is None or request.transport.is_closing()
             broken = (f"{'client disconnected' if gone else 'stream broken'} after {len(chunks)} chunks: "

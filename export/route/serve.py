@@ -103,15 +103,22 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def low_limit_warning(files: int, hard: int, upstream: int) -> str:
+    """What a low open-file limit means: each client connection holds a descriptor, each upstream call one more."""
+    hard_too = " (its hard limit too)" if files == hard else ""
+    if upstream:
+        fits = (f"at most {upstream} upstream connections in use and about {files - upstream - 64} client "
+                "connections at once (more wait to be accepted, and a call waits for a free upstream connection)")
+    else:
+        fits = f"no limit on upstream connections, so about {files // 2 - 64} requests in flight at once"
+    return f"warning: the open-file limit is {files}{hard_too}: {fits}; raise it (ulimit -n, systemd LimitNOFILE=)"
+
+
 def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=print) -> int:
     """Serve until interrupted; returns the exit code (0 after Ctrl-C or SIGTERM)."""
     files, hard = raise_open_file_limit()
     if files < 4096:
-        hard_too = " (its hard limit too)" if files == hard else ""
-        up = upstream_limit(cfg.upstream_connections)
-        print_fn(f"warning: the open-file limit is {files}{hard_too}: each request in flight holds two descriptors, "
-                 f"so about {files // 2 - 64} requests at once at most ({f'{up} upstream connections' if up else 'no limit'}"
-                 " in use); raise it for more (ulimit -n, systemd LimitNOFILE=)")
+        print_fn(low_limit_warning(files, hard, upstream_limit(cfg.upstream_connections)))
     proxy, what = build_proxy(opts, cfg)  # loaded here first, so a bad policy fails before any process starts
     if processes > 1:
         check_port_free(opts.host, opts.port)

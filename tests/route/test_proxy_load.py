@@ -259,30 +259,30 @@ def logged_markers(logs: Path) -> Counter:
 
 
 def test_a_low_open_file_limit_holds_requests_back_instead_of_failing_them(tmp_path):
-    """Each request in flight holds two descriptors. Under an open-file limit of 1024 (soft and hard, as a shell
-    or a container may set), 600 requests at once, a third of them escalated to the teacher after the student
-    answered, all get their answer and a log line: the proxy uses at most an eighth of the limit upstream and
-    says so at start. With no limit on upstream connections (4560a1e), requests failed with HTTP 500 (OSError:
-    too many open files) and lost their log lines."""
+    """Each request in flight holds a client descriptor and, while it calls upstream, one more. Under an open-file
+    limit of 1024 (soft and hard, as a shell or a container may set), 600 requests at once, each escalated to the
+    teacher after the student answered, all get their answer and a log line: the proxy uses at most an eighth of
+    the limit upstream and says so at start. With no limit on upstream connections (4560a1e), requests failed
+    with HTTP 500 (OSError: too many open files) and lost their log lines."""
     n, logs = 600, tmp_path / "logs"
     with Upstreams(hold=n) as up:
         up.student.hold_s = 0.5  # the limit keeps them from all being in at once
         proc, url = start_proxy(tmp_path, up, logs, nofile=1024)
         try:
-            answers = asyncio.run(held_burst(url, n, unsure_every=3))
+            answers = asyncio.run(held_burst(url, n, unsure_every=1))
         finally:
             stop(proc)
-    assert answers == [TEACHER_TEXT if i % 3 == 0 else STUDENT_TEXT for i in range(n)]
+    assert answers == [TEACHER_TEXT] * n
     assert up.student.max_in_flight == 1024 // 8
     assert sorted(logged_markers(logs).values()) == [1] * n and not list(logs.glob("errors-*.jsonl"))
-    assert "the open-file limit is 1024 (its hard limit too)" in proc.out.read_text()
+    assert "the open-file limit is 1024 (its hard limit too): at most 128 upstream connections" in proc.out.read_text()
 
 
-def test_out_of_descriptors_every_request_is_still_answered_or_refused_and_logged(tmp_path):
-    """More clients than the open-file limit can hold (900 connections under 1024): some calls cannot open an
-    upstream connection. Each is answered or refused with a clear status, never a 500, and each leaves its log
-    line: the call log holds a spare descriptor for it. Before, the log file could not be opened either, and
-    those requests vanished from the logs."""
+def test_more_clients_than_the_open_file_limit_wait_and_are_all_answered_and_logged(tmp_path):
+    """900 client connections under a limit of 1024 leave almost no descriptor for upstream calls or the log.
+    A call that cannot open an upstream connection waits for a pooled one to come free (within --timeout), and the
+    log keeps a spare descriptor: every request is answered and logged once. Before, 784 of 900 got an
+    immediate 502 (c9b589f) or an HTTP 500 with no log line at all (4560a1e)."""
     n, logs = 900, tmp_path / "logs"
     with Upstreams(hold=n) as up:
         up.student.hold_s = 0.5
@@ -291,11 +291,9 @@ def test_out_of_descriptors_every_request_is_still_answered_or_refused_and_logge
             answers = asyncio.run(held_burst(url, n))
         finally:
             stop(proc)
-    failed = [a for a in answers if isinstance(a, Exception)]
-    assert failed, "900 connections fit under the limit: the test shows nothing"
-    for a in failed:
-        assert getattr(a, "status_code", None) == 502 and "out of file descriptors" in str(a), repr(a)[:300]
-    assert [a for a in answers if not isinstance(a, Exception)] == [STUDENT_TEXT] * (n - len(failed))
+    assert not [a for a in answers if isinstance(a, Exception)], {repr(a)[:300] for a in answers
+                                                                   if isinstance(a, Exception)}
+    assert set(answers) <= {STUDENT_TEXT, TEACHER_TEXT}  # the teacher if the student's call waited too long
     assert sorted(logged_markers(logs).values()) == [1] * n, "a request left no log line"
 
 
