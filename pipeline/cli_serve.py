@@ -66,7 +66,8 @@ def _serve_router_parser(sub) -> None:
     sr.add_argument("--processes", type=int, default=1, metavar="N",
                     help="serve from N processes on the one port (SO_REUSEPORT; one event loop uses one core): "
                     "they share the log folder line by line and each re-reads a deployment file (default: 1)")
-    sr.add_argument("--timeout", type=float, default=120.0, help="seconds per upstream call")
+    sr.add_argument("--timeout", type=float, default=120.0, help="seconds per upstream call, any wait for a free "
+                    "upstream connection or file descriptor included")
     sr.add_argument("--upstream-connections", type=int, metavar="N",
                     help="upstream connections in use at once per process, over the student(s), the teacher and "
                     "the background audits; a call beyond them waits for a free one, the wait counted in "

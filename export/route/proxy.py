@@ -38,6 +38,7 @@ audited by the teacher in the background (``audit``); the scores go to ``live-<d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -182,6 +183,7 @@ class RouterProxy:
         self.cfg = cfg
         self.live = LiveWork(self, cfg.audit_share, cfg.canary_audit_share, cfg.queue_size, cfg.workers, cfg.seed)
         self._watch: asyncio.Task | None = None
+        self._freed = asyncio.Condition()  # upstream calls waiting for a file descriptor wait here
         self.session: ClientSession | None = None
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
@@ -285,20 +287,39 @@ class RouterProxy:
         except (ClientError, asyncio.TimeoutError) as err:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
             return 502, {"error": {"message": why, "type": "upstream_error"}}
+        finally:
+            await self._call_ended()
 
     async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> ClientResponse:
         """POST upstream. Out of file descriptors (more clients than the open-file limit holds), the call waits
-        for a pooled connection to come free and tries again, within --timeout, instead of failing at once."""
+        until an upstream call ends (its pooled connection comes free; one waiter woken per call, first come first
+        served, and a retry at least every second), within --timeout in all."""
         loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + self.cfg.timeout_s, 0.005
-        while True:
+        deadline = loop.time() + self.cfg.timeout_s
+        try:
+            return await self.session.post(url, json=body, headers=headers)
+        except ClientConnectorError as err:
+            if not out_of_descriptors(err):
+                raise
+            last = err
+        while (left := deadline - loop.time()) > 0:
+            async with self._freed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), min(left, 1.0))
             try:
-                return await self.session.post(url, json=body, headers=headers)
+                return await self.session.post(url, json=body, headers=headers,
+                                               timeout=ClientTimeout(total=max(0.001, deadline - loop.time())))
             except ClientConnectorError as err:
-                if not out_of_descriptors(err) or loop.time() + delay > deadline:
+                if not out_of_descriptors(err):
                     raise
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 0.1)
+                last = err
+        raise last
+
+    async def _call_ended(self) -> None:
+        """An upstream call released its connection: wake one call waiting for a descriptor, if any."""
+        if self._freed._waiters:  # noqa: SLF001  (no public count; skip the lock when nobody waits)
+            async with self._freed:
+                self._freed.notify(1)
 
     async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
@@ -479,6 +500,8 @@ class RouterProxy:
                       f"{type(err).__name__}")
             if not gone:
                 await end_with_error(out, broken)
+        finally:
+            await self._call_ended()
         try:
             resp = reassemble_stream(chunks)
         except BadRecord as err:

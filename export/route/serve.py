@@ -106,11 +106,10 @@ def raise_open_file_limit() -> tuple[int, int]:
 def low_limit_warning(files: int, hard: int, upstream: int) -> str:
     """What a low open-file limit means: each client connection holds a descriptor, each upstream call one more."""
     hard_too = " (its hard limit too)" if files == hard else ""
-    if upstream:
-        fits = (f"at most {upstream} upstream connections in use and about {files - upstream - 64} client "
-                "connections at once (more wait to be accepted, and a call waits for a free upstream connection)")
-    else:
-        fits = f"no limit on upstream connections, so about {files // 2 - 64} requests in flight at once"
+    clients = max(0, files - 3 * upstream - 64) if upstream else max(0, files // 2 - 64)
+    fits = (f"at most {upstream} upstream connections in use, and about {clients} client connections at once before "
+            "calls wait for a free descriptor (a 502 after --timeout)" if upstream else
+            f"no limit on upstream connections, so about {clients} requests in flight at once")
     return f"warning: the open-file limit is {files}{hard_too}: {fits}; raise it (ulimit -n, systemd LimitNOFILE=)"
 
 
