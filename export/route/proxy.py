@@ -43,6 +43,7 @@ import errno
 import json
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ class RouterProxy:
         self.cfg = cfg
         self.live = LiveWork(self, cfg.audit_share, cfg.canary_audit_share, cfg.queue_size, cfg.workers, cfg.seed)
         self._watch: asyncio.Task | None = None
-        self._freed = asyncio.Condition()  # upstream calls waiting for a file descriptor wait here
+        self._ended = 0  # upstream calls ended so far
+        self.descriptor_waits = 0  # upstream calls that had to wait for a file descriptor (/health)
+        self._waiting: deque[asyncio.Future] = deque()  # upstream calls waiting for a file descriptor
         self.session: ClientSession | None = None
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
@@ -259,7 +262,8 @@ class RouterProxy:
                                                               "owned_by": "distill"}]})
 
     async def health(self, _request: web.Request) -> web.Response:
-        body = {"status": "ok", "pid": os.getpid(), "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts}
+        body = {"status": "ok", "pid": os.getpid(), "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts,
+                "waited_for_descriptor": self.descriptor_waits}
         if self.versions is not None:
             body["deployment"] = self.versions.status()
         return web.json_response(body)
@@ -288,24 +292,29 @@ class RouterProxy:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
             return 502, {"error": {"message": why, "type": "upstream_error"}}
         finally:
-            await self._call_ended()
+            self._call_ended()
 
     async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> ClientResponse:
         """POST upstream. Out of file descriptors (more clients than the open-file limit holds), the call waits
-        until an upstream call ends (its pooled connection comes free; one waiter woken per call, first come first
-        served, and a retry at least every second), within --timeout in all."""
+        until another upstream call ends (its connection comes free for reuse; one waiter woken per call ended,
+        and a retry at least every second), within --timeout in all."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.timeout_s
+        deadline, seen = loop.time() + self.cfg.timeout_s, self._ended
         try:
             return await self.session.post(url, json=body, headers=headers)
         except ClientConnectorError as err:
             if not out_of_descriptors(err):
                 raise
             last = err
+        self.descriptor_waits += 1
         while (left := deadline - loop.time()) > 0:
-            async with self._freed:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), min(left, 1.0))
+            if self._ended == seen:  # no call has ended since the last try: wait for one (or a second)
+                woken = loop.create_future()
+                self._waiting.append(woken)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, 1.0)):
+                        await woken
+            seen = self._ended
             try:
                 return await self.session.post(url, json=body, headers=headers,
                                                timeout=ClientTimeout(total=max(0.001, deadline - loop.time())))
@@ -315,11 +324,14 @@ class RouterProxy:
                 last = err
         raise last
 
-    async def _call_ended(self) -> None:
-        """An upstream call released its connection: wake one call waiting for a descriptor, if any."""
-        if self._freed._waiters:  # noqa: SLF001  (no public count; skip the lock when nobody waits)
-            async with self._freed:
-                self._freed.notify(1)
+    def _call_ended(self) -> None:
+        """An upstream call is over (its connection back in the pool): wake one call waiting for a descriptor."""
+        self._ended += 1
+        while self._waiting:
+            woken = self._waiting.popleft()
+            if not woken.done():
+                woken.set_result(None)
+                return
 
     async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
@@ -501,7 +513,7 @@ class RouterProxy:
             if not gone:
                 await end_with_error(out, broken)
         finally:
-            await self._call_ended()
+            self._call_ended()
         try:
             resp = reassemble_stream(chunks)
         except BadRecord as err:
