@@ -38,7 +38,6 @@ audited by the teacher in the background (``audit``); the scores go to ``live-<d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
@@ -186,7 +185,7 @@ class RouterProxy:
         self._watch: asyncio.Task | None = None
         self._ended = 0  # upstream calls ended so far
         self.descriptor_waits = 0  # upstream calls that had to wait for a file descriptor (/health)
-        self._waiting: deque[asyncio.Future] = deque()  # upstream calls waiting for a file descriptor
+        self._waiting: dict[str, deque[asyncio.Future]] = {}  # per URL: upstream calls waiting for a descriptor
         self.session: ClientSession | None = None
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
@@ -292,12 +291,12 @@ class RouterProxy:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
             return 502, {"error": {"message": why, "type": "upstream_error"}}
         finally:
-            self._call_ended()
+            self._call_ended(url)
 
     async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> ClientResponse:
         """POST upstream. Out of file descriptors (more clients than the open-file limit holds), the call waits
-        until another upstream call ends (its connection comes free for reuse; one waiter woken per call ended,
-        and a retry at least every second), within --timeout in all."""
+        until another call to the same URL ends (its connection comes free for reuse; one waiter woken per call
+        ended, and a retry at least every second), within --timeout in all."""
         loop = asyncio.get_running_loop()
         deadline, seen = loop.time() + self.cfg.timeout_s, self._ended
         try:
@@ -307,13 +306,17 @@ class RouterProxy:
                 raise
             last = err
         self.descriptor_waits += 1
+        queue = self._waiting.setdefault(url, deque())
         while (left := deadline - loop.time()) > 0:
             if self._ended == seen:  # no call has ended since the last try: wait for one (or a second)
+                while queue and queue[0].done():
+                    queue.popleft()  # left by waiters that timed out or were cancelled
                 woken = loop.create_future()
-                self._waiting.append(woken)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(left, 1.0)):
-                        await woken
+                queue.append(woken)
+                try:
+                    await asyncio.wait((woken,), timeout=min(left, 1.0))
+                finally:
+                    woken.cancel()  # a no-op once woken; else a later wake-up skips it
             seen = self._ended
             try:
                 return await self.session.post(url, json=body, headers=headers,
@@ -324,11 +327,13 @@ class RouterProxy:
                 last = err
         raise last
 
-    def _call_ended(self) -> None:
-        """An upstream call is over (its connection back in the pool): wake one call waiting for a descriptor."""
+    def _call_ended(self, url: str) -> None:
+        """An upstream call to ``url`` is over (its connection back in the pool, reusable for that URL's host):
+        wake one call to the same URL waiting for a descriptor."""
         self._ended += 1
-        while self._waiting:
-            woken = self._waiting.popleft()
+        queue = self._waiting.get(url) or ()
+        while queue:
+            woken = queue.popleft()
             if not woken.done():
                 woken.set_result(None)
                 return
@@ -513,7 +518,7 @@ class RouterProxy:
             if not gone:
                 await end_with_error(out, broken)
         finally:
-            self._call_ended()
+            self._call_ended(url)
         try:
             resp = reassemble_stream(chunks)
         except BadRecord as err:
