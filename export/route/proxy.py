@@ -38,24 +38,14 @@ audited by the teacher in the background (``audit``); the scores go to ``live-<d
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import (
-    ClientConnectorError,
-    ClientError,
-    ClientResponse,
-    ClientSession,
-    ClientTimeout,
-    TCPConnector,
-    web,
-)
+from aiohttp import ClientError, web
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
 from export.route.audit import Job, LiveWork, answer_text
@@ -63,6 +53,7 @@ from export.route.calllog import CallLog
 from export.route.cost import request_cost
 from export.route.lanes import Lane, Versions, make_lane
 from export.route.router import Decision, Router
+from export.route.upstream import Upstreams, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
@@ -108,39 +99,6 @@ class ProxyConfig:
             raise ValueError(f"upstream_connections must be 0 (no limit) or more, got {self.upstream_connections}")
 
 
-def upstream_limit(asked: int | None) -> int:
-    """The upstream connection limit: as asked, or an eighth of this process's open-file limit. Each request in
-    flight holds a client and an upstream descriptor, and aiohttp counts only the connections in use (idle ones
-    stay open for reuse, per upstream host), so the rest is left for the clients, idle connections and the logs.
-    ``serve`` raises the soft limit to the hard one first; a RouterProxy run in-process gets the soft limit as
-    it is."""
-    if asked is not None:
-        return asked
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return 0 if soft == resource.RLIM_INFINITY else max(16, soft // 8)
-
-
-OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
-
-
-def out_of_descriptors(err: BaseException) -> bool:
-    """A connect that failed because this process (EMFILE) or the system (ENFILE) has no file descriptor left."""
-    return getattr(getattr(err, "os_error", None), "errno", None) in OUT_OF_DESCRIPTORS
-
-
-def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str | None:
-    """Why an upstream call failed, for the client's 502 and the log; None for a plain connection error."""
-    if out_of_descriptors(err):
-        return (f"cannot reach {url}: serve-router is out of file descriptors (more connections at once than its "
-                f"open-file limit allows, for {timeout_s:g} s: raise it, ulimit -n or systemd LimitNOFILE=)")
-    if isinstance(err, asyncio.TimeoutError):
-        return (f"no answer from {url} within {timeout_s:g} s (the proxy's --timeout, which includes any wait for "
-                "a free upstream connection: --upstream-connections)")
-    return None
-
-
 def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
     """The reasons as an ASCII JSON list (header-safe), shortened from the start if too long."""
     reasons = list(reasons)
@@ -183,10 +141,7 @@ class RouterProxy:
         self.cfg = cfg
         self.live = LiveWork(self, cfg.audit_share, cfg.canary_audit_share, cfg.queue_size, cfg.workers, cfg.seed)
         self._watch: asyncio.Task | None = None
-        self._ended = 0  # upstream calls ended so far
-        self.descriptor_waits = 0  # upstream calls that had to wait for a file descriptor (/health)
-        self._waiting: dict[str, deque[asyncio.Future]] = {}  # per URL: upstream calls waiting for a descriptor
-        self.session: ClientSession | None = None
+        self.upstream = Upstreams(cfg.upstream_connections, cfg.timeout_s)
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
 
@@ -241,10 +196,7 @@ class RouterProxy:
         return json_parse_errors(app)  # aiohttp's own refusals (an over-long header) in JSON too
 
     async def _start(self, _app) -> None:
-        # aiohttp's default pool holds 100 connections: a 101st concurrent request would wait for a free one (its
-        # wait counted in its timeout). A proxy's upstream calls follow its clients', up to the descriptors left.
-        self.session = ClientSession(connector=TCPConnector(limit=upstream_limit(self.cfg.upstream_connections)),
-                                     timeout=ClientTimeout(total=self.cfg.timeout_s))
+        await self.upstream.start()
         await self.live.start()
         if self.versions is not None:
             self._watch = asyncio.create_task(self.versions.watch(self.cfg.reload_s))
@@ -253,8 +205,7 @@ class RouterProxy:
         if self._watch:
             self._watch.cancel()
         await self.live.stop()  # queued audits finish first (for a while): their teacher answers are paid for
-        if self.session:
-            await self.session.close()
+        await self.upstream.close()
 
     async def models(self, _request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.student_model, "object": "model",
@@ -262,7 +213,7 @@ class RouterProxy:
 
     async def health(self, _request: web.Request) -> web.Response:
         body = {"status": "ok", "pid": os.getpid(), "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts,
-                "waited_for_descriptor": self.descriptor_waits}
+                "waited_for_descriptor": self.upstream.descriptor_waits}
         if self.versions is not None:
             body["deployment"] = self.versions.status()
         return web.json_response(body)
@@ -285,58 +236,11 @@ class RouterProxy:
     async def _forward(self, base: str, body: dict[str, Any], key_env: str | None) -> tuple[int, dict[str, Any]]:
         url, headers = self._target(base, key_env)
         try:
-            async with await self._post(url, body, headers) as resp:
+            async with self.upstream.call(url, body, headers) as resp:
                 return resp.status, await self._read_json(resp, url)
         except (ClientError, asyncio.TimeoutError) as err:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
             return 502, {"error": {"message": why, "type": "upstream_error"}}
-        finally:
-            self._call_ended(url)
-
-    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> ClientResponse:
-        """POST upstream. Out of file descriptors (more clients than the open-file limit holds), the call waits
-        until another call to the same URL ends (its connection comes free for reuse; one waiter woken per call
-        ended, and a retry at least every second), within --timeout in all."""
-        loop = asyncio.get_running_loop()
-        deadline, seen = loop.time() + self.cfg.timeout_s, self._ended
-        try:
-            return await self.session.post(url, json=body, headers=headers)
-        except ClientConnectorError as err:
-            if not out_of_descriptors(err):
-                raise
-            last = err
-        self.descriptor_waits += 1
-        queue = self._waiting.setdefault(url, deque())
-        while (left := deadline - loop.time()) > 0:
-            if self._ended == seen:  # no call has ended since the last try: wait for one (or a second)
-                while queue and queue[0].done():
-                    queue.popleft()  # left by waiters that timed out or were cancelled
-                woken = loop.create_future()
-                queue.append(woken)
-                try:
-                    await asyncio.wait((woken,), timeout=min(left, 1.0))
-                finally:
-                    woken.cancel()  # a no-op once woken; else a later wake-up skips it
-            seen = self._ended
-            try:
-                return await self.session.post(url, json=body, headers=headers,
-                                               timeout=ClientTimeout(total=max(0.001, deadline - loop.time())))
-            except ClientConnectorError as err:
-                if not out_of_descriptors(err):
-                    raise
-                last = err
-        raise last
-
-    def _call_ended(self, url: str) -> None:
-        """An upstream call to ``url`` is over (its connection back in the pool, reusable for that URL's host):
-        wake one call to the same URL waiting for a descriptor."""
-        self._ended += 1
-        queue = self._waiting.get(url) or ()
-        while queue:
-            woken = queue.popleft()
-            if not woken.done():
-                woken.set_result(None)
-                return
 
     async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
@@ -493,7 +397,7 @@ class RouterProxy:
         out: web.StreamResponse | None = None
         broken = None
         try:
-            async with await self._post(url, ubody, up_headers) as up:
+            async with self.upstream.call(url, ubody, up_headers) as up:
                 if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
                     return None, up.status, await self._read_json(up, url)
                 events = iter_events(up.content)
@@ -517,8 +421,6 @@ class RouterProxy:
                       f"{type(err).__name__}")
             if not gone:
                 await end_with_error(out, broken)
-        finally:
-            self._call_ended(url)
         try:
             resp = reassemble_stream(chunks)
         except BadRecord as err:

@@ -30,8 +30,9 @@ from typing import Any
 from aiohttp import web
 
 from export.route.lanes import Versions
-from export.route.proxy import ProxyConfig, RouterProxy, upstream_limit
+from export.route.proxy import ProxyConfig, RouterProxy
 from export.route.router import Router
+from export.route.upstream import upstream_limit
 from pipeline.rundir import sha256_file
 
 BACKLOG = 2048  # pending connections per listening socket (the kernel caps it at net.core.somaxconn)
