@@ -2,6 +2,7 @@
 
     python bench/proxy_latency.py                  # about a minute; --append-results adds the table to RESULTS.md
     python bench/proxy_latency.py --quick          # fewer requests (a smoke run)
+    python bench/proxy_latency.py --sweep 2,5,10,20,40 --baseline-tree /tmp/old   # one process's capacity (~5 min)
 
 Everything is real and on loopback: a stand-in student and teacher (aiohttp, in their own process, OpenAI's wire
 format, streaming and not; the student answers with top-5 logprobs confident enough to be kept), the proxy as its
@@ -22,12 +23,24 @@ student's own. A third proxy serves the checked policy from two processes (``--p
 "baseline" rows), so the same run shows what the unlimited pool changes. The
 student takes ``--prefill-ms`` before its first token and ``--token-ms`` per further token (18 tokens); added
 latency is always against the student called directly in the same run.
+
+200 concurrent requests are sent two ways. "Started at once": all 200 go out together, and since the stand-in
+always takes the same time they come back, and go out again, in waves of 200 (a burst: the last of a wave waits
+for the proxy's CPU time of the 199 before it). "Arrivals spread": 200 clients, each calling again as soon as it
+is answered, started one answer's time / 200 apart, so requests arrive evenly as in live traffic; calls begun
+during that ramp, or after the last counted one (so that 200 stay in flight to the end), are not counted. How
+many requests per second 200 concurrent clients make depends on how fast the student answers (Little's law:
+200 / its latency), so ``--sweep`` measures one proxy process at several student paces with arrivals spread:
+requests/s, the proxy's CPU, and what it adds. ``--baseline-tree DIR`` runs
+the serve-router of another source tree (``git worktree add DIR COMMIT``) beside this one's, alternating, as the
+baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -104,8 +117,12 @@ def serve_upstream(port: int, prefill_ms: float, token_ms: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- client
+SENT = [0]  # calls sent by this process, counted as they start
+
+
 async def one(session, url: str, body: dict[str, Any]) -> tuple[float, float]:
     """(seconds to the first content, seconds to the end) of one call; raises on any failure."""
+    SENT[0] += 1
     t0 = time.perf_counter()
     async with session.post(url, json=body) as resp:
         if resp.status != 200:
@@ -124,18 +141,42 @@ async def one(session, url: str, body: dict[str, Any]) -> tuple[float, float]:
         return (first if first is not None else math.nan), time.perf_counter() - t0
 
 
-async def run_case(base: str, body: dict[str, Any], n: int, concurrency: int) -> list[tuple[float, float]]:
+async def run_case(base: str, body: dict[str, Any], n: int, concurrency: int,
+                   spread: bool = False) -> list[tuple[float, float]]:
+    """``n`` calls, ``concurrency`` in flight. Not ``spread``: all started at once, so with a student that always
+    takes the same time they come back, and go out again, in waves of ``concurrency`` (a burst test). ``spread``:
+    ``concurrency`` clients started one answer's time apart / ``concurrency`` (a closed loop at steady state, the
+    arrivals spread as in live traffic); calls started during that ramp or after the ``n`` counted ones (sent so
+    that ``concurrency`` stay in flight until the last counted one ends) are not counted."""
     from aiohttp import ClientSession, TCPConnector
 
-    sem = asyncio.Semaphore(concurrency)
+    url = base + "/chat/completions"
     async with ClientSession(connector=TCPConnector(limit=0)) as session:
-        async def task() -> tuple[float, float]:
-            async with sem:
-                return await one(session, base + "/chat/completions", body)
+        warm = [await one(session, url, body) for _ in range(min(concurrency, 5 if spread else 20))]  # code paths
+        if not spread:
+            sem = asyncio.Semaphore(concurrency)
 
-        for _ in range(min(concurrency, 20)):  # warm connections and code paths
-            await one(session, base + "/chat/completions", body)
-        return await asyncio.gather(*(task() for _ in range(n)))
+            async def task() -> tuple[float, float]:
+                async with sem:
+                    return await one(session, url, body)
+
+            return await asyncio.gather(*(task() for _ in range(n)))
+        gap = sorted(t for _, t in warm)[len(warm) // 2] / concurrency
+        ramp_end = time.perf_counter() + concurrency * gap
+        started, out = 0, []
+
+        async def client(i: int) -> None:  # calls on, uncounted, until the last counted call is answered
+            nonlocal started
+            await asyncio.sleep(i * gap)
+            while len(out) < n:
+                counted = started < n and time.perf_counter() >= ramp_end
+                started += counted
+                res = await one(session, url, body)
+                if counted:
+                    out.append(res)
+
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        return out
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -166,27 +207,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+def start(args: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | str = ROOT) -> subprocess.Popen:
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     wait_port(port, proc)
     return proc
 
 
 # ---------------------------------------------------------------------------------------------- main
-CASES = [  # (name, stream, concurrency, proxied function: None = the policy's, routed to the student; proxy)
-    ("non-streaming, 1 at a time", False, 1, None, "checked"),
-    ("non-streaming, 200 concurrent", False, 200, None, "checked"),
-    ("streaming, 1 at a time", True, 1, None, "checked"),
-    ("streaming, 200 concurrent", True, 200, None, "checked"),
-    ("streaming, escalated before generation (teacher relayed), 1 at a time", True, 1, "unknown_function", "checked"),
-    ("streaming, no threshold (student relayed as it streams), 1 at a time", True, 1, None, "unchecked"),
-    ("streaming, no threshold (student relayed as it streams), 200 concurrent", True, 200, None, "unchecked"),
-    ("non-streaming, 200 concurrent, --processes 2", False, 200, None, "two"),
+CASES = [  # (name, stream, concurrency, proxied function: None = the policy's, routed to the student; proxy;
+    #         arrivals spread: a steady closed loop, not all started at once)
+    ("non-streaming, 1 at a time", False, 1, None, "checked", False),
+    ("non-streaming, 200 concurrent, started at once", False, 200, None, "checked", False),
+    ("non-streaming, 200 concurrent, arrivals spread", False, 200, None, "checked", True),
+    ("streaming, 1 at a time", True, 1, None, "checked", False),
+    ("streaming, 200 concurrent, started at once", True, 200, None, "checked", False),
+    ("streaming, 200 concurrent, arrivals spread", True, 200, None, "checked", True),
+    ("streaming, escalated before generation (teacher relayed), 1 at a time", True, 1, "unknown_function", "checked",
+     False),
+    ("streaming, no threshold (student relayed as it streams), 1 at a time", True, 1, None, "unchecked", False),
+    ("streaming, no threshold (student relayed as it streams), 200 concurrent, arrivals spread", True, 200, None,
+     "unchecked", True),
+    ("non-streaming, 200 concurrent, started at once, --processes 2", False, 200, None, "two", False),
     ("baseline: non-streaming, 1 at a time, --upstream-connections 100 (aiohttp's pool, the default before "
-     "2026-12-06; the day's other changes in both arms)", False, 1, None, "before"),
-    ("baseline: non-streaming, 200 concurrent, --upstream-connections 100", False, 200, None, "before"),
+     "2026-12-06; the day's other changes in both arms)", False, 1, None, "before", False),
+    ("baseline: non-streaming, 200 concurrent, started at once, --upstream-connections 100", False, 200, None,
+     "before", False),
 ]
+SWEEP_CASE = ("non-streaming, 200 concurrent, arrivals spread", False, 200, None, "checked", True)
 PROXIES = {  # name: (policy folder: checked or unchecked, serve-router options)
     "checked": ("checked", ()), "unchecked": ("unchecked", ()), "two": ("checked", ("--processes", "2")),
     "before": ("checked", ("--upstream-connections", "100")),
@@ -212,15 +260,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure_case(direct_base: str, proxy_base: str, direct: dict, proxied: dict, n: int, concurrency: int,
-                       rounds: int, proxy_pid: int) -> dict[str, Any]:
-    """Direct and proxied runs, alternating; with the proxy's CPU seconds per proxied request (warm-ups included)."""
+                       rounds: int, proxy_pid: int, spread: bool = False) -> dict[str, Any]:
+    """Direct and proxied runs, alternating; with the proxy's CPU seconds over the proxied runs and how many calls
+    it served in them (warm-ups and ramps included)."""
     out: dict[str, Any] = {"direct": [], "proxy": [], "cpu": 0.0, "calls": 0}
     for _ in range(rounds):
-        out["direct"] += await run_case(direct_base, direct, n // rounds, concurrency)
-        cpu = cpu_seconds(proxy_pid)
-        out["proxy"] += await run_case(proxy_base, proxied, n // rounds, concurrency)
+        out["direct"] += await run_case(direct_base, direct, n // rounds, concurrency, spread)
+        cpu, sent = cpu_seconds(proxy_pid), SENT[0]
+        out["proxy"] += await run_case(proxy_base, proxied, n // rounds, concurrency, spread)
         out["cpu"] += cpu_seconds(proxy_pid) - cpu
-        out["calls"] += n // rounds + min(concurrency, 20)
+        out["calls"] += SENT[0] - sent
     return out
 
 
@@ -249,36 +298,93 @@ def main() -> None:
     ap.add_argument("--prefill-ms", type=float, default=20.0, help="the stand-in student's time to its first token")
     ap.add_argument("--token-ms", type=float, default=2.0, help="the stand-in student's time per further token")
     ap.add_argument("--rounds", type=int, default=3, help="direct and proxied runs alternate this many times")
+    ap.add_argument("--sweep", metavar="MS,MS,...",
+                    help="instead of the cases: one proxy's capacity, 200 concurrent with arrivals spread, the "
+                         "student at each of these times per token (so at as many requests per second)")
+    ap.add_argument("--baseline-tree", metavar="DIR",
+                    help="with --sweep: also measure the serve-router of this source tree (a git worktree of another "
+                         "commit), alternating with this tree's, as the baseline")
     ap.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
     from router import build_policy  # bench/router.py
 
     with tempfile.TemporaryDirectory() as tmp:
         policy, reqs, _ = build_policy(Path(tmp) / "route")
-        unchecked = without_thresholds(policy.parent, Path(tmp) / "route-unchecked")
-        up_port, px_ports = free_port(), {which: free_port() for which in PROXIES}
-        procs = [start([sys.executable, __file__, "--serve-upstream", str(up_port), "--prefill-ms",
-                        str(args.prefill_ms), "--token-ms", str(args.token_ms)], up_port)]
-        try:
-            pids = {}
-            folders = {"checked": policy.parent, "unchecked": unchecked}
-            for which, (folder, options) in PROXIES.items():
-                procs.append(start([sys.executable, "-m", "pipeline.cli", "serve-router", str(folders[folder]),
-                                    *options,
-                                    "--student-url", f"http://127.0.0.1:{up_port}/student/v1",
-                                    "--teacher-url", f"http://127.0.0.1:{up_port}/teacher/v1", "--no-embeddings",
-                                    "--log-dir", str(Path(tmp) / "logs"), "--port", str(px_ports[which])],
-                                   px_ports[which]))
-                pids[which] = procs[-1].pid
-            lines = asyncio.run(bench(args, reqs[0][0], up_port, px_ports, Path(tmp) / "logs", pids))
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-    report(lines, args)
+        folders = {"checked": policy.parent, "unchecked": without_thresholds(policy.parent, Path(tmp) / "unchecked")}
+        if args.sweep:
+            lines = [row for ms in args.sweep.split(",")
+                     for row in sweep_pace(args, float(ms), folders, reqs[0][0], Path(tmp) / f"logs-{ms}")]
+            return report(lines, args, SWEEP_HEAD)
+        with servers(args.prefill_ms, args.token_ms, folders, PROXIES, Path(tmp) / "logs") as (up_port, ports, pids):
+            lines = asyncio.run(bench(args, reqs[0][0], up_port, ports, Path(tmp) / "logs", pids))
+    report(lines, args, HEAD)
+
+
+@contextlib.contextmanager
+def servers(prefill_ms: float, token_ms: float, folders: dict[str, Path], proxies: dict[str, tuple], logs: Path):
+    """The stand-in upstream and one serve-router process per entry of ``proxies`` ({name: (policy folder,
+    options[, source tree to run it from])}), each on a free port; yields (upstream port, {proxy: port},
+    {proxy: pid}) and stops them all afterwards."""
+    up_port, ports = free_port(), {which: free_port() for which in proxies}
+    procs = [start([sys.executable, __file__, "--serve-upstream", str(up_port), "--prefill-ms", str(prefill_ms),
+                    "--token-ms", str(token_ms)], up_port)]
+    try:
+        for which, (folder, options, *tree) in proxies.items():
+            procs.append(start([sys.executable, "-m", "pipeline.cli", "serve-router", str(folders[folder]), *options,
+                                "--student-url", f"http://127.0.0.1:{up_port}/student/v1",
+                                "--teacher-url", f"http://127.0.0.1:{up_port}/teacher/v1", "--no-embeddings",
+                                "--log-dir", str(logs), "--port", str(ports[which])], ports[which],
+                               cwd=tree[0] if tree else ROOT))
+        yield up_port, ports, {which: proc.pid for which, proc in zip(proxies, procs[1:], strict=True)}
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+SWEEP_HEAD = ("student ms per token", "proxy", "student answer p50 ms", "n (proxied)", "requests/s through the proxy",
+              "proxy CPU (cores busy)", "added p50 / p99 ms", "proxy CPU ms/request")
+
+
+def sweep_pace(args, token_ms: float, folders: dict[str, Path], request: dict[str, Any], logs: Path) -> list[list[str]]:
+    """The capacity sweep's rows for one pace: SWEEP_CASE with the student at ``token_ms`` per token, through this
+    tree's serve-router and, with ``--baseline-tree``, that tree's, alternating with the direct calls."""
+    _, stream, conc, fn, which, spread = SWEEP_CASE
+    n = 400 if args.quick else 2000
+    proxies = {"this tree": PROXIES[which]}
+    if args.baseline_tree:
+        proxies["baseline tree"] = (*PROXIES[which], str(Path(args.baseline_tree).resolve()))
+    with servers(args.prefill_ms, token_ms, folders, proxies, logs) as (up_port, ports, pids):
+        direct, proxied = bodies(request, stream, fn)
+        bases = {k: f"http://127.0.0.1:{port}/v1" for k, port in ports.items()}
+
+        async def go() -> dict[str, Any]:
+            res: dict[str, Any] = {"direct": [], **{k: {"lat": [], "cpu": 0.0, "calls": 0} for k in proxies}}
+            for base in bases.values():
+                await check_route(base, {**request}, "student")
+            for _ in range(args.rounds):
+                res["direct"] += await run_case(f"http://127.0.0.1:{up_port}/student/v1", direct, n // args.rounds,
+                                                conc, spread)
+                for k in proxies:
+                    cpu, sent = cpu_seconds(pids[k]), SENT[0]
+                    res[k]["lat"] += await run_case(bases[k], proxied, n // args.rounds, conc, spread)
+                    res[k]["cpu"] += cpu_seconds(pids[k]) - cpu
+                    res[k]["calls"] += SENT[0] - sent
+            return res
+
+        res = asyncio.run(go())
+    d = [x[1] for x in res["direct"]]
+    rows = []
+    for k in proxies:
+        p = [x[1] for x in res[k]["lat"]]
+        rate = conc / (sum(p) / len(p))  # Little's law: a closed loop at steady state
+        cpu = res[k]["cpu"] / res[k]["calls"]
+        rows.append([f"{token_ms:g}", k, f"{pct(d, 0.5):.1f}", f"{len(p)}", f"{rate:.0f}", f"{rate * cpu:.2f}",
+                     f"{pct(p, 0.5) - pct(d, 0.5):+.2f} / {pct(p, 0.99) - pct(d, 0.99):+.2f}", f"{1000 * cpu:.2f}"])
+    return rows
 
 
 def without_thresholds(src: Path, dest: Path) -> Path:
@@ -299,11 +405,11 @@ async def bench(args, request: dict[str, Any], up_port: int, px_ports: dict[str,
     for base in bases.values():
         await check_route(base, {**request}, "student")
     out, whole, calls = [], None, len(bases)  # one check_route call each
-    for name, stream, conc, fn, which in CASES:
+    for name, stream, conc, fn, which, spread in CASES:
         n = (60 if conc == 1 else 400) if args.quick else (300 if conc == 1 else 2000)
         direct, proxied = bodies(request, stream, fn)
         base = f"http://127.0.0.1:{up_port}/{'teacher' if fn else 'student'}/v1"
-        res = await measure_case(base, bases[which], direct, proxied, n, conc, args.rounds, pids[which])
+        res = await measure_case(base, bases[which], direct, proxied, n, conc, args.rounds, pids[which], spread)
         out.append(row(name, res, stream))
         calls += res["calls"]
         if not stream and conc == 1 and which == "checked":
@@ -325,15 +431,19 @@ HEAD = ("case", "measured", "n (proxied)", "direct p50 / p99 ms", "proxied p50 /
         "p50 ratio", "proxy CPU ms/request")
 
 
-def report(lines: list[list[str]], args) -> None:
+def report(lines: list[list[str]], args, head: tuple[str, ...]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    title = (f"serve-router added latency (loopback; student: {args.prefill_ms:g} ms to its first token, "
-             f"{args.token_ms:g} ms per further token, {N_TOKENS} tokens)")
+    if args.sweep:
+        title = (f"serve-router's capacity: 200 concurrent, arrivals spread, not streamed (loopback; student: "
+                 f"{args.prefill_ms:g} ms to its first token, then the given time per further token, {N_TOKENS} tokens)")
+    else:
+        title = (f"serve-router added latency (loopback; student: {args.prefill_ms:g} ms to its first token, "
+                 f"{args.token_ms:g} ms per further token, {N_TOKENS} tokens)")
     table = Table(title=title, title_justify="left")
-    for col in HEAD:
-        table.add_column(col, justify="left" if col == "case" else "right")
+    for col in head:
+        table.add_column(col, justify="left" if col == head[0] else "right")
     for r in lines:
         table.add_row(*r)
     Console(width=170).print(table)
@@ -342,7 +452,7 @@ def report(lines: list[list[str]], args) -> None:
     print(note)
     if args.append_results:
         md = ["", f"### bench/proxy_latency.py, {time.strftime('%Y-%m-%d %H:%M')}", "", title, "",
-              "| " + " | ".join(HEAD) + " |", "| --- |" + " ---: |" * (len(HEAD) - 1),
+              "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1),
               *("| " + " | ".join(r) + " |" for r in lines), "", note, ""]
         with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
             f.write("\n".join(md))

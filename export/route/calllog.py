@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from export.route.audit import live_line
+from export.route.wire import dumps
 
 
 class CallLog:
@@ -55,7 +56,7 @@ class CallLog:
                 "status_code": status, "latency_ms": round(latency_ms, 1), "request": request, "response": response,
                 "routing": routing}
         path = self.dir / f"{routing['route']}-{now:%Y-%m-%d}.jsonl"
-        append_line(path, json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        append_line(path, dumps(line, default=str) + b"\n")
         return line["id"]
 
     def live(self, record: dict[str, Any]) -> None:
@@ -75,12 +76,12 @@ def _take_spare() -> None:
             _SPARE = os.open(os.devnull, os.O_RDONLY)
 
 
-def append_line(path: Path, line: str) -> None:
+def append_line(path: Path, line: str | bytes) -> None:
     """Append one line in one write on an O_APPEND descriptor. When the process is out of descriptors (EMFILE,
     or ENFILE for the system: too many connections at once), the spare one is given up for this line and taken back after, so a request
     that failed for want of a descriptor is still logged."""
     global _SPARE
-    data = line.encode("utf-8")
+    data = line.encode("utf-8") if isinstance(line, str) else line
     try:
         fd = os.open(path, FLAGS, 0o666)  # less the umask, as open() does
     except OSError as err:

@@ -57,6 +57,7 @@ from export.route.upstream import Upstreams, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
+    NotText,
     answer_problem,
     completion_chunks,
     end_with_error,
@@ -65,6 +66,9 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     iter_events,
     json_errors,
     json_parse_errors,
+    json_response,
+    loads,
+    read_request,
     relay,
     request_problem,
     send_events,
@@ -226,18 +230,23 @@ class RouterProxy:
         return base.rstrip("/") + "/chat/completions", headers
 
     @staticmethod
-    async def _read_json(resp, url: str) -> dict[str, Any]:
+    async def _read_json(resp, url: str) -> tuple[int, dict[str, Any]]:
+        """(status, body) of an upstream's JSON answer; a body that is not a JSON object is a 502 that says so (an
+        HTTP 200 with it would reach the client as an empty answer)."""
         try:
-            data = await resp.json(content_type=None)
-        except (json.JSONDecodeError, ValueError):
-            data = {"error": {"message": f"non-JSON answer from {url} (HTTP {resp.status})", "type": "upstream_error"}}
-        return data if isinstance(data, dict) else {"error": {"message": "bad upstream body"}}
+            data = loads(await resp.read(), resp.charset)
+        except (ValueError, RecursionError):
+            data = None
+        if isinstance(data, dict):
+            return resp.status, data
+        what = "non-JSON answer" if data is None else "an answer that is not a JSON object"
+        return 502, {"error": {"message": f"{what} from {url} (HTTP {resp.status})", "type": "upstream_error"}}
 
     async def _forward(self, base: str, body: dict[str, Any], key_env: str | None) -> tuple[int, dict[str, Any]]:
         url, headers = self._target(base, key_env)
         try:
             async with self.upstream.call(url, body, headers) as resp:
-                return resp.status, await self._read_json(resp, url)
+                return await self._read_json(resp, url)
         except (ClientError, asyncio.TimeoutError) as err:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
             return 502, {"error": {"message": why, "type": "upstream_error"}}
@@ -309,8 +318,10 @@ class RouterProxy:
         t0 = time.perf_counter()
         rid = request.get("request_id", "")
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            body = read_request(await request.read(), request.charset)
+        except NotText as err:
+            return error_response(400, str(err), request_id=rid)
+        except (ValueError, RecursionError):
             return error_response(400, "the request body is not valid JSON (or nests deeper than JSON parsers allow)",
                           request_id=rid)
         problem = request_problem(body)
@@ -380,7 +391,7 @@ class RouterProxy:
         if stream and status == 200:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return await send_events(request, completion_chunks(resp, include_usage), headers)
-        return web.json_response(resp, status=status, headers=headers)
+        return json_response(resp, status=status, headers=headers)
 
     async def _stream(self, request: web.Request, base: str, key_env: str | None, ubody: dict[str, Any],
                       headers: dict[str, str]) -> tuple[web.StreamResponse | None, int, dict[str, Any]]:
@@ -399,7 +410,7 @@ class RouterProxy:
         try:
             async with self.upstream.call(url, ubody, up_headers) as up:
                 if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
-                    return None, up.status, await self._read_json(up, url)
+                    return None, *await self._read_json(up, url)
                 events = iter_events(up.content)
                 head, problem = await first_event(events)
                 if problem:  # nothing sent yet: the caller may still fall back

@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import ClientConnectorError, ClientResponse, ClientSession, ClientTimeout, TCPConnector
 
+from export.route.wire import dumps
+
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
@@ -63,7 +65,8 @@ class Upstreams:
 
     async def start(self) -> None:
         self.session = ClientSession(connector=TCPConnector(limit=upstream_limit(self.connections)),
-                                     timeout=ClientTimeout(total=self.timeout_s))
+                                     timeout=ClientTimeout(total=self.timeout_s),
+                                     json_serialize=lambda obj: dumps(obj).decode())
 
     async def close(self) -> None:
         if self.session:

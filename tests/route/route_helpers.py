@@ -181,3 +181,16 @@ class Upstream:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@contextlib.asynccontextmanager
+async def proxy_site(proxy: Any):
+    """A RouterProxy's app served on a free loopback port; yields its base URL (no /v1)."""
+    runner = web.AppRunner(proxy.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
