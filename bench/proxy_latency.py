@@ -44,6 +44,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,7 @@ def serve_upstream(port: int, prefill_ms: float, token_ms: float) -> None:
 
 # ---------------------------------------------------------------------------------------------- client
 SENT = [0]  # calls sent by this process, counted as they start
+FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')  # a chunk with content (with or without a space: json, orjson)
 
 
 async def one(session, url: str, body: dict[str, Any]) -> tuple[float, float]:
@@ -135,7 +137,7 @@ async def one(session, url: str, body: dict[str, Any]) -> tuple[float, float]:
         first, buf = None, b""
         async for part in resp.content.iter_any():
             buf += part
-            if first is None and b'"content": "' in buf.replace(b'"content": ""', b""):
+            if first is None and FIRST_CONTENT.search(buf):
                 first = time.perf_counter() - t0
         assert buf.rstrip().endswith(b"data: [DONE]"), buf[-200:]
         return (first if first is not None else math.nan), time.perf_counter() - t0
