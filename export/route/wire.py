@@ -24,8 +24,11 @@ log = logging.getLogger("distill.serve_router")
 MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
 
 
-_DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))  # every digit to "0", anything else to " "
-_LONG = b"0" * 19  # 19 digits in a row: maybe an integer orjson would read as a float (beyond 64 bits)
+# Every digit to "0", what makes a number a float (. e E) to "f", anything else to " ": then " " and 19 digits in a
+# row may be an integer beyond 64 bits, which orjson would read as a float. A fraction's digits follow an "f", so
+# a logprob such as -0.0003353635978884995 (19 digits after the point) stays on the fast path.
+_DIGITS = bytes(48 if 48 <= i <= 57 else 102 if i in b".eE" else 32 for i in range(256))
+_LONG = b" " + b"0" * 19
 
 
 def loads(data: bytes, charset: str | None = None) -> Any:
@@ -49,7 +52,8 @@ def utf8(data: bytes, charset: str | None) -> bytes:
 
 def _loads(data: bytes) -> tuple[Any, bool]:
     """(the value, whether the standard library read it). Strict UTF-8 either way."""
-    if _LONG not in data.translate(_DIGITS):  # ~1 us per kB
+    digits = data.translate(_DIGITS)  # ~1 us per kB
+    if _LONG not in digits and not digits.startswith(_LONG[1:]):
         try:
             return orjson.loads(data), False
         except orjson.JSONDecodeError:

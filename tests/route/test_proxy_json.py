@@ -26,6 +26,7 @@ from route_helpers import (
 )
 
 from export.route.proxy import ProxyConfig, RouterProxy
+from export.route.wire import _loads
 from pipeline.cli import main as cli
 
 BIG = 123456789012345678901234567890  # over 64 bits: orjson cannot read or write it
@@ -152,3 +153,16 @@ def test_a_teacher_answer_that_is_not_json_is_a_502(answers):
     for status, route, text in answers[0][7:9]:  # not streamed, streamed
         assert status == 502 and route == "teacher", (status, text)  # was HTTP 200 (streamed: only [DONE])
         assert "non-JSON answer from http://127.0.0.1" in json.loads(text)["error"]["message"]
+
+
+def test_small_logprobs_stay_on_the_fast_path_and_long_integers_do_not():
+    """orjson reads a completion whose logprobs have 19+ digits after the point (-0.0003353635978884995, as
+    vLLM's repr writes a confident token's); an integer beyond 64 bits goes to the standard library, exactly."""
+    lp = content_logprobs([-0.0003353635978884995, -0.00012345678901234567, -1.5e-05])
+    fast = json.dumps(completion("The Echo Speaker is in stock.", "s", lp)).encode()
+    assert "0003353635978884995" in fast.decode()
+    assert _loads(fast) == (json.loads(fast), False)  # was the slow path (any 19 digits in a row)
+    for raw in (b'{"seed": 123456789012345678901234567890}', b"[1, -9223372036854775809]", b"18446744073709551616",
+                b'{"id": "order 1234567890123456789"}', b'{"f": 1234567890123456789.5}'):
+        value, slow = _loads(raw)
+        assert slow and value == json.loads(raw), raw
