@@ -231,8 +231,9 @@ class RouterProxy:
 
     @staticmethod
     async def _read_json(resp, url: str) -> tuple[int, dict[str, Any]]:
-        """(status, body) of an upstream's JSON answer; a body that is not a JSON object is a 502 that says so (an
-        HTTP 200 with it would reach the client as an empty answer)."""
+        """(status, body) of an upstream's JSON answer. A body that is not a JSON object becomes an OpenAI-shaped
+        error that says so, with the upstream's status when that is an error, else 502 (an HTTP 200 passed on
+        would reach the client as an empty answer)."""
         try:
             data = loads(await resp.read(), resp.charset)
         except (ValueError, RecursionError):
@@ -240,7 +241,8 @@ class RouterProxy:
         if isinstance(data, dict):
             return resp.status, data
         what = "non-JSON answer" if data is None else "an answer that is not a JSON object"
-        return 502, {"error": {"message": f"{what} from {url} (HTTP {resp.status})", "type": "upstream_error"}}
+        status = resp.status if resp.status >= 400 else 502  # an error keeps its status (429 stays a rate limit)
+        return status, {"error": {"message": f"{what} from {url} (HTTP {resp.status})", "type": "upstream_error"}}
 
     async def _forward(self, base: str, body: dict[str, Any], key_env: str | None) -> tuple[int, dict[str, Any]]:
         url, headers = self._target(base, key_env)

@@ -24,10 +24,11 @@ log = logging.getLogger("distill.serve_router")
 MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
 
 
-# Every digit to "0", what makes a number a float (. e E) to "f", anything else to " ": then " " and 19 digits in a
-# row may be an integer beyond 64 bits, which orjson would read as a float. A fraction's digits follow an "f", so
-# a logprob such as -0.0003353635978884995 (19 digits after the point) stays on the fast path.
-_DIGITS = bytes(48 if 48 <= i <= 57 else 102 if i in b".eE" else 32 for i in range(256))
+# Every digit to "0", what makes a number a float (. e E) to "f", an opening bracket to "[", anything else to " ":
+# then " " and 19 digits in a row may be an integer beyond 64 bits, which orjson would read as a float. A
+# fraction's digits follow an "f", so a logprob such as -0.0003353635978884995 (19 digits after the point) stays
+# on the fast path.
+_DIGITS = bytes(48 if 48 <= i <= 57 else 102 if i in b".eE" else 91 if i in b"[{" else 32 for i in range(256))
 _LONG = b" " + b"0" * 19
 
 
@@ -52,13 +53,18 @@ def utf8(data: bytes, charset: str | None) -> bytes:
 
 def _loads(data: bytes) -> tuple[Any, bool]:
     """(the value, whether the standard library read it). Strict UTF-8 either way."""
-    digits = data.translate(_DIGITS)  # ~1 us per kB
-    if _LONG not in digits and not digits.startswith(_LONG[1:]):
+    return _read(data)[:2]
+
+
+def _read(data: bytes) -> tuple[Any, bool, int]:
+    """(the value, whether the standard library read it, how many opening brackets the text has)."""
+    marks = data.translate(_DIGITS)  # ~1.5 us per kB
+    if _LONG not in marks and not marks.startswith(_LONG[1:]):
         try:
-            return orjson.loads(data), False
+            return orjson.loads(data), False, marks.count(b"[")
         except orjson.JSONDecodeError:
             pass
-    return json.loads(data.decode("utf-8")), True
+    return json.loads(data.decode("utf-8")), True, marks.count(b"[")
 
 
 class NotText(ValueError):
@@ -66,21 +72,33 @@ class NotText(ValueError):
     number beyond a double, NaN or Infinity."""
 
 
-DEPTH_CHECK = 250  # brackets in a body above which it is checked to be writable (orjson reads 1,024 levels)
+MAX_DEPTH = 500  # levels of nesting a request may have: forwarding and logging it must not run out of stack
 
 
 def read_request(raw: bytes, charset: str | None = None) -> Any:
     """A request body, read by ``loads``. Refused with ``NotText`` naming the field: a string with a lone
     surrogate (a client that cut an emoji in half sends one: no tokenizer reads it, nor harvest from the log), a
-    number that is not finite (forwarded, it would be null). Refused with RecursionError: nesting too deep for the
-    standard library to write when forwarding and logging (orjson reads deeper than it writes)."""
-    body, slow = _loads(utf8(raw, charset))
+    number that is not finite (forwarded, it would be null), nesting deeper than ``MAX_DEPTH`` (orjson reads 1,024
+    levels; the standard library, which writes what orjson cannot, stops near 1,000 less the stack in use)."""
+    body, slow, brackets = _read(utf8(raw, charset))
     where = not_text(body) if slow else None  # orjson refuses all of these: only the slow path can hold them
+    if where is None and brackets > MAX_DEPTH and depth(body) > MAX_DEPTH:
+        where = f"the body nests {depth(body)} levels deep: at most {MAX_DEPTH}"
     if where is not None:
         raise NotText(where)
-    if raw.count(b"[") + raw.count(b"{") > DEPTH_CHECK:
-        dumps(body)
     return body
+
+
+def depth(value: Any) -> int:
+    """How deep lists and objects nest in ``value`` (no recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if items is not None:
+            deepest = max(deepest, d)
+            todo.extend((x, d + 1) for x in items)
+    return deepest
 
 
 def not_text(value: Any, where: str = "") -> str | None:
@@ -110,23 +128,34 @@ def not_text(value: Any, where: str = "") -> str | None:
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities as None (what orjson writes), for the standard library's fallback."""
+    """``value`` with NaN and infinities as None (what orjson writes), for the standard library's fallback. Plain
+    loops: a comprehension would cost a second stack frame per level."""
     if isinstance(value, float):
         return value if value - value == 0 else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            out[k] = _finite(v)
+        return out
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        items = []
+        for v in value:
+            items.append(_finite(v))
+        return items
     return value
 
 
 def dumps(obj: Any, default: Callable[[Any], Any] | None = None) -> bytes:
     """Python -> compact UTF-8 JSON with orjson; NaN and infinities are written as null (JSON has neither). What
     orjson refuses (integers over 64 bits, lone surrogates, nesting over 254) is written by the standard library,
-    escaped to ASCII (RecursionError past about 1,000 levels)."""
+    escaped to ASCII (RecursionError near 1,000 levels less the stack in use)."""
     try:
         return orjson.dumps(obj, default=default)
     except (orjson.JSONEncodeError, TypeError):
+        pass
+    try:
+        return json.dumps(obj, default=default, separators=(",", ":"), allow_nan=False).encode("ascii")
+    except ValueError:  # NaN or an infinity somewhere
         return json.dumps(_finite(obj), default=default, separators=(",", ":")).encode("ascii")
 
 

@@ -48,11 +48,15 @@ class InfStudent(Upstream):
 
 
 class OddTeacher(Upstream):
-    """The loopback teacher; a user turn holding NONJSON gets an HTTP 200 whose body is not JSON."""
+    """The loopback teacher; a user turn holding NONJSON gets an HTTP 200 whose body is not JSON, NONJSON429 a
+    plain-text 429."""
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         body = json.loads(await request.read())
-        if any("NONJSON" in (m.get("content") or "") for m in body["messages"]):
+        text = " ".join(m.get("content") or "" for m in body["messages"])
+        if "NONJSON429" in text:
+            return web.Response(text="Too Many Requests", status=429)
+        if "NONJSON" in text:
             return web.Response(text="<html>upstream proxy error</html>", content_type="text/html")
         return await super().answer(request)
 
@@ -88,9 +92,10 @@ def answers(e2e, tmp_path_factory):
             json.dumps({**request(IN_BAND_FAQ), "seed": BIG}),
             json.dumps({**request(IN_BAND_FAQ), "temperature": 1e400}).replace("Infinity", "1e400"),
             json.dumps(request("Is the Echo Speaker in stock? \u00e9"), ensure_ascii=False).encode("latin-1"),
-            _deep(1010), _deep(300),
+            _deep(1010), _deep(499),
             json.dumps(request("Is it in stock? NONJSON", function="legal_advice")),
-            json.dumps({**request("Is it in stock? NONJSON", function="legal_advice"), "stream": True})]
+            json.dumps({**request("Is it in stock? NONJSON", function="legal_advice"), "stream": True}),
+            _deep(500), json.dumps({**request("Is it in stock? NONJSON429", function="legal_advice"), "stream": True})]
     assert "\\ud83d" in raws[0]
     out, student = asyncio.run(_session(router, log_dir, raws))
     return out, student, log_dir
@@ -139,20 +144,23 @@ def test_integers_over_64_bits_pass_through(answers):
 
 def test_a_number_beyond_a_double_is_refused_naming_the_field(answers):
     status, _, text = answers[0][3]
-    assert status == 400 and "temperature" in json.loads(text)["error"]["message"], text  # was forwarded as null
+    assert status == 400 and "temperature" in json.loads(text)["error"]["message"], text  # was forwarded (Infinity)
 
 
 def test_a_declared_charset_and_deep_nesting_are_read_as_before(answers):
     out = answers[0]
     assert out[4][0] == 200, out[4]  # latin-1 with its charset declared, read as aiohttp read it
-    assert out[5][0] == 400 and "nests deeper" in json.loads(out[5][2])["error"]["message"]  # was HTTP 500
-    assert out[6][:2] == (200, "student"), out[6]  # 300 levels: past orjson's writer, within the standard library's
+    assert out[5][0] == 400 and "nests 1011 levels deep: at most 500" in out[5][2]  # was HTTP 500 (1,000-1,023)
+    assert out[6][:2] == (200, "student"), out[6]  # 500 levels: past orjson's writer, within the standard library's
+    assert out[9][0] == 400 and "nests 501 levels" in out[9][2]
 
 
 def test_a_teacher_answer_that_is_not_json_is_a_502(answers):
     for status, route, text in answers[0][7:9]:  # not streamed, streamed
         assert status == 502 and route == "teacher", (status, text)  # was HTTP 200 (streamed: only [DONE])
         assert "non-JSON answer from http://127.0.0.1" in json.loads(text)["error"]["message"]
+    status, _, text = answers[0][10]  # an error status without JSON keeps its status: a 429 stays a rate limit
+    assert status == 429 and "non-JSON answer" in json.loads(text)["error"]["message"], text
 
 
 def test_small_logprobs_stay_on_the_fast_path_and_long_integers_do_not():
