@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from export.route.audit import live_line
-from export.route.wire import dumps
+from export.route.jsonio import dumps
 
 
 class CallLog:

@@ -51,13 +51,13 @@ from curation.harvest.importers.openai import BadRecord, reassemble_stream
 from export.route.audit import Job, LiveWork, answer_text
 from export.route.calllog import CallLog
 from export.route.cost import request_cost
+from export.route.jsonio import NotText, loads, read_request
 from export.route.lanes import Lane, Versions, make_lane
 from export.route.router import Decision, Router
 from export.route.upstream import Upstreams, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
-    NotText,
     answer_problem,
     completion_chunks,
     end_with_error,
@@ -67,8 +67,6 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     json_errors,
     json_parse_errors,
     json_response,
-    loads,
-    read_request,
     relay,
     request_problem,
     send_events,

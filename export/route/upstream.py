@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import ClientConnectorError, ClientResponse, ClientSession, ClientTimeout, TCPConnector
 
-from export.route.wire import dumps
+from export.route.jsonio import dumps
 
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 

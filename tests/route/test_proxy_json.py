@@ -25,8 +25,8 @@ from route_helpers import (
     with_rule,
 )
 
+from export.route.jsonio import _loads
 from export.route.proxy import ProxyConfig, RouterProxy
-from export.route.wire import _loads
 from pipeline.cli import main as cli
 
 BIG = 123456789012345678901234567890  # over 64 bits: orjson cannot read or write it
