@@ -60,6 +60,9 @@ def _serve_router_parser(sub) -> None:
     sr.add_argument("--teacher-model", help="model name sent to the teacher (default: the one the client sent)")
     sr.add_argument("--student-key-env", help="NAME of the env var holding the student's API key (never the key)")
     sr.add_argument("--teacher-key-env", help="NAME of the env var holding the teacher's API key (never the key)")
+    sr.add_argument("--client-key-env", metavar="NAME", help="NAME of the env var holding the key clients must "
+                    "send (Authorization: Bearer KEY; a 401 otherwise; /health stays open). Default: none, every "
+                    "client that reaches the port is served with the teacher's key")
     sr.add_argument("--log-dir", default="logs/router", help="where request logs go (default: logs/router)")
     sr.add_argument("--host", default="127.0.0.1")
     sr.add_argument("--port", type=int, default=8080)
@@ -67,12 +70,17 @@ def _serve_router_parser(sub) -> None:
                     help="serve from N processes on the one port (SO_REUSEPORT; one event loop uses one core): "
                     "they share the log folder line by line and each re-reads a deployment file (default: 1)")
     sr.add_argument("--timeout", type=float, default=120.0, help="seconds per upstream call, any wait for a free "
-                    "upstream connection or file descriptor included")
+                    "upstream connection or file descriptor included; a streamed answer must start within it and "
+                    "then send each next chunk within it (a long answer streamed steadily is not cut) (default: 120)")
     sr.add_argument("--upstream-connections", type=int, metavar="N",
                     help="upstream connections in use at once per process, over the student(s), the teacher and "
                     "the background audits; a call beyond them waits for a free one, the wait counted in "
                     "--timeout; 0: no limit (default: an eighth of the open-file limit, which serve-router "
                     "raises to its hard limit: each request in flight holds a client and an upstream descriptor)")
+    sr.add_argument("--pass-through", action="append", default=[], metavar="PATH",
+                    help="send calls on this path (and under it) to the teacher unchanged, with the teacher's key: "
+                    "e.g. /v1/embeddings, /v1/responses, /v1/moderations (repeatable; default: none, other paths "
+                    "get a 404 naming this flag). Logged in passthrough-<date>.jsonl without their bodies")
     sr.add_argument("--no-embeddings", action="store_true", help="skip the distance rule (no torch, no MiniLM)")
     sr.add_argument("--no-language", action="store_true", help="skip the language rule")
     sr.add_argument("--before-only", action="store_true", help="do not check the student's confidence after it "
@@ -105,7 +113,8 @@ def _live_parsers(sub) -> None:
                         "exit 8 when a guardrail is broken (nothing changes), else 0.")
     lv.add_argument("recipe", help="the recipe (export.store, export.model_name and route.live)")
     lv.add_argument("--logs", help="serve-router's --log-dir (default: route.live.log_dir)")
-    lv.add_argument("--since", help="only lines at or after this ISO time (e.g. 2026-12-06T00:00)")
+    lv.add_argument("--since", help="only lines at or after this ISO time (e.g. 2026-12-06T00:00; UTC unless it "
+                    "names an offset). The report only: --decide judges each version since it entered its stage")
     lv.add_argument("--json", dest="json_out", help="also write the report (and decisions) as JSON to this file")
     lv.add_argument("--decide", action="store_true", help="apply the sequential tests and change the deployment")
     lv.add_argument("--deployment", metavar="PATH", help="default: route.live.deployment, else "
@@ -186,13 +195,21 @@ def _live(args: argparse.Namespace, console: Console) -> int:
     recipe = load_recipe(args.recipe)
     cfg = recipe.route.live
     logs = args.logs or cfg.log_dir
+    if args.json_out and not os.access(Path(args.json_out).resolve().parent, os.W_OK):
+        raise ValueError(f"--json {args.json_out}: its folder does not exist or is not writable (nothing was "
+                         "decided: the decision and its record must go together)")
+    if not Path(logs).exists() and not any(c in str(logs) for c in "*?["):
+        console.print(f"[yellow]warning:[/] no logs at {logs}: nothing to judge (check --logs or "
+                      "route.live.log_dir)", soft_wrap=True)
+    warnings: list[str] = []
     out: dict = {"report": live_report(logs, args.since, recipe.route.confidence_level, recipe.route.bootstrap,
                                       missing_ok=args.decide)}
     console.print(_live_table(out["report"], f"live: {out['report']['counts']['calls']} routed requests in {logs}"))
     code = EXIT_OK
     path = _deployment_path(args, recipe) if recipe.export else None
     if not args.decide and path is not None and path.exists():  # report a broken guardrail, change nothing
-        would, _ = canary.run(path, recipe.export.store, recipe.export.model_name, logs, cfg, dry_run=True)
+        would, _ = canary.run(path, recipe.export.store, recipe.export.model_name, logs, cfg, dry_run=True,
+                              warnings=warnings)
         out["would_decide"] = would
         broken = [d for d in would if d["action"] in ("rollback", "broken")]
         for d in broken:
@@ -203,7 +220,7 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         if recipe.export is None:
             raise ValueError("--decide needs the recipe's export section (store and model_name)")
         done, dep = canary.run(path, recipe.export.store, recipe.export.model_name, logs, cfg,
-                               _urls(args.version_url))
+                               _urls(args.version_url), warnings=warnings)
         out.update(decisions=done, deployment=dep)
         for d in done:
             console.print(f"[bold]{d['action']}[/] {d.get('version')}: {d['reason']}", soft_wrap=True)
@@ -213,9 +230,17 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         cand = dep.get("candidate")
         console.print(f"serving {dep.get('serving')}" + (f"; {cand['version']} in {cand['stage']} at "
                       f"{cand['share']:g}" if cand else "") + f" (exit {code})")
+    for w in dict.fromkeys(warnings):
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    out["warnings"] = list(dict.fromkeys(warnings))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return code
+
+
+def _or(value: float | None, default: float) -> float:
+    """The flag's value when given (0 included: refused by the deployment, not taken for the default)."""
+    return default if value is None else value
 
 
 def _promote_or_rollback(args: argparse.Namespace, console: Console) -> int:
@@ -237,13 +262,13 @@ def _promote_or_rollback(args: argparse.Namespace, console: Console) -> int:
             action = {"serving": "serve" if args.version else "promote", "canary": "canary",
                       "shadow": "shadow"}[args.stage]
             if args.stage == "canary" and args.version and (dep.get("candidate") or {}).get("version") != args.version:
-                deployment.change(dep, "shadow", args.version, share=args.share or cfg.shadow_share,
+                deployment.change(dep, "shadow", args.version, share=_or(args.share, cfg.shadow_share),
                                   reason=args.reason or "by hand, on the way to canary")
             if action == "serve" and (dep.get("candidate") or {}).get("version") == args.version:
                 action = "promote"
             entry = deployment.change(dep, action, args.version if action in ("serve", "shadow", "promote") else None,
-                                      share=args.share or (cfg.canary_share if action == "canary" else
-                                                           cfg.shadow_share),
+                                      share=_or(args.share, cfg.canary_share if action == "canary" else
+                                                cfg.shadow_share),
                                       reason=args.reason or "by hand")
     console.print(f"{entry['action']} {entry.get('version')}: serving {dep.get('serving')}" +
                   (f", candidate {dep['candidate']['version']} ({dep['candidate']['stage']})"
@@ -295,10 +320,14 @@ def _route_check_parser(sub) -> None:
 
 
 def _serve_router(args: argparse.Namespace, console: Console) -> int:
+    from export.route.passthrough import normalise
     from export.route.proxy import ProxyConfig
     from export.route.serve import ServeOptions, serve
     from pipeline.config.route import LiveConfig
 
+    pass_through = normalise(args.pass_through)  # a bad path is refused before anything starts
+    if args.client_key_env and not os.environ.get(args.client_key_env):
+        raise ValueError(f"--client-key-env {args.client_key_env}: that environment variable is not set (or empty)")
     for name in (args.student_key_env, args.teacher_key_env):
         if name and name not in os.environ:
             console.print(f"[yellow]warning:[/] environment variable {name} is not set; calls go without a key")
@@ -322,7 +351,8 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
                       student_key_env=args.student_key_env, teacher_key_env=args.teacher_key_env,
                       timeout_s=args.timeout, check_after=not args.before_only, audit_share=live.audit_share,
                       canary_audit_share=live.canary_audit_share, queue_size=live.queue_size, workers=live.workers,
-                      reload_s=live.reload_s, seed=args.seed, upstream_connections=args.upstream_connections)
+                      reload_s=live.reload_s, seed=args.seed, upstream_connections=args.upstream_connections,
+                      pass_through=pass_through, client_key_env=args.client_key_env)
     if not 1 <= args.processes <= 256:
         raise ValueError(f"--processes must be between 1 and 256, got {args.processes}")
     opts = ServeOptions(args.policy, args.host, args.port, language=not args.no_language,

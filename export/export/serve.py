@@ -9,8 +9,10 @@ tokenizer and generation_config.json). Answers are made exactly as the evaluate 
 template over the messages' text, greedy decoding, at most the evaluated ``max_new_tokens`` (from
 generation_config.json; a request's ``max_tokens`` / ``max_completion_tokens`` lowers or raises it), stopping at
 the end-of-turn token, whose logprob is reported too (as evaluate recorded it for route's calibration).
-``temperature``, ``top_p`` and ``seed`` are accepted and ignored (always greedy); ``n`` > 1 and ``stream`` are
-refused; ``tools`` and ``response_format`` are not applied (evaluate did not apply them either).
+``temperature``, ``top_p`` and ``seed`` are accepted and ignored (always greedy); ``n`` > 1 is refused;
+``tools`` and ``response_format`` are not applied (evaluate did not apply them either). ``stream: true`` gets the
+answer as ``chat.completion.chunk`` events (usage last with ``stream_options.include_usage``) once it is whole:
+rows of a batch are generated together, so tokens are not sent as they come.
 
 Concurrent requests are batched: requests that arrive while a batch runs (or within ``batch_wait_ms`` of the
 first) are answered together, left-padded, in one ``generate`` call of at most ``max_batch`` rows; each row keeps
@@ -30,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from export.route.wire import completion_chunks, send_events
 from pipeline.chat import message_text
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -52,8 +55,8 @@ def parse_request(body: Any, default_max: int) -> Pending | str:
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"] or \
             not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in body["messages"]):
         return "the request body must be a chat-completions object with a non-empty 'messages' list"
-    if body.get("stream"):
-        return "stream=true is not supported by distill serve-student; send stream=false"
+    if not isinstance(body.get("stream_options") or {}, dict):
+        return "stream_options must be an object"
     if (body.get("n") or 1) != 1:
         return "n > 1 is not supported (answers are greedy: they would all be the same)"
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
@@ -193,7 +196,7 @@ class StudentServer:
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.name, **self.stats})
 
-    async def chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -212,11 +215,14 @@ class StudentServer:
         choice = {"index": 0, "message": {"role": "assistant", "content": r["text"]},
                   "logprobs": None if r["logprobs"] is None else {"content": r["logprobs"], "refusal": None},
                   "finish_reason": r["finish_reason"]}
-        return web.json_response({
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.name, "choices": [choice],
-            "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                      "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}})
+        resp = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name, "choices": [choice],
+                "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+                          "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}}
+        if body.get("stream"):  # the whole answer as chunk events (what serve-router sends for a checked answer)
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await send_events(request, completion_chunks(resp, usage), {})
+        return web.json_response(resp)
 
 
 def _manifest_name(folder: Path) -> str | None:

@@ -184,6 +184,12 @@ class LiveWork:
         status, resp = 0, {}
         if tried:
             decision, status, resp = await self.proxy.ask_student(lane, job.body, job.upstream, decision, job.fn, {})
+            problem = answer_problem(status, resp)
+            if problem:  # the candidate's endpoint failed: no evidence about its answers either way
+                self.counts["failed"] += 1
+                self.proxy.log_live({"kind": "error", "what": "shadow", "request_id": job.log_id,
+                                     "version": lane.version, "function": job.fn, "error": problem})
+                return
         metric = policy_metric(lane)
         q = await scored(answer_text(resp), reference, job.body, metric) if decision.to_student else None
         self.counts["shadows"] += 1

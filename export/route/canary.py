@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,20 @@ def _newer(dep: dict[str, Any], latest: str | None) -> bool:
 
 
 def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str | None,
-           calls: list[dict[str, Any]], live: list[dict[str, Any]], cfg: Any) -> list[dict[str, Any]]:
+           calls: list[dict[str, Any]], live: list[dict[str, Any]], cfg: Any,
+           floor: str | None = None) -> list[dict[str, Any]]:
     """Apply this run's decisions to ``dep`` in place; returns the history entries written (plus, where the
-    serving version broke its guardrail with nothing to roll back to, an entry with action 'broken')."""
+    serving version broke its guardrail with nothing to roll back to, an entry with action 'broken').
+    ``floor``: evidence older than this ISO time is not used (``window_days``)."""
     done = []
     serving = dep.get("serving")
+
+    def start(version: str, stage: str) -> str | None:
+        began = deployment.since(dep, version, stage)
+        return max(x for x in (began, floor) if x) if began or floor else None
+
     if serving:
-        ev = gather(serving, "serving", deployment.since(dep, serving, "serving"), calls, live)
+        ev = gather(serving, "serving", start(serving, "serving"), calls, live)
         g = guardrail(ev, limits(policies[serving], cfg), cfg)
         if g["broken"]:
             if dep.get("previous"):
@@ -133,7 +141,7 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
     cand = dep.get("candidate")
     if cand:
         v, stage = cand["version"], cand["stage"]
-        ev = gather(v, stage, deployment.since(dep, v, stage), calls, live)
+        ev = gather(v, stage, start(v, stage), calls, live)
         lims = limits(policies[v], cfg)
         g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg)
         if g["broken"]:
@@ -152,37 +160,72 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
     return done
 
 
-def policies_for(folder: Path, dep: dict[str, Any], latest: str | None) -> dict[str, dict[str, Any]]:
-    """The routing policy of every version the decision may look at (<store>/<name>/<version>/)."""
-    wanted = {dep.get("serving"), (dep.get("candidate") or {}).get("version"), latest} - {None}
+def policies_for(folder: Path, dep: dict[str, Any], latest: str | None,
+                 warnings: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The routing policy of every version the decision may look at (<store>/<name>/<version>/). The serving
+    version's and the candidate's must load; the store's latest, when it cannot, is left out with a warning (a
+    bad new version must not stop the serving one being judged and rolled back)."""
     out = {}
-    for v in wanted:
-        path = folder / v / "routing_policy.json"
+    for v in {dep.get("serving"), (dep.get("candidate") or {}).get("version")} - {None}:
+        out[v] = _policy(folder, v)
+    if latest and latest not in out:
         try:
-            out[v] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{v}: no routing policy at {path}") from None
-        except ValueError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            out[latest] = _policy(folder, latest)
+        except (OSError, ValueError) as err:
+            if warnings is None:
+                raise
+            warnings.append(f"the store's latest version is not considered: {err}")
     return out
 
 
-def run(path: Path, store: str, name: str, logs: str | Path, cfg: Any, urls: dict[str, str] | None = None,
-        dry_run: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Decide under the deployment file's lock, from the logs and the store; returns (entries, deployment).
-    ``dry_run``: what would be decided, on a copy; the file is not touched (nor created)."""
+def _policy(folder: Path, version: str) -> dict[str, Any]:
+    path = folder / version / "routing_policy.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{version}: no routing policy at {path}") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def _latest(store: str, name: str, warnings: list[str]) -> str | None:
+    """The store's latest version of ``name``; None (and a warning) when its ``latest`` pointer is unusable."""
     from pipeline.store import latest as store_latest
 
-    calls, _, _ = read_routed(logs) if _has_logs(logs) else ([], [], 0)
-    live, _ = read_live(logs)
+    try:
+        return store_latest(store, name)
+    except Exception as err:  # noqa: BLE001 - a broken pointer must not stop the serving version being judged
+        warnings.append(f"the store's latest version is not considered: {type(err).__name__}: {err}")
+        return None
+
+
+def run(path: Path, store: str, name: str, logs: str | Path, cfg: Any, urls: dict[str, str] | None = None,
+        dry_run: bool = False, warnings: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Decide under the deployment file's lock, from the logs and the store; returns (entries, deployment).
+    ``dry_run``: what would be decided, on a copy; the file is not touched (nor created). ``warnings`` gets
+    what was left out and why (a bad latest version, versions with no student URL)."""
+    warnings = [] if warnings is None else warnings
+    folder = Path(str(store).removeprefix("file://")) / name
+    if "://" not in str(store).removeprefix("file://") and not folder.is_dir():
+        raise FileNotFoundError(f"no store folder {folder}: check export.store and export.model_name (nothing "
+                                "was decided or created)")
+    floor = (datetime.now(timezone.utc) - timedelta(days=cfg.window_days)).isoformat()
+    calls, _, _ = read_routed(logs, floor[:10]) if _has_logs(logs) else ([], [], 0)
+    live, _ = read_live(logs, floor[:10])
     if dry_run:
         dep = deployment.load(path) if path.exists() else deployment.new(name)
-        newest = store_latest(store, name)
-        return decide(dep, policies_for(path.parent, dep, newest), newest, calls, live, cfg), dep
+        newest = _latest(store, name, warnings)
+        policies = policies_for(path.parent, dep, newest, warnings)
+        return decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor), dep
     with deployment.updating(path, name) as dep:
         dep["urls"] = {**dep.get("urls", {}), **(urls or {})}
-        newest = store_latest(store, name)
-        done = decide(dep, policies_for(path.parent, dep, newest), newest, calls, live, cfg)
+        newest = _latest(store, name, warnings)
+        policies = policies_for(path.parent, dep, newest, warnings)
+        done = decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor)
+    for v in {d.get("version") for d in done if d["action"] in ("serve", "shadow", "promote", "canary")} - {None}:
+        if v not in dep.get("urls", {}):
+            warnings.append(f"{v} has no student URL in {path}: serve-router serves it only if started with "
+                            f"--version-url {v}=URL (or pass --version-url {v}=URL here)")
     return done, dep
 
 

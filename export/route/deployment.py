@@ -33,6 +33,8 @@ SCHEMA = "distill-deployment/v1"
 FILE = "deployment.json"
 STAGES = ("shadow", "canary")
 ACTIONS = ("serve", "shadow", "canary", "promote", "rollback")
+FIELDS = ("schema", "name", "serving", "previous", "rejected", "candidate", "urls", "history")
+CANDIDATE_FIELDS = ("version", "stage", "share", "since")
 
 
 class DeploymentError(ValueError):
@@ -62,6 +64,7 @@ def check(dep: Any, where: str = FILE) -> dict[str, Any]:
     """The deployment as read, or DeploymentError naming the file and the field that is wrong."""
     if not isinstance(dep, dict) or dep.get("schema") != SCHEMA:
         raise DeploymentError(f"{where}: not a deployment file (schema must be {SCHEMA!r})")
+    _known(dep, FIELDS, where)  # a typo ("Serving") would read as "nothing serves" and put the latest version live
     if dep.get("serving") is not None:
         _version(dep["serving"], f"{where}: serving")
     for key in ("previous", "rejected", "history"):
@@ -83,6 +86,7 @@ def check(dep: Any, where: str = FILE) -> dict[str, Any]:
     if cand is not None:
         if not isinstance(cand, dict):
             raise DeploymentError(f"{where}: candidate must be an object or null")
+        _known(cand, CANDIDATE_FIELDS, f"{where}: candidate")
         _version(cand.get("version"), f"{where}: candidate.version")
         if cand.get("stage") not in STAGES:
             raise DeploymentError(f"{where}: candidate.stage must be one of {', '.join(STAGES)}")
@@ -94,12 +98,26 @@ def check(dep: Any, where: str = FILE) -> dict[str, Any]:
     return {**new(str(dep.get("name") or "")), **dep}
 
 
+def _known(obj: dict[str, Any], fields: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise DeploymentError(f"{where}: unknown field {unknown[0]!r} (the fields are {', '.join(fields)})")
+
+
+def _share(share: float | None, default: float) -> float:
+    """A candidate's share: as given (0 is refused, not taken for 'the default'), else the default."""
+    share = default if share is None else share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise DeploymentError(f"--share must be a number in (0, 1], got {share!r}")
+    return float(share)
+
+
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no deployment file at {path} (distill promote STORE NAME@VERSION makes one)") \
+        raise FileNotFoundError(f"no deployment file at {path} (distill promote RECIPE VERSION makes one)") \
             from None
     except ValueError as err:
         raise DeploymentError(f"{path}: not valid JSON ({err})") from None
@@ -169,8 +187,10 @@ def change(dep: dict[str, Any], action: str, version: str | None = None, *, shar
         _version(version, "version")
         if version == serving:
             raise DeploymentError(f"{version} is already serving")
-        if serving:
-            dep["previous"] = [*dep.get("previous", []), serving]
+        # the version that serves now leaves ``previous`` (promoting v2 then v1 by hand left v1 there, and two
+        # rollbacks then brought back the version just rejected)
+        dep["previous"] = [v for v in dep.get("previous", []) if v not in (version, serving)] + (
+            [serving] if serving else [])
         dep["serving"] = version
         if cand and cand["version"] == version:
             entry["stage"] = cand["stage"]
@@ -184,12 +204,12 @@ def change(dep: dict[str, Any], action: str, version: str | None = None, *, shar
         if cand and cand["version"] != version:
             raise DeploymentError(f"{cand['version']} is already the candidate ({cand['stage']}); promote or roll it "
                                   "back first")
-        dep["candidate"] = {"version": version, "stage": "shadow", "share": share or 0.1, "since": at}
+        dep["candidate"] = {"version": version, "stage": "shadow", "share": _share(share, 0.1), "since": at}
         entry.update(version=version, share=dep["candidate"]["share"])
     elif action == "canary":
         if not cand:
             raise DeploymentError("no candidate to canary: shadow a version first")
-        dep["candidate"] = {**cand, "stage": "canary", "share": share or cand["share"], "since": at}
+        dep["candidate"] = {**cand, "stage": "canary", "share": _share(share, cand["share"]), "since": at}
         entry.update(version=cand["version"], share=dep["candidate"]["share"])
     else:
         entry.update(_rollback(dep, cand, serving, version))
@@ -204,17 +224,22 @@ def _rollback(dep: dict[str, Any], cand: dict[str, Any] | None, serving: str | N
                               f"({(cand or {}).get('version') or 'none'}): nothing to roll back")
     if cand and version in (None, cand["version"]):
         dep["candidate"] = None
-        dep["rejected"] = [*dep.get("rejected", []), cand["version"]]
+        dep["rejected"] = _added(dep.get("rejected", []), cand["version"])
         return {"version": cand["version"], "stage": cand["stage"], "to": serving}
     previous = list(dep.get("previous", []))
     if not previous:
         raise DeploymentError(f"nothing to roll back to: {serving or 'no version'} is serving and no earlier "
                               "version served before it")
     back = previous.pop()
-    dep.update(serving=back, previous=previous, rejected=[*dep.get("rejected", []), serving])
+    dep.update(serving=back, previous=previous, rejected=_added(dep.get("rejected", []), serving))
     if cand and cand["version"] == back:  # the version rolled back to serves again: it is no candidate any more
         dep["candidate"] = None
     return {"version": serving, "stage": "serving", "to": back}
+
+
+def _added(versions: list[str], version: str) -> list[str]:
+    """The list with ``version`` at its end, once."""
+    return [*(v for v in versions if v != version), version]
 
 
 def since(dep: dict[str, Any], version: str, stage: str) -> str | None:

@@ -21,8 +21,10 @@ import glob
 import gzip
 import json
 import math
+import re
+import sys
+import zlib
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,14 @@ import numpy as np
 from export.route.router import Router
 from export.route.signals import user_text
 
+# serve-router's files that hold no requests: live-loop scores, refused requests, passed-through calls
+NOT_CALLS = ("live-", "errors-", "passthrough-")
+DATED = re.compile(r"-(\d{4}-\d{2}-\d{2})\.jsonl")
 
-def log_files(path: str | Path) -> list[Path]:
+
+def log_files(path: str | Path, day: str | None = None) -> list[Path]:
+    """The .jsonl(.gz) files under a folder, of a glob, or the file; with ``day`` (YYYY-MM-DD), not those whose
+    name dates them earlier (serve-router names its files by UTC day)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.name.endswith((".jsonl", ".jsonl.gz")))
@@ -42,24 +50,46 @@ def log_files(path: str | Path) -> list[Path]:
         files = [p] if p.is_file() else []
     if not files:
         raise FileNotFoundError(f"--logs {path}: no .jsonl or .jsonl.gz files there")
-    return files
+    if day:
+        files = [f for f in files if (m := DATED.search(f.name)) is None or m.group(1) >= day]
+    names = {f.name for f in files}
+    twins = [f for f in files if f.name.endswith(".gz") and f.name[:-3] in names]
+    for f in twins:  # `gzip -k` leaves both: each line would count twice
+        print(f"distill: {f} skipped: {f.name[:-3]} beside it holds the same log", file=sys.stderr)
+    return [f for f in files if f not in twins]
 
 
-def read_logs(path: str | Path, *, requests_only: bool = False) -> tuple[list[dict[str, Any]], int]:
-    """(log lines holding a request with messages, number of lines that could not be read). With ``requests_only``,
-    the live loop's score files (``live-*.jsonl``) and the teacher calls that audited a student answer
-    (``routing.audit``: they repeat a request already logged) are skipped, so each client request counts once."""
+def text_lines(f: Path) -> tuple[list[str], int]:
+    """A log file's lines (gzipped or not), and 1 when it could not be read whole (a truncated or corrupt .gz:
+    what it held up to the damage is kept, the rest counted as one unreadable line, with a warning)."""
+    if not f.name.endswith(".gz"):
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            return fh.read().splitlines(), 0
+    out: list[str] = []
+    try:
+        with gzip.open(f, "rt", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                out.append(line)
+    except (OSError, EOFError, zlib.error) as err:
+        print(f"distill: {f} is damaged after {len(out)} lines ({type(err).__name__}: {err}): the rest is skipped",
+              file=sys.stderr)
+        return [x.rstrip("\n") for x in out[:-1]], 1  # the last line read may be cut by the damage
+    return [x.rstrip("\n") for x in out], 0
+
+
+def read_logs(path: str | Path, *, requests_only: bool = False, day: str | None = None
+              ) -> tuple[list[dict[str, Any]], int]:
+    """(log lines holding a request with messages, number of lines that could not be read). serve-router's files
+    that hold no requests (``NOT_CALLS``) are skipped; with ``requests_only`` also the teacher calls that audited a
+    student answer (``routing.audit``: they repeat a request already logged), so each client request counts once."""
     out, bad = [], 0
 
-    def lines(f: Path) -> Iterator[str]:
-        opener = gzip.open if f.name.endswith(".gz") else open
-        with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
-            yield from fh
-
-    for f in log_files(path):
-        if requests_only and f.name.startswith("live-"):
+    for f in log_files(path, day):
+        if f.name.startswith(NOT_CALLS):
             continue
-        for raw in lines(f):
+        raws, damaged = text_lines(f)
+        bad += damaged
+        for raw in raws:
             if not raw.strip():
                 continue
             try:

@@ -5,9 +5,11 @@ A version's policy is ``<store>/<name>/<version>/routing_policy.json`` (the depl
 ``<store>/<name>/``); its student URL comes from ``--version-url VERSION=URL`` or the file's ``urls``. Routers are
 loaded once per version (versions are immutable) in a worker thread, and the new set replaces the old in one
 assignment: a request already routed keeps the lane it picked, so a reload drops nothing. A file that cannot be
-used (bad JSON, a version without a URL or policy, any error while loading a router) leaves the previous set
-serving and is reported in ``/health`` and on stderr; a file is only taken as read once it loaded, and a failed one
-is tried again every ``retry_s`` seconds (a transient failure heals without touching the file). An unexpected
+used (bad JSON, a serving version without a URL or policy, any error while loading its router) leaves the
+previous set serving and is reported in ``/health`` and on stderr; a candidate that cannot be served is left out
+while the serving version changes as the file says (a guardrail rollback is never held back by a candidate with no
+URL). A file is only taken as read once all of it loaded; a failed one is tried again every ``retry_s`` seconds (a
+transient failure heals without touching the file). An unexpected
 error in the watch loop itself is reported the same way and the loop goes on.
 """
 
@@ -120,7 +122,9 @@ class Versions:
         return self._failed is None or self._failed[0] != stamp or time.monotonic() - self._failed[1] >= self.retry_s
 
     def reload(self) -> bool:
-        """Re-read the file if its mtime or size changed; True when the lanes changed."""
+        """Re-read the file if its mtime or size changed; True when the lanes changed. A candidate that cannot be
+        served (no URL, no policy) does not hold back the serving version: it serves as the file says, the
+        candidate is left out, reported, and tried again every ``retry_s`` seconds."""
         stamp = self._stat()
         if stamp == self._stamp:
             return False
@@ -129,17 +133,25 @@ class Versions:
             if not dep.get("serving"):
                 raise deployment.DeploymentError(f"{self.path}: no version is serving")
             serving = self._lane(dep["serving"], dep)
-            cand = dep.get("candidate")
-            candidate = Candidate(self._lane(cand["version"], dep), cand["stage"], float(cand["share"])) \
-                if cand else None
         except Exception as err:  # noqa: BLE001 - whatever fails, the previous versions keep serving
             self._failed = (stamp, time.monotonic())
             self._report(err, "deployment not reloaded")
             return False
-        self.current, self.error = (serving, candidate), None  # one swap: a request sees the old set or the new
-        self._stamp, self._failed = stamp, None
-        self.reloads += 1
-        return True
+        cand, candidate, problem = dep.get("candidate"), None, None
+        if cand:
+            try:
+                candidate = Candidate(self._lane(cand["version"], dep), cand["stage"], float(cand["share"]))
+            except Exception as err:  # noqa: BLE001 - a rollback of the serving version must not wait for it
+                problem = err
+        changed = (serving, candidate) != self.current
+        self.current = (serving, candidate)  # one swap: a request sees the old set or the new
+        self.reloads += changed
+        if problem is None:
+            self.error, self._stamp, self._failed = None, stamp, None
+        else:
+            self._failed = (stamp, time.monotonic())
+            self._report(problem, f"candidate {cand['version']} left out")
+        return changed
 
     def _report(self, err: BaseException, what: str) -> None:
         self.error = str(err) if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {err}"

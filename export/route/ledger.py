@@ -64,7 +64,7 @@ def _row(lines: list[dict[str, Any]], scores: list[float] = ()) -> dict[str, Any
     return row
 
 
-def routed_lines(logs: str | Path) -> tuple[list[dict[str, Any]], int]:
+def routed_lines(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:
     """The routed calls under logs (a folder's student-*.jsonl and teacher-*.jsonl, or a file or glob) and the
     number of lines that could not be read (a torn last line, say)."""
     p = Path(logs)
@@ -72,7 +72,7 @@ def routed_lines(logs: str | Path) -> tuple[list[dict[str, Any]], int]:
     lines, bad = [], 0
     for src in sources:
         try:
-            got, n = read_logs(src)
+            got, n = read_logs(src, day=day)
         except FileNotFoundError:
             continue
         lines += [x for x in got if isinstance(x.get("routing"), dict)]

@@ -10,15 +10,15 @@ candidate in shadow, its scored answers, the share it would have answered and it
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.route.drift import log_files
+from export.route.drift import log_files, text_lines
 from export.route.ledger import routed_lines
 from pipeline.stats import bootstrap_counts
 
@@ -43,20 +43,19 @@ def tried(line: dict[str, Any]) -> bool:
     return cost.get("student_basis", "not asked") != "not asked" if cost else r.get("phase") == "after"
 
 
-def read_live(logs: str | Path) -> tuple[list[dict[str, Any]], int]:
+def read_live(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:
     """The live-loop records (live-*.jsonl and rotated live-*.jsonl.gz under a folder), oldest first, and the
     unreadable lines."""
     p = Path(logs)
     try:
-        files = [f for f in log_files(p / "live-*.jsonl*" if p.is_dir() else p) if f.name.startswith("live-")]
+        files = [f for f in log_files(p / "live-*.jsonl*" if p.is_dir() else p, day) if f.name.startswith("live-")]
     except FileNotFoundError:
         return [], 0
     out, bad = [], 0
     for f in files:
-        opener = gzip.open if f.name.endswith(".gz") else open
-        with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-        for raw in text.splitlines():
+        raws, damaged = text_lines(f)
+        bad += damaged
+        for raw in raws:
             try:
                 rec = json.loads(raw)
             except ValueError:
@@ -70,9 +69,10 @@ def read_live(logs: str | Path) -> tuple[list[dict[str, Any]], int]:
     return out, bad
 
 
-def read_routed(logs: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """(routed calls oldest first, audit calls, unreadable lines) from student-*.jsonl and teacher-*.jsonl."""
-    lines, bad = routed_lines(logs)
+def read_routed(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(routed calls oldest first, audit calls, unreadable lines) from student-*.jsonl and teacher-*.jsonl (with
+    ``day``: not the files of earlier days)."""
+    lines, bad = routed_lines(logs, day)
     lines.sort(key=lambda x: str(x.get("timestamp", "")))
     calls = [x for x in lines if not x["routing"].get("audit")]
     return calls, [x for x in lines if x["routing"].get("audit")], bad
@@ -122,6 +122,16 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
     }
 
 
+def utc_iso(when: str) -> str:
+    """An ISO time (``Z``, an offset, or none: UTC) as the logs write it, in UTC, so it compares as text."""
+    try:
+        t = datetime.fromisoformat(when)
+    except ValueError:
+        raise ValueError(f"--since {when!r}: give an ISO time such as 2026-12-06T00:00 (UTC unless it names an "
+                         "offset, e.g. 2026-12-06T00:00+01:00)") from None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat()
+
+
 def report(logs: str | Path, since: str | None = None, level: float = 0.95, resamples: int = 1000,
            missing_ok: bool = False) -> dict[str, Any]:
     """{rows: one per (version, function), versions: one per version, counts, unreadable_lines}; ``since``: an
@@ -135,7 +145,9 @@ def report(logs: str | Path, since: str | None = None, level: float = 0.95, resa
         calls, audit_calls, bad = [], [], 0
     live, bad_live = read_live(logs)
     if since:
+        since = utc_iso(since)
         calls = [x for x in calls if str(x.get("timestamp", "")) >= since]
+        audit_calls = [x for x in audit_calls if str(x.get("timestamp", "")) >= since]
         live = [r for r in live if str(r.get("timestamp", "")) >= since]
     by_call: dict[tuple[str, str], list] = defaultdict(list)
     by_audit: dict[tuple[str, str], list] = defaultdict(list)

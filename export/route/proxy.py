@@ -3,6 +3,7 @@ teacher endpoint, and logs every call in the format ``distill harvest`` reads.
 
     POST /v1/chat/completions   routed: student (checked after it answers) or teacher
     GET  /v1/models, /health
+    *    --pass-through paths   sent to the teacher unchanged (export.route.passthrough); other paths: 404
 
 Per request: phase 1 (function, length, language, distance) decides whether the student may try; the student is
 asked for ``logprobs`` (and ``top_logprobs``) when its function's rule has a threshold, and phase 2 keeps its
@@ -48,25 +49,31 @@ from typing import Any
 from aiohttp import ClientError, web
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
+from export.route.answers import check_answer, drop_logprobs, trim_top_logprobs, unfinished
 from export.route.audit import Job, LiveWork, answer_text
 from export.route.calllog import CallLog
 from export.route.cost import request_cost
 from export.route.jsonio import NotText, loads, read_request
 from export.route.lanes import Lane, Versions, make_lane
+from export.route.passthrough import backoff_headers, normalise, pass_through
 from export.route.router import Decision, Router
 from export.route.upstream import Upstreams, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
     answer_problem,
+    client_key,
     completion_chunks,
     end_with_error,
     error_response,
+    event_data,
     first_event,
+    function_problem,
     iter_events,
     json_errors,
     json_parse_errors,
     json_response,
+    non_text_part,
     relay,
     request_problem,
     send_events,
@@ -95,8 +102,11 @@ class ProxyConfig:
     # limit; None: an eighth of the open-file limit, see upstream_limit)
     upstream_connections: int | None = None
     seed: int | None = None  # of the audit, shadow and canary sampling
+    pass_through: tuple[str, ...] = ()  # other endpoints sent to the teacher unchanged (export.route.passthrough)
+    client_key_env: str | None = None  # env var holding the key clients must send (Authorization: Bearer KEY)
 
     def __post_init__(self) -> None:
+        self.pass_through = normalise(self.pass_through)
         if self.upstream_connections is not None and self.upstream_connections < 0:
             raise ValueError(f"upstream_connections must be 0 (no limit) or more, got {self.upstream_connections}")
 
@@ -112,13 +122,6 @@ def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
 
 
 PASSED_ON = "no answer check (no threshold, or --before-only): the student's stream is passed on as it comes"
-
-
-def _drop_logprobs(resp: dict[str, Any]) -> None:
-    """Remove the logprobs the proxy asked for and the client did not."""
-    for c in resp.get("choices") or []:
-        if isinstance(c, dict):
-            c.pop("logprobs", None)
 
 
 def _headers(decision: Decision, lane: Lane, rid: str) -> dict[str, str]:
@@ -187,12 +190,13 @@ class RouterProxy:
                             teacher_price=self.price_of_teacher(lane))
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors, client_key(self.cfg.client_key_env)])
         app["proxy"] = self
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_route("*", "/{tail:.*}", self.pass_through)  # the rest: --pass-through paths, else a 404
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return json_parse_errors(app)  # aiohttp's own refusals (an over-long header) in JSON too
@@ -213,6 +217,9 @@ class RouterProxy:
         return web.json_response({"object": "list", "data": [{"id": self.student_model, "object": "model",
                                                               "owned_by": "distill"}]})
 
+    async def pass_through(self, request: web.Request) -> web.StreamResponse:
+        return await pass_through(self, request)
+
     async def health(self, _request: web.Request) -> web.Response:
         body = {"status": "ok", "pid": os.getpid(), "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts,
                 "waited_for_descriptor": self.upstream.descriptor_waits}
@@ -228,10 +235,13 @@ class RouterProxy:
         return base.rstrip("/") + "/chat/completions", headers
 
     @staticmethod
-    async def _read_json(resp, url: str) -> tuple[int, dict[str, Any]]:
+    async def _read_json(resp, url: str, keep: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         """(status, body) of an upstream's JSON answer. A body that is not a JSON object becomes an OpenAI-shaped
         error that says so, with the upstream's status when that is an error, else 502 (an HTTP 200 passed on
-        would reach the client as an empty answer)."""
+        would reach the client as an empty answer). ``keep`` gets an error's back-off headers (Retry-After,
+        x-ratelimit-*), which the client's SDK reads to wait before it retries."""
+        if keep is not None and resp.status >= 400:
+            keep.update(backoff_headers(resp.headers))
         try:
             data = loads(await resp.read(), resp.charset)
         except (ValueError, RecursionError):
@@ -242,11 +252,12 @@ class RouterProxy:
         status = resp.status if resp.status >= 400 else 502  # an error keeps its status (429 stays a rate limit)
         return status, {"error": {"message": f"{what} from {url} (HTTP {resp.status})", "type": "upstream_error"}}
 
-    async def _forward(self, base: str, body: dict[str, Any], key_env: str | None) -> tuple[int, dict[str, Any]]:
+    async def _forward(self, base: str, body: dict[str, Any], key_env: str | None,
+                       keep: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         url, headers = self._target(base, key_env)
         try:
             async with self.upstream.call(url, body, headers) as resp:
-                return await self._read_json(resp, url)
+                return await self._read_json(resp, url, keep)
         except (ClientError, asyncio.TimeoutError) as err:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
             return 502, {"error": {"message": why, "type": "upstream_error"}}
@@ -276,8 +287,12 @@ class RouterProxy:
             sbody.update(stream=True, stream_options=dict(upstream.get("stream_options") or {}))
             return sbody
         sbody["logprobs"] = True
-        if lane.top_k:
-            sbody["top_logprobs"] = lane.top_k
+        asked = upstream.get("top_logprobs") if upstream.get("logprobs") else None
+        k = max(lane.top_k or 0, asked if isinstance(asked, int) and not isinstance(asked, bool) else 0)
+        if k:  # the policy's top-k, or more when the client asked for more (trimmed back for it after the check)
+            sbody["top_logprobs"] = k
+        else:
+            sbody.pop("top_logprobs", None)
         return sbody
 
     async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,
@@ -285,22 +300,22 @@ class RouterProxy:
         """The lane's student answers whole (its answer is checked before anything is sent); phase 2 keeps it
         or escalates."""
         status, resp = await self._forward(lane.url, self.student_body(lane, upstream), self.cfg.student_key_env)
-        choices = resp.get("choices")
         problem = answer_problem(status, resp)
         if problem:  # the teacher answers instead
             decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
                                 decision.signals)
         elif self.cfg.check_after:
-            lp = choices[0].get("logprobs")
-            content = (lp.get("content") if isinstance(lp, dict) else None) or []
-            try:
-                decision = lane.router.after(body, content, fn, before=decision)
-            except ValueError as err:  # the endpoint did not return what the signal needs
-                decision = Decision("teacher", [*decision.reasons, str(err)], "after", decision.signals)
+            decision = check_answer(lane.router, self.checks_answer(lane, decision), body, resp["choices"],
+                                    decision, fn)
             if not decision.to_student:
-                routing["student_answer"] = (choices[0].get("message") or {}).get("content")
+                msg = resp["choices"][0].get("message") or {}
+                routing["student_answer"] = msg.get("content")
+                if msg.get("tool_calls"):
+                    routing["student_tool_calls"] = msg["tool_calls"]
         if decision.to_student and not body.get("logprobs"):
-            _drop_logprobs(resp)
+            drop_logprobs(resp)
+        elif decision.to_student:
+            trim_top_logprobs(resp, body.get("top_logprobs") or 0)
         return decision, status, resp
 
     def teacher_body(self, upstream: dict[str, Any], lane: Lane | None = None) -> dict[str, Any]:
@@ -314,8 +329,9 @@ class RouterProxy:
             tbody["model"] = lane.teacher  # a gateway asked for the student: the teacher has its own name
         return tbody
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        t0 = time.perf_counter()
+    @staticmethod
+    async def read_chat(request: web.Request) -> tuple[dict[str, Any], str | None] | web.Response:
+        """(the request body, its function), or the 400 that says what is wrong with it."""
         rid = request.get("request_id", "")
         try:
             body = read_request(await request.read(), request.charset)
@@ -323,19 +339,32 @@ class RouterProxy:
             return error_response(400, str(err), request_id=rid)
         except (ValueError, RecursionError):
             return error_response(400, "the request body is not valid JSON (or nests deeper than JSON parsers allow)",
-                          request_id=rid)
+                                  request_id=rid)
         problem = request_problem(body)
-        if problem:
-            return error_response(400, problem, request_id=rid)
+        fn = None if problem else (body.get("metadata") or {}).get("function") or request.headers.get(
+            "x-distill-function")
+        problem = problem or function_problem(fn, "the x-distill-function header")
+        return error_response(400, problem, request_id=rid) if problem else (body, fn)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        rid = request.get("request_id", "")
+        read = await self.read_chat(request)
+        if isinstance(read, web.Response):
+            return read
+        body, fn = read
         stream = bool(body.get("stream"))
-        fn = (body.get("metadata") or {}).get("function") or request.headers.get("x-distill-function")
         logged = body
         if fn and not (body.get("metadata") or {}).get("function"):
             logged = {**body, "metadata": {**(body.get("metadata") or {}), "function": fn}}
         lane, stage = self.versions.pick() if self.versions is not None else (self.lane, "serving")
         decision = await self.decide_before(lane, body, fn)
+        part = non_text_part(body) if decision.to_student else None
+        if part:
+            decision = Decision("teacher", [*decision.reasons, f"the request holds a '{part}' content part (the "
+                                            "student reads text only)"], "before", decision.signals)
         upstream = body if body.get("store") else {k: v for k, v in body.items() if k != "metadata"}
-        routing: dict[str, Any] = {"stream": True} if stream else {}
+        routing: dict[str, Any] = {"request_id": rid, "stream": True} if stream else {"request_id": rid}
         if lane.version is not None:
             routing.update(version=lane.version, lane=stage)
         status, resp, student_usage = 0, {}, None
@@ -374,19 +403,20 @@ class RouterProxy:
                 decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
                                     decision.signals)
             elif not body.get("logprobs"):  # it answered plain JSON: sent as chunks below, without unasked logprobs
-                _drop_logprobs(resp)
+                drop_logprobs(resp)
         headers = _headers(decision, lane, rid)
         if not decision.to_student:
-            tbody = self.teacher_body(upstream, lane)
+            tbody, backoff = self.teacher_body(upstream, lane), {}
             if stream:
                 out, status, resp = await self._stream(request, self.cfg.teacher_url, self.cfg.teacher_key_env,
-                                                       tbody, headers)
+                                                       tbody, headers, backoff)
                 if out is not None:
                     finish(200, resp)
                     return out
                 # else an error before the stream began, or a teacher that does not stream
             else:
-                status, resp = await self._forward(self.cfg.teacher_url, tbody, self.cfg.teacher_key_env)
+                status, resp = await self._forward(self.cfg.teacher_url, tbody, self.cfg.teacher_key_env, backoff)
+            headers.update(backoff)  # a teacher's 429: its Retry-After reaches the client's SDK
         finish(status, resp)
         if stream and status == 200:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -394,7 +424,8 @@ class RouterProxy:
         return json_response(resp, status=status, headers=headers)
 
     async def _stream(self, request: web.Request, base: str, key_env: str | None, ubody: dict[str, Any],
-                      headers: dict[str, str]) -> tuple[web.StreamResponse | None, int, dict[str, Any]]:
+                      headers: dict[str, str], keep: dict[str, str] | None = None
+                      ) -> tuple[web.StreamResponse | None, int, dict[str, Any]]:
         """Relay an upstream's server-sent events to the client as they arrive (the teacher's, or the student's
         when nothing is checked). The upstream is always asked for usage (the ledger needs it); the usage-only
         chunk is passed on only when the client asked for it. Returns (the response, 200, the assembled
@@ -408,20 +439,26 @@ class RouterProxy:
         out: web.StreamResponse | None = None
         broken = None
         try:
-            async with self.upstream.call(url, ubody, up_headers) as up:
+            async with self.upstream.call(url, ubody, up_headers, stream=True) as up:
                 if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
-                    return None, *await self._read_json(up, url)
+                    return None, *await self._read_json(up, url, keep)
                 events = iter_events(up.content)
                 head, problem = await first_event(events)
                 if problem:  # nothing sent yet: the caller may still fall back
                     return None, 502, {"error": {"message": f"{url}: {problem}", "type": "upstream_error"}}
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
+                last = head[-1]
                 for event in head:
                     await relay(out, event, chunks, want_usage)
                 async for event in events:
                     await relay(out, event, chunks, want_usage)
-                await out.write_eof()
+                    last = event
+                broken = unfinished(chunks)
+                if broken and event_data(last) != b"[DONE]":  # cut: the client's SDK would take it for a whole one
+                    await end_with_error(out, f"{url}: {broken}")
+                else:
+                    await out.write_eof()
         except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
             if out is None:
                 why = upstream_failure(url, err, self.cfg.timeout_s) or (

@@ -114,6 +114,10 @@ def all_signals(chosen: Sequence[float], tops: Sequence[Sequence[float]] | None)
 
 # ---------------------------------------------------------------------------------------------- input text
 CACHED_ROLES = ("system", "developer")  # fixed per function: their token counts are cached
+# A message longer than PREFIX_CHARS_PER_TOKEN characters per token of the limit is counted from a prefix first
+# (no tokenizer's tokens average 64 characters); the prefix's last PREFIX_MARGIN tokens may differ from the
+# whole text's, so they are not counted.
+PREFIX_CHARS_PER_TOKEN, PREFIX_MARGIN = 64, 16
 
 
 class TokenCounter:
@@ -144,26 +148,43 @@ class TokenCounter:
         return sum(self._cached(message_text(m)) if m.get("role") in CACHED_ROLES else len(self.encode(message_text(m)))
                    for m in messages)
 
+    def over(self, messages: Sequence[dict[str, Any]], limit: int) -> int | None:
+        """A lower bound on the tokens when one message alone is clearly over ``limit``, from its first
+        ``PREFIX_CHARS_PER_TOKEN * (limit + 1)`` characters only; else None. Tokenizing a 3 MB message in full
+        takes seconds, and serve-router's event loop (every other client) would wait for it."""
+        cap = PREFIX_CHARS_PER_TOKEN * (limit + 1)
+        for m in messages:
+            t = message_text(m)
+            if len(t) > cap:
+                n = len(self.encode(t[:cap])) - PREFIX_MARGIN  # the cut changes at most the last few tokens
+                if n > limit:
+                    return n
+        return None
+
     def check(self, messages: Sequence[dict[str, Any]], limit: int, estimate: dict[str, Any] | None = None,
               mode: str = "bounded") -> tuple[bool, int, str]:
         """(within limit, tokens, how counted: 'exact' | 'at most' | 'at least' | 'about')."""
         if estimate is None or mode == "exact":
+            if (n := self.over(messages, limit)) is not None:
+                return False, n, "at least"
             n = self.exact(messages)
             return n <= limit, n, "exact"
         fixed = nbytes = nspaces = 0
-        cache = self.cache
+        cache, cap = self.cache, PREFIX_CHARS_PER_TOKEN * (limit + 1)
         for m in messages:
             t = m.get("content")
             if t.__class__ is not str:  # content parts, or none
                 t = message_text(m)
-            if m.get("role") in CACHED_ROLES:
-                n = cache.get(t)
-                fixed += n if n is not None else self._cached(t)
-            elif t.isascii():
+            cached = m.get("role") in CACHED_ROLES
+            if cached and (n := cache.get(t)) is not None:
+                fixed += n
+            elif not cached and t.isascii():
                 nbytes += len(t)
                 nspaces += t.count(" ")
+            elif len(t) > cap and (n := self.over([m], limit)) is not None:  # one message is over: stop here
+                return False, fixed + n, "at least"
             else:
-                fixed += len(self.encode(t))
+                fixed += self._cached(t) if cached else len(self.encode(t))
         if not nbytes:
             return fixed <= limit, fixed, "exact"
         a, b, c = estimate["coef"]

@@ -72,24 +72,34 @@ class Upstreams:
         if self.session:
             await self.session.close()
 
+    def stream_timeout(self) -> ClientTimeout:
+        return self._timeout(True)
+
+    def _timeout(self, stream: bool, left: float | None = None) -> ClientTimeout:
+        """A plain call must end within the timeout; a stream must start within it and then send its next chunk
+        within it (a long answer streamed steadily is not cut)."""
+        left = self.timeout_s if left is None else max(0.001, left)
+        return ClientTimeout(total=None, connect=left, sock_read=self.timeout_s) if stream else ClientTimeout(total=left)
+
     @asynccontextmanager
-    async def call(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[ClientResponse]:
+    async def call(self, url: str, body: dict[str, Any], headers: dict[str, str],
+                   stream: bool = False) -> AsyncIterator[ClientResponse]:
         """POST ``body`` to ``url``; the response is released when the block ends, and a call waiting for a
-        descriptor to the same URL is woken."""
+        descriptor to the same URL is woken. ``stream``: the timeout bounds each wait for data, not the call."""
         try:
-            async with await self._post(url, body, headers) as resp:
+            async with await self._post(url, body, headers, stream) as resp:
                 yield resp
         finally:
             self._ended += 1
             self._wake(url)
 
-    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> ClientResponse:
+    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str], stream: bool) -> ClientResponse:
         """POST; out of file descriptors, wait until a call to the same URL ends (one waiter woken per call ended,
         a retry at least every second) and try again, within the timeout in all."""
         loop = asyncio.get_running_loop()
         deadline, seen = loop.time() + self.timeout_s, self._ended
         try:
-            return await self.session.post(url, json=body, headers=headers)
+            return await self.session.post(url, json=body, headers=headers, timeout=self._timeout(stream))
         except ClientConnectorError as err:
             if not out_of_descriptors(err):
                 raise
@@ -109,7 +119,7 @@ class Upstreams:
             seen = self._ended
             try:
                 return await self.session.post(url, json=body, headers=headers,
-                                               timeout=ClientTimeout(total=max(0.001, deadline - loop.time())))
+                                               timeout=self._timeout(stream, deadline - loop.time()))
             except ClientConnectorError as err:
                 if not out_of_descriptors(err):
                     raise

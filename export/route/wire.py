@@ -5,8 +5,10 @@ JSON errors through ``json_parse_errors``."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -15,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from export.route.jsonio import dumps, loads
@@ -51,12 +53,15 @@ def request_problem(body: Any) -> str | None:
         if c is not None and not isinstance(c, str) and not (
                 isinstance(c, list) and all(isinstance(p, dict) for p in c)):
             return f"messages[{i}].content must be a string, a list of content parts or null"
+        for j, part in enumerate(c if isinstance(c, list) else ()):
+            if "text" in part and not isinstance(part["text"], str):
+                return f"messages[{i}].content[{j}].text must be a string"
     meta = body.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         return "'metadata' must be an object"
-    fn = (meta or {}).get("function")
-    if fn is not None and not isinstance(fn, str):
-        return "'metadata.function' must be a string"
+    problem = function_problem((meta or {}).get("function"), "'metadata.function'")
+    if problem:
+        return problem
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         return "'stream' must be a boolean"
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
@@ -77,6 +82,28 @@ def answer_problem(status: int, resp: dict[str, Any]) -> str | None:
     return None
 
 
+def function_problem(fn: Any, where: str) -> str | None:
+    """Why a function name (from ``metadata.function`` or the ``x-distill-function`` header) cannot be used: it
+    is logged and becomes a key of the ledger, so it must be printable text (a header's stray bytes are not)."""
+    if fn is None:
+        return None
+    if not isinstance(fn, str) or not fn.isprintable() or len(fn) > 200:
+        return f"{where} must be printable text of at most 200 characters"
+    return None
+
+
+def non_text_part(body: dict[str, Any]) -> str | None:
+    """The type of the first content part that is not text (an image, audio, a file), if any: the student was
+    distilled from text and reads only text, so such a request is the teacher's."""
+    for m in body["messages"]:
+        c = m.get("content")
+        for part in c if isinstance(c, list) else ():
+            kind = part.get("type", "text")
+            if kind not in ("text", "input_text", "refusal"):
+                return str(kind)[:50]
+    return None
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     """Every answer carries a request id, and every error is OpenAI-shaped JSON (aiohttp's own 404, 405 and 413
@@ -90,6 +117,10 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         resp = error_response(exc.status, exc.reason if exc.status != 413 else
                       f"the request body is over the {MAX_BODY:,}-byte limit", kind, rid)
+    except RequestPayloadError as exc:  # a body its Content-Encoding does not decode (bad gzip, zstd unknown)
+        resp = error_response(400, f"the request body could not be read as its Content-Encoding "
+                                   f"({request.headers.get('Content-Encoding', 'none')[:50]}) says: {' '.join(str(exc).split())}"[:300],
+                              request_id=rid)
     except Exception as exc:  # noqa: BLE001 - a bug must still answer in JSON, be logged, and not kill the proxy
         log.exception("request %s failed inside serve-router", rid)  # the traceback only: never the body
         resp = error_response(500, f"internal error in distill serve-router: {type(exc).__name__}", "server_error", rid)
@@ -97,6 +128,25 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         proxy.log_error(request, rid, resp)
     resp.headers.setdefault("x-request-id", rid)
     return resp
+
+
+def client_key(env: str | None):
+    """A middleware that lets through only clients sending ``Authorization: Bearer <the key in $env>`` (compared in
+    constant time); /health stays open for probes. No env: every client is let through."""
+    key = os.environ.get(env, "") if env else ""
+    if env and not key:
+        raise ValueError(f"--client-key-env {env}: that environment variable is not set (or empty)")
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if key and request.path != "/health":
+            sent = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+                return error_response(401, "missing or wrong API key: send Authorization: Bearer <the key "
+                                      "serve-router was started with>", request_id=request.get("request_id", ""))
+        return await handler(request)
+
+    return check
 
 
 def _parse_error_message(status: int, exc: BaseException | None) -> tuple[int, str, str]:
@@ -256,7 +306,7 @@ def completion_chunks(resp: dict[str, Any], include_usage: bool) -> list[dict[st
 
     for c in resp.get("choices") or []:
         i, msg = c.get("index", 0), c.get("message") or {}
-        chunk(i, {"role": msg.get("role") or "assistant", "content": ""})
+        chunk(i, {"role": msg.get("role") or "assistant", "content": None if msg.get("content") is None else ""})
         pieces = _PIECE.findall(msg.get("content") or "")
         for k, piece in enumerate(pieces):
             chunk(i, {"content": piece}, lp=c.get("logprobs") if k == len(pieces) - 1 else None)

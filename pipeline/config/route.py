@@ -79,11 +79,17 @@ class LiveConfig(Section):
         "from these audits).",
     )
     shadow_share: float = Field(
-        0.1, ge=0, le=1,
+        0.1, gt=0, le=1,
         description="Share of requests a candidate in shadow also answers in the background (a student-answered "
         "one is then audited too, so the shadow answer has the teacher's to be scored against).",
     )
     canary_share: float = Field(0.1, gt=0, lt=1, description="Share of traffic a candidate answers as canary.")
+    window_days: float = Field(
+        14, gt=0, le=3650,
+        description="`distill live --decide` reads the last this many days of logs: a version is judged on its "
+        "evidence since it entered its stage, or within the window if that is later (the CUSUM detector only "
+        "alarms less on a window, never more; each hourly run then reads a bounded amount of log).",
+    )
     queue_size: int = Field(
         1000, gt=0, le=1_000_000,
         description="Background audits and shadow calls waiting at most; beyond it they are dropped and counted.",

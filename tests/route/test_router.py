@@ -167,6 +167,29 @@ def test_length_estimate_agrees_with_exact_count(router, e2e):
     assert not ok and how == "at least" and n > 50
 
 
+def test_a_huge_non_ascii_message_is_judged_from_a_prefix(router):
+    """A 3 MB Japanese message was tokenized in full (13.5 s on serve-router's event loop, every other client
+    waiting) to learn it is over a 40-token limit; now a prefix decides, and the bound is a true lower bound."""
+    seen: list[int] = []
+
+    def encode(text: str) -> list[int]:
+        seen.append(len(text))
+        return router.encode(text)
+
+    counter = TokenCounter(encode)
+    huge = [{"role": "user", "content": "日本語のテキスト、在庫はありますか。" * 180_000}]
+    est = router.functions[FAQ]["before"]["token_estimate"]
+    for mode in ("estimate", "bounded", "exact"):
+        seen.clear()
+        ok, n, how = counter.check(huge, 40, est, mode)
+        assert not ok and how == "at least" and n > 40 and max(seen) <= 64 * 41, (mode, seen)
+    for text in ("日本語のテキスト " * 400, "é" * 9000, "ab" * 6000, "word " * 3000):
+        exact = len(router.encode(text))
+        for limit in (10, 40, 100):
+            ok, n, how = counter.check([{"role": "user", "content": text}], limit, None, "exact")
+            assert ok == (exact <= limit) and (n == exact if how == "exact" else n <= exact), (text[:9], limit)
+
+
 def test_unknown_major_version_and_tampered_files_are_refused(e2e, tmp_path):
     import shutil
 

@@ -167,3 +167,26 @@ def test_streaming_through_serve_router_in_front_of_serve_student(e2e, student_u
     finally:
         stop()
     assert teacher.bodies[-1]["stream"] is True
+
+
+def test_a_function_with_no_threshold_streams_from_serve_student(e2e, student_url, records, tmp_path):
+    """The demo policy's case (no threshold: nothing to check): serve-router asks serve-student to stream. It was
+    refused (HTTP 400 "stream=true is not supported"), so every streamed call of such a function went to the
+    teacher and saved nothing; serve-student now answers a stream with the whole answer as chunk events."""
+    router = with_rule(full_router(str(e2e / "runs/t/route")), FAQ, signal="min_logprob", threshold=None)
+    rec, pred = next((rec, pred) for rec, pred in records
+                     if rec["function"] == FAQ and router.before({"messages": _messages(rec)}, FAQ).to_student)
+    direct = OpenAI(base_url=student_url, api_key="unused", max_retries=0)
+    chunks = list(direct.chat.completions.create(model="s", messages=_messages(rec), stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == pred["prediction"]
+    assert chunks[-1].usage.completion_tokens == pred["output_tokens"]
+    url, teacher, stop = _start_router(router, student_url, tmp_path / "logs")
+    try:
+        raw = OpenAI(base_url=url, api_key="unused", max_retries=0).chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=_messages(rec), stream=True, extra_headers={"x-distill-function": FAQ})
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    finally:
+        stop()
+    assert raw.headers["x-distill-route"] == "student", raw.headers.get("x-distill-reasons")
+    assert text == pred["prediction"] and not teacher.bodies

@@ -1,0 +1,97 @@
+"""What a student's answer must be for serve-router to keep it (phase 2, per choice) and what the client gets of
+it: not empty, not cut at the student's own length limit, confident enough on every choice (a tool call without
+logprobs only when there is nothing to check), the logprobs the client asked for and no more; and when a relayed
+stream is not a whole answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from export.route.jsonio import loads
+from export.route.router import Decision, Router
+
+
+def drop_logprobs(resp: dict[str, Any]) -> None:
+    """Remove the logprobs the proxy asked for and the client did not."""
+    for c in resp.get("choices") or []:
+        if isinstance(c, dict):
+            c.pop("logprobs", None)
+
+
+def trim_top_logprobs(resp: dict[str, Any], k: int) -> None:
+    """Keep the ``top_logprobs`` the client asked for (the proxy may have asked the student for more)."""
+    for c in resp.get("choices") or []:
+        lp = c.get("logprobs") if isinstance(c, dict) else None
+        for tok in (lp.get("content") if isinstance(lp, dict) else None) or []:
+            if isinstance(tok, dict) and isinstance(tok.get("top_logprobs"), list):
+                tok["top_logprobs"] = tok["top_logprobs"][:k]
+
+
+def unfinished(chunks: list[dict[str, Any]]) -> str | None:
+    """Why a stream that ended without an error is still not a whole answer: no choice got a finish_reason (an
+    upstream, or a proxy between, cut it). Logged as an error, so harvest keeps it out of training."""
+    if not any(isinstance(c, dict) and c.get("finish_reason") for ch in chunks for c in ch.get("choices") or ()):
+        return f"the stream ended after {len(chunks)} chunks without a finish_reason"
+    return None
+
+
+def answer_gap(body: dict[str, Any], choice: Any) -> str | None:
+    """Why a student's answer cannot be kept whatever its confidence: empty (no text, tool call or refusal); cut
+    at the student's own length limit when the client set none (the teacher would have finished it); not the
+    tool call the client required (``tool_choice``); not the JSON its ``response_format`` asked for (an endpoint
+    such as serve-student applies neither)."""
+    msg = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(msg, dict):
+        return "the student's answer has no message"
+    text = msg.get("content")
+    if not (isinstance(text, str) and text.strip()) and not msg.get("tool_calls") and not msg.get("refusal"):
+        return "the student's answer is empty"
+    if choice.get("finish_reason") == "length" and not (body.get("max_tokens") or body.get("max_completion_tokens")):
+        return "the student's answer was cut at its own length limit (finish_reason length; the client set none)"
+    need = body.get("tool_choice")
+    if (need == "required" or isinstance(need, dict)) and not msg.get("tool_calls"):
+        return "the client required a tool call (tool_choice) and the student answered without one"
+    kind = (body.get("response_format") or {}).get("type") if isinstance(body.get("response_format"), dict) else None
+    if kind in ("json_object", "json_schema") and not msg.get("refusal") and not _json_object(text):
+        return f"the client asked for JSON (response_format {kind}) and the student's answer is not a JSON object"
+    return None
+
+
+def _json_object(text: Any) -> bool:
+    try:
+        return isinstance(text, str) and isinstance(loads(text.encode()), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def check_answer(router: Router, checked: bool, body: dict[str, Any], choices: list[Any], first: Decision,
+             fn: str | None) -> Decision:
+    """Phase 2 on every choice (``n`` > 1: all must pass). An empty answer, and one cut at the student's own
+    length limit (``finish_reason: length`` when the client set none), go to the teacher; a tool-call answer
+    without logprobs (OpenAI's endpoints give none for tool calls) is kept only when there is nothing to
+    check (``checked`` False: no threshold)."""
+    decision = first
+    for i, choice in enumerate(choices):
+        which = f"choice {i}: " if len(choices) > 1 else ""
+        why = answer_gap(body, choice)
+        msg = (choice.get("message") or {}) if why is None else {}
+        lp = choice.get("logprobs") if why is None else None
+        content = (lp.get("content") if isinstance(lp, dict) else None) or []
+        if why:
+            return Decision("teacher", [*first.reasons, which + why], "after", first.signals)
+        if not content and msg.get("tool_calls"):
+            if checked:
+                return Decision("teacher", [*first.reasons, f"{which}the student's tool-call answer has no "
+                                            "logprobs to check (its endpoint gives none for tool calls)"],
+                                "after", first.signals)
+            decision = Decision("student", [*first.reasons, "tool-call answer kept: no threshold"], "after",
+                                first.signals)
+            continue
+        try:
+            decision = router.after(body, content, fn, before=first)
+        except ValueError as err:  # the endpoint did not return what the signal needs
+            return Decision("teacher", [*first.reasons, str(err)], "after", first.signals)
+        if not decision.to_student:
+            return Decision("teacher", [*decision.reasons[:-1], which + decision.reasons[-1]], "after",
+                            decision.signals) if which else decision
+    return decision

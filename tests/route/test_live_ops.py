@@ -1,0 +1,190 @@
+"""The live loop run unattended, as an operator trial found it (issue 16): a candidate with no student URL must not
+hold back a rollback; a typo in a hand-edited deployment file must not put an untested version live; a broken new
+version in the store must not hide a broken guardrail; a typo in the store path, an unwritable --json and a zero
+share are refused before anything changes; a shadow whose endpoint is down is not judged on its answers."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import yaml
+from live_stubs import TableServer, lines, publish_version, wait_for
+
+from export.route import canary, deployment
+from export.route.lanes import Versions
+from export.route.proxy import ProxyConfig, RouterProxy
+from pipeline.cli import main as cli
+from pipeline.config.route import LiveConfig
+
+CFG = LiveConfig(min_audits=20, max_quality_drop=0.1, alpha=0.05)
+
+
+def _store(tmp_path, *tags):
+    st = tmp_path / "store"
+    for tag in tags:
+        publish_version(st, "tiny", tag, tmp_path)
+    return st, deployment.path_for(st, "tiny")
+
+
+def _ago(hours: float, seconds: int = 0) -> str:
+    """An ISO time that many hours ago (the decision reads a window of recent days: dates must be recent)."""
+    return (datetime.now(timezone.utc) - timedelta(hours=hours) + timedelta(seconds=seconds)).isoformat()
+
+
+def _bad_audits(version: str, n: int = 40) -> list[dict]:
+    return [{"kind": "audit", "version": version, "function": "faq", "quality": 0.0, "timestamp": _ago(1, i)}
+            for i in range(n)]
+
+
+def test_a_candidate_with_no_url_does_not_hold_back_the_serving_version(tmp_path):
+    st, path = _store(tmp_path, "v1", "v2", "v3")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1", "v2": "http://127.0.0.1:8/v1"}
+        deployment.change(dep, "serve", "v1")
+        deployment.change(dep, "promote", "v2")
+        deployment.change(dep, "shadow", "v3")  # the nightly job shadows the new version: no URL for it
+    versions = Versions(path, embeddings=False, retry_s=0.0)  # was: DeploymentError, serve-router could not start
+    assert versions.serving.version == "v2" and versions.candidate is None and "v3 has no student URL" in versions.error
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "rollback", "v2", reason="guardrail")  # what decide does on a broken guardrail
+    assert versions.reload()  # was: the whole file refused, v2 kept answering
+    assert versions.serving.version == "v1" and versions.status()["candidate"] is None
+    assert "v3" in versions.status()["error"]
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"]["v3"] = "http://127.0.0.1:7/v1"
+    assert versions.reload() and versions.candidate.lane.version == "v3" and versions.error is None
+
+
+def test_an_unknown_field_in_a_hand_edited_file_is_refused(tmp_path):
+    _, path = _store(tmp_path, "v1")
+    path.write_text(json.dumps({**deployment.new("tiny"), "Serving": "v1"}))
+    with pytest.raises(deployment.DeploymentError, match="unknown field 'Serving'"):
+        deployment.load(path)  # was read as "nothing serves": decide put the latest version live at once
+    path.write_text(json.dumps({**deployment.new("tiny"), "serving": "v1", "candidate": {
+        "version": "v2", "stage": "shadow", "share": 0.1, "sinse": "x"}}))
+    with pytest.raises(deployment.DeploymentError, match="candidate: unknown field 'sinse'"):
+        deployment.load(path)
+
+
+def test_shares_and_the_version_lists_stay_sound():
+    dep = deployment.new("tiny")
+    deployment.change(dep, "serve", "v1")
+    with pytest.raises(deployment.DeploymentError, match="--share"):
+        deployment.change(dep, "shadow", "v2", share=0)  # was silently the default 0.1
+    deployment.change(dep, "serve", "v2")
+    deployment.change(dep, "serve", "v1")  # back by hand
+    assert dep["previous"] == ["v2"]  # was [v1, v2]: the serving version in its own rollback list
+    deployment.change(dep, "shadow", "v3")
+    deployment.change(dep, "rollback", "v3")
+    deployment.change(dep, "shadow", "v3")
+    deployment.change(dep, "rollback", "v3")
+    assert dep["rejected"] == ["v3"]
+    with pytest.raises(ValueError):
+        LiveConfig(shadow_share=0)
+
+
+def test_a_broken_latest_version_does_not_hide_a_broken_guardrail(tmp_path):
+    st, path = _store(tmp_path, "v1", "v2")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+        deployment.change(dep, "promote", "v2", at=_ago(2))
+    (st / "tiny" / "v3").mkdir()  # published without a policy, and made latest
+    (st / "tiny" / "latest").write_text("v3\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _bad_audits("v2")))
+    warnings: list[str] = []
+    done, dep = canary.run(path, str(st), "tiny", logs, CFG, warnings=warnings)  # was: exit 2, nothing judged
+    assert [d["action"] for d in done] == ["rollback"] and dep["serving"] == "v1"
+    assert any("latest version is not considered" in w for w in warnings)
+
+
+def _recipe(tmp_path, st, **live):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "harvest": {"sources": [{"format": "openai", "path": "x/*.jsonl"}]},
+                                      "export": {"store": str(st), "model_name": "tiny"},
+                                      "route": {"live": {"log_dir": str(tmp_path / "logs"), **live}}}))
+    return recipe
+
+
+def test_a_store_typo_or_an_unwritable_json_changes_nothing(tmp_path, capsys):
+    st, path = _store(tmp_path, "v1")
+    (tmp_path / "logs").mkdir()
+    recipe = _recipe(tmp_path, tmp_path / "stroe")
+    assert cli(["live", str(recipe), "--decide"]) == 2  # was 0, hourly, forever
+    assert "no store folder" in capsys.readouterr().err and not (tmp_path / "stroe").exists()
+    recipe = _recipe(tmp_path, st)
+    assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "missing" / "d.json")]) == 2
+    assert not path.exists()  # was: v1 served, then exit 2 for the --json: a scheduler saw a broken config
+    assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 9
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert out["decisions"][0]["action"] == "serve" and any("no student URL" in w for w in out["warnings"])
+
+
+def test_a_shadow_whose_endpoint_is_down_is_not_judged_on_its_answers(tmp_path):
+    import openai
+
+    st, path = _store(tmp_path, "v1", "v2")
+    v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, False).start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": v1.url, "v2": "http://127.0.0.1:9/v1"}  # nothing listens there
+        deployment.change(dep, "serve", "v1")
+        deployment.change(dep, "shadow", "v2", share=1.0)
+    from live_stubs import ProxyServer
+
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, audit_share=1.0)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
+                                           extra_body={"metadata": {"function": "faq"}})
+        wait_for(lambda: len(lines(tmp_path / "logs", "live-*.jsonl")) >= 6, what="audit and shadow records")
+    finally:
+        proxy.stop()
+        v1.stop()
+        teacher.stop()
+    records = lines(tmp_path / "logs", "live-*.jsonl")
+    assert not [r for r in records if r["kind"] == "shadow"]  # was: 'escalated', and v2 rejected for good
+    assert sum(r["kind"] == "error" and r["what"] == "shadow" for r in records) == 3
+    ev = canary.gather("v2", "shadow", None, [], records)
+    assert ev.scores == [] and ev.escalations == []
+
+
+def _call(ts: str, route: str = "student") -> dict:
+    return {"id": f"c-{ts}", "timestamp": ts, "status_code": 200, "latency_ms": 5.0,
+            "request": {"messages": [{"role": "user", "content": "q1"}], "metadata": {"function": "faq"}},
+            "response": {"choices": [{"message": {"content": "a1"}}]},
+            "routing": {"route": route, "phase": "after", "version": "v1", "cost": {"usd": 0.001}}}
+
+
+def test_logs_are_read_once_damage_is_counted_and_since_is_a_time(tmp_path, capsys):
+    import gzip
+
+    from export.route.ledger import ledger
+    from export.route.live import read_routed, report
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    today, old = _ago(0)[:10], _ago(24 * 30)[:10]
+    day = logs / f"teacher-{today}.jsonl"
+    day.write_text("".join(json.dumps(_call(f"{today}T0{h}:00:00+00:00", "teacher")) + "\n" for h in range(4)))
+    (logs / f"teacher-{today}.jsonl.gz").write_bytes(gzip.compress(day.read_bytes()))  # `gzip -k` left both
+    (logs / f"student-{today}.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps(_call(f"{today}T05:00:0{i}+00:00")) + "\n" for i in range(5)).encode())[:-30])
+    (logs / f"student-{old}.jsonl").write_text(json.dumps(_call(f"{old}T01:00:00+00:00")) + "\n")
+    (logs / f"live-{today}.jsonl").write_text(json.dumps({"kind": "audit", "version": "v1", "quality": 1.0,
+                                                          "timestamp": f"{today}T01:00:00+00:00"}) + "\n")
+    calls, _, bad = read_routed(logs)  # was: EOFError from the cut .gz, and the twin's 4 calls counted twice
+    assert sum(c["routing"]["route"] == "teacher" for c in calls) == 4 and bad == 1
+    assert 4 < len(calls) < 4 + 5 + 1 and "is damaged" in capsys.readouterr().err
+    assert all(c["timestamp"][:10] == today for c in read_routed(logs, today)[0])  # the window skips old days
+    assert ledger(str(logs / f"*-{today}.jsonl"))["unreadable_lines"] == 0  # was 1: the live line counted
+    assert report(logs, f"{today}T02:00Z")["counts"]["calls"] == report(logs, f"{today}T02:00:00+00:00")[
+        "counts"]["calls"] == len([c for c in calls if c["timestamp"] >= f"{today}T02"])  # was compared as text
+    assert report(logs, f"{today}T03:00+01:00")["counts"]["calls"] == len(
+        [c for c in calls if c["timestamp"] >= f"{today}T02"])
+    with pytest.raises(ValueError, match="--since 'yesterday'"):
+        report(logs, "yesterday")  # was accepted, and matched nothing

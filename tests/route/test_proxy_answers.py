@@ -1,0 +1,234 @@
+"""What serve-router does with the answers real apps and servers give (issue 16, a client-compatibility trial):
+an empty or cut-off student answer, tool calls without logprobs, n > 1, the client's own top_logprobs, a teacher
+stream that stops without a finish, a slow but steady stream, a rate-limited teacher, and requests a text student
+cannot read. Loopback upstreams scripted by markers in the user turn; the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import gzip
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+from live_stubs import ProxyServer, lines, policy, user_text, wait_for
+from loopback import LoopbackServer
+
+from export.route.proxy import ProxyConfig, RouterProxy
+from export.route.router import Router
+
+TOOL = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"sku\": \"E1\"}"}}]
+
+
+def _choice(i: int, content: str | None, lps: list[float] | None, finish: str = "stop", **msg) -> dict:
+    lp = {"content": [{"token": f"t{k}", "logprob": v, "top_logprobs": [{"token": "a", "logprob": v},
+                                                                         {"token": "b", "logprob": -5.0},
+                                                                         {"token": "c", "logprob": -6.0}]}
+                      for k, v in enumerate(lps)]} if lps is not None else None
+    return {"index": i, "message": {"role": "assistant", "content": content, **msg}, "logprobs": lp,
+            "finish_reason": finish}
+
+
+class Student(LoopbackServer):
+    """EMPTY: a blank answer with the end-of-turn token's logprob (as serve-student reports it); LONG: cut at
+    its own limit; TOOL: a tool call with no logprobs (as OpenAI's endpoints give it); TWO: n=2, the second
+    choice unsure. Otherwise a confident answer."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        text = user_text(body)
+        if "EMPTY" in text:
+            choices = [_choice(0, "\n\n", [-0.01])]
+        elif "LONG" in text:
+            choices = [_choice(0, "The Echo Speaker is", [-0.01, -0.02], "length")]
+        elif "TOOL" in text:
+            choices = [_choice(0, None, None, "tool_calls", tool_calls=TOOL)]
+        elif "TWO" in text:
+            choices = [_choice(0, "Yes.", [-0.01]), _choice(1, "Maybe.", [-4.0])]
+        else:
+            choices = [_choice(0, "Yes, in stock.", [-0.01, -0.02])]
+        return web.json_response({"id": "chatcmpl-s", "object": "chat.completion", "created": 1, "model": "s",
+                                  "choices": choices, "usage": {"prompt_tokens": 5, "completion_tokens": 2,
+                                                                "total_tokens": 7}})
+
+
+class Teacher(LoopbackServer):
+    """RATE: a 429 with Retry-After; CUT: a stream that stops cleanly after two chunks, no finish, no [DONE];
+    SLOW: a whole stream, one chunk every 0.25 s for 2 s. Otherwise a plain answer (streamed when asked)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        text = user_text(body)
+        if "RATE" in text:
+            return web.json_response({"error": {"message": "slow down", "type": "rate_limit_error"}}, status=429,
+                                     headers={"Retry-After": "3", "x-ratelimit-remaining-requests": "0"})
+        if not body.get("stream"):
+            return web.json_response({"id": "chatcmpl-t", "object": "chat.completion", "created": 1, "model": "t",
+                                      "choices": [_choice(0, "From the teacher.", None)],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        pieces = ["w "] * 8 if "SLOW" in text else ["From ", "the ", "teacher."]
+        base = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "t"}
+        for k, piece in enumerate(pieces):
+            if "CUT" in text and k == 2:
+                await out.write_eof()  # the upstream (or a proxy between) closes it cleanly mid-answer
+                return out
+            await out.write(f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {'content': piece}, 'finish_reason': None}]})}\n\n".encode())
+            await asyncio.sleep(0.25 if "SLOW" in text else 0)
+        await out.write(f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n".encode())
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("answers-logs")
+    pol = policy("tiny-student")
+    pol["functions"]["triage"] = copy.deepcopy(pol["functions"]["triage"])
+    pol["functions"]["triage"]["after"]["threshold"] = None  # nothing to check: the demo policy's case
+    student, teacher = Student().start(), Teacher().start()
+    cfg = ProxyConfig(student_url=student.url, teacher_url=teacher.url, log_dir=log_dir, timeout_s=1.0)
+    server = ProxyServer(RouterProxy(Router(pol, None), cfg, "ab" * 32)).start()
+    yield server.url, student, teacher, log_dir
+    server.stop()
+    student.stop()
+    teacher.stop()
+
+
+def _ask(url: str, text: str, function: str = "faq", **kw):
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": text}], metadata={"function": function}, store=True,
+        **kw)
+
+
+def _reasons(raw) -> list[str]:
+    return json.loads(raw.headers["x-distill-reasons"])
+
+
+def test_an_empty_or_cut_off_student_answer_goes_to_the_teacher(site):
+    url, *_ = site
+    raw = _ask(url, "EMPTY please")  # was kept: the end-of-turn logprob made the list non-empty
+    assert raw.headers["x-distill-route"] == "teacher" and _reasons(raw)[-1] == "the student's answer is empty"
+    raw = _ask(url, "LONG please")
+    assert raw.headers["x-distill-route"] == "teacher" and "cut at its own length limit" in _reasons(raw)[-1]
+    raw = _ask(url, "LONG please", max_tokens=4)  # the client's own limit: the teacher would stop there too
+    assert raw.headers["x-distill-route"] == "student"
+
+
+def test_tool_calls_without_logprobs(site):
+    url, _, _, log_dir = site
+    raw = _ask(url, "TOOL lookup", function="triage")  # no threshold: nothing to check, kept
+    assert raw.headers["x-distill-route"] == "student", _reasons(raw)
+    assert raw.parse().choices[0].message.tool_calls[0].function.name == "lookup"
+    raw = _ask(url, "TOOL lookup please")  # a threshold: nothing to check it with
+    assert raw.headers["x-distill-route"] == "teacher" and "tool-call answer has no logprobs" in _reasons(raw)[-1]
+    line = next(x for x in lines(log_dir, "teacher-*.jsonl") if "TOOL lookup please" in json.dumps(x["request"]))
+    assert line["routing"]["student_tool_calls"] == TOOL  # the dropped answer is kept for route-check
+
+
+def test_every_choice_is_checked(site):
+    url, *_ = site
+    raw = _ask(url, "TWO answers", n=2)  # the second choice was served unchecked
+    assert raw.headers["x-distill-route"] == "teacher" and _reasons(raw)[-1].startswith("choice 1: student conf")
+
+
+def test_the_clients_top_logprobs_are_honoured(site):
+    url, student, _, _ = site
+    raw = _ask(url, "plain question", logprobs=True, top_logprobs=2)
+    assert raw.headers["x-distill-route"] == "student"
+    assert all(len(t.top_logprobs) == 2 for t in raw.parse().choices[0].logprobs.content)  # was the policy's
+    _ask(url, "plain question", logprobs=True, top_logprobs=8)
+    assert student.bodies[-1]["top_logprobs"] == 8  # more than the policy's: asked of the student
+
+
+def test_a_teacher_stream_that_stops_without_a_finish_is_an_error(site):
+    url, _, _, log_dir = site
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError, match="without a finish_reason"):  # was taken for a whole answer
+        for _ in client.chat.completions.create(model="gpt-4o", stream=True, metadata={"function": "legal"},
+                                                store=True, messages=[{"role": "user", "content": "CUT it"}]):
+            pass
+    cut = lambda: [x for x in lines(log_dir, "teacher-*.jsonl") if "CUT it" in json.dumps(x["request"])]  # noqa: E731
+    wait_for(lambda: cut(), what="the log line (written once the stream ended)")
+    line = cut()[0]
+    assert "without a finish_reason" in line["response"]["error"]["message"]  # harvest keeps it out of training
+
+
+def test_a_steady_stream_longer_than_the_timeout_is_not_cut(site):
+    url, *_ = site  # --timeout 1 s; the answer takes 2 s, a chunk every 0.25 s
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    t0 = time.perf_counter()
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="gpt-4o", stream=True, metadata={"function": "legal"}, store=True,
+        messages=[{"role": "user", "content": "SLOW answer"}]) if c.choices)
+    assert text == "w " * 8 and time.perf_counter() - t0 > 1.5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_rate_limited_teacher_tells_the_client_when_to_retry(site, stream):
+    url, *_ = site
+    r = httpx.post(f"{url}/chat/completions", json={"model": "gpt-4o", "stream": stream, "messages": [
+        {"role": "user", "content": "RATE me"}], "metadata": {"function": "legal"}})
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"  # was dropped: the SDK retried at once
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_requests_a_text_student_cannot_read_or_that_are_malformed(site):
+    url, student, _, log_dir = site
+    asked = len(student.bodies)
+    image = [{"type": "text", "text": "Is this in stock?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
+    r = httpx.post(f"{url}/chat/completions", json={"model": "gpt-4o", "metadata": {"function": "faq"},
+                                                     "messages": [{"role": "user", "content": image}]})
+    assert r.headers["x-distill-route"] == "teacher" and "'image_url' content part" in r.headers["x-distill-reasons"]
+    assert len(student.bodies) == asked  # the student was not asked
+    r = httpx.post(f"{url}/chat/completions", json={"model": "gpt-4o", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": None}]}]})
+    assert r.status_code == 400 and "messages[0].content[0].text" in r.json()["error"]["message"]  # was a 500
+    r = httpx.post(f"{url}/chat/completions", content=b'{"not gzip', headers={
+        "content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 400 and "Content-Encoding" in r.json()["error"]["message"]  # was a 500
+    good = gzip.compress(json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    r = httpx.post(f"{url}/chat/completions", content=good, headers={"content-type": "application/json",
+                                                                     "content-encoding": "gzip"})
+    assert r.status_code == 200
+    r = httpx.post(f"{url}/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                   headers={"x-distill-function": b"faq\xff"})
+    assert r.status_code == 400 and "x-distill-function" in r.json()["error"]["message"]  # was a log line harvest
+    assert all(json.loads(x) for f in log_dir.glob("*.jsonl") for x in f.read_text().splitlines())  # could not read
+
+
+def test_the_request_id_the_client_sees_is_in_the_log_line(site):
+    url, _, _, log_dir = site
+    raw = _ask(url, "trace this one")
+    rid = raw.headers["x-request-id"]
+    assert [x["routing"]["request_id"] for x in lines(log_dir, "*-*.jsonl")
+            if "trace this one" in json.dumps(x.get("request"))] == [rid]
+    r = httpx.post(f"{url}/chat/completions/", json={"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "a trailing slash"}], "metadata": {"function": "faq"}})
+    assert r.status_code == 200 and r.headers["x-distill-route"] == "student"
+
+
+def test_an_answer_that_ignores_the_clients_format_or_tool_choice_goes_to_the_teacher(site):
+    url, *_ = site  # serve-student applies neither response_format nor tools: its text answer was kept
+    raw = _ask(url, "plain question", response_format={"type": "json_object"})
+    assert raw.headers["x-distill-route"] == "teacher" and "not a JSON object" in _reasons(raw)[-1]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    raw = _ask(url, "plain question", tools=tools, tool_choice="required")
+    assert raw.headers["x-distill-route"] == "teacher" and "required a tool call" in _reasons(raw)[-1]
+    raw = _ask(url, "TOOL lookup", function="triage", tools=tools, tool_choice="required")
+    assert raw.headers["x-distill-route"] == "student"
