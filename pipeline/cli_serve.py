@@ -114,7 +114,8 @@ def _live_parsers(sub) -> None:
     lv.add_argument("recipe", help="the recipe (export.store, export.model_name and route.live)")
     lv.add_argument("--logs", help="serve-router's --log-dir (default: route.live.log_dir)")
     lv.add_argument("--since", help="only lines at or after this ISO time (e.g. 2026-12-06T00:00; UTC unless it "
-                    "names an offset). The report only: --decide judges each version since it entered its stage")
+                    "names an offset; default: all, or with --decide the last route.live.window_days). The report only: "
+                    "--decide judges each version since it entered its stage, within route.live.window_days")
     lv.add_argument("--json", dest="json_out", help="also write the report (and decisions) as JSON to this file")
     lv.add_argument("--decide", action="store_true", help="apply the sequential tests and change the deployment")
     lv.add_argument("--deployment", metavar="PATH", help="default: route.live.deployment, else "
@@ -202,7 +203,12 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]warning:[/] no logs at {logs}: nothing to judge (check --logs or "
                       "route.live.log_dir)", soft_wrap=True)
     warnings: list[str] = []
-    out: dict = {"report": live_report(logs, args.since, recipe.route.confidence_level, recipe.route.bootstrap,
+    since = args.since
+    if args.decide and not since:  # an hourly run reads a bounded amount of log: the decision's window
+        from datetime import datetime, timedelta, timezone
+
+        since = (datetime.now(timezone.utc) - timedelta(days=cfg.window_days)).isoformat()
+    out: dict = {"report": live_report(logs, since, recipe.route.confidence_level,
                                       missing_ok=args.decide)}
     console.print(_live_table(out["report"], f"live: {out['report']['counts']['calls']} routed requests in {logs}"))
     code = EXIT_OK

@@ -66,6 +66,22 @@ def gather(version: str, stage: str, start: str | None, calls: list[dict[str, An
     return ev
 
 
+def blocks(pairs: list[tuple[str, float]], size: int) -> list[tuple[str, float]]:
+    """Per function, the means of consecutive blocks of ``size`` observations (a last, partial block waits).
+    Requests escalate together (a client's batch, retries): tested one by one, a version at its calibrated rate
+    was rolled back 99 % of the time by batches of 3; block means are independent when batches are shorter than
+    a block, which is what the detector's guarantee needs."""
+    out: list[tuple[str, float]] = []
+    by_fn: dict[str, list[float]] = {}
+    for fn, x in pairs:
+        xs = by_fn.setdefault(fn, [])
+        xs.append(x)
+        if len(xs) == size:
+            out.append((fn, sum(xs) / size))
+            xs.clear()
+    return out
+
+
 def limits(policy: dict[str, Any], cfg: Any) -> dict[str, dict[str, float | None]]:
     """Per function: the quality floor and the escalation ceiling, from the policy's calibration."""
     out = {}
@@ -84,7 +100,8 @@ def guardrail(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any) 
     """{broken, tests: [{function, what, bound, outcome}]} for the version's quality and escalation streams."""
     streams = []
     for what, pairs, key, side, delta in (("quality", ev.scores, "floor", "below", cfg.max_quality_drop),
-                                          ("escalation", ev.escalations, "ceiling", "above", cfg.max_escalation_rise)):
+                                          ("escalation", blocks(ev.escalations, cfg.escalation_block), "ceiling",
+                                           "above", cfg.max_escalation_rise)):
         for fn in sorted({f for f, _ in pairs}):
             bound = (lims.get(fn) or {}).get(key)
             xs = [x for f, x in pairs if f == fn]
@@ -101,13 +118,22 @@ def guardrail(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any) 
 
 
 def promotion(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any) -> dict[str, Any]:
-    """Evidence, at level alpha, that the version's scored answers are above their functions' floors."""
-    pairs = [(fn, x) for fn, x in ev.scores if (lims.get(fn) or {}).get("floor") is not None]
-    out = sequential.evidence([x for _, x in pairs], [lims[fn]["floor"] for fn, _ in pairs], "above", cfg.alpha,
-                              cfg.max_quality_drop)
-    n = len(pairs)
-    return {"ready": out.decided and n >= cfg.min_audits, "n": n, "min_audits": cfg.min_audits,
-            "mean": sum(x for _, x in pairs) / n if n else None, "outcome": out.as_dict()}
+    """Evidence, at level alpha, that the version is above its floor in every function it was scored on: each
+    function's scores reach 1/alpha on their own (an intersection-union test, level alpha without splitting it).
+    One test on all scores pooled showed only that their traffic-weighted mean was above the floors: a candidate
+    below its floor in a function with 30 % of the traffic was promoted 97-100 % of the time."""
+    by_fn: dict[str, list[float]] = {}
+    for fn, x in ev.scores:
+        if (lims.get(fn) or {}).get("floor") is not None:
+            by_fn.setdefault(fn, []).append(x)
+    tests = {fn: sequential.evidence(xs, lims[fn]["floor"], "above", cfg.alpha, cfg.max_quality_drop)
+             for fn, xs in sorted(by_fn.items())}
+    n = sum(map(len, by_fn.values()))
+    waiting = [fn for fn, t in tests.items() if not t.decided]
+    return {"ready": bool(tests) and not waiting and n >= cfg.min_audits, "n": n, "min_audits": cfg.min_audits,
+            "mean": sum(map(sum, by_fn.values())) / n if n else None, "waiting_for": waiting,
+            "functions": {fn: {"n": len(by_fn[fn]), "mean": sum(by_fn[fn]) / len(by_fn[fn]), **t.as_dict()}
+                          for fn, t in tests.items()}}
 
 
 def _newer(dep: dict[str, Any], latest: str | None) -> bool:
@@ -210,7 +236,10 @@ def run(path: Path, store: str, name: str, logs: str | Path, cfg: Any, urls: dic
         raise FileNotFoundError(f"no store folder {folder}: check export.store and export.model_name (nothing "
                                 "was decided or created)")
     floor = (datetime.now(timezone.utc) - timedelta(days=cfg.window_days)).isoformat()
-    calls, _, _ = read_routed(logs, floor[:10]) if _has_logs(logs) else ([], [], 0)
+    try:  # none in the window (a quiet deployment) is no evidence, not an error
+        calls, _, _ = read_routed(logs, floor[:10]) if _has_logs(logs) else ([], [], 0)
+    except FileNotFoundError:
+        calls = []
     live, _ = read_live(logs, floor[:10])
     if dry_run:
         dep = deployment.load(path) if path.exists() else deployment.new(name)

@@ -209,8 +209,12 @@ def change(dep: dict[str, Any], action: str, version: str | None = None, *, shar
     elif action == "canary":
         if not cand:
             raise DeploymentError("no candidate to canary: shadow a version first")
-        dep["candidate"] = {**cand, "stage": "canary", "share": _share(share, cand["share"]), "since": at}
+        again = cand["stage"] == "canary"  # a new share for a canary: its evidence so far still counts
+        dep["candidate"] = {**cand, "stage": "canary", "share": _share(share, cand["share"]),
+                            "since": cand["since"] if again else at}
         entry.update(version=cand["version"], share=dep["candidate"]["share"])
+        if again:
+            entry["share_from"] = cand["share"]
     else:
         entry.update(_rollback(dep, cand, serving, version))
     dep.setdefault("history", []).append(entry)
@@ -249,6 +253,6 @@ def since(dep: dict[str, Any], version: str, stage: str) -> str | None:
             if (h["action"] in ("serve", "promote") and h.get("version") == version) or (
                     h["action"] == "rollback" and h.get("stage") == "serving" and h.get("to") == version):
                 return h["at"]
-        elif h["action"] == stage and h.get("version") == version:
+        elif h["action"] == stage and h.get("version") == version and "share_from" not in h:
             return h["at"]
     return None

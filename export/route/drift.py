@@ -52,8 +52,8 @@ def log_files(path: str | Path, day: str | None = None) -> list[Path]:
         raise FileNotFoundError(f"--logs {path}: no .jsonl or .jsonl.gz files there")
     if day:
         files = [f for f in files if (m := DATED.search(f.name)) is None or m.group(1) >= day]
-    names = {f.name for f in files}
-    twins = [f for f in files if f.name.endswith(".gz") and f.name[:-3] in names]
+    names = {str(f) for f in files}
+    twins = [f for f in files if f.name.endswith(".gz") and str(f)[:-3] in names]
     for f in twins:  # `gzip -k` leaves both: each line would count twice
         print(f"distill: {f} skipped: {f.name[:-3]} beside it holds the same log", file=sys.stderr)
     return [f for f in files if f not in twins]
@@ -62,9 +62,9 @@ def log_files(path: str | Path, day: str | None = None) -> list[Path]:
 def text_lines(f: Path) -> tuple[list[str], int]:
     """A log file's lines (gzipped or not), and 1 when it could not be read whole (a truncated or corrupt .gz:
     what it held up to the damage is kept, the rest counted as one unreadable line, with a warning)."""
-    if not f.name.endswith(".gz"):
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            return fh.read().splitlines(), 0
+    if not f.name.endswith(".gz"):  # split on "\n" only: orjson writes U+2028, U+2029 and U+0085 raw
+        with open(f, encoding="utf-8", errors="replace", newline="") as fh:
+            return fh.read().split("\n"), 0
     out: list[str] = []
     try:
         with gzip.open(f, "rt", encoding="utf-8", errors="replace") as fh:

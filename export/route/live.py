@@ -2,7 +2,7 @@
 
 Per (version, function): requests, student share, escalation rate (escalated / requests the student was asked),
 latency percentiles, and from ``live-<date>.jsonl`` the audited quality of the student's answers against the
-teacher's (mean and bootstrap confidence interval) and the live *routed* quality it implies, ``1 - share * (1 -
+teacher's (mean and Wilson confidence interval) and the live *routed* quality it implies, ``1 - share * (1 -
 audited quality)`` (the teacher's answer scores 1 against itself, as in the route stage's calibration); for a
 candidate in shadow, its scored answers, the share it would have answered and its escalation rate. A version is
 ``routing.version`` (serve-router with a deployment file), else the policy's sha256 prefix.
@@ -11,16 +11,17 @@ candidate in shadow, its scored answers, the share it would have answered and it
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from export.route.drift import log_files, text_lines
 from export.route.ledger import routed_lines
-from pipeline.stats import bootstrap_counts
 
 
 def version_of(line: dict[str, Any]) -> str:
@@ -78,15 +79,20 @@ def read_routed(logs: str | Path, day: str | None = None) -> tuple[list[dict[str
     return calls, [x for x in lines if x["routing"].get("audit")], bad
 
 
-def mean_ci(xs: list[float], level: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """n, mean and the bootstrap percentile interval of the mean (None where there is nothing to measure)."""
-    x = np.asarray(xs, dtype=np.float64)
-    if not x.size:
+def mean_ci(xs: list[float], level: float = 0.95) -> dict[str, Any]:
+    """n, mean and the Wilson score interval of the mean of scores in [0, 1] (None where there is nothing to
+    measure). For 0/1 scores it is the Wilson interval; for bounded scores (chrF, field accuracy) it takes the
+    largest variance their mean allows, mean x (1 - mean), so it is wider than it need be, never narrower. The
+    bootstrap percentile interval used before covered 24-78 % instead of 95 % for 10-50 audits at a quality of
+    0.97 (an interval of [1, 1] when every audit agreed)."""
+    n = len(xs)
+    if not n:
         return {"n": 0, "mean": None, "ci": None}
-    means = np.concatenate([c @ x / x.size for c in bootstrap_counts(x.size, resamples, seed)])
-    a = (1 - level) / 2
-    lo, hi = np.quantile(means, [a, 1 - a])
-    return {"n": int(x.size), "mean": float(x.mean()), "ci": [float(lo), float(hi)]}
+    m = math.fsum(xs) / n
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    centre = (m + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(max(0.0, m * (1 - m)) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"n": n, "mean": m, "ci": [max(0.0, centre - half), min(1.0, centre + half)]}
 
 
 def _latency(values: list[float]) -> dict[str, float | None]:
@@ -96,14 +102,14 @@ def _latency(values: list[float]) -> dict[str, float | None]:
     return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
 
 
-def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[str, Any]], level: float,
-         resamples: int) -> dict[str, Any]:
+def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[str, Any]], level: float
+         ) -> dict[str, Any]:
     n = len(calls)
     student = sum(x["routing"].get("route") == "student" for x in calls)
     asked = [x for x in calls if tried(x)]
     escalated = sum(x["routing"].get("route") != "student" for x in asked)
     share = student / n if n else None
-    q = mean_ci(audits, level, resamples)
+    q = mean_ci(audits, level)
     routed = None
     if q["mean"] is not None and share is not None:
         routed = {"mean": 1 - share * (1 - q["mean"]), "ci": [1 - share * (1 - v) for v in q["ci"]]}
@@ -116,7 +122,7 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
                                                                                     (int, float))]),
         "audited_quality": q, "routed_quality": routed,
         "shadow": None if not shadows else {
-            "n": len(shadows), "quality": mean_ci(scored, level, resamples),
+            "n": len(shadows), "quality": mean_ci(scored, level),
             "student_share": sum(s.get("route") == "student" for s in shadows) / len(shadows),
             "escalation_rate": sum(bool(s.get("escalated")) for s in s_tried) / len(s_tried) if s_tried else None},
     }
@@ -132,20 +138,21 @@ def utc_iso(when: str) -> str:
     return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat()
 
 
-def report(logs: str | Path, since: str | None = None, level: float = 0.95, resamples: int = 1000,
+def report(logs: str | Path, since: str | None = None, level: float = 0.95,
            missing_ok: bool = False) -> dict[str, Any]:
     """{rows: one per (version, function), versions: one per version, counts, unreadable_lines}; ``since``: an
     ISO timestamp, older lines are left out. No logs: FileNotFoundError, or an empty report with ``missing_ok``
     (the first night, before anything was served)."""
+    since = utc_iso(since) if since else None
+    day = since[:10] if since else None  # the files of earlier days are not read
     try:
-        calls, audit_calls, bad = read_routed(logs)
+        calls, audit_calls, bad = read_routed(logs, day)
     except FileNotFoundError:
-        if not missing_ok:
+        if not (missing_ok or since):  # with since: none in the window is an empty report, not an error
             raise
         calls, audit_calls, bad = [], [], 0
-    live, bad_live = read_live(logs)
+    live, bad_live = read_live(logs, day)
     if since:
-        since = utc_iso(since)
         calls = [x for x in calls if str(x.get("timestamp", "")) >= since]
         audit_calls = [x for x in audit_calls if str(x.get("timestamp", "")) >= since]
         live = [r for r in live if str(r.get("timestamp", "")) >= since]
@@ -161,13 +168,13 @@ def report(logs: str | Path, since: str | None = None, level: float = 0.95, resa
         elif r["kind"] == "shadow":
             by_shadow[key].append(r)
     keys = sorted({*by_call, *by_audit, *by_shadow})
-    rows = [{"version": v, "function": f, **_row(by_call[v, f], by_audit[v, f], by_shadow[v, f], level, resamples)}
+    rows = [{"version": v, "function": f, **_row(by_call[v, f], by_audit[v, f], by_shadow[v, f], level)}
             for v, f in keys]
     versions = sorted({v for v, _ in keys})
     totals = [{"version": v, "function": "all", **_row(
         [x for (w, _), xs in by_call.items() if w == v for x in xs],
         [q for (w, _), qs in by_audit.items() if w == v for q in qs],
-        [s for (w, _), ss in by_shadow.items() if w == v for s in ss], level, resamples)} for v in versions]
+        [s for (w, _), ss in by_shadow.items() if w == v for s in ss], level)} for v in versions]
     kinds: dict[str, int] = defaultdict(int)
     for r in live:
         kinds[r["kind"]] += 1

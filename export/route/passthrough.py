@@ -25,7 +25,7 @@ from export.route.upstream import upstream_failure
 from export.route.wire import error_response
 
 # headers a client's call carries that the teacher needs to read it the same way, and those of the teacher's
-# answer a client reads (rate limits, the teacher's request id); everything else stays on its side
+# answer a client reads (rate limits, timing); everything else stays on its side (the x-request-id is the proxy's)
 REQUEST_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "Idempotency-Key")
 ANSWER_HEADERS = ("content-type", "openai-processing-ms", "openai-version")
 BACKOFF_HEADERS, BACKOFF_PREFIXES = ("retry-after", "retry-after-ms"), ("x-ratelimit-",)
@@ -96,14 +96,15 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
                               f"{_suggest(raw)} to send it there unchanged)", request_id=rid)
     t0 = time.perf_counter()
     tail = raw[3:] if raw.startswith("/v1/") else raw
-    url = proxy.cfg.teacher_url.rstrip("/") + tail + (f"?{request.query_string}" if request.query_string else "")
+    query = request.rel_url.raw_query_string  # as the client encoded it
+    url = proxy.cfg.teacher_url.rstrip("/") + tail + (f"?{query}" if query else "")
     _, headers = proxy._target(proxy.cfg.teacher_url, proxy.cfg.teacher_key_env)
     headers.pop("Content-Type", None)
     headers.update({h: request.headers[h] for h in REQUEST_HEADERS if h in request.headers})
     log = proxy.cfg.log_dir / f"passthrough-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl"
     out, sent = None, 0
     try:
-        async with proxy.upstream.session.request(request.method, url, data=await request.read(), headers=headers,
+        async with proxy.upstream.session.request(request.method, url, data=await request.read() or None, headers=headers,
                                                   timeout=proxy.upstream.stream_timeout()) as up:
             keep = {k: v for k, v in up.headers.items() if k.lower() in ANSWER_HEADERS}
             keep.update(backoff_headers(up.headers))
@@ -125,7 +126,9 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
             resp = error_response(502, why, "upstream_error", rid)
             resp.headers["x-distill-route"] = "passthrough"
             return resp
-        return out  # the client sees the answer cut off (its connection is closed): nothing more to send
+        if request.transport is not None:  # cut: closed without the last chunk, so the client cannot take it
+            request.transport.close()       # for a whole answer
+        return out
     proxy.counts["passthrough"] = proxy.counts.get("passthrough", 0) + 1
     append_line(log, _line(rid, request, out.status, t0, sent))
     return out
@@ -133,6 +136,9 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
 
 def _suggest(path: str) -> str:
     """The pass-through path to suggest for a refused one: its first segment below /v1 (/v1/files for
-    /v1/files/file-abc), or /v1/chat/completions for the stored-completions calls."""
+    /v1/files/file-abc), or /v1/chat/completions for the stored-completions calls; nothing built from a request
+    line that is not a path (an absolute URL)."""
+    if not path.startswith("/") or "://" in path:
+        return "/v1/<endpoint>"
     parts = [s for s in (path if path.startswith("/v1/") else "/v1" + path).split("/") if s]
     return "/" + "/".join(parts[:3] if parts[1:2] == ["chat"] else parts[:2])

@@ -140,8 +140,8 @@ def client_key(env: str | None):
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
         if key and request.path != "/health":
-            sent = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")  # any bytes
+            if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
                 return error_response(401, "missing or wrong API key: send Authorization: Bearer <the key "
                                       "serve-router was started with>", request_id=request.get("request_id", ""))
         return await handler(request)

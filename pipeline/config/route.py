@@ -84,6 +84,12 @@ class LiveConfig(Section):
         "one is then audited too, so the shadow answer has the teacher's to be scored against).",
     )
     canary_share: float = Field(0.1, gt=0, lt=1, description="Share of traffic a candidate answers as canary.")
+    escalation_block: int = Field(
+        20, gt=0, le=10_000,
+        description="The escalation guardrail tests the escalation rate of blocks of this many consecutive requests "
+        "the student was asked (per function), not each request: requests escalate together (a client's batch, "
+        "retries), and one by one they made a version at its calibrated rate look worse than it is.",
+    )
     window_days: float = Field(
         14, gt=0, le=3650,
         description="`distill live --decide` reads the last this many days of logs: a version is judged on its "

@@ -188,3 +188,35 @@ def test_logs_are_read_once_damage_is_counted_and_since_is_a_time(tmp_path, caps
         [c for c in calls if c["timestamp"] >= f"{today}T02"])
     with pytest.raises(ValueError, match="--since 'yesterday'"):
         report(logs, "yesterday")  # was accepted, and matched nothing
+
+
+def test_lines_with_unicode_line_separators_and_replicas_logs_are_all_read(tmp_path):
+    """orjson writes U+2028/U+2029/U+0085 raw: splitting on them tore such a call in two (review of this change);
+    two replicas' files of the same name in two folders are two logs, not a file and its gzipped copy."""
+    import gzip
+
+    from export.route.calllog import CallLog
+    from export.route.live import read_routed
+
+    today = _ago(0)[:10]
+    log = CallLog(tmp_path / "a")
+    for text in ("line\u2028separator", "para\u2029graph", "next\u0085line"):
+        call = _call(_ago(0))
+        call["request"]["messages"][0]["content"] = text
+        log.call(call["request"], 200, call["response"], 5.0, call["routing"])
+    calls, _, bad = read_routed(tmp_path / "a")
+    assert len(calls) == 3 and bad == 0
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / f"student-{today}.jsonl.gz").write_bytes(
+        gzip.compress((tmp_path / "a" / f"student-{today}.jsonl").read_bytes()))
+    assert len(read_routed(str(tmp_path / "*" / "student-*.jsonl*"))[0]) == 6
+
+
+def test_a_quiet_window_is_no_evidence_not_an_error(tmp_path):
+    st, path = _store(tmp_path, "v1")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old = _ago(24 * 60)
+    (logs / f"student-{old[:10]}.jsonl").write_text(json.dumps(_call(old)) + "\n")  # only 60 days old
+    done, dep = canary.run(path, str(st), "tiny", logs, CFG)  # was FileNotFoundError: exit 2 every hour
+    assert [d["action"] for d in done] == ["serve"] and dep["serving"] == "v1"

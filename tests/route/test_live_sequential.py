@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import threading
 
 import numpy as np
@@ -180,12 +181,33 @@ def test_decide_rolls_back_a_serving_version_that_drops_and_never_reshadows_it()
     assert canary.decide(dep, pols, "v2", [], [], CFG) == []  # v2 is rejected: not shadowed again
 
 
+def _tried(i: int, route: str) -> dict:
+    return {"timestamp": f"2026-12-06T02:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}000+00:00",
+            "request": {"metadata": {"function": "faq"}},
+            "routing": {"version": "v1", "route": route, "phase": "after",
+                        "cost": {"student_basis": "per request (evaluate)"}}}
+
+
+def test_escalations_that_come_in_batches_do_not_roll_back_a_version_at_its_rate():
+    """Requests escalate together (a client's batch, retries): at its calibrated rate (0.1; ceiling 0.25) in
+    batches of 1-10, a version was rolled back when each request was a test observation; blocks of 20 are not."""
+    rng = random.Random(7)
+    routes: list[str] = []
+    while len(routes) < 20_000:
+        routes += ["teacher" if rng.random() < 0.1 else "student"] * rng.randint(1, 10)
+    calls = [_tried(i, r) for i, r in enumerate(routes)]
+    one_by_one = LiveConfig(**{**CFG.model_dump(), "escalation_block": 1})
+    dep = deployment.new("tiny")
+    deployment.change(dep, "serve", "v1", at="2026-12-06T00:00:00+00:00")
+    assert [d["action"] for d in canary.decide(dep, {"v1": _policy()}, "v1", calls, [], one_by_one)] == ["broken"]
+    assert canary.decide(dep, {"v1": _policy()}, "v1", calls, [], CFG) == []
+
+
 def test_decide_rolls_back_on_escalations_and_reports_nothing_to_roll_back_to():
     dep = deployment.new("tiny")
     deployment.change(dep, "serve", "v1", at="2026-12-06T00:00:00+00:00")
-    calls = [{"timestamp": f"2026-12-06T02:00:{i % 60:02d}.{i:06d}+00:00", "request": {"metadata": {"function": "faq"}},
-              "routing": {"version": "v1", "route": "teacher", "phase": "after",
-                          "cost": {"student_basis": "per request (evaluate)"}}} for i in range(60)]
+    calls = [_tried(i, "teacher") for i in range(400)]  # 20 blocks of 20, every request escalated
+    assert canary.decide(dep, {"v1": _policy()}, "v1", calls[:60], [], CFG) == []  # 3 blocks: not yet
     done = canary.decide(dep, {"v1": _policy()}, "v1", calls, [], CFG)
     assert [d["action"] for d in done] == ["broken"] and dep["serving"] == "v1"
     assert done[0]["evidence"]["tests"][0]["what"] == "escalation"
@@ -208,3 +230,43 @@ def test_a_failing_serving_version_is_rolled_back_and_the_candidate_beside_it_is
         deployment.change(dep, "rollback", "v2")
     deployment.change(dep, "rollback", "v3")  # by name: the candidate is withdrawn
     assert dep["candidate"] is None and dep["rejected"] == ["v2", "v3"] and dep["serving"] == "v1"
+
+
+def test_promotion_needs_evidence_in_every_function():
+    """faq (70 % of the audits) at 1.0, triage (30 %) at 0.75, below its floor of 0.85: the pooled mean (0.925)
+    is above the floors, and one pooled test promoted it; each function must now show its own evidence."""
+    lims = canary.limits(_policy(), CFG)
+    scores = [("faq", 1.0)] * 7 + [("triage", 1.0)] * 2 + [("triage", 0.25)]
+    ev = canary.Evidence(scores=scores * 60)
+    pooled = sequential.evidence([x for _, x in ev.scores], [lims[f]["floor"] for f, _ in ev.scores], "above",
+                                 CFG.alpha, CFG.max_quality_drop)
+    assert pooled.decided  # what the old test looked at
+    p = canary.promotion(ev, lims, CFG)
+    assert not p["ready"] and p["waiting_for"] == ["triage"] and p["functions"]["faq"]["decided"]
+    good = canary.Evidence(scores=[("faq", 1.0), ("triage", 1.0)] * 60)
+    assert canary.promotion(good, lims, CFG)["ready"]
+
+
+def test_a_new_canary_share_keeps_the_evidence_so_far():
+    dep = deployment.new("tiny")
+    deployment.change(dep, "serve", "v1", at="2026-12-06T00:00:00+00:00")
+    deployment.change(dep, "shadow", "v2", at="2026-12-06T01:00:00+00:00")
+    deployment.change(dep, "canary", share=0.1, at="2026-12-06T02:00:00+00:00")
+    deployment.change(dep, "canary", share=0.2, at="2026-12-06T03:00:00+00:00")  # by hand: more traffic
+    assert deployment.since(dep, "v2", "canary") == "2026-12-06T02:00:00+00:00"  # was 03:00: evidence restarted
+    assert dep["candidate"]["share"] == 0.2 and dep["history"][-1]["share_from"] == 0.1
+
+
+def test_the_live_interval_covers_what_it_says_near_perfect_quality():
+    """The bootstrap percentile interval covered 24-78 % at quality 0.97 with 10-50 audits ([1, 1] when every
+    audit agreed); the Wilson interval is within a few points of 95 %."""
+    from export.route.live import mean_ci
+
+    assert mean_ci([1.0] * 30)["ci"][0] < 0.9  # all 30 audits agreed: not a certainty
+    rng = np.random.default_rng(3)
+    for p, n in ((0.97, 30), (0.9, 20), (0.5, 40)):
+        covered = 0
+        for _ in range(2000):
+            lo, hi = mean_ci(list((rng.random(n) < p).astype(float)))["ci"]
+            covered += lo <= p <= hi
+        assert covered / 2000 > 0.9, (p, n, covered)

@@ -36,7 +36,8 @@ class Teacher:
         self.runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.calls.append((request.method, request.path, request.query_string, request.headers.get("Authorization")))
+        self.calls.append((request.method, request.path, request.rel_url.raw_query_string,
+                           request.headers.get("Authorization")))
         if request.path == "/v1/embeddings":
             body = await request.json()
             if body["input"] == "RATE":
@@ -114,6 +115,8 @@ async def _client_calls(base: str) -> dict:
     async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-client-key"}) as http:
         r = await http.post(f"{base}/v1/embeddings/%2e%2e/files", json={"input": "x"})
         out["encoded"] = r.status_code
+        r = await http.get(f"{base}/v1/responses/resp_1?include=a%26b%3Dc&q=%2541")
+        out["get"] = r.status_code
         out["health"] = (await http.get(f"{base}/health")).json()
     await client.close()
     return out
@@ -156,13 +159,15 @@ def test_embeddings_and_responses_reach_the_teacher_with_its_key(served):
     assert out["events"] == [("response.created", None), ("response.output_text.delta", "In "),
                              ("response.output_text.delta", "stock."), ("response.completed", None)]
     seen = [(m, p) for m, p, _, _ in teacher.calls]
-    assert seen == [("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("POST", "/v1/embeddings")]
+    assert seen == [("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("POST", "/v1/embeddings"),
+                    ("GET", "/v1/responses/resp_1")]
+    assert out["get"] == 200 and teacher.calls[-1][2] == "include=a%26b%3Dc&q=%2541"  # the query as encoded
     assert {auth for *_, auth in teacher.calls} == {"Bearer sk-teacher-key"}  # never the client's key
 
 
 def test_only_clients_with_the_key_are_served(served):
     out, teacher, _ = served
-    assert out["wrong_key"] == 401 and len(teacher.calls) == 3  # /health needed no key (the start-up probe)
+    assert out["wrong_key"] == 401 and len(teacher.calls) == 4  # /health needed no key (the start-up probe)
 
 
 def test_the_teachers_rate_limit_reaches_the_client(served):
@@ -181,10 +186,11 @@ def test_other_paths_get_a_404_naming_the_flag_and_never_reach_the_teacher(serve
 
 def test_pass_through_calls_are_counted_and_logged_without_bodies(served):
     out, _, log_dir = served
-    assert out["health"]["routed"]["passthrough"] == 3
+    assert out["health"]["routed"]["passthrough"] == 4
     lines = [x for p in log_dir.glob("passthrough-*.jsonl") for x in read_jsonl(p)]
     assert [(x["method"], x["path"], x["status_code"]) for x in lines] == [
-        ("POST", "/v1/embeddings", 200), ("POST", "/v1/responses", 200), ("POST", "/v1/embeddings", 429)]
+        ("POST", "/v1/embeddings", 200), ("POST", "/v1/responses", 200), ("POST", "/v1/embeddings", 429),
+        ("GET", "/v1/responses/resp_1", 200)]
     assert all(x["bytes_out"] > 0 for x in lines)
     text = "".join(p.read_text() for p in log_dir.glob("*.jsonl"))
     assert SECRET_INPUT not in text and "sk-teacher-key" not in text and "sk-client-key" not in text
