@@ -225,8 +225,11 @@ def _live(args: argparse.Namespace, console: Console) -> int:
     if args.decide:
         if recipe.export is None:
             raise ValueError("--decide needs the recipe's export section (store and model_name)")
+        notes: dict = {}
         done, dep = canary.run(path, recipe.export.store, recipe.export.model_name, logs, cfg,
-                               _urls(args.version_url), warnings=warnings)
+                               _urls(args.version_url), warnings=warnings, notes=notes)
+        out["candidate_evidence"] = notes.get("candidate")
+        _waiting(notes.get("candidate"), done, console)
         out.update(decisions=done, deployment=dep)
         for d in done:
             console.print(f"[bold]{d['action']}[/] {d.get('version')}: {d['reason']}", soft_wrap=True)
@@ -242,6 +245,18 @@ def _live(args: argparse.Namespace, console: Console) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return code
+
+
+def _waiting(cand: dict | None, done: list[dict], console: Console) -> None:
+    """Say why a candidate did not move on (too few scored answers, functions without evidence yet)."""
+    if not cand or any(d.get("version") == cand["version"] for d in done):
+        return
+    p = cand["promotion"]
+    why = f"{p['n']} of {p['min_audits']} scored answers" if p["n"] < p["min_audits"] else ""
+    if p["waiting_for"]:
+        why += ("; " if why else "") + "no evidence yet in " + ", ".join(
+            f"{fn} (n={p['functions'][fn]['n']})" for fn in p["waiting_for"])
+    console.print(f"{cand['version']} stays in {cand['stage']}: {why or 'no function scored yet'}", soft_wrap=True)
 
 
 def _or(value: float | None, default: float) -> float:

@@ -48,20 +48,53 @@ def answer_gap(body: dict[str, Any], choice: Any) -> str | None:
         return "the student's answer is empty"
     if choice.get("finish_reason") == "length" and not (body.get("max_tokens") or body.get("max_completion_tokens")):
         return "the student's answer was cut at its own length limit (finish_reason length; the client set none)"
-    need = body.get("tool_choice")
-    if (need == "required" or isinstance(need, dict)) and not msg.get("tool_calls"):
+    if requires_tool(body.get("tool_choice")) and not msg.get("tool_calls"):
         return "the client required a tool call (tool_choice) and the student answered without one"
-    kind = (body.get("response_format") or {}).get("type") if isinstance(body.get("response_format"), dict) else None
-    if kind in ("json_object", "json_schema") and not msg.get("refusal") and not _json_object(text):
-        return f"the client asked for JSON (response_format {kind}) and the student's answer is not a JSON object"
+    want = json_wanted(body.get("response_format"))
+    if want and not msg.get("refusal") and not msg.get("tool_calls") and not _json_of(text, want):
+        return f"the client asked for JSON (response_format) and the student's answer is not a JSON {want}"
     return None
 
 
-def _json_object(text: Any) -> bool:
+def requires_tool(choice: Any) -> bool:
+    """Whether ``tool_choice`` obliges the answer to call a tool: "required", a named function, or allowed tools
+    in mode "required" ("auto", "none" and allowed tools in mode "auto" do not)."""
+    if choice == "required":
+        return True
+    if not isinstance(choice, dict):
+        return False
+    if choice.get("type") == "allowed_tools":
+        return (choice.get("allowed_tools") or {}).get("mode") == "required"
+    return choice.get("type") in ("function", "custom")
+
+
+def json_wanted(fmt: Any) -> str | None:
+    """The JSON type the client's ``response_format`` asks for: "object" for json_object, the schema's root type
+    for json_schema (object when it names none), None for text or nothing."""
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_object":
+        return "object"
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+        root = schema.get("type") if isinstance(schema, dict) else None
+        return root if root in JSON_TYPES else "object" if root is None else None
+    return None
+
+
+JSON_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": int,
+              "boolean": bool, "null": type(None)}
+
+
+def _json_of(text: Any, kind: str) -> bool:
+    """Whether the text is JSON of that root type."""
+    if not isinstance(text, str):
+        return False
     try:
-        return isinstance(text, str) and isinstance(loads(text.encode()), dict)
+        value = loads(text.encode())
     except (ValueError, RecursionError):
         return False
+    return isinstance(value, JSON_TYPES[kind]) and not (isinstance(value, bool) and kind in ("number", "integer"))
 
 
 def check_answer(router: Router, checked: bool, body: dict[str, Any], choices: list[Any], first: Decision,

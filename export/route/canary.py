@@ -4,13 +4,14 @@ Per version, the evidence is read from serve-router's logs since the version ent
 
 - **guardrail** (rollback), per function: the ``detector`` (CUSUM e-detector, ``export.route.sequential``) on
   its scored answers in time order against the floor ``held-out quality - max_quality_drop`` (held-out quality:
-  the policy's calibration, ``student_quality_kept``), and on its escalations (1 = escalated, per request the
-  student was asked) against the ceiling ``calibrated escalation rate + max_escalation_rise``. ``guardrail_alpha``
+  the policy's calibration, ``student_quality_kept``), and on its escalation rate per block of
+  ``escalation_block`` requests the student was asked (``blocks``) against the ceiling ``calibrated escalation
+  rate + max_escalation_rise``. ``guardrail_alpha``
   is split evenly over the tests, so a version that holds its floors raises a false alarm at most about once per
   1/guardrail_alpha observations; a function whose floor is unknown is reported, not tested.
-- **promotion evidence**: the ``evidence`` test (betting martingale) on all its scored answers together, each
-  against its own function's floor, reaching 1/alpha (``alpha``), with at least ``min_audits`` scored answers and no
-  guardrail alarm.
+- **promotion evidence**: the ``evidence`` test (betting martingale) on each function's scored answers against
+  that function's floor, every one reaching 1/alpha (``alpha``; ``promotion``), with at least ``min_audits``
+  scored answers in all and no guardrail alarm.
 
 Scored answers are, in shadow, the shadow scores (the candidate against the teacher on audited or escalated
 requests) and, in canary or serving, the audits of the answers it gave. Steps, in order, one decision each:
@@ -143,10 +144,12 @@ def _newer(dep: dict[str, Any], latest: str | None) -> bool:
 
 def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str | None,
            calls: list[dict[str, Any]], live: list[dict[str, Any]], cfg: Any,
-           floor: str | None = None) -> list[dict[str, Any]]:
+           floor: str | None = None, notes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Apply this run's decisions to ``dep`` in place; returns the history entries written (plus, where the
     serving version broke its guardrail with nothing to roll back to, an entry with action 'broken').
-    ``floor``: evidence older than this ISO time is not used (``window_days``)."""
+    ``floor``: evidence older than this ISO time is not used (``window_days``). ``notes`` gets the candidate's
+    evidence whether or not it moved (what it is still waiting for)."""
+    notes = {} if notes is None else notes
     done = []
     serving = dep.get("serving")
 
@@ -170,6 +173,7 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
         ev = gather(v, stage, start(v, stage), calls, live)
         lims = limits(policies[v], cfg)
         g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg)
+        notes["candidate"] = {"version": v, "stage": stage, "promotion": p, "guardrail_broken": g["broken"]}
         if g["broken"]:
             done.append(deployment.change(dep, "rollback", v, by="decide", evidence={"guardrail": g, "promotion": p},
                                           reason=f"candidate {v} broke its guardrail in {stage}"))
@@ -226,7 +230,8 @@ def _latest(store: str, name: str, warnings: list[str]) -> str | None:
 
 
 def run(path: Path, store: str, name: str, logs: str | Path, cfg: Any, urls: dict[str, str] | None = None,
-        dry_run: bool = False, warnings: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        dry_run: bool = False, warnings: list[str] | None = None,
+        notes: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Decide under the deployment file's lock, from the logs and the store; returns (entries, deployment).
     ``dry_run``: what would be decided, on a copy; the file is not touched (nor created). ``warnings`` gets
     what was left out and why (a bad latest version, versions with no student URL)."""
@@ -245,12 +250,12 @@ def run(path: Path, store: str, name: str, logs: str | Path, cfg: Any, urls: dic
         dep = deployment.load(path) if path.exists() else deployment.new(name)
         newest = _latest(store, name, warnings)
         policies = policies_for(path.parent, dep, newest, warnings)
-        return decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor), dep
+        return decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor, notes), dep
     with deployment.updating(path, name) as dep:
         dep["urls"] = {**dep.get("urls", {}), **(urls or {})}
         newest = _latest(store, name, warnings)
         policies = policies_for(path.parent, dep, newest, warnings)
-        done = decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor)
+        done = decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor, notes)
     for v in {d.get("version") for d in done if d["action"] in ("serve", "shadow", "promote", "canary")} - {None}:
         if v not in dep.get("urls", {}):
             warnings.append(f"{v} has no student URL in {path}: serve-router serves it only if started with "

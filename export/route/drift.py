@@ -73,7 +73,9 @@ def text_lines(f: Path) -> tuple[list[str], int]:
     except (OSError, EOFError, zlib.error) as err:
         print(f"distill: {f} is damaged after {len(out)} lines ({type(err).__name__}: {err}): the rest is skipped",
               file=sys.stderr)
-        return [x.rstrip("\n") for x in out[:-1]], 1  # the last line read may be cut by the damage
+        if out and not out[-1].endswith("\n"):
+            out.pop()  # cut by the damage
+        return [x.rstrip("\n") for x in out], 1
     return [x.rstrip("\n") for x in out], 0
 
 

@@ -150,13 +150,15 @@ class Versions:
             self.error, self._stamp, self._failed = None, stamp, None
         else:
             self._failed = (stamp, time.monotonic())
-            self._report(problem, f"candidate {cand['version']} left out")
+            said = self.error  # retried every retry_s: the same problem is said once, not every 30 s
+            self._report(problem, f"candidate {cand['version']} left out", quiet=said is not None and said in str(problem))
         return changed
 
-    def _report(self, err: BaseException, what: str) -> None:
+    def _report(self, err: BaseException, what: str, quiet: bool = False) -> None:
         self.error = str(err) if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {err}"
-        print(f"distill serve-router: {what}, still serving {self.serving.version if self.serving else 'nothing'}: "
-              f"{self.error}", file=sys.stderr)
+        if not quiet:
+            print(f"distill serve-router: {what}, still serving {self.serving.version if self.serving else 'nothing'}: "
+                  f"{self.error}", file=sys.stderr)
 
     @property
     def serving(self) -> Lane | None:

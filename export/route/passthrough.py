@@ -29,7 +29,7 @@ from export.route.wire import error_response
 REQUEST_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "Idempotency-Key")
 ANSWER_HEADERS = ("content-type", "openai-processing-ms", "openai-version")
 BACKOFF_HEADERS, BACKOFF_PREFIXES = ("retry-after", "retry-after-ms"), ("x-ratelimit-",)
-ENCODED = ("%2e", "%2f", "%5c")
+ENCODED = ("%2e", "%2f", "%5c", "%25", ";")  # dots, slashes, a second encoding, path parameters ("..;/")
 
 
 def normalise(paths: Iterable[str]) -> tuple[str, ...]:
@@ -87,9 +87,8 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
         return await proxy.chat(request)  # a trailing slash: still the routed endpoint
     chat = raw.rstrip("/") in ("/v1/chat/completions", "/chat/completions")
     if chat and not allowed(raw, proxy.cfg.pass_through):
-        return error_response(405, f"{request.method} {raw[:200]}: serve-router routes POST here (start it with "
-                              "--pass-through /v1/chat/completions to send the other methods, OpenAI's stored "
-                              "completions, to the teacher)", request_id=rid)
+        return error_response(405, f"{request.method} {raw[:200]}: serve-router routes POST here only",
+                              request_id=rid)
     if not allowed(raw, proxy.cfg.pass_through):
         return error_response(404, f"serve-router routes POST /v1/chat/completions; {request.method} {raw[:200]} is "
                               f"not passed to the teacher (start serve-router with --pass-through "
@@ -112,8 +111,8 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
                                                                 "x-request-id": rid})
             await out.prepare(request)
             async for data in up.content.iter_any():
-                sent += len(data)
-                await out.write(data)
+                sent += len(data)  # a client that stops reading holds a teacher connection: not for ever
+                await asyncio.wait_for(out.write(data), proxy.cfg.timeout_s)
             await out.write_eof()
     except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
         if out is None:

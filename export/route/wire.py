@@ -64,6 +64,9 @@ def request_problem(body: Any) -> str | None:
         return problem
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         return "'stream' must be a boolean"
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        return "'top_logprobs' must be an integer from 0 to 20"
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         return "'stream_options' must be an object"
     return None

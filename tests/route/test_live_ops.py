@@ -220,3 +220,21 @@ def test_a_quiet_window_is_no_evidence_not_an_error(tmp_path):
     (logs / f"student-{old[:10]}.jsonl").write_text(json.dumps(_call(old)) + "\n")  # only 60 days old
     done, dep = canary.run(path, str(st), "tiny", logs, CFG)  # was FileNotFoundError: exit 2 every hour
     assert [d["action"] for d in done] == ["serve"] and dep["serving"] == "v1"
+
+
+def test_decide_says_what_a_candidate_is_waiting_for(tmp_path, capsys):
+    st, path = _store(tmp_path, "v1", "v2")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+        deployment.change(dep, "shadow", "v2", share=0.5, at=_ago(2))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    scores = [{"kind": "shadow", "version": "v2", "function": "faq", "quality": 1.0, "tried": True,
+               "escalated": False, "timestamp": _ago(1, i)} for i in range(60)]
+    scores.append({**scores[0], "function": "triage", "timestamp": _ago(1, 61)})
+    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
+    recipe = _recipe(tmp_path, st, min_audits=20)
+    assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 0
+    assert "v2 stays in shadow: no evidence yet in triage (n=1)" in capsys.readouterr().out
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert out["candidate_evidence"]["promotion"]["waiting_for"] == ["triage"]  # was not in --json at all

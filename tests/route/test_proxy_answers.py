@@ -232,3 +232,30 @@ def test_an_answer_that_ignores_the_clients_format_or_tool_choice_goes_to_the_te
     assert raw.headers["x-distill-route"] == "teacher" and "required a tool call" in _reasons(raw)[-1]
     raw = _ask(url, "TOOL lookup", function="triage", tools=tools, tool_choice="required")
     assert raw.headers["x-distill-route"] == "student"
+
+
+def test_format_checks_do_not_escalate_what_the_client_allowed(site):
+    """Second review: a tool call under a JSON response_format, tool_choice 'allowed_tools' in mode auto, and a
+    json_schema whose root is an array were escalated (the teacher paid for answers that were fine)."""
+    url, *_ = site
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    raw = _ask(url, "TOOL lookup", function="triage", tools=tools, response_format={"type": "json_object"})
+    assert raw.headers["x-distill-route"] == "student", _reasons(raw)
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "lookup"}}]}}
+    raw = _ask(url, "plain question", tools=tools, tool_choice=allowed)
+    assert raw.headers["x-distill-route"] == "student", _reasons(raw)
+    array = {"type": "json_schema", "json_schema": {"name": "xs", "schema": {"type": "array"}}}
+    raw = _ask(url, "plain question", response_format=array)  # "Yes, in stock." is not an array
+    assert raw.headers["x-distill-route"] == "teacher" and "not a JSON array" in _reasons(raw)[-1]
+    r = httpx.post(f"{url}/chat/completions", json={"model": "gpt-4o", "logprobs": True, "top_logprobs": "2",
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"]  # was a 500
+
+
+def test_a_json_array_answers_an_array_schema():
+    from export.route.answers import answer_gap
+
+    array = {"type": "json_schema", "json_schema": {"name": "xs", "schema": {"type": "array"}}}
+    assert answer_gap({"response_format": array}, {"message": {"content": "[1, 2]"}, "finish_reason": "stop"}) is None
+    assert answer_gap({"response_format": {"type": "json_object"}}, {"message": {"content": "[1, 2]"}}) is not None
