@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = _parser().parse_args(argv)
-    # not a terminal (cron, CI, a pipe): rich would cut tables at 80 columns ("139…"); logs take wide lines
-    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-    console = Console(stderr=False, highlight=False, width=wide)
+    console = Console(stderr=False, highlight=False)
     try:
         if args.command in ("run", *STAGES):
             return _run(args, console)

@@ -176,7 +176,7 @@ def _live_table(report: dict, title: str) -> Table:
     cols = ("version", "function", "requests", "student", "escalated", "audits", "audited quality %",
             "routed quality %", "p50 ms", "p99 ms", "shadow quality %")
     for col in cols:
-        table.add_column(col, justify="left" if col in cols[:2] else "right")
+        table.add_column(col, justify="left" if col in cols[:2] else "right", overflow="fold")  # wrap, never cut
     for r in [*report["rows"], *report["versions"]]:
         lat, sh = r["latency_ms"], r["shadow"]
         table.add_row(r["version"], r["function"], str(r["requests"]), _pct(r["student_share"]),
@@ -307,7 +307,7 @@ def _ledger(args: argparse.Namespace, console: Console) -> int:
     cols = ("day", "function", "version", "requests", "student share", "escalation rate", "spent $",
             "teacher-only $", "saved $", "live quality")
     for col in cols:
-        table.add_column(col, justify="left" if col in cols[:3] else "right")
+        table.add_column(col, justify="left" if col in cols[:3] else "right", overflow="fold")  # cron: 80 columns
     for r in [*report["rows"], {**report["total"], "day": "total", "function": "", "version": ""}]:
         table.add_row(r["day"], r["function"], r["version"], str(r["requests"]), f"{100 * r['student_share']:.1f}%",
                       f"{100 * r['escalation_rate']:.1f}%", f"{r['spent_usd']:.6f}", f"{r['teacher_only_usd']:.6f}",

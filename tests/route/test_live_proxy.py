@@ -196,7 +196,10 @@ def test_live_report_promote_rollback_and_ledger_on_the_logs(setup, capsys):
     assert cli(["promote", str(recipe), "v2"]) == 0 and deployment.load(setup["path"])["serving"] == "v2"
     assert cli(["rollback", str(recipe), "v1"]) == 2 and "neither serving" in capsys.readouterr().err
     ledger = root / "ledger.json"
+    capsys.readouterr()
     assert cli(["ledger", "--logs", str(setup["logs"]), "--json", str(ledger)]) == 0
+    table = capsys.readouterr().out  # not a terminal, as under cron: 80 columns, figures wrap, never cut
+    assert "…" not in table and "0.000" in table
     total = json.loads(ledger.read_text())["total"]
     assert total["requests"] == 12 and total["audits"] == 9 and total["live_audits"] == 9
     assert total["live_quality"] == 1.0
