@@ -252,11 +252,14 @@ def _waiting(cand: dict | None, done: list[dict], console: Console) -> None:
     if not cand or any(d.get("version") == cand["version"] for d in done):
         return
     p = cand["promotion"]
-    why = f"{p['n']} of {p['min_audits']} scored answers" if p["n"] < p["min_audits"] else ""
+    why = [f"{p['n']} of {p['min_audits']} scored answers"] if p["n"] < p["min_audits"] else []
     if p["waiting_for"]:
-        why += ("; " if why else "") + "no evidence yet in " + ", ".join(
-            f"{fn} (n={p['functions'][fn]['n']})" for fn in p["waiting_for"])
-    console.print(f"{cand['version']} stays in {cand['stage']}: {why or 'no function scored yet'}", soft_wrap=True)
+        why.append("no evidence yet in " + ", ".join(f"{fn} (n={p['functions'][fn]['n']})" for fn in p["waiting_for"]))
+    if p.get("stale"):
+        why.append(f"{p['stale']}: roll it back and shadow it again (distill promote RECIPE VERSION --stage "
+                   "shadow), or raise window_days")
+    console.print(f"{cand['version']} stays in {cand['stage']}: {'; '.join(why) or 'no function scored yet'}",
+                  soft_wrap=True)
 
 
 def _or(value: float | None, default: float) -> float:

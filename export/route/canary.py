@@ -6,12 +6,12 @@ Per version, the evidence is read from serve-router's logs since the version ent
   its scored answers in time order against the floor ``held-out quality - max_quality_drop`` (held-out quality:
   the policy's calibration, ``student_quality_kept``), and on its escalation rate per block of
   ``escalation_block`` requests the student was asked (``blocks``) against the ceiling ``calibrated escalation
-  rate + max_escalation_rise``. ``guardrail_alpha``
-  is split evenly over the tests, so a version that holds its floors raises a false alarm at most about once per
+  rate + max_escalation_rise``. ``guardrail_alpha`` is split evenly over the tests, so a version that holds its floors raises a false alarm at most about once per
   1/guardrail_alpha observations; a function whose floor is unknown is reported, not tested.
-- **promotion evidence**: the ``evidence`` test (betting martingale) on each function's scored answers against
-  that function's floor, every one reaching 1/alpha (``alpha``; ``promotion``), with at least ``min_audits``
-  scored answers in all and no guardrail alarm.
+- **promotion evidence**: the ``evidence`` test (betting martingale) per stratum of functions (``strata``: each
+  function with 5 % of the held-out traffic, the rarer ones together) against each answer's function's floor,
+  every stratum reaching 1/alpha (``alpha``; ``promotion``), with at least ``min_audits`` scored answers in all,
+  no guardrail alarm, and a stage younger than ``window_days`` (older evidence is not read).
 
 Scored answers are, in shadow, the shadow scores (the candidate against the teacher on audited or escalated
 requests) and, in canary or serving, the audits of the answers it gave. Steps, in order, one decision each:
@@ -118,23 +118,46 @@ def guardrail(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any) 
             "alpha_per_test": cfg.guardrail_alpha / n_tests}
 
 
-def promotion(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any) -> dict[str, Any]:
-    """Evidence, at level alpha, that the version is above its floor in every function it was scored on: each
-    function's scores reach 1/alpha on their own (an intersection-union test, level alpha without splitting it).
-    One test on all scores pooled showed only that their traffic-weighted mean was above the floors: a candidate
-    below its floor in a function with 30 % of the traffic was promoted 97-100 % of the time."""
-    by_fn: dict[str, list[float]] = {}
+RARE = 0.05  # functions under this share of held-out traffic are tested together (one stratum)
+
+
+def strata(lims: dict[str, dict[str, float | None]], mix: dict[str, float] | None) -> tuple[dict[str, list[str]],
+                                                                                           list[str]]:
+    """(stratum -> its functions, exempt functions) for promotion. Each function with a floor and at least RARE
+    of the held-out traffic (the policy's ``drift.function_mix``) is a stratum of its own; the rarer ones are one
+    stratum together, or exempt when together they are under RARE too (the guardrail still watches them)."""
+    floored = sorted(fn for fn, lim in lims.items() if lim.get("floor") is not None)
+    if not mix:
+        return {fn: [fn] for fn in floored}, []
+    rare = [fn for fn in floored if float(mix.get(fn) or 0.0) < RARE]
+    out = {fn: [fn] for fn in floored if fn not in rare}
+    if sum(float(mix.get(fn) or 0.0) for fn in rare) >= RARE:
+        return {**out, "rare functions": rare}, []
+    return out, rare
+
+
+def promotion(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any,
+              mix: dict[str, float] | None = None) -> dict[str, Any]:
+    """Evidence, at level alpha, that the version is above its floors in every stratum of functions
+    (``strata``): each reaches 1/alpha on its own (an intersection-union test: level alpha without splitting it),
+    a stratum with no scored answer yet included. One test on all scores pooled showed only that their
+    traffic-weighted mean was above the floors (a candidate below its floor in a function with 30 % of the
+    traffic was promoted 97-100 % of the time), and a function with no scored answer was not tested at all."""
+    groups, exempt = strata(lims, mix)
+    of = {fn: name for name, fns in groups.items() for fn in fns}
+    by: dict[str, list[tuple[float, float]]] = {name: [] for name in groups}
     for fn, x in ev.scores:
-        if (lims.get(fn) or {}).get("floor") is not None:
-            by_fn.setdefault(fn, []).append(x)
-    tests = {fn: sequential.evidence(xs, lims[fn]["floor"], "above", cfg.alpha, cfg.max_quality_drop)
-             for fn, xs in sorted(by_fn.items())}
-    n = sum(map(len, by_fn.values()))
-    waiting = [fn for fn, t in tests.items() if not t.decided]
+        if fn in of:
+            by[of[fn]].append((x, lims[fn]["floor"]))
+    tests = {name: sequential.evidence([x for x, _ in xs], [f for _, f in xs], "above", cfg.alpha,
+                                       cfg.max_quality_drop) for name, xs in by.items()}
+    n = sum(map(len, by.values()))
+    waiting = [name for name, t in tests.items() if not t.decided]
     return {"ready": bool(tests) and not waiting and n >= cfg.min_audits, "n": n, "min_audits": cfg.min_audits,
-            "mean": sum(map(sum, by_fn.values())) / n if n else None, "waiting_for": waiting,
-            "functions": {fn: {"n": len(by_fn[fn]), "mean": sum(by_fn[fn]) / len(by_fn[fn]), **t.as_dict()}
-                          for fn, t in tests.items()}}
+            "mean": sum(x for xs in by.values() for x, _ in xs) / n if n else None, "waiting_for": waiting,
+            "exempt": exempt, "functions": {name: {"functions": groups[name], "n": len(by[name]),
+                                                   "mean": sum(x for x, _ in by[name]) / len(by[name]) if by[name]
+                                                   else None, **tests[name].as_dict()} for name in tests}}
 
 
 def _newer(dep: dict[str, Any], latest: str | None) -> bool:
@@ -172,7 +195,10 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
         v, stage = cand["version"], cand["stage"]
         ev = gather(v, stage, start(v, stage), calls, live)
         lims = limits(policies[v], cfg)
-        g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg)
+        g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg, (policies[v].get("drift") or {}).get("function_mix"))
+        began = deployment.since(dep, v, stage)
+        if floor and began and began < floor:  # evidence from before the window is not read: not whole any more
+            p.update(ready=False, stale=f"in {stage} since {began[:10]}, longer than route.live.window_days")
         notes["candidate"] = {"version": v, "stage": stage, "promotion": p, "guardrail_broken": g["broken"]}
         if g["broken"]:
             done.append(deployment.change(dep, "rollback", v, by="decide", evidence={"guardrail": g, "promotion": p},

@@ -157,9 +157,40 @@ def test_decide_moves_a_candidate_on_with_evidence_and_not_without():
     few = [_audit("v2", 1.0, i, kind="shadow", tried=True, escalated=False) for i in range(10)]
     assert canary.decide(dep, pols, "v2", [], few, CFG) == []  # too few scored answers
     many = [_audit("v2", 1.0, i, kind="shadow", tried=True, escalated=False) for i in range(60)]
+    notes: dict = {}
+    assert canary.decide(dep, pols, "v2", [], many, CFG, notes=notes) == []  # triage, a stratum, has no score yet
+    assert notes["candidate"]["promotion"]["waiting_for"] == ["triage"]
+    many += [_audit("v2", 1.0, 60 + i, fn="triage", kind="shadow", tried=True, escalated=False) for i in range(60)]
     done = canary.decide(dep, pols, "v2", [], many, CFG)
     assert [d["action"] for d in done] == ["canary"] and dep["candidate"]["share"] == 0.25
-    assert done[0]["evidence"]["promotion"]["ready"] and done[0]["evidence"]["promotion"]["n"] == 60
+    assert done[0]["evidence"]["promotion"]["ready"] and done[0]["evidence"]["promotion"]["n"] == 120
+
+
+def test_rare_functions_are_one_stratum_or_exempt_and_a_stale_stage_waits():
+    """A second simulation review: per-function promotion let a function with no audit yet go untested (a 1 %
+    function at 0.50 was promoted 36 % of the time), made rare functions hold promotion back for thousands of
+    audits, and re-ran a fresh test every night once a stage outlived the window (not level alpha any more)."""
+    lims = canary.limits({"functions": {fn: {"calibration": {"student_quality_kept": 0.95}}
+                                        for fn in ("big", "mid", "r1", "r2", "tiny")}}, CFG)
+    mix = {"big": 0.6, "mid": 0.3, "r1": 0.04, "r2": 0.04, "tiny": 0.02}
+    groups, exempt = canary.strata(lims, mix)
+    assert groups == {"big": ["big"], "mid": ["mid"], "rare functions": ["r1", "r2", "tiny"]} and exempt == []
+    assert canary.strata(lims, {**mix, "r1": 0.01, "r2": 0.01, "tiny": 0.01, "big": 0.67}) == (
+        {"big": ["big"], "mid": ["mid"]}, ["r1", "r2", "tiny"])
+    ev = canary.Evidence(scores=[("big", 1.0), ("mid", 1.0)] * 60)
+    p = canary.promotion(ev, lims, CFG, mix)
+    assert not p["ready"] and p["waiting_for"] == ["rare functions"]  # no rare score yet: waits, not untested
+    ev.scores += [("r1", 1.0), ("tiny", 1.0)] * 30
+    assert canary.promotion(ev, lims, CFG, mix)["ready"]
+    dep = deployment.new("tiny")
+    deployment.change(dep, "serve", "v1", at="2026-12-01T00:00:00+00:00")
+    deployment.change(dep, "shadow", "v2", at="2026-12-01T01:00:00+00:00")
+    good = [_audit("v2", 1.0, i, fn=fn, kind="shadow", tried=True, escalated=False)
+            for i, fn in enumerate(["faq", "triage"] * 60)]
+    notes: dict = {}
+    pols = {"v1": _policy(), "v2": _policy()}
+    assert canary.decide(dep, pols, None, [], good, CFG, floor="2026-12-06T00:00:00+00:00", notes=notes) == []
+    assert "longer than route.live.window_days" in notes["candidate"]["promotion"]["stale"]
 
 
 def test_decide_rolls_back_a_serving_version_that_drops_and_never_reshadows_it():
