@@ -230,6 +230,9 @@ def _live(args: argparse.Namespace, console: Console) -> int:
                                _urls(args.version_url), warnings=warnings, notes=notes)
         out["candidate_evidence"] = notes.get("candidate")
         _waiting(notes.get("candidate"), done, console)
+        stale = ((notes.get("candidate") or {}).get("promotion") or {}).get("stale")
+        if stale:
+            warnings.append(stale)
         out.update(decisions=done, deployment=dep)
         for d in done:
             console.print(f"[bold]{d['action']}[/] {d.get('version')}: {d['reason']}", soft_wrap=True)
@@ -256,8 +259,7 @@ def _waiting(cand: dict | None, done: list[dict], console: Console) -> None:
     if p["waiting_for"]:
         why.append("no evidence yet in " + ", ".join(f"{fn} (n={p['functions'][fn]['n']})" for fn in p["waiting_for"]))
     if p.get("stale"):
-        why.append(f"{p['stale']}: roll it back and shadow it again (distill promote RECIPE VERSION --stage "
-                   "shadow), or raise window_days")
+        why.append("its stage is older than route.live.window_days (see the warning)")
     console.print(f"{cand['version']} stays in {cand['stage']}: {'; '.join(why) or 'no function scored yet'}",
                   soft_wrap=True)
 
@@ -409,7 +411,7 @@ def _route_check(args: argparse.Namespace, console: Console) -> int:
     table = Table(title=f"route-check: {report['requests']} logged requests vs the calibration of {path}",
                   title_justify="left")
     for col in ("function", "metric", "calibration", "live", "n", "", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # under cron (80 columns): wrap, never cut
     for r in report["rows"]:
         table.add_row(r["function"], r["metric"], fmt(r["calibration"]), fmt(r["live"]), str(r["n"]),
                       "[bold red]DRIFT[/]" if r["drift"] else "[green]ok[/]", r["note"])

@@ -44,22 +44,27 @@ def answer_gap(body: dict[str, Any], choice: Any) -> str | None:
     if not isinstance(msg, dict):
         return "the student's answer has no message"
     text = msg.get("content")
-    if not (isinstance(text, str) and text.strip()) and not msg.get("tool_calls") and not msg.get("refusal"):
+    called = msg.get("tool_calls") or msg.get("function_call")  # function_call: the legacy form
+    if not (isinstance(text, str) and text.strip()) and not called and not msg.get("refusal"):
         return "the student's answer is empty"
     if choice.get("finish_reason") == "length" and not (body.get("max_tokens") or body.get("max_completion_tokens")):
         return "the student's answer was cut at its own length limit (finish_reason length; the client set none)"
-    if requires_tool(body.get("tool_choice")) and not msg.get("tool_calls"):
+    if requires_tool(body) and not called:
         return "the client required a tool call (tool_choice) and the student answered without one"
     want = json_wanted(body.get("response_format"))
-    if want and not msg.get("refusal") and not msg.get("tool_calls") and not _json_of(text, want):
-        return f"the client asked for JSON (response_format) and the student's answer is not a JSON {want}"
+    offered = bool(body.get("tools") or body.get("functions")) and body.get("tool_choice") != "none"
+    if want and not msg.get("refusal") and not (called and offered) and not _json_of(text, want):
+        return (f"the client asked for JSON (response_format) and the student's answer is not a JSON "
+                f"{' or '.join(want)}")
     return None
 
 
-def requires_tool(choice: Any) -> bool:
-    """Whether ``tool_choice`` obliges the answer to call a tool: "required", a named function, or allowed tools
-    in mode "required" ("auto", "none" and allowed tools in mode "auto" do not)."""
-    if choice == "required":
+def requires_tool(body: dict[str, Any]) -> bool:
+    """Whether the request obliges the answer to call a tool: ``tool_choice`` "required", a named function, or
+    allowed tools in mode "required" ("auto", "none" and allowed tools in mode "auto" do not); or the legacy
+    ``function_call`` naming a function."""
+    choice, legacy = body.get("tool_choice"), body.get("function_call")
+    if choice == "required" or (isinstance(legacy, dict) and legacy.get("name")):
         return True
     if not isinstance(choice, dict):
         return False
@@ -68,33 +73,43 @@ def requires_tool(choice: Any) -> bool:
     return choice.get("type") in ("function", "custom")
 
 
-def json_wanted(fmt: Any) -> str | None:
-    """The JSON type the client's ``response_format`` asks for: "object" for json_object, the schema's root type
-    for json_schema (object when it names none), None for text or nothing."""
+def json_wanted(fmt: Any) -> tuple[str, ...] | None:
+    """The JSON types the client's ``response_format`` allows at the root: ("object",) for json_object; for
+    json_schema, its root ``type`` (a name or a list of names). None (nothing checked) for text, nothing, or a
+    schema whose root names no type (``anyOf``, ``$ref``, ``enum``) or one this check does not know."""
     if not isinstance(fmt, dict):
         return None
     if fmt.get("type") == "json_object":
-        return "object"
+        return ("object",)
     if fmt.get("type") == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
         root = schema.get("type") if isinstance(schema, dict) else None
-        return root if root in JSON_TYPES else "object" if root is None else None
+        kinds = tuple(root) if isinstance(root, list) else (root,)
+        return kinds if kinds and all(isinstance(k, str) and k in JSON_TYPES for k in kinds) else None
     return None
 
 
-JSON_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": int,
+JSON_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": (int, float),
               "boolean": bool, "null": type(None)}
 
 
-def _json_of(text: Any, kind: str) -> bool:
-    """Whether the text is JSON of that root type."""
+def _json_of(text: Any, kinds: tuple[str, ...]) -> bool:
+    """Whether the text is JSON of one of those root types (JSON Schema's: an integer may be written 1.0)."""
     if not isinstance(text, str):
         return False
     try:
         value = loads(text.encode())
     except (ValueError, RecursionError):
         return False
-    return isinstance(value, JSON_TYPES[kind]) and not (isinstance(value, bool) and kind in ("number", "integer"))
+    return any(_is(value, kind) for kind in kinds)
+
+
+def _is(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind in ("number", "integer"):
+        return False
+    if kind == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, JSON_TYPES[kind])
 
 
 def check_answer(router: Router, checked: bool, body: dict[str, Any], choices: list[Any], first: Decision,

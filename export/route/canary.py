@@ -123,15 +123,19 @@ RARE = 0.05  # functions under this share of held-out traffic are tested togethe
 
 def strata(lims: dict[str, dict[str, float | None]], mix: dict[str, float] | None) -> tuple[dict[str, list[str]],
                                                                                            list[str]]:
-    """(stratum -> its functions, exempt functions) for promotion. Each function with a floor and at least RARE
-    of the held-out traffic (the policy's ``drift.function_mix``) is a stratum of its own; the rarer ones are one
-    stratum together, or exempt when together they are under RARE too (the guardrail still watches them)."""
+    """(stratum -> its functions, exempt functions) for promotion. Shares are of the held-out traffic (the
+    policy's ``drift.function_mix``) among the functions with a floor. Each function with at least RARE of it is a
+    stratum of its own; the rarer ones are one stratum together, or exempt when together they are under RARE too
+    (the guardrail still watches them). No usable mix: each function is a stratum."""
     floored = sorted(fn for fn, lim in lims.items() if lim.get("floor") is not None)
-    if not mix:
+    seen = {fn: float(mix.get(fn) or 0.0) for fn in floored} if isinstance(mix, dict) else {}
+    total = sum(seen.values())
+    if total <= 0:  # no mix, or none of it for these functions: each is a stratum
         return {fn: [fn] for fn in floored}, []
-    rare = [fn for fn in floored if float(mix.get(fn) or 0.0) < RARE]
+    share = {fn: v / total for fn, v in seen.items()}  # among the functions promotion can test
+    rare = [fn for fn in floored if share[fn] < RARE]
     out = {fn: [fn] for fn in floored if fn not in rare}
-    if sum(float(mix.get(fn) or 0.0) for fn in rare) >= RARE:
+    if rare and (sum(share[fn] for fn in rare) >= RARE or not out):
         return {**out, "rare functions": rare}, []
     return out, rare
 
@@ -198,7 +202,9 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
         g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg, (policies[v].get("drift") or {}).get("function_mix"))
         began = deployment.since(dep, v, stage)
         if floor and began and began < floor:  # evidence from before the window is not read: not whole any more
-            p.update(ready=False, stale=f"in {stage} since {began[:10]}, longer than route.live.window_days")
+            p.update(ready=False, stale=f"{v} has been in {stage} since {began[:10]}, longer than route.live."
+                     f"window_days: it cannot be promoted, and no newer version is shadowed while it is the "
+                     f"candidate; restart its stage (distill promote RECIPE {v} --stage shadow) or roll it back")
         notes["candidate"] = {"version": v, "stage": stage, "promotion": p, "guardrail_broken": g["broken"]}
         if g["broken"]:
             done.append(deployment.change(dep, "rollback", v, by="decide", evidence={"guardrail": g, "promotion": p},

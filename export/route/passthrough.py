@@ -40,7 +40,8 @@ def normalise(paths: Iterable[str]) -> tuple[str, ...]:
     out = []
     for raw in paths:
         p = raw.strip().rstrip("/")
-        if not p.startswith("/") or "?" in p or "#" in p or any(s in (".", "..") for s in p.split("/")):
+        if not p.startswith("/") or any(c in p.lower() for c in ("?", "#", *ENCODED, "\\")) or \
+                any(s in (".", "..") for s in p.split("/")):
             raise ValueError(f"--pass-through {raw!r}: give a path such as /v1/embeddings (no query, no '..')")
         if p == "/v1":
             raise ValueError(f"--pass-through {raw!r}: name the endpoints to send to the teacher, e.g. "
@@ -89,6 +90,9 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
     if chat and not allowed(raw, proxy.cfg.pass_through):
         return error_response(405, f"{request.method} {raw[:200]}: serve-router routes POST here only",
                               request_id=rid)
+    if any(e in raw.lower() for e in ENCODED) or "\\" in raw:
+        return error_response(404, f"{request.method} {raw[:200]}: a path with an encoded dot, slash, backslash or "
+                              "percent sign, or a ';', is never passed to the teacher", request_id=rid)
     if not allowed(raw, proxy.cfg.pass_through):
         return error_response(404, f"serve-router routes POST /v1/chat/completions; {request.method} {raw[:200]} is "
                               f"not passed to the teacher (start serve-router with --pass-through "

@@ -238,3 +238,17 @@ def test_decide_says_what_a_candidate_is_waiting_for(tmp_path, capsys):
     assert "v2 stays in shadow: no evidence yet in triage (n=1)" in capsys.readouterr().out
     out = json.loads((tmp_path / "d.json").read_text())
     assert out["candidate_evidence"]["promotion"]["waiting_for"] == ["triage"]  # was not in --json at all
+
+
+def test_a_stage_older_than_the_window_is_a_warning(tmp_path):
+    """A candidate in its stage for longer than window_days cannot be promoted (its early evidence is not read)
+    and blocks newer versions: said in --json's warnings, not only in a console line (third review)."""
+    st, path = _store(tmp_path, "v1", "v2", "v3")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(24 * 30))
+        deployment.change(dep, "shadow", "v2", at=_ago(24 * 20))
+    (tmp_path / "logs").mkdir()
+    recipe = _recipe(tmp_path, st)
+    assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 0
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert any("longer than route.live.window_days" in w and "--stage shadow" in w for w in out["warnings"])

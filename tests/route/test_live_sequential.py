@@ -301,3 +301,13 @@ def test_the_live_interval_covers_what_it_says_near_perfect_quality():
             lo, hi = mean_ci(list((rng.random(n) < p).astype(float)))["ci"]
             covered += lo <= p <= hi
         assert covered / 2000 > 0.9, (p, n, covered)
+
+
+def test_strata_shares_are_among_the_functions_with_a_floor():
+    """A third review: a disabled function (no floor) with 97 % of the traffic made the only tested function
+    'rare', hence exempt, and the candidate could never be promoted."""
+    lims = {"weak": {"floor": None, "ceiling": None}, "extract": {"floor": 0.85, "ceiling": 0.3}}
+    assert canary.strata(lims, {"weak": 0.97, "extract": 0.03}) == ({"extract": ["extract"]}, [])
+    assert canary.strata(lims, {"other": 1.0}) == ({"extract": ["extract"]}, [])  # no usable mix
+    ev = canary.Evidence(scores=[("extract", 1.0)] * 100)
+    assert canary.promotion(ev, lims, CFG, {"weak": 0.97, "extract": 0.03})["ready"]

@@ -259,3 +259,29 @@ def test_a_json_array_answers_an_array_schema():
     array = {"type": "json_schema", "json_schema": {"name": "xs", "schema": {"type": "array"}}}
     assert answer_gap({"response_format": array}, {"message": {"content": "[1, 2]"}, "finish_reason": "stop"}) is None
     assert answer_gap({"response_format": {"type": "json_object"}}, {"message": {"content": "[1, 2]"}}) is not None
+
+
+def test_format_checks_on_odd_but_valid_requests():
+    """A third review: a schema whose root type is a list was an HTTP 500 (after the student was paid); a root
+    with no type (anyOf) was held to 'object'; an integer may be written 1.0; a tool call the client never offered
+    is not JSON; a legacy forced function_call is a required call."""
+    from export.route.answers import answer_gap
+
+    def gap(fmt, content, **body):
+        return answer_gap({"response_format": fmt, **body}, {"message": {"content": content, **body.pop(
+            "msg", {})}, "finish_reason": "stop"})
+
+    either = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": ["object", "null"]}}}
+    assert gap(either, "null") is None and gap(either, '{"a": 1}') is None and "not a JSON" in gap(either, "[1]")
+    assert gap({"type": "json_schema", "json_schema": {"schema": {"anyOf": [{"type": "array"}]}}}, "[1]") is None
+    assert gap({"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}, "1.0") is None
+    assert gap({"type": "json_schema", "json_schema": {"schema": {"type": {"bad": 1}}}}, "x") is None
+    call = {"tool_calls": TOOL}
+    assert answer_gap({"response_format": {"type": "json_object"}}, {"message": {"content": None, **call}}) \
+        is not None  # no tools were offered: a tool call is not the JSON asked for
+    assert answer_gap({"response_format": {"type": "json_object"}, "tools": [{}]},
+                      {"message": {"content": None, **call}}) is None
+    legacy = {"function_call": {"name": "lookup"}, "functions": [{"name": "lookup"}]}
+    assert "required a tool call" in answer_gap(legacy, {"message": {"content": "text"}})
+    assert answer_gap(legacy, {"message": {"content": None, "function_call": {"name": "lookup", "arguments": "{}"}}}) \
+        is None
