@@ -231,8 +231,8 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         out["candidate_evidence"] = notes.get("candidate")
         _waiting(notes.get("candidate"), done, console)
         stale = ((notes.get("candidate") or {}).get("promotion") or {}).get("stale")
-        if stale:
-            warnings.append(stale)
+        if stale and (dep.get("candidate") or {}).get("version") == notes["candidate"]["version"]:
+            warnings.append(stale)  # only while it is still the candidate (not after this run rolled it back)
         out.update(decisions=done, deployment=dep)
         for d in done:
             console.print(f"[bold]{d['action']}[/] {d.get('version')}: {d['reason']}", soft_wrap=True)

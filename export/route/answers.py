@@ -44,7 +44,7 @@ def answer_gap(body: dict[str, Any], choice: Any) -> str | None:
     if not isinstance(msg, dict):
         return "the student's answer has no message"
     text = msg.get("content")
-    called = msg.get("tool_calls") or msg.get("function_call")  # function_call: the legacy form
+    called = msg.get("tool_calls")  # a legacy function_call answer is not relayed in chunks: treated as empty
     if not (isinstance(text, str) and text.strip()) and not called and not msg.get("refusal"):
         return "the student's answer is empty"
     if choice.get("finish_reason") == "length" and not (body.get("max_tokens") or body.get("max_completion_tokens")):
@@ -52,7 +52,7 @@ def answer_gap(body: dict[str, Any], choice: Any) -> str | None:
     if requires_tool(body) and not called:
         return "the client required a tool call (tool_choice) and the student answered without one"
     want = json_wanted(body.get("response_format"))
-    offered = bool(body.get("tools") or body.get("functions")) and body.get("tool_choice") != "none"
+    offered = bool(body.get("tools")) and body.get("tool_choice") != "none"
     if want and not msg.get("refusal") and not (called and offered) and not _json_of(text, want):
         return (f"the client asked for JSON (response_format) and the student's answer is not a JSON "
                 f"{' or '.join(want)}")
@@ -69,7 +69,8 @@ def requires_tool(body: dict[str, Any]) -> bool:
     if not isinstance(choice, dict):
         return False
     if choice.get("type") == "allowed_tools":
-        return (choice.get("allowed_tools") or {}).get("mode") == "required"
+        allowed = choice.get("allowed_tools")
+        return isinstance(allowed, dict) and allowed.get("mode") == "required"
     return choice.get("type") in ("function", "custom")
 
 

@@ -128,9 +128,10 @@ def strata(lims: dict[str, dict[str, float | None]], mix: dict[str, float] | Non
     stratum of its own; the rarer ones are one stratum together, or exempt when together they are under RARE too
     (the guardrail still watches them). No usable mix: each function is a stratum."""
     floored = sorted(fn for fn, lim in lims.items() if lim.get("floor") is not None)
-    seen = {fn: float(mix.get(fn) or 0.0) for fn in floored} if isinstance(mix, dict) else {}
-    total = sum(seen.values())
-    if total <= 0:  # no mix, or none of it for these functions: each is a stratum
+    seen = {fn: mix.get(fn) or 0.0 for fn in floored} if isinstance(mix, dict) else {}
+    usable = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in seen.values())
+    total = sum(seen.values()) if usable else 0.0
+    if not total > 0:  # no mix, an unusable one, or none of it for these functions: each is a stratum
         return {fn: [fn] for fn in floored}, []
     share = {fn: v / total for fn, v in seen.items()}  # among the functions promotion can test
     rare = [fn for fn in floored if share[fn] < RARE]
@@ -199,7 +200,9 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
         v, stage = cand["version"], cand["stage"]
         ev = gather(v, stage, start(v, stage), calls, live)
         lims = limits(policies[v], cfg)
-        g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg, (policies[v].get("drift") or {}).get("function_mix"))
+        drift = policies[v].get("drift")
+        g, p = guardrail(ev, lims, cfg), promotion(ev, lims, cfg, drift.get("function_mix") if isinstance(
+            drift, dict) else None)
         began = deployment.since(dep, v, stage)
         if floor and began and began < floor:  # evidence from before the window is not read: not whole any more
             p.update(ready=False, stale=f"{v} has been in {stage} since {began[:10]}, longer than route.live."

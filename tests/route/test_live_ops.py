@@ -252,3 +252,19 @@ def test_a_stage_older_than_the_window_is_a_warning(tmp_path):
     assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 0
     out = json.loads((tmp_path / "d.json").read_text())
     assert any("longer than route.live.window_days" in w and "--stage shadow" in w for w in out["warnings"])
+
+
+def test_no_stale_warning_for_a_candidate_this_run_rolled_back(tmp_path):
+    st, path = _store(tmp_path, "v1", "v2", "v3")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(24 * 30))
+        deployment.change(dep, "shadow", "v2", at=_ago(24 * 20))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    bad = [{**r, "kind": "shadow", "tried": True, "escalated": False} for r in _bad_audits("v2")]
+    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    recipe = _recipe(tmp_path, st)
+    assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 7
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert [d["action"] for d in out["decisions"]] == ["rollback", "shadow"]
+    assert not any("window_days" in w for w in out["warnings"])  # v2 is gone: the advice would be wrong

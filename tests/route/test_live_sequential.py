@@ -309,5 +309,8 @@ def test_strata_shares_are_among_the_functions_with_a_floor():
     lims = {"weak": {"floor": None, "ceiling": None}, "extract": {"floor": 0.85, "ceiling": 0.3}}
     assert canary.strata(lims, {"weak": 0.97, "extract": 0.03}) == ({"extract": ["extract"]}, [])
     assert canary.strata(lims, {"other": 1.0}) == ({"extract": ["extract"]}, [])  # no usable mix
+    both = {"a": {"floor": 0.8}, "b": {"floor": 0.8}}
+    for odd in ({"a": "n/a", "b": 0.5}, {"a": -0.2, "b": 0.9}, {"a": float("nan"), "b": 0.5}):
+        assert canary.strata(both, odd) == ({"a": ["a"], "b": ["b"]}, [])  # was a crash, or 'a' exempt
     ev = canary.Evidence(scores=[("extract", 1.0)] * 100)
     assert canary.promotion(ev, lims, CFG, {"weak": 0.97, "extract": 0.03})["ready"]
