@@ -203,11 +203,8 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]warning:[/] no logs at {logs}: nothing to judge (check --logs or "
                       "route.live.log_dir)", soft_wrap=True)
     warnings: list[str] = []
-    since = args.since
-    if args.decide and not since:  # an hourly run reads a bounded amount of log: the decision's window
-        from datetime import datetime, timedelta, timezone
-
-        since = (datetime.now(timezone.utc) - timedelta(days=cfg.window_days)).isoformat()
+    # an hourly --decide reads a bounded amount of log: the decision's window
+    since = args.since or (canary.window_start(cfg) if args.decide else None)
     out: dict = {"report": live_report(logs, since, recipe.route.confidence_level,
                                       missing_ok=args.decide)}
     console.print(_live_table(out["report"], f"live: {out['report']['counts']['calls']} routed requests in {logs}"))

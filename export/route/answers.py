@@ -114,7 +114,7 @@ def _is(value: Any, kind: str) -> bool:
 
 
 def check_answer(router: Router, checked: bool, body: dict[str, Any], choices: list[Any], first: Decision,
-             fn: str | None) -> Decision:
+                 fn: str | None) -> Decision:
     """Phase 2 on every choice (``n`` > 1: all must pass). An empty answer, and one cut at the student's own
     length limit (``finish_reason: length`` when the client set none), go to the teacher; a tool-call answer
     without logprobs (OpenAI's endpoints give none for tool calls) is kept only when there is nothing to

@@ -6,6 +6,7 @@ not keep O_APPEND writes whole.
 - ``<route>-<date>.jsonl`` (student, teacher): ``{id, timestamp, status_code, latency_ms, request, response,
   routing}``, harvest's format;
 - ``errors-<date>.jsonl``: refused or failed requests, never their body;
+- ``passthrough-<date>.jsonl``: calls passed to the teacher unchanged (``--pass-through``), never their body;
 - ``live-<date>.jsonl``: the live loop's audit and shadow scores, dropped or failed background work.
 """
 
@@ -58,6 +59,16 @@ class CallLog:
         path = self.dir / f"{routing['route']}-{now:%Y-%m-%d}.jsonl"
         append_line(path, dumps(line, default=str) + b"\n")
         return line["id"]
+
+    def passthrough(self, request: web.Request, rid: str, status: int, latency_ms: float, sent: int,
+                    error: str = "") -> None:
+        """A passed-through call in passthrough-<date>.jsonl (never its body or query: they may hold anything)."""
+        now = datetime.now(timezone.utc)
+        line = {"id": rid, "timestamp": now.isoformat(), "method": request.method, "path": request.path[:200],
+                "status_code": status, "latency_ms": round(latency_ms, 1), "bytes_out": sent}
+        if error:
+            line["error"] = error[:500]
+        append_line(self.dir / f"passthrough-{now:%Y-%m-%d}.jsonl", dumps(line) + b"\n")
 
     def live(self, record: dict[str, Any]) -> None:
         """One live-loop record (audit and shadow scores, dropped or failed work) in live-<date>.jsonl."""

@@ -146,8 +146,8 @@ def promotion(ev: Evidence, lims: dict[str, dict[str, float | None]], cfg: Any,
     """Evidence, at level alpha, that the version is above its floors in every stratum of functions
     (``strata``): each reaches 1/alpha on its own (an intersection-union test: level alpha without splitting it),
     a stratum with no scored answer yet included. One test on all scores pooled showed only that their
-    traffic-weighted mean was above the floors (a candidate below its floor in a function with 30 % of the
-    traffic was promoted 97-100 % of the time), and a function with no scored answer was not tested at all."""
+    traffic-weighted mean was above the floors (a candidate below its floor in a function with a large share of
+    the traffic could be promoted), and a function with no scored answer was not tested at all."""
     groups, exempt = strata(lims, mix)
     of = {fn: name for name, fns in groups.items() for fn in fns}
     by: dict[str, list[tuple[float, float]]] = {name: [] for name in groups}
@@ -275,27 +275,34 @@ def run(path: Path, store: str, name: str, logs: str | Path, cfg: Any, urls: dic
     if "://" not in str(store).removeprefix("file://") and not folder.is_dir():
         raise FileNotFoundError(f"no store folder {folder}: check export.store and export.model_name (nothing "
                                 "was decided or created)")
-    floor = (datetime.now(timezone.utc) - timedelta(days=cfg.window_days)).isoformat()
+    floor = window_start(cfg)
     try:  # none in the window (a quiet deployment) is no evidence, not an error
         calls, _, _ = read_routed(logs, floor[:10]) if _has_logs(logs) else ([], [], 0)
     except FileNotFoundError:
         calls = []
     live, _ = read_live(logs, floor[:10])
+
+    def decide_on(dep: dict[str, Any]) -> list[dict[str, Any]]:
+        newest = _latest(store, name, warnings)
+        policies = policies_for(path.parent, dep, newest, warnings)
+        return decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor, notes)
+
     if dry_run:
         dep = deployment.load(path) if path.exists() else deployment.new(name)
-        newest = _latest(store, name, warnings)
-        policies = policies_for(path.parent, dep, newest, warnings)
-        return decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor, notes), dep
+        return decide_on(dep), dep
     with deployment.updating(path, name) as dep:
         dep["urls"] = {**dep.get("urls", {}), **(urls or {})}
-        newest = _latest(store, name, warnings)
-        policies = policies_for(path.parent, dep, newest, warnings)
-        done = decide(dep, policies, newest if newest in policies else None, calls, live, cfg, floor, notes)
+        done = decide_on(dep)
     for v in {d.get("version") for d in done if d["action"] in ("serve", "shadow", "promote", "canary")} - {None}:
         if v not in dep.get("urls", {}):
             warnings.append(f"{v} has no student URL in {path}: serve-router serves it only if started with "
                             f"--version-url {v}=URL (or pass --version-url {v}=URL here)")
     return done, dep
+
+
+def window_start(cfg: Any) -> str:
+    """The ISO time ``route.live.window_days`` ago: the decision reads no older evidence."""
+    return (datetime.now(timezone.utc) - timedelta(days=cfg.window_days)).isoformat()
 
 
 def _has_logs(logs: str | Path) -> bool:

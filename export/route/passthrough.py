@@ -7,7 +7,8 @@ those calls get a 404 that names the flag. Only the named paths (and what lies u
 not also be able to delete the organisation's files. The teacher is called with its own key (the client's
 ``Authorization`` is never passed on), the method, path below the base URL, query, body and a few content
 headers; its answer (streamed server-sent events included) is relayed as it arrives. Each call is counted and
-logged in ``passthrough-<date>.jsonl`` without its body (what it holds is not training data and may be anything).
+logged in ``passthrough-<date>.jsonl`` (``CallLog.passthrough``) without its body (what it holds is not
+training data and may be anything).
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from datetime import datetime, timezone
 
 from aiohttp import ClientError, web
 
-from export.route.calllog import append_line
-from export.route.jsonio import dumps
 from export.route.upstream import upstream_failure
 from export.route.wire import error_response
 
@@ -70,15 +68,6 @@ def backoff_headers(headers) -> dict[str, str]:
             if k.lower() in BACKOFF_HEADERS or k.lower().startswith(BACKOFF_PREFIXES)}
 
 
-def _line(rid: str, request: web.Request, status: int, t0: float, sent: int, error: str = "") -> bytes:
-    line = {"id": rid, "timestamp": datetime.now(timezone.utc).isoformat(), "method": request.method,
-            "path": request.path[:200], "status_code": status, "latency_ms": round(1000 * (time.perf_counter() - t0), 1),
-            "bytes_out": sent}
-    if error:
-        line["error"] = error[:500]
-    return dumps(line) + b"\n"
-
-
 async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
     """Send a call on one of the ``--pass-through`` paths to the teacher and relay its answer as it arrives; any
     other path gets a 404 that names the flag."""
@@ -104,8 +93,7 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
     _, headers = proxy._target(proxy.cfg.teacher_url, proxy.cfg.teacher_key_env)
     headers.pop("Content-Type", None)
     headers.update({h: request.headers[h] for h in REQUEST_HEADERS if h in request.headers})
-    log = proxy.cfg.log_dir / f"passthrough-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl"
-    out, sent = None, 0
+    out, sent, why = None, 0, ""
     try:
         async with proxy.upstream.session.request(request.method, url, data=await request.read() or None, headers=headers,
                                                   timeout=proxy.upstream.stream_timeout()) as up:
@@ -123,17 +111,15 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
             why = upstream_failure(url, err, proxy.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
         else:
             why = f"{url}: answer broken after {sent} bytes: {type(err).__name__}"
-        proxy.counts["passthrough"] = proxy.counts.get("passthrough", 0) + 1
-        append_line(log, _line(rid, request, out.status if out is not None else 502, t0, sent, why))
-        if out is None:
-            resp = error_response(502, why, "upstream_error", rid)
-            resp.headers["x-distill-route"] = "passthrough"
-            return resp
-        if request.transport is not None:  # cut: closed without the last chunk, so the client cannot take it
-            request.transport.close()       # for a whole answer
-        return out
+            if request.transport is not None:  # cut: closed without the last chunk, so the client cannot take
+                request.transport.close()       # it for a whole answer
     proxy.counts["passthrough"] = proxy.counts.get("passthrough", 0) + 1
-    append_line(log, _line(rid, request, out.status, t0, sent))
+    proxy.log.passthrough(request, rid, out.status if out is not None else 502,
+                          1000 * (time.perf_counter() - t0), sent, why)
+    if out is None:
+        resp = error_response(502, why, "upstream_error", rid)
+        resp.headers["x-distill-route"] = "passthrough"
+        return resp
     return out
 
 

@@ -9,10 +9,13 @@ import copy
 import json
 import math
 import socket
+import subprocess
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiohttp import web
 
 from export.route.router import Router
@@ -194,3 +197,17 @@ async def proxy_site(proxy: Any):
         yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     finally:
         await runner.cleanup()
+
+
+async def wait_healthy(proc: subprocess.Popen, base: str) -> None:
+    """Wait (60 s at most) until a serve-router process answers /health; its output if it died first."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if (await http.get(f"{base}/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(proc.stdout.read()) from None
+                await asyncio.sleep(0.2)

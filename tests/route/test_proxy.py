@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pyarrow.parquet as pq
@@ -25,6 +24,7 @@ from route_helpers import (
     full_router,
     read_jsonl,
     request,
+    wait_healthy,
     with_rule,
 )
 
@@ -164,16 +164,8 @@ def test_serve_router_command(e2e, tmp_path):
              "--no-embeddings"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"})
         try:
+            await wait_healthy(proc, f"http://127.0.0.1:{port}")
             async with httpx.AsyncClient(timeout=10) as http:
-                deadline = time.time() + 60
-                while True:
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        if proc.poll() is not None or time.time() > deadline:
-                            raise AssertionError(proc.stdout.read()) from None
-                        await asyncio.sleep(0.2)
                 resp = await http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
                                        json=request(IN_BAND_FAQ, function="legal_advice"))
                 return resp.status_code, dict(resp.headers), resp.json()

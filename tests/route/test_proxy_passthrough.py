@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 from aiohttp import web
 from live_stubs import policy
-from route_helpers import free_port, read_jsonl
+from route_helpers import free_port, read_jsonl, wait_healthy
 
 from export.route.passthrough import allowed, normalise
 from pipeline.cli import main as cli
@@ -76,19 +75,6 @@ class Teacher:
         return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
 
 
-async def _wait_healthy(proc: subprocess.Popen, base: str) -> None:
-    async with httpx.AsyncClient(timeout=10) as http:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if (await http.get(f"{base}/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(proc.stdout.read()) from None
-                await asyncio.sleep(0.2)
-
-
 async def _client_calls(base: str) -> dict:
     """What an app does through the proxy, with the official client (its own key, never passed on)."""
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="sk-client-key", max_retries=0)
@@ -139,7 +125,7 @@ def served(tmp_path_factory):
              "--pass-through", "/responses", "--client-key-env", "CLIENT_KEY"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "TEACHER_KEY": "sk-teacher-key", "CLIENT_KEY": "sk-client-key"})
         try:
-            await _wait_healthy(proc, f"http://127.0.0.1:{port}")
+            await wait_healthy(proc, f"http://127.0.0.1:{port}")
             return await _client_calls(f"http://127.0.0.1:{port}"), teacher
         finally:
             proc.send_signal(signal.SIGINT)
