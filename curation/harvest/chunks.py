@@ -24,13 +24,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.harvest.importers import common
-from curation.harvest.importers.common import LENIENT, BadRecord, Lenient, Parsed, decode_json_text, loads_row
+from curation.harvest.importers.common import (
+    LENIENT,
+    BadRecord,
+    Lenient,
+    NotACall,
+    Parsed,
+    decode_json_text,
+    loads_row,
+)
 from curation.harvest.importers.formats import IMPORTERS, has_timestamps
 from curation.harvest.importers.openai import fast_row
 from pipeline.config.harvest import Source
 from pipeline.pii import Redaction
 from pipeline.record import record_row, rows_to_table
 
+NOT_CALLS_PREFIX = "not_calls:"
 ROW_GROUP = 10_000  # records converted and written at a time: bounds the memory of a chunk
 
 
@@ -72,7 +81,8 @@ class ChunkResult:
     ids_at_max: list[str] = field(default_factory=list)
     # What was kept but is worth knowing, per kind: "images" (image parts, kept in the messages' images),
     # "records_with_images", "lenient_json" (rows read leniently: raw control characters in strings), and
-    # "coerced:<field>" (values of that record field dropped or truncated: importers.common.COERCED)
+    # "coerced:<field>" (values of that record field dropped or truncated: importers.common.COERCED) and
+    # "not_calls:<why>" (whole rows that hold no teacher call, on purpose: importers.common.NotACall)
     notes: Counter[str] = field(default_factory=Counter)
 
 
@@ -207,6 +217,10 @@ def _convert(chunk: Chunk) -> ChunkResult:
             except BadRecord as err:
                 coerced.clear()  # the row is quarantined whole: nothing of it was coerced into a record
                 _quarantine(res, chunk, number, str(err))
+                continue
+            except NotACall as why:
+                coerced.clear()
+                res.notes[f"{NOT_CALLS_PREFIX}{why.kind}"] += 1
                 continue
             for k, v in coerced.items():
                 res.notes[f"coerced:{k}"] += v

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from curation.harvest.importers.common import BadRecord
+from curation.harvest.importers.common import BadRecord, NotACall
 from curation.harvest.importers.formats import IMPORTERS
 from curation.harvest.sources import LogFile, json_rows, list_files, row_batches
 from pipeline.pii import Redaction, enabled
@@ -48,6 +48,8 @@ def _record(src, row: Any, where: str) -> list[dict[str, Any]]:
         records = IMPORTERS[src.format](row, where, src, EPOCH)
     except BadRecord as bad:
         raise ValueError(f"{FIELD}: {where}: {bad}") from None
+    except NotACall as why:
+        raise ValueError(f"{FIELD}: {where}: not a reviewed call: one of the {why.kind}") from None
     for r in records:
         out = r.get("output") or {}
         if r.get("error") or not (out.get("content") or out.get("tool_calls")):

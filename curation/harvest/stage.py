@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rich.progress import Progress, TextColumn
 
 from curation.harvest import watermarks
-from curation.harvest.chunks import ChunkResult
+from curation.harvest.chunks import NOT_CALLS_PREFIX, ChunkResult
 from curation.harvest.feedback import FeedbackIndex
 from curation.harvest.ingest import Ingest, Runner, auto_workers, ingest_files, ingest_sql
 from curation.harvest.sources import list_files
@@ -151,7 +151,7 @@ def run(ctx: StageContext) -> StageResult:
                 state.batches = [*state.batches, *sorted(ing.new_batches)]
                 for k in watermarks.COUNT_KEYS:
                     state.counts[k] = state.counts.get(k, 0) + ing.counts.get(k, 0)
-                for k, n in sorted(ing.notes.items()):  # NOTE_KEYS and coerced:<field>
+                for k, n in sorted(ing.notes.items()):  # NOTE_KEYS, coerced:<field>, not_calls:<why>
                     if n:
                         state.counts[k] = state.counts.get(k, 0) + n
                 states[key] = state
@@ -453,14 +453,25 @@ def _notes(counts: dict[str, Any], summary: list[tuple[str, str]], states: dict[
         counts["lenient_json"] = notes["lenient_json"]
         summary.append(("read leniently", f"{notes['lenient_json']:,} rows with raw control characters inside JSON "
                         "strings (tag lenient_json)"))
-    coerced: Counter[str] = Counter()
-    for st in states.values():
-        coerced.update({k[len(COERCED_PREFIX):]: v for k, v in st.counts.items() if k.startswith(COERCED_PREFIX) and v})
+    not_calls = _prefixed(states, NOT_CALLS_PREFIX)
+    if not_calls:
+        counts["not_calls"] = dict(sorted(not_calls.items()))
+        summary.append(("not calls", "; ".join(f"{v:,} {k}" for k, v in not_calls.most_common())
+                        + " (skipped, over all runs: only the teacher's answers are training data)"))
+    coerced = _prefixed(states, COERCED_PREFIX)
     if coerced:
         counts["coerced"] = dict(sorted(coerced.items()))
         summary.append(("coerced", f"{sum(coerced.values()):,} values dropped or truncated, not of the field's kind "
                         "(a latency that is not a number, tags that are not a map, ...): "
                         + ", ".join(f"{k} {v:,}" for k, v in sorted(coerced.items()))))
+
+
+def _prefixed(states: dict[str, Any], prefix: str) -> Counter[str]:
+    """The sources' counts under ``prefix`` (``coerced:``, ``not_calls:``), summed, without the prefix."""
+    out: Counter[str] = Counter()
+    for st in states.values():
+        out.update({k[len(prefix):]: v for k, v in st.counts.items() if k.startswith(prefix) and v})
+    return out
 
 
 def _feedback_and_regeneration(counts: dict[str, Any], summary: list[tuple[str, str]], totals: dict[str, Any],

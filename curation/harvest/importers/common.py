@@ -21,6 +21,15 @@ class BadRecord(ValueError):
     """A row that cannot become a record; the message is the quarantine reason (never the row's text)."""
 
 
+class NotACall(Exception):
+    """A row that is whole but holds no teacher call, on purpose (a student's answer or a record serve-router
+    keeps beside its calls): counted under ``kind`` in the harvest summary, not quarantined."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
 # --- reading JSON text: the fast parser first, the lenient fallback only where it fails -----------------------------
 
 BOM = b"\xef\xbb\xbf"

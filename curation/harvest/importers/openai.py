@@ -18,6 +18,7 @@ from curation.harvest.importers.common import (
     COERCED,
     SAMPLING_KEYS,
     BadRecord,
+    NotACall,
     chat_message,
     chat_messages,
     content_id,
@@ -32,10 +33,31 @@ from curation.harvest.importers.common import (
 )
 from pipeline.record import dumps, epoch_ms
 
-__all__ = ["BadRecord", "dotted", "fast_row", "from_call", "parse_line", "parse_openai", "reassemble_stream",
-           "sse_events"]
+__all__ = ["BadRecord", "NotACall", "dotted", "fast_row", "from_call", "not_a_call", "parse_line", "parse_openai",
+           "reassemble_stream", "sse_events"]
 
 STREAM_CUT_OFF = "no chunk carried a finish_reason: the stream ended before its final chunk"
+
+# What serve-router writes beside the calls it logs (export.route.calllog), for a source that names its whole log
+# folder or a glob over it: the student's own answers (student-*.jsonl; training on them would teach the student its
+# own mistakes, and evaluate would score it against itself) and records that hold no call.
+STUDENT_ANSWER = "student answers logged by serve-router"
+ROUTER_RECORD = "serve-router records that are not calls (errors-, passthrough-, live-)"
+LIVE_KINDS = frozenset({"audit", "shadow", "dropped", "error"})
+
+
+def not_a_call(line: dict[str, Any]) -> str | None:
+    """Why a serve-router log line is not a teacher call (``STUDENT_ANSWER`` or ``ROUTER_RECORD``); None for the
+    rest, which the importer reads as a call."""
+    routing = line.get("routing")
+    if routing is not None:
+        return STUDENT_ANSWER if type(routing) is dict and routing.get("route") == "student" else None
+    if "request" in line or "response" in line or "chunks" in line:
+        return None
+    if ("method" in line and "path" in line and "status_code" in line  # errors-, passthrough-
+            or line.get("kind") in LIVE_KINDS and "request_id" in line):  # live-
+        return ROUTER_RECORD
+    return None
 
 
 def _chunks(raw: list[Any]) -> list[dict[str, Any]]:
@@ -285,6 +307,8 @@ def parse_openai(line: Any, source: str, function_field: str | None = None, feed
     """One parsed log row -> its records (one per choice); raises BadRecord with the reason."""
     if not isinstance(line, dict):
         raise BadRecord(f"line is a JSON {type(line).__name__}, not an object")
+    if (why := not_a_call(line)) is not None:
+        raise NotACall(why)
     response = line.get("response")
     if response is None and isinstance(line.get("chunks"), list):
         response = line["chunks"]
@@ -339,6 +363,9 @@ def fast_row(line: Any, where: str, function_field: str | None = None,
     resp = line.get("response")
     if type(req) is not dict or type(resp) is not dict or "error" in resp or "chunks" in resp:
         return None
+    routing = line.get("routing")
+    if routing is not None and (type(routing) is not dict or routing.get("route") == "student"):
+        return None  # parse_openai says why it is not a call
     msgs = req.get("messages")
     choices = resp.get("choices")
     if type(msgs) is not list or not msgs or type(choices) is not list or len(choices) != 1:
