@@ -121,7 +121,7 @@ def run(ctx: StageContext) -> StageResult:
     nbytes = sum(int(f.fs.info(f.path).get("size") or 0) for fs in files.values() for f in fs)
     runner = Runner(auto_workers(cfg.workers, nbytes))
     states: dict[str, watermarks.SourceState] = {}
-    ingests: list[Ingest] = []
+    ingests: list[_Ingest] = []
     t0 = time.perf_counter()
     with open(work / QUARANTINE, "w") as quarantine, _progress(ctx) as progress:
         carried_labels = {source_label(s) for k, s in zip(keys, cfg.sources, strict=True) if k in old_states}
@@ -381,7 +381,7 @@ def _assemble(work: Path, batch_files: list[str], fb: FeedbackIndex | None,
             "scores_set_aside": applied["scores_set_aside"]}
 
 
-def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states: dict[str, Any],
+def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[_Ingest], states: dict[str, Any],
             totals: dict[str, Any], fb: FeedbackIndex | None, regen: _Regeneration | None, read_s: float,
             workers: int) -> StageResult:
     this_run: Counter[str] = Counter(dict.fromkeys(watermarks.COUNT_KEYS, 0))
@@ -423,6 +423,14 @@ def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[Ingest], states
                                                           ("duplicates", "already harvested"),
                                                           ("extra_choices", "extra choices (n > 1)"))
                if this_run[k]]
+    not_calls: Counter[str] = Counter()
+    for ing in ingests:
+        not_calls.update({k[len(NOT_CALLS_PREFIX):]: n for k, n in ing.notes.items() if k.startswith(NOT_CALLS_PREFIX)})
+    not_calls = +not_calls  # without zeros
+    if not_calls:
+        counts["this_run"]["not_calls"] = dict(sorted(not_calls.items()))
+        skipped += [f"{n:,} {why}" for why, n in not_calls.most_common()]
+        skipped[-1] += " (not calls: only the teacher's answers are training data)"
     if skipped:
         summary.append(("of which", "; ".join(skipped)))
     held = counts["held_back_partial_line"]
@@ -453,11 +461,9 @@ def _notes(counts: dict[str, Any], summary: list[tuple[str, str]], states: dict[
         counts["lenient_json"] = notes["lenient_json"]
         summary.append(("read leniently", f"{notes['lenient_json']:,} rows with raw control characters inside JSON "
                         "strings (tag lenient_json)"))
-    not_calls = _prefixed(states, NOT_CALLS_PREFIX)
+    not_calls = _prefixed(states, NOT_CALLS_PREFIX)  # this run's are in the summary's "of which" line
     if not_calls:
         counts["not_calls"] = dict(sorted(not_calls.items()))
-        summary.append(("not calls", "; ".join(f"{v:,} {k}" for k, v in not_calls.most_common())
-                        + " (skipped, over all runs: only the teacher's answers are training data)"))
     coerced = _prefixed(states, COERCED_PREFIX)
     if coerced:
         counts["coerced"] = dict(sorted(coerced.items()))

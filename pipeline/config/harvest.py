@@ -98,7 +98,8 @@ class Source(Location):
         None, description="Dotted path of the function name in a row. Default per format: openai "
         "'request.metadata.function', openpipe 'tags.prompt_id', tensorzero 'function_name', openai_finetune "
         "'metadata.function', otel the span attribute 'gen_ai.agent.name' (else the resource's service.name), "
-        "langfuse 'name', litellm 'metadata.requester_metadata.function', openai_stored 'metadata.function'. "
+        "langfuse 'name', litellm 'metadata.requester_metadata.function' (else the x-distill-function header it "
+        "logged), openai_stored 'metadata.function'. "
         "Missing -> 'default'.",
     )
     feedback_field: str = Field("feedback", description="openai/openpipe: dotted path of an object metric -> value.")

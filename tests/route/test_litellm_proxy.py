@@ -92,6 +92,31 @@ class Backends:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+FILE_LOGGER = """
+import json, os
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.proxy.spend_tracking.spend_tracking_utils import get_logging_payload
+
+
+class FileLogger(CustomLogger):
+    def _write(self, kwargs, response_obj, start_time, end_time):
+        with open(os.environ["PAYLOAD_LOG"], "a") as f:
+            f.write(json.dumps(kwargs["standard_logging_object"], default=str) + "\\n")
+        row = get_logging_payload(kwargs, response_obj, start_time, end_time)
+        with open(os.environ["SPEND_LOG"], "a") as f:
+            f.write(json.dumps(dict(row), default=str) + "\\n")
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        self._write(kwargs, response_obj, start_time, end_time)
+
+    async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):
+        self._write(kwargs, response_obj, start_time, end_time)
+
+
+proxy_handler_instance = FileLogger()
+"""
+
+
 def _heldout(e2e: Path) -> dict[str, list]:
     out: dict[str, list] = {}
     for split in ("val", "test"):
@@ -113,11 +138,18 @@ def through_litellm(e2e, litellm_bin, tmp_path_factory):
     gw = GatewayConfig(student_api_base=back.student.url, router_api_base=back.router_url,
                        teacher_api_base=back.teacher.url, teacher_model=f"openai/{TEACHER_MODEL}")
     limits = litellm_limits(router.policy, _heldout(e2e), router.counter.exact, litellm_counter())
-    (tmp / "litellm.yaml").write_text(litellm_config(router.policy, gw, "tiny-student", limits))
+    config = yaml.safe_load(litellm_config(router.policy, gw, "tiny-student", limits))
+    # What the gateway logs, as a team harvests it: LiteLLM's StandardLoggingPayload per call (what its bucket and
+    # custom loggers write) and the LiteLLM_SpendLogs row its database writer would insert (LiteLLM's own builder).
+    (tmp / "file_logger.py").write_text(FILE_LOGGER)
+    config["litellm_settings"]["callbacks"] = "file_logger.proxy_handler_instance"
+    config["general_settings"]["store_prompts_in_spend_logs"] = True  # what harvesting spend logs needs
+    (tmp / "litellm.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     key = "sk-" + secrets.token_hex(16)
     port = free_port()
     env = {**os.environ, MASTER_KEY_ENV: key, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           "STUDENT_API_KEY": "sk-student", "OPENAI_API_KEY": "sk-teacher"}
+           "STUDENT_API_KEY": "sk-student", "OPENAI_API_KEY": "sk-teacher",
+           "PAYLOAD_LOG": str(tmp / "payloads.jsonl"), "SPEND_LOG": str(tmp / "spend_logs.jsonl")}
     log = open(tmp / "litellm.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([str(litellm_bin), "--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1",
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
@@ -180,3 +212,43 @@ def test_function_groups_route_in_litellms_own_count(through_litellm, e2e):
     r = client.chat.completions.create(model=f"distill/{FAQ}", messages=_faq(long))
     assert json.loads(r.choices[0].message.content) == {"answer": "from the teacher"}  # over the limit
     assert back.teacher.bodies[-1]["model"] == TEACHER_MODEL and len(back.student.bodies) == n_student + 1
+
+
+def _count_lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_harvesting_litellms_logs_skips_the_students_answers(through_litellm, tmp_path, monkeypatch):
+    """A team that harvests the gateway's logs (format: litellm) gets the teacher's answers only: the student's,
+    through distill/router (serve-router's x-distill-route header, which LiteLLM logs) or a distill/<function>
+    group, are skipped and counted (was: taken as teacher outputs; spend-log rows were all quarantined)."""
+    from pipeline.cli import main as cli
+
+    client, back, _, _, tmp = through_litellm
+    for log in ("payloads.jsonl", "spend_logs.jsonl"):
+        (tmp / log).unlink(missing_ok=True)
+    asks = [("distill/router", IN_BAND_FAQ, FAQ), ("distill/router", IN_BAND_FAQ, "legal_advice"),
+            (f"distill/{FAQ}", IN_BAND_FAQ, None)]
+    for model, text, fn in asks:
+        client.chat.completions.create(model=model, messages=_faq(text),
+                                       extra_headers={FUNCTION_HEADER: fn} if fn else None)
+    stream = client.chat.completions.create(model="distill/router", messages=_faq(IN_BAND_FAQ), stream=True,
+                                            extra_headers={FUNCTION_HEADER: FAQ})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    deadline = time.time() + 30  # LiteLLM logs after answering
+    while time.time() < deadline and min(_count_lines(tmp / f) for f in ("payloads.jsonl", "spend_logs.jsonl")) < 4:
+        time.sleep(0.2)
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "gw", "harvest": {"sources": [
+        {"name": "payloads", "format": "litellm", "path": str(tmp / "payloads.jsonl")},
+        {"name": "spend", "format": "litellm", "path": str(tmp / "spend_logs.jsonl")}]}}))
+    assert cli(["harvest", str(recipe)]) == 0
+    manifest = json.loads((tmp_path / "runs/gw/harvest/manifest.json").read_text())
+    rows = pq.read_table(sorted((tmp_path / "runs/gw/harvest").glob("records-*.parquet"))).to_pylist()
+    # One teacher answer (legal_advice: not trained) from each source; the function from the forwarded header
+    assert [(r["function"], json.loads(r["output"]["content"])) for r in rows] == \
+        [("legal_advice", {"answer": "from the teacher"})] * 2
+    student_calls = "student calls logged by LiteLLM (x-distill-route: student, or a distill/<function> group)"
+    assert manifest["counts"]["not_calls"] == {student_calls: 6}  # 3 answers (one streamed) x 2 sources
+    assert manifest["counts"]["quarantined"] == 0

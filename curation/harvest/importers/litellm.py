@@ -5,9 +5,16 @@ write: ``messages``, ``response`` as a ``chat.completion`` object, ``model_param
 ``startTime``/``endTime`` in unix seconds, ``response_cost``, ``error_str`` / ``error_information``) or a row of
 the ``LiteLLM_SpendLogs`` table (through the SQL source or a JSON export: ``request_id``, ``messages`` and
 ``response`` -- stored only with ``store_prompts_in_spend_logs`` --, ``startTime``/``endTime``,
-``request_duration_ms``, ``spend``, ``status``, ``proxy_server_request``). Streamed calls are logged with the
+``request_duration_ms``, ``spend``, ``status``, ``proxy_server_request``; since LiteLLM 1.7x ``messages`` is
+``{}`` for chat calls and the prompt is in ``proxy_server_request.messages``). Streamed calls are logged with the
 response already assembled. A failed call (``status: failure``) is kept with its error (curate drops it); a row
 whose messages were not logged (redacted, or not stored in the spend log) is quarantined with the reason.
+
+Traffic routed by distill through LiteLLM (export.route.gateways' config) holds the student's own calls: those
+that serve-router behind ``distill/router`` answered with the student (its ``x-distill-route: student`` header,
+which LiteLLM logs among the upstream's headers) and those of a ``distill/<function>`` group (the student; its
+teacher fallback is ``distill/<function>/teacher``). They are skipped and counted (``NotACall``), never taken as
+the teacher's answers.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 from curation.harvest.importers.common import (
     COERCED,
     BadRecord,
+    NotACall,
     decode_json_text,
     dotted,
     integer,
@@ -30,6 +38,35 @@ from pipeline.config.harvest import Source
 from pipeline.record import dumps
 
 CHAT_CALLS = frozenset({"completion", "acompletion", "text_completion", "atext_completion"})
+ROUTE_HEADER = "llm_provider-x-distill-route"  # serve-router's x-distill-route, as LiteLLM logs upstream headers
+STUDENT_CALL = "student calls logged by LiteLLM (x-distill-route: student, or a distill/<function> group)"
+# Where the function is when the source names no function_field: the client's metadata, else the header
+# serve-router's clients send (LiteLLM logs the request's headers); payload rows, then spend-log rows.
+FUNCTION_FIELDS = ("metadata.requester_metadata.function", "proxy_server_request.metadata.requester_metadata.function",
+                   "proxy_server_request.metadata.function", "metadata.requester_metadata.headers.x-distill-function",
+                   "proxy_server_request.metadata.headers.x-distill-function")
+
+
+def student_call(row: dict[str, Any]) -> bool:
+    """Whether the student, not the teacher, answered this call (see the module's docstring)."""
+    hidden = decode_json_text(row.get("hidden_params"))
+    if not isinstance(hidden, dict):  # a spend-log row keeps them in the request's metadata
+        hidden = dotted(row, "proxy_server_request.metadata.hidden_params")
+    headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
+    route = headers.get(ROUTE_HEADER) if isinstance(headers, dict) else None
+    if route is not None:
+        return route == "student"
+    group = row.get("model_group")
+    return (isinstance(group, str) and group.startswith("distill/") and group != "distill/router"
+            and not group.endswith("/teacher"))
+
+
+def _function(row: dict[str, Any], cfg: Source) -> Any:
+    if cfg.function:
+        return cfg.function
+    if cfg.function_field:
+        return dotted(row, cfg.function_field)
+    return next((fn for path in FUNCTION_FIELDS if (fn := dotted(row, path)) not in (None, "")), None)
 
 
 def _error(row: dict[str, Any]) -> tuple[str | None, int | None]:
@@ -46,11 +83,16 @@ def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dic
     """One StandardLoggingPayload or LiteLLM_SpendLogs row -> one record per choice of its response."""
     if not isinstance(row, dict):
         raise BadRecord(f"row is a JSON {type(row).__name__}, not an object")
-    spend_log = "request_id" in row and "litellm_call_id" not in row
+    # A spend-log row: request_id and spend (LiteLLM 1.110 also stores litellm_call_id there)
+    spend_log = "request_id" in row and ("spend" in row or "litellm_call_id" not in row)
     call_type = row.get("call_type")
     if isinstance(call_type, str) and call_type not in CHAT_CALLS:
         raise BadRecord(f"call_type '{call_type[:40]}' is not a chat completion")
+    if student_call(row):
+        raise NotACall(STUDENT_CALL)
     msgs = decode_json_text(row.get("messages"))
+    if spend_log and msgs in (None, {}, []):  # chat calls: the prompt is in the request as the proxy got it
+        msgs = dotted(row, "proxy_server_request.messages")
     if isinstance(msgs, str):
         raise BadRecord("messages are not logged: redacted by LiteLLM (turn_off_message_logging)"
                         if "redacted" in msgs else "messages is text, not a list of chat messages")
@@ -104,7 +146,7 @@ def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dic
         tags["request_tags"] = dumps(request_tags)
     if row.get("cache_hit") in (True, "True", "true"):
         tags["cache_hit"] = "true"
-    fn = cfg.function or dotted(row, cfg.function_field or "metadata.requester_metadata.function")
+    fn = _function(row, cfg)
     rid = row.get("request_id") if spend_log else row.get("id") or row.get("litellm_call_id")
     records = from_call(request, response, rid=rid, source=where, ts=start if start is not None else None,
                         status=code, latency=latency, tags=tags, function=fn, choices=cfg.choices,

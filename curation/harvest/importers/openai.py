@@ -44,6 +44,11 @@ STREAM_CUT_OFF = "no chunk carried a finish_reason: the stream ended before its 
 STUDENT_ANSWER = "student answers logged by serve-router"
 ROUTER_RECORD = "serve-router records that are not calls (errors-, passthrough-, live-)"
 LIVE_KINDS = frozenset({"audit", "shadow", "dropped", "error"})
+# The keys of those records (export.route.calllog, export.route.audit): a row from another logger is not taken
+# for one and stays quarantined with its reason.
+ERROR_KEYS = frozenset({"id", "timestamp", "status_code", "method", "path", "error"})
+PASSTHROUGH_KEYS = frozenset({"id", "timestamp", "status_code", "method", "path", "latency_ms", "bytes_out", "error"})
+LIVE_KEYS = frozenset({"timestamp", "kind", "request_id", "version", "function"})
 
 
 def not_a_call(line: dict[str, Any]) -> str | None:
@@ -54,8 +59,9 @@ def not_a_call(line: dict[str, Any]) -> str | None:
         return STUDENT_ANSWER if type(routing) is dict and routing.get("route") == "student" else None
     if "request" in line or "response" in line or "chunks" in line:
         return None
-    if ("method" in line and "path" in line and "status_code" in line  # errors-, passthrough-
-            or line.get("kind") in LIVE_KINDS and "request_id" in line):  # live-
+    keys = line.keys()
+    if ({"id", "method", "path", "status_code"} <= keys and (keys <= ERROR_KEYS or keys <= PASSTHROUGH_KEYS)
+            or line.get("kind") in LIVE_KINDS and keys >= LIVE_KEYS):
         return ROUTER_RECORD
     return None
 
