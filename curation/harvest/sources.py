@@ -130,10 +130,14 @@ def list_files(loc: Location, what: str = "harvest.sources") -> list[LogFile]:
         if "protocol" in str(err).lower() or isinstance(err, ImportError):
             raise _missing_extra(err, loc.path) from None
         raise
-    if any(c in loc.path for c in "*?["):  # fsspec's expansion above keeps files only; the glob itself, folders too
-        paths = sorted(fs.glob(loc.path.rstrip("/")))
-    # A folder, named or matched by a glob (several replicas' log folders: logs/*), is read whole
-    paths = [f for p in paths for f in ([x for x in fs.find(p) if x.endswith(LOG_SUFFIXES)] if fs.isdir(p) else [p])]
+    if "*" in loc.path:  # a glob, as fsspec tells one; its expansion above keeps files only, the glob folders too
+        paths = fs.glob(loc.path.rstrip("/"))
+        if loc.path.endswith("/"):
+            paths = [p for p in paths if fs.isdir(p)]
+    # A folder, named or matched by a glob (several replicas' log folders: logs/*), is read whole; once per file
+    # (logs/** matches every folder above a file too)
+    paths = sorted({f for p in paths
+                    for f in ([x for x in fs.find(p) if x.endswith(LOG_SUFFIXES)] if fs.isdir(p) else [p])})
     if not paths:
         raise FileNotFoundError(f"{what}: no files match {loc.path!r}")
     return [LogFile(fs, p) for p in sorted(paths)]

@@ -120,11 +120,13 @@ def litellm_config(policy: dict[str, Any], gw, student_model: str,
         teacher_group = f"distill/{fn}/teacher"
         model_list.append({"model_name": teacher_group, "litellm_params": dict(teacher_params)})
         if rule.get("enabled"):
-            entry: dict[str, Any] = {"model_name": group, "litellm_params": dict(student)}
+            # The id is LiteLLM's deployment id, logged as model_id: harvest tells the student's calls by it
+            entry: dict[str, Any] = {"model_name": group, "litellm_params": dict(student),
+                                     "model_info": {"id": f"{group}/student"}}
             limit = (rule.get("before") or {}).get("max_input_tokens")
             if limit is not None:
                 cal = limits.get(fn)
-                entry["model_info"] = {"max_input_tokens": int(cal["max_input_tokens"] if cal else limit)}
+                entry["model_info"]["max_input_tokens"] = int(cal["max_input_tokens"] if cal else limit)
                 window.append({group: [teacher_group]})
                 if cal:
                     notes.append(f"#   {fn}: {cal['student_limit']} student tokens -> {cal['max_input_tokens']} in "

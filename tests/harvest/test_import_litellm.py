@@ -67,37 +67,48 @@ def test_litellm_rows_in_equal_harvested_plus_quarantined(tmp_path_factory, data
     check_rows_in_equal_harvested_plus_quarantined("litellm", samples, data, tmp_path_factory)
 
 
-def _spend_row(rid: str, route: str, text: str, group: str = "distill/router") -> dict:
+def _spend_row(rid: str, route: str | None, text: str, group: str = "distill/router", model_id: str = "9f3c2a",
+               hidden_as_text: bool = False) -> dict:
     """A LiteLLM_SpendLogs row as LiteLLM 1.110.2 writes it for a chat call through distill's config (its own
     get_logging_payload, keys trimmed): litellm_call_id present, messages '{}', the prompt and the upstream's
-    headers in proxy_server_request."""
+    headers in proxy_server_request, the deployment's model_info.id as model_id."""
+    hidden = {"additional_headers": {"llm_provider-x-distill-route": route}} if route else {}
     request = {"model": group, "messages": [{"role": "user", "content": "Is the Echo Speaker in stock?"}],
-               "metadata": {"headers": {"x-distill-function": "product_faq"},
-                            "hidden_params": {"additional_headers": {"llm_provider-x-distill-route": route}}
-                            if route else {}}}
+               "metadata": {"headers": {"x-distill-function": "product_faq"} if group == "distill/router" else {},
+                            "hidden_params": json.dumps(hidden) if hidden_as_text else hidden}}
     response = {"id": rid, "created": 1796618212, "model": group, "object": "chat.completion",
                 "choices": [{"finish_reason": "stop", "index": 0, "message": {"content": text, "role": "assistant"}}],
                 "usage": {"completion_tokens": 11, "prompt_tokens": 30, "total_tokens": 41}}
     return {"request_id": rid, "call_type": "acompletion", "litellm_call_id": f"call-{rid}",
             "startTime": "2026-12-07 04:36:52.525279+00:00", "endTime": "2026-12-07 04:36:52.565715+00:00",
-            "model": "openai/gpt-4o-2024-08-06", "model_group": group, "spend": 0.000185, "status": "success",
-            "messages": "{}", "response": json.dumps(response), "custom_llm_provider": "openai",
+            "model": "openai/gpt-4o-2024-08-06", "model_group": group, "model_id": model_id, "spend": 0.000185,
+            "status": "success", "messages": "{}", "response": json.dumps(response), "custom_llm_provider": "openai",
             "prompt_tokens": 30, "completion_tokens": 11, "proxy_server_request": json.dumps(request)}
+
+
+STUDENT_CALLS = "student calls logged by LiteLLM (x-distill-route: student, or a distill/<function>/student deployment)"
 
 
 def test_litellm_1_110_spend_logs_and_the_students_calls(tmp_path):
     """LiteLLM 1.110's spend-log rows were all quarantined ('no messages in the row'); and a gateway in front of
-    serve-router logs the student's answers, which were taken as the teacher's."""
+    serve-router logs the student's answers, which were taken as the teacher's. A disabled function's group is
+    the teacher alone: its answers are kept."""
     rows = [_spend_row("s1", "student", "from the student"), _spend_row("t1", "teacher", "from the teacher"),
-            _spend_row("s2", None, "from the student", group="distill/product_faq"),
-            _spend_row("t2", None, "from the teacher too", group="distill/product_faq/teacher")]
+            _spend_row("s2", None, "from the student", group="distill/product_faq",
+                       model_id="distill/product_faq/student"),
+            _spend_row("t2", None, "from the fallback", group="distill/product_faq/teacher"),
+            _spend_row("t3", None, "from the teacher alone", group="distill/ticket_triage"),
+            _spend_row("s3", "student", "from the student", hidden_as_text=True),
+            _spend_row("u1", None, "from whom?")]  # distill/router, no route header logged
     (tmp_path / "spend.json").write_text(json.dumps(rows))
     recipe = write_recipe(tmp_path, {"sources": [{"format": "litellm", "path": "spend.json"}]})
     counts = harvest(recipe)["counts"]
     got = by_id(recipe)
-    assert sorted(got) == ["t1", "t2"] and counts["quarantined"] == 0
+    assert sorted(got) == ["t1", "t2", "t3"] and counts["quarantined"] == 0
     assert got["t1"]["messages"][0]["content"] == "Is the Echo Speaker in stock?"
     assert got["t1"]["output"]["content"] == "from the teacher"
-    assert got["t1"]["function"] == "product_faq"  # from the x-distill-function header LiteLLM logged
-    assert counts["not_calls"] == {
-        "student calls logged by LiteLLM (x-distill-route: student, or a distill/<function> group)": 2}
+    # the function: the x-distill-function header LiteLLM logged, else the group that answered
+    assert [got[k]["function"] for k in ("t1", "t2", "t3")] == ["product_faq", "product_faq", "ticket_triage"]
+    assert counts["not_calls"] == {STUDENT_CALLS: 3, (
+        "distill/router calls with no x-distill-route header logged (this LiteLLM keeps no upstream headers): "
+        "harvest serve-router's teacher-*.jsonl instead"): 1}

@@ -120,3 +120,50 @@ def test_rows_of_other_loggers_are_not_taken_for_serve_routers(tmp_path):
     counts = harvest(recipe)["counts"]
     assert counts["quarantined"] == 2
     assert counts["not_calls"] == {"serve-router records that are not calls (errors-, passthrough-, live-)": 2}
+
+
+def test_globs_read_each_file_once_and_a_literal_bracket_is_a_name(tmp_path, router_logs):
+    """logs/** matches every folder above a file too: each file is read once (was: once per folder, lines and
+    not-calls tripled). A '[' in a path is a name, as before (was: 'no files match'). 'logs/*/' means folders."""
+    tree = tmp_path / "tree" / "eu[1]" / "host-a"
+    tree.mkdir(parents=True)
+    for f in router_logs.iterdir():
+        (tree / f.name).write_text(f.read_text())
+    (tmp_path / "tree" / "notes.txt").write_text("not a log\n")
+    # (path, files read, lines): tree/** names notes.txt too (a glob of every file), which is quarantined
+    for n, (path, files, lines_read) in enumerate((("tree/**", 6, 14), ("tree/eu[1]/host-a", 5, 13),
+                                                  ("tree/*/", 5, 13))):
+        recipe = write_recipe(tmp_path, {"sources": [{"format": "openai", "path": path}]}, name=f"g{n}")
+        assert cli(["harvest", str(recipe)]) == 0, path
+        counts = json.loads((tmp_path / "runs" / f"g{n}" / "harvest" / "manifest.json").read_text())["counts"]
+        assert (counts["this_run"]["files_read"], counts["lines"]) == (files, lines_read), path
+        assert counts["quarantined"] == lines_read - 13 and counts["records"] == 5, path
+
+
+def test_a_golden_row_from_the_students_log_is_the_reviewers_answer(tmp_path, router_logs):
+    """A reviewed answer copied from serve-router's student log (its routing object kept) reads as a golden row."""
+    from curation.harvest.golden import load_golden
+    from pipeline.recipe import parse_recipe
+
+    from conftest import BASE_RECIPE, merge
+
+    row = json.loads(next(router_logs.glob("student-*.jsonl")).read_text().splitlines()[0])
+    row["response"]["choices"][0]["message"]["content"] = "a1, reviewed"
+    (tmp_path / "golden.jsonl").write_text(json.dumps(row) + "\n")
+    sources = parse_recipe(merge(BASE_RECIPE, {"evaluate": {"golden": [
+        {"path": str(tmp_path / "golden.jsonl"), "format": "openai"}]}})).evaluate.golden
+    assert [r["output"]["content"] for r in load_golden(sources)] == ["a1, reviewed"]
+
+
+def test_tensorzero_inferences_of_distills_config_keep_the_teachers_only(tmp_path):
+    """distill's TensorZero config (legacy) has per function a student, a teacher and a router variant: only the
+    teacher variant's inferences are the teacher's answers."""
+    rows = [{"id": f"0190b2c1-0000-7000-8000-00000000000{n}", "function_name": "faq", "variant_name": variant,
+             "input": {"messages": [{"role": "user", "content": [{"type": "text", "text": "q1"}]}]},
+             "output": [{"type": "text", "text": f"from the {variant}"}], "timestamp": f"2026-12-07T00:00:0{n}Z"}
+            for n, variant in enumerate(("student", "teacher", "router"))]
+    (tmp_path / "ChatInference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path, {"sources": [{"format": "tensorzero", "path": "ChatInference.jsonl"}]})
+    counts = harvest(recipe)["counts"]
+    assert [r["output"]["content"] for r in records(recipe)] == ["from the teacher"]
+    assert sum(counts["not_calls"].values()) == 2 and counts["quarantined"] == 0

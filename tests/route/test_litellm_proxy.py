@@ -249,6 +249,10 @@ def test_harvesting_litellms_logs_skips_the_students_answers(through_litellm, tm
     # One teacher answer (legal_advice: not trained) from each source; the function from the forwarded header
     assert [(r["function"], json.loads(r["output"]["content"])) for r in rows] == \
         [("legal_advice", {"answer": "from the teacher"})] * 2
-    student_calls = "student calls logged by LiteLLM (x-distill-route: student, or a distill/<function> group)"
+    student_calls = ("student calls logged by LiteLLM (x-distill-route: student, or a distill/<function>/student "
+                     "deployment)")
     assert manifest["counts"]["not_calls"] == {student_calls: 6}  # 3 answers (one streamed) x 2 sources
+    # The function group's student is told by its deployment id (model_info.id), which LiteLLM logs as model_id
+    payloads = [json.loads(x) for x in (tmp / "payloads.jsonl").read_text().splitlines()]
+    assert [p["model_id"] for p in payloads if p["model_group"] == f"distill/{FAQ}"] == [f"distill/{FAQ}/student"]
     assert manifest["counts"]["quarantined"] == 0

@@ -14,6 +14,7 @@ from curation.harvest.importers.common import (
     COERCED,
     IMAGE_PARTS,
     BadRecord,
+    NotACall,
     chat_message,
     chat_messages,
     content_id,
@@ -187,9 +188,17 @@ def _tz_tools(row: dict[str, Any]) -> str | None:
                       for t in tools])
 
 
+# The variants of distill's own TensorZero config (export.route.gateways.tensorzero_config) whose answers are not
+# the teacher's: the student, and serve-router (the student or the teacher: it cannot be told from the row).
+TZ_NOT_TEACHER = {"student": "student answers (TensorZero variant 'student' of distill's config)",
+                  "router": "answers of TensorZero variant 'router' (serve-router: the student or the teacher)"}
+
+
 def tensorzero(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dict[str, Any]]:
     """A ChatInference / JsonInference row (ClickHouse export) or a stored inference from the TensorZero API."""
     row = _row(row)
+    if row.get("variant_name") in TZ_NOT_TEACHER:
+        raise NotACall(TZ_NOT_TEACHER[row["variant_name"]])
     rid = row.get("inference_id") or row.get("id")
     if not isinstance(rid, str) or not rid:
         raise BadRecord("no inference id ('id' or 'inference_id')")

@@ -5,16 +5,17 @@ write: ``messages``, ``response`` as a ``chat.completion`` object, ``model_param
 ``startTime``/``endTime`` in unix seconds, ``response_cost``, ``error_str`` / ``error_information``) or a row of
 the ``LiteLLM_SpendLogs`` table (through the SQL source or a JSON export: ``request_id``, ``messages`` and
 ``response`` -- stored only with ``store_prompts_in_spend_logs`` --, ``startTime``/``endTime``,
-``request_duration_ms``, ``spend``, ``status``, ``proxy_server_request``; since LiteLLM 1.7x ``messages`` is
-``{}`` for chat calls and the prompt is in ``proxy_server_request.messages``). Streamed calls are logged with the
+``request_duration_ms``, ``spend``, ``status``, ``proxy_server_request``; in LiteLLM 1.110 ``messages`` is ``{}``
+for chat calls and the prompt is in ``proxy_server_request.messages``). Streamed calls are logged with the
 response already assembled. A failed call (``status: failure``) is kept with its error (curate drops it); a row
 whose messages were not logged (redacted, or not stored in the spend log) is quarantined with the reason.
 
 Traffic routed by distill through LiteLLM (export.route.gateways' config) holds the student's own calls: those
 that serve-router behind ``distill/router`` answered with the student (its ``x-distill-route: student`` header,
-which LiteLLM logs among the upstream's headers) and those of a ``distill/<function>`` group (the student; its
-teacher fallback is ``distill/<function>/teacher``). They are skipped and counted (``NotACall``), never taken as
-the teacher's answers.
+which LiteLLM logs among the upstream's headers) and those of the student deployment of a ``distill/<function>``
+group (its ``model_info.id``, logged as ``model_id``: ``distill/<function>/student``). They are skipped and counted
+(``NotACall``), never taken as the teacher's answers; so are ``distill/router`` calls whose route LiteLLM did not
+log (a LiteLLM that keeps no upstream headers): who answered them cannot be told.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from pipeline.record import dumps
 
 CHAT_CALLS = frozenset({"completion", "acompletion", "text_completion", "atext_completion"})
 ROUTE_HEADER = "llm_provider-x-distill-route"  # serve-router's x-distill-route, as LiteLLM logs upstream headers
-STUDENT_CALL = "student calls logged by LiteLLM (x-distill-route: student, or a distill/<function> group)"
+STUDENT_CALL = "student calls logged by LiteLLM (x-distill-route: student, or a distill/<function>/student deployment)"
+UNKNOWN_ROUTE = ("distill/router calls with no x-distill-route header logged (this LiteLLM keeps no upstream "
+                 "headers): harvest serve-router's teacher-*.jsonl instead")
 # Where the function is when the source names no function_field: the client's metadata, else the header
 # serve-router's clients send (LiteLLM logs the request's headers); payload rows, then spend-log rows.
 FUNCTION_FIELDS = ("metadata.requester_metadata.function", "proxy_server_request.metadata.requester_metadata.function",
@@ -47,26 +50,34 @@ FUNCTION_FIELDS = ("metadata.requester_metadata.function", "proxy_server_request
                    "proxy_server_request.metadata.headers.x-distill-function")
 
 
-def student_call(row: dict[str, Any]) -> bool:
-    """Whether the student, not the teacher, answered this call (see the module's docstring)."""
+def not_the_teacher(row: dict[str, Any]) -> str | None:
+    """Why this call's answer is not known to be the teacher's (see the module's docstring); None when it is."""
     hidden = decode_json_text(row.get("hidden_params"))
     if not isinstance(hidden, dict):  # a spend-log row keeps them in the request's metadata
-        hidden = dotted(row, "proxy_server_request.metadata.hidden_params")
-    headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
+        hidden = decode_json_text(dotted(row, "proxy_server_request.metadata.hidden_params"))
+    hidden = hidden if isinstance(hidden, dict) else {}
+    model_id = row.get("model_id") or hidden.get("model_id")
+    if isinstance(model_id, str) and model_id.startswith("distill/") and model_id.endswith("/student"):
+        return STUDENT_CALL
+    headers = decode_json_text(hidden.get("additional_headers"))
     route = headers.get(ROUTE_HEADER) if isinstance(headers, dict) else None
     if route is not None:
-        return route == "student"
-    group = row.get("model_group")
-    return (isinstance(group, str) and group.startswith("distill/") and group != "distill/router"
-            and not group.endswith("/teacher"))
+        return STUDENT_CALL if route == "student" else None
+    return UNKNOWN_ROUTE if row.get("model_group") == "distill/router" else None
 
 
 def _function(row: dict[str, Any], cfg: Source) -> Any:
+    """The source's function or function_field; else the logged metadata or header, else the distill/<function>
+    group (or its .../teacher fallback) that answered."""
     if cfg.function:
         return cfg.function
     if cfg.function_field:
         return dotted(row, cfg.function_field)
-    return next((fn for path in FUNCTION_FIELDS if (fn := dotted(row, path)) not in (None, "")), None)
+    fn = next((fn for path in FUNCTION_FIELDS if (fn := dotted(row, path)) not in (None, "")), None)
+    group = row.get("model_group")
+    if fn is None and isinstance(group, str) and group.startswith("distill/") and group != "distill/router":
+        fn = group[len("distill/"):].removesuffix("/teacher")
+    return fn
 
 
 def _error(row: dict[str, Any]) -> tuple[str | None, int | None]:
@@ -88,8 +99,8 @@ def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dic
     call_type = row.get("call_type")
     if isinstance(call_type, str) and call_type not in CHAT_CALLS:
         raise BadRecord(f"call_type '{call_type[:40]}' is not a chat completion")
-    if student_call(row):
-        raise NotACall(STUDENT_CALL)
+    if (why := not_the_teacher(row)) is not None:
+        raise NotACall(why)
     msgs = decode_json_text(row.get("messages"))
     if spend_log and msgs in (None, {}, []):  # chat calls: the prompt is in the request as the proxy got it
         msgs = dotted(row, "proxy_server_request.messages")
