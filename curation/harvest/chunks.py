@@ -161,6 +161,14 @@ def _quarantine(res: ChunkResult, chunk: Chunk, number: int, reason: str) -> Non
                            "reason": reason})
 
 
+def _no_record(res: ChunkResult, chunk: Chunk, number: int, err: BadRecord | NotACall) -> None:
+    """A bad row is quarantined; a row that is whole but holds no teacher call is counted by its kind."""
+    if isinstance(err, NotACall):
+        res.notes[f"{NOT_CALLS_PREFIX}{err.kind}"] += 1
+    else:
+        _quarantine(res, chunk, number, str(err))
+
+
 def _redact(table: pa.Table, chunk: Chunk, res: ChunkResult) -> pa.Table:
     """The records with PII and secrets redacted as the recipe's curate.pii says (none: as they are)."""
     if chunk.pii is None:
@@ -214,13 +222,9 @@ def _convert(chunk: Chunk) -> ChunkResult:
                     raise row
                 one = fast_row(row, where, ffield, fbfield) if fast else None
                 recs = (one,) if one is not None else _parse(parse, row, where, cfg, default_ts, res.notes)
-            except BadRecord as err:
-                coerced.clear()  # the row is quarantined whole: nothing of it was coerced into a record
-                _quarantine(res, chunk, number, str(err))
-                continue
-            except NotACall as why:
-                coerced.clear()
-                res.notes[f"{NOT_CALLS_PREFIX}{why.kind}"] += 1
+            except (BadRecord, NotACall) as err:
+                coerced.clear()  # the row gives no record: nothing of it was coerced into one
+                _no_record(res, chunk, number, err)
                 continue
             for k, v in coerced.items():
                 res.notes[f"coerced:{k}"] += v

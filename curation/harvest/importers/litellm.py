@@ -90,6 +90,31 @@ def _error(row: dict[str, Any]) -> tuple[str | None, int | None]:
     return text, code if code is not None and 100 <= code < 1000 else None
 
 
+def _tags(row: dict[str, Any]) -> dict[str, str]:
+    """The client's requester_metadata, ids and the model group as tags (never the API-key hash)."""
+    meta = decode_json_text(row.get("metadata"))
+    if meta is not None and not isinstance(meta, dict):
+        COERCED["tags"] += 1  # metadata that is not an object: no tags from it
+    meta = meta if isinstance(meta, dict) else {}
+    tags: dict[str, str] = {}
+    requester = decode_json_text(meta.get("requester_metadata"))
+    for k, v in (requester.items() if isinstance(requester, dict) else ()):
+        if v is not None and k != "function":
+            tags[str(k)] = v if isinstance(v, str) else dumps(v)
+    for key, value in (("litellm_call_id", row.get("litellm_call_id")), ("trace_id", row.get("trace_id")),
+                       ("model_group", row.get("model_group")), ("session_id", row.get("session_id")),
+                       ("end_user", row.get("end_user")), ("team", meta.get("user_api_key_team_alias")
+                                                           or meta.get("user_api_key_team_id"))):
+        if opt_str(value):
+            tags[key] = str(value)
+    request_tags = decode_json_text(row.get("request_tags"))
+    if isinstance(request_tags, list) and request_tags:
+        tags["request_tags"] = dumps(request_tags)
+    if row.get("cache_hit") in (True, "True", "true"):
+        tags["cache_hit"] = "true"
+    return tags
+
+
 def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dict[str, Any]]:
     """One StandardLoggingPayload or LiteLLM_SpendLogs row -> one record per choice of its response."""
     if not isinstance(row, dict):
@@ -137,26 +162,7 @@ def litellm(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dic
             latency = None
     if latency is None and number(row.get("response_time"), "latency_ms") is not None:
         latency = number(row["response_time"]) * 1000  # type: ignore[operator]
-    meta = decode_json_text(row.get("metadata"))
-    if meta is not None and not isinstance(meta, dict):
-        COERCED["tags"] += 1  # metadata that is not an object: no tags from it
-    meta = meta if isinstance(meta, dict) else {}
-    tags: dict[str, str] = {}
-    requester = decode_json_text(meta.get("requester_metadata"))
-    for k, v in (requester.items() if isinstance(requester, dict) else ()):
-        if v is not None and k != "function":
-            tags[str(k)] = v if isinstance(v, str) else dumps(v)
-    for key, value in (("litellm_call_id", row.get("litellm_call_id")), ("trace_id", row.get("trace_id")),
-                       ("model_group", row.get("model_group")), ("session_id", row.get("session_id")),
-                       ("end_user", row.get("end_user")), ("team", meta.get("user_api_key_team_alias")
-                                                           or meta.get("user_api_key_team_id"))):
-        if opt_str(value):
-            tags[key] = str(value)
-    request_tags = decode_json_text(row.get("request_tags"))
-    if isinstance(request_tags, list) and request_tags:
-        tags["request_tags"] = dumps(request_tags)
-    if row.get("cache_hit") in (True, "True", "true"):
-        tags["cache_hit"] = "true"
+    tags = _tags(row)
     fn = _function(row, cfg)
     rid = row.get("request_id") if spend_log else row.get("id") or row.get("litellm_call_id")
     records = from_call(request, response, rid=rid, source=where, ts=start if start is not None else None,
