@@ -36,9 +36,10 @@ def _serve_student_parser(sub) -> None:
 
 def _ledger_parser(sub) -> None:
     lg = sub.add_parser("ledger", help="savings ledger: serve-router's logs by day, function and version",
-                        description="Rolls serve-router's logs up by day, function and version (the routing "
-                        "policy's sha256 prefix): requests, student share, dollars spent, what the teacher alone "
-                        "would have cost, dollars saved, escalation rate.")
+                        description="Rolls serve-router's logs up by day, function and version (the store's "
+                        "version, v1, v2, ...; the routing policy's sha256 prefix for a proxy run without a "
+                        "deployment file): requests, student share, dollars spent, what the teacher alone would "
+                        "have cost, dollars saved, escalation rate, live quality (audits: in --json).")
     lg.add_argument("--logs", required=True, help="serve-router's --log-dir (or a .jsonl file or a glob)")
     lg.add_argument("--json", dest="json_out", help="also write the ledger as JSON to this file")
 
@@ -155,11 +156,19 @@ def _urls(pairs: list[str]) -> dict[str, str]:
 def _deployment_path(args: argparse.Namespace, recipe) -> Path:
     from export.route.deployment import path_for
 
-    if args.deployment or recipe.route.live.deployment:
-        return Path(args.deployment or recipe.route.live.deployment)
-    if recipe.export is None:
+    given = args.deployment or recipe.route.live.deployment
+    if given is None and recipe.export is None:
         raise ValueError("the recipe has no export section: pass --deployment PATH")
-    return path_for(recipe.export.store, recipe.export.model_name)
+    if given is None:
+        return path_for(recipe.export.store, recipe.export.model_name)
+    path = Path(given)
+    if recipe.export is not None and "://" not in recipe.export.store.removeprefix("file://"):
+        home = path_for(recipe.export.store, recipe.export.model_name).parent
+        if path.parent.resolve() != home.resolve():  # the versions it names are read beside it
+            flag = "--deployment" if args.deployment else "route.live.deployment"
+            raise ValueError(f"{flag}: {path} is not in the store's folder of {recipe.export.model_name} ({home}): "
+                             "a deployment file sits beside the versions it names (serve-router reads them there)")
+    return path
 
 
 def _pct(v) -> str:
@@ -234,7 +243,8 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         for d in done:
             console.print(f"[bold]{d['action']}[/] {d.get('version')}: {d['reason']}", soft_wrap=True)
         actions = {d["action"] for d in done}
-        code = EXIT_ROLLED_BACK if "rollback" in actions else EXIT_BROKEN if "broken" in actions else \
+        # A broken serving version with nothing to roll back to pages someone, whatever else this run did
+        code = EXIT_BROKEN if "broken" in actions else EXIT_ROLLED_BACK if "rollback" in actions else \
             EXIT_CHANGED if actions else EXIT_OK
         cand = dep.get("candidate")
         console.print(f"serving {dep.get('serving')}" + (f"; {cand['version']} in {cand['stage']} at "
@@ -254,11 +264,17 @@ def _waiting(cand: dict | None, done: list[dict], console: Console) -> None:
     p = cand["promotion"]
     why = [f"{p['n']} of {p['min_audits']} scored answers"] if p["n"] < p["min_audits"] else []
     if p["waiting_for"]:
-        why.append("no evidence yet in " + ", ".join(f"{fn} (n={p['functions'][fn]['n']})" for fn in p["waiting_for"]))
+        why.append("not enough evidence yet in " + ", ".join(_evidence(fn, p["functions"][fn]) for fn in p["waiting_for"]))
     if p.get("stale"):
         why.append("its stage is older than route.live.window_days (see the warning)")
     console.print(f"{cand['version']} stays in {cand['stage']}: {'; '.join(why) or 'no function scored yet'}",
                   soft_wrap=True)
+
+
+def _evidence(fn: str, f: dict) -> str:
+    """One stratum's evidence so far: its scored answers and, where computed, its test statistic against 1/alpha."""
+    stat = f"log-wealth {f['statistic']:.2f} of the {f['threshold']:.2f} needed" if "statistic" in f else ""
+    return f"{fn} (n={f['n']}{', ' + stat if stat else ''})"
 
 
 def _or(value: float | None, default: float) -> float:
@@ -354,6 +370,9 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
     for name in (args.student_key_env, args.teacher_key_env):
         if name and name not in os.environ:
             console.print(f"[yellow]warning:[/] environment variable {name} is not set; calls go without a key")
+    if args.teacher_url.startswith("https://") and not args.teacher_key_env:
+        console.print(f"[yellow]warning:[/] the teacher at {args.teacher_url} gets no API key: pass --teacher-key-env "
+                      "OPENAI_API_KEY (the variable's name, never the key)", soft_wrap=True)
     recipe = load_recipe(args.policy) if args.policy and args.policy.endswith((".yaml", ".yml")) else None
     live = recipe.route.live if recipe else LiveConfig()
     deployment = args.deployment or (live.deployment if recipe and args.deployment is None and

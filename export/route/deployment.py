@@ -229,8 +229,10 @@ def _rollback(dep: dict[str, Any], cand: dict[str, Any] | None, serving: str | N
     if cand and version in (None, cand["version"]):
         dep["candidate"] = None
         dep["rejected"] = _added(dep.get("rejected", []), cand["version"])
+        # an earlier version shadowed again and rejected is no version to roll back to any more
+        dep["previous"] = [v for v in dep.get("previous", []) if v != cand["version"]]
         return {"version": cand["version"], "stage": cand["stage"], "to": serving}
-    previous = list(dep.get("previous", []))
+    previous = [v for v in dep.get("previous", []) if v not in dep.get("rejected", [])]
     if not previous:
         raise DeploymentError(f"nothing to roll back to: {serving or 'no version'} is serving and no earlier "
                               "version served before it")

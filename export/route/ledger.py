@@ -89,7 +89,7 @@ def _scores(logs: str | Path) -> dict[tuple[str, str, str], list[float]]:
     out: dict[tuple[str, str, str], list[float]] = {}
     for r in read_live(logs)[0]:
         if r.get("kind") == "audit" and isinstance(r.get("quality"), (int, float)):
-            key = (str(r.get("timestamp") or "")[:10] or "-", str(r.get("function") or "-"), live_version(r))
+            key = (str(r.get("timestamp") or "")[:10] or "-", str(r.get("function") or "default"), live_version(r))
             out.setdefault(key, []).append(float(r["quality"]))
     return out
 
@@ -99,7 +99,7 @@ def ledger(logs: str | Path) -> dict[str, Any]:
     lines, bad = routed_lines(logs)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for x in lines:
-        fn = ((x.get("request") or {}).get("metadata") or {}).get("function") or "-"
+        fn = ((x.get("request") or {}).get("metadata") or {}).get("function") or "default"  # as live and harvest say
         version = x["routing"].get("version") or x["routing"].get("policy_sha256") or "-"
         key = (str(x.get("timestamp") or "")[:10] or "-", str(fn), str(version))
         groups.setdefault(key, []).append(x)

@@ -66,7 +66,8 @@ class LiveConfig(Section):
 
     log_dir: str = Field("logs/router", description="serve-router's --log-dir, where `distill live` reads the logs.")
     deployment: str | None = Field(
-        None, description="The deployment file (default: <export.store>/<export.model_name>/deployment.json)."
+        None, description="The deployment file (default: <export.store>/<export.model_name>/deployment.json). It "
+        "sits beside the versions it names: another path to that same folder (a shared disk's mount), not elsewhere."
     )
     audit_share: float = Field(
         0.02, ge=0, le=1,

@@ -235,7 +235,8 @@ def test_decide_says_what_a_candidate_is_waiting_for(tmp_path, capsys):
     (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
     recipe = _recipe(tmp_path, st, min_audits=20)
     assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 0
-    assert "v2 stays in shadow: no evidence yet in triage (n=1)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "v2 stays in shadow: not enough evidence yet in triage (n=1, log-wealth 0.05 of the 3.00 needed)" in shown
     out = json.loads((tmp_path / "d.json").read_text())
     assert out["candidate_evidence"]["promotion"]["waiting_for"] == ["triage"]  # was not in --json at all
 
@@ -268,3 +269,72 @@ def test_no_stale_warning_for_a_candidate_this_run_rolled_back(tmp_path):
     out = json.loads((tmp_path / "d.json").read_text())
     assert [d["action"] for d in out["decisions"]] == ["rollback", "shadow"]
     assert not any("window_days" in w for w in out["warnings"])  # v2 is gone: the advice would be wrong
+
+
+def test_a_broken_serving_version_pages_even_when_a_candidate_was_rolled_back(tmp_path):
+    """The serving version broke its guardrail with nothing to roll back to, and the candidate broke its own in the
+    same run: exit 8 (page someone), not 7 (was 7: the page came a day late, docs trial)."""
+    st, path = _store(tmp_path, "v1", "v2")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+        deployment.change(dep, "shadow", "v2", share=0.5, at=_ago(2))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    bad = _bad_audits("v1") + [{**r, "kind": "shadow", "tried": True, "escalated": False} for r in _bad_audits("v2")]
+    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    recipe = _recipe(tmp_path, st)
+    assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 8
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert {"broken", "rollback"} <= {d["action"] for d in out["decisions"]}
+
+
+def test_serve_router_warns_when_the_teacher_gets_no_key(tmp_path, capsys):
+    """The README's command had no --teacher-key-env: every escalation reached OpenAI without a key, silently."""
+    args = ["serve-router", str(tmp_path), "--student-url", "http://127.0.0.1:9/v1",
+            "--teacher-url", "https://api.openai.com/v1", "--processes", "0"]  # refused before it starts
+    assert cli(args) == 2
+    assert "gets no API key: pass --teacher-key-env" in " ".join(capsys.readouterr().out.split())
+    assert cli([*args, "--teacher-key-env", "OPENAI_API_KEY"]) == 2
+    assert "gets no API key" not in capsys.readouterr().out
+
+
+def test_a_deployment_file_away_from_its_versions_is_refused_with_the_reason(tmp_path, capsys):
+    """A deployment file elsewhere made every command fail on 'no routing policy at <file's folder>/v2/...'
+    (docs trial): now refused up front, saying where it must be; another path to the same folder works."""
+    st, path = _store(tmp_path, "v1")
+    (tmp_path / "logs").mkdir()
+    elsewhere = tmp_path / "shared" / "deployment.json"
+    elsewhere.parent.mkdir()
+    recipe = _recipe(tmp_path, st)
+    assert cli(["live", str(recipe), "--decide", "--deployment", str(elsewhere)]) == 2
+    assert "sits beside the versions it names" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "mount").symlink_to(st)  # the store's folder by another path (a shared disk's mount)
+    assert cli(["live", str(recipe), "--decide", "--deployment", str(tmp_path / "mount/tiny/deployment.json")]) == 9
+    assert deployment.load(path)["serving"] == "v1"
+
+
+def test_a_rejected_version_never_serves_again_by_a_rollback():
+    """promote v1, promote v2, canary v1, rollback (v1 rejected), rollback v2: v1 served again, rejected
+    (docs trial); now there is nothing to roll back to."""
+    dep = deployment.new("tiny")
+    deployment.change(dep, "promote", "v1")
+    deployment.change(dep, "promote", "v2")
+    deployment.change(dep, "shadow", "v1")
+    deployment.change(dep, "canary", None)
+    deployment.change(dep, "rollback", None)
+    assert dep["rejected"] == ["v1"] and dep["previous"] == []
+    with pytest.raises(deployment.DeploymentError, match="nothing to roll back to"):
+        deployment.change(dep, "rollback", "v2")
+    assert dep["serving"] == "v2"
+
+
+def test_a_call_without_a_function_is_default_in_the_ledger_too(tmp_path):
+    """The ledger showed '-' where live, route-check and harvest say 'default' (docs trial)."""
+    from export.route.ledger import ledger
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    call = _call(_ago(1))
+    call["request"]["metadata"] = {}
+    (logs / f"student-{_ago(1)[:10]}.jsonl").write_text(json.dumps(call) + "\n")
+    assert [r["function"] for r in ledger(logs)["rows"]] == ["default"]
