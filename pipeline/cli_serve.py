@@ -162,13 +162,25 @@ def _deployment_path(args: argparse.Namespace, recipe) -> Path:
     if given is None:
         return path_for(recipe.export.store, recipe.export.model_name)
     path = Path(given)
-    if recipe.export is not None and "://" not in recipe.export.store.removeprefix("file://"):
-        home = path_for(recipe.export.store, recipe.export.model_name).parent
-        if path.parent.resolve() != home.resolve():  # the versions it names are read beside it
-            flag = "--deployment" if args.deployment else "route.live.deployment"
-            raise ValueError(f"{flag}: {path} is not in the store's folder of {recipe.export.model_name} ({home}): "
-                             "a deployment file sits beside the versions it names (serve-router reads them there)")
+    _beside_versions(path, recipe, "--deployment" if args.deployment else "route.live.deployment")
     return path
+
+
+def _beside_versions(path: Path, recipe, flag: str) -> None:
+    """Refuse a deployment file that does not sit beside the versions it names (they are read from its folder):
+    its folder must be the store's folder of the model, by any path (a mount of the store on the serving host,
+    where the recipe's store path may not exist), or hold published versions itself."""
+    from export.route.deployment import path_for
+
+    if recipe is None or recipe.export is None or "://" in recipe.export.store.removeprefix("file://"):
+        return
+    home = path_for(recipe.export.store, recipe.export.model_name).parent
+    folder = path.parent
+    same = home.is_dir() and folder.is_dir() and os.path.samefile(home, folder)
+    if not same and not any(folder.glob("*/routing_policy.json")):
+        raise ValueError(f"{flag}: {path} is not in the store's folder of {recipe.export.model_name} ({home}) and "
+                         "no published version is beside it: a deployment file sits beside the versions it names "
+                         "(serve-router reads them there)")
 
 
 def _pct(v) -> str:
@@ -273,7 +285,7 @@ def _waiting(cand: dict | None, done: list[dict], console: Console) -> None:
 
 def _evidence(fn: str, f: dict) -> str:
     """One stratum's evidence so far: its scored answers and, where computed, its test statistic against 1/alpha."""
-    stat = f"log-wealth {f['statistic']:.2f} of the {f['threshold']:.2f} needed" if "statistic" in f else ""
+    stat = f"best log-wealth so far {f['statistic']:.2f} of the {f['threshold']:.2f} needed" if "statistic" in f else ""
     return f"{fn} (n={f['n']}{', ' + stat if stat else ''})"
 
 
@@ -368,8 +380,9 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
     if args.client_key_env and not os.environ.get(args.client_key_env):
         raise ValueError(f"--client-key-env {args.client_key_env}: that environment variable is not set (or empty)")
     for name in (args.student_key_env, args.teacher_key_env):
-        if name and name not in os.environ:
-            console.print(f"[yellow]warning:[/] environment variable {name} is not set; calls go without a key")
+        if name and not os.environ.get(name):
+            console.print(f"[yellow]warning:[/] environment variable {name} is not set (or empty); calls go without "
+                          "a key")
     if args.teacher_url.startswith("https://") and not args.teacher_key_env:
         console.print(f"[yellow]warning:[/] the teacher at {args.teacher_url} gets no API key: pass --teacher-key-env "
                       "OPENAI_API_KEY (the variable's name, never the key)", soft_wrap=True)
@@ -379,6 +392,8 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
                                      live.deployment else None)
     if not deployment and not (args.policy and args.student_url):
         raise ValueError("serve-router needs a policy and --student-url, or --deployment PATH")
+    if deployment:
+        _beside_versions(Path(deployment), recipe, "--deployment" if args.deployment else "route.live.deployment")
     # Audits cost teacher calls: a plain policy proxy audits nothing unless asked (--audit-share, or the recipe
     # sets route.live.audit_share itself); with a deployment file the live loop's default applies.
     audit = args.audit_share if args.audit_share is not None else live.audit_share if (

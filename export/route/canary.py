@@ -189,7 +189,7 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
         ev = gather(serving, "serving", start(serving, "serving"), calls, live)
         g = guardrail(ev, limits(policies[serving], cfg), cfg)
         if g["broken"]:
-            if dep.get("previous"):
+            if deployment.rollback_targets(dep):
                 done.append(deployment.change(dep, "rollback", serving, by="decide", evidence=g,
                                               reason=f"{serving} broke its guardrail on live traffic"))
             else:

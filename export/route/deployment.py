@@ -171,8 +171,9 @@ def change(dep: dict[str, Any], action: str, version: str | None = None, *, shar
     - canary [share]: the candidate (in shadow) answers ``share`` of the traffic for real.
     - promote [V]: the candidate (or V, by hand) serves; the one it replaces goes to ``previous``.
     - rollback [V]: V (default: the candidate if there is one, else the serving version) is withdrawn and listed
-      in ``rejected`` (never shadowed again by itself). The candidate is simply dropped; the serving version is
-      replaced by the previous one, and a candidate in shadow or canary stays where it is: its evidence is its
+      in ``rejected`` (never shadowed again by itself, never rolled back to: a rejected candidate also leaves
+      ``previous``). The candidate is simply dropped; the serving version is replaced by the last previous one
+      not rejected, and a candidate in shadow or canary stays where it is: its evidence is its
       own (scored against the teacher), not relative to the version that served beside it.
     """
     if action not in ACTIONS:
@@ -232,7 +233,7 @@ def _rollback(dep: dict[str, Any], cand: dict[str, Any] | None, serving: str | N
         # an earlier version shadowed again and rejected is no version to roll back to any more
         dep["previous"] = [v for v in dep.get("previous", []) if v != cand["version"]]
         return {"version": cand["version"], "stage": cand["stage"], "to": serving}
-    previous = [v for v in dep.get("previous", []) if v not in dep.get("rejected", [])]
+    previous = rollback_targets(dep)
     if not previous:
         raise DeploymentError(f"nothing to roll back to: {serving or 'no version'} is serving and no earlier "
                               "version served before it")
@@ -241,6 +242,12 @@ def _rollback(dep: dict[str, Any], cand: dict[str, Any] | None, serving: str | N
     if cand and cand["version"] == back:  # the version rolled back to serves again: it is no candidate any more
         dep["candidate"] = None
     return {"version": serving, "stage": "serving", "to": back}
+
+
+def rollback_targets(dep: dict[str, Any]) -> list[str]:
+    """The versions a rollback of the serving one may go back to, the last first to go: ``previous`` without the
+    rejected ones (a file written before a rejected version left ``previous`` may still list one)."""
+    return [v for v in dep.get("previous", []) if v not in dep.get("rejected", [])]
 
 
 def _added(versions: list[str], version: str) -> list[str]:

@@ -236,7 +236,7 @@ def test_decide_says_what_a_candidate_is_waiting_for(tmp_path, capsys):
     recipe = _recipe(tmp_path, st, min_audits=20)
     assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 0
     shown = capsys.readouterr().out
-    assert "v2 stays in shadow: not enough evidence yet in triage (n=1, log-wealth 0.05 of the 3.00 needed)" in shown
+    assert "v2 stays in shadow: not enough evidence yet in triage (n=1, best log-wealth so far 0.05 of the 3.00 needed)" in shown
     out = json.loads((tmp_path / "d.json").read_text())
     assert out["candidate_evidence"]["promotion"]["waiting_for"] == ["triage"]  # was not in --json at all
 
@@ -308,9 +308,16 @@ def test_a_deployment_file_away_from_its_versions_is_refused_with_the_reason(tmp
     recipe = _recipe(tmp_path, st)
     assert cli(["live", str(recipe), "--decide", "--deployment", str(elsewhere)]) == 2
     assert "sits beside the versions it names" in " ".join(capsys.readouterr().err.split())
+    serve = ["serve-router", str(recipe), "--deployment", str(elsewhere), "--teacher-url", "http://127.0.0.1:9/v1"]
+    assert cli(serve) == 2 and "sits beside the versions it names" in " ".join(capsys.readouterr().err.split())
     (tmp_path / "mount").symlink_to(st)  # the store's folder by another path (a shared disk's mount)
     assert cli(["live", str(recipe), "--decide", "--deployment", str(tmp_path / "mount/tiny/deployment.json")]) == 9
     assert deployment.load(path)["serving"] == "v1"
+    # The serving host: the recipe's store path is the training host's, the store is mounted elsewhere (review)
+    away = _recipe(tmp_path, tmp_path / "not-here")
+    publish_version(st, "tiny", "v2", tmp_path)
+    assert cli(["promote", str(away), "v2", "--deployment", str(path)]) == 0  # the versions are beside the file
+    assert deployment.load(path)["serving"] == "v2"
 
 
 def test_a_rejected_version_never_serves_again_by_a_rollback():
@@ -338,3 +345,26 @@ def test_a_call_without_a_function_is_default_in_the_ledger_too(tmp_path):
     call["request"]["metadata"] = {}
     (logs / f"student-{_ago(1)[:10]}.jsonl").write_text(json.dumps(call) + "\n")
     assert [r["function"] for r in ledger(logs)["rows"]] == ["default"]
+
+
+def test_a_file_listing_a_rejected_version_in_previous_still_pages(tmp_path):
+    """A file written before rejected versions left `previous` (serving v2, previous [v1], v1 rejected): a broken
+    v2 has nothing to roll back to, so exit 8, not 2 from 'nothing to roll back to' (review)."""
+    st, path = _store(tmp_path, "v1", "v2")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(4))
+        deployment.change(dep, "serve", "v2", at=_ago(3))
+        dep["rejected"] = ["v1"]  # as 3d3c05e left it after promote v1, promote v2, shadow v1, rollback
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _bad_audits("v2")))
+    assert cli(["live", str(_recipe(tmp_path, st)), "--decide"]) == 8
+    assert deployment.load(path)["serving"] == "v2"
+
+
+def test_an_empty_key_variable_is_warned_about(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    args = ["serve-router", str(tmp_path), "--student-url", "http://127.0.0.1:9/v1", "--teacher-url",
+            "https://api.openai.com/v1", "--teacher-key-env", "OPENAI_API_KEY", "--processes", "0"]
+    assert cli(args) == 2
+    assert "OPENAI_API_KEY is not set (or empty)" in " ".join(capsys.readouterr().out.split())
