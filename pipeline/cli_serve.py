@@ -226,8 +226,8 @@ def _live(args: argparse.Namespace, console: Console) -> int:
     warnings: list[str] = []
     # an hourly --decide reads a bounded amount of log: the decision's window
     since = args.since or (canary.window_start(cfg) if args.decide else None)
-    out: dict = {"report": live_report(logs, since, recipe.route.confidence_level,
-                                      missing_ok=args.decide)}
+    # no calls yet (before the first traffic) is an empty report, not an error: the warning above names the folder
+    out: dict = {"report": live_report(logs, since, recipe.route.confidence_level, missing_ok=True)}
     console.print(_live_table(out["report"], f"live: {out['report']['counts']['calls']} routed requests in {logs}"))
     code = EXIT_OK
     path = _deployment_path(args, recipe) if recipe.export else None

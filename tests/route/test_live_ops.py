@@ -368,3 +368,12 @@ def test_an_empty_key_variable_is_warned_about(tmp_path, capsys, monkeypatch):
             "https://api.openai.com/v1", "--teacher-key-env", "OPENAI_API_KEY", "--processes", "0"]
     assert cli(args) == 2
     assert "OPENAI_API_KEY is not set (or empty)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_report_before_any_traffic_is_empty_not_an_error(tmp_path, capsys):
+    """Right after the demo, before serve-router logged a call: 'distill live RECIPE' was a warning then exit 2
+    (docs trial), the code for a bad recipe or argument."""
+    st, _ = _store(tmp_path, "v1")
+    assert cli(["live", str(_recipe(tmp_path, st))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "nothing to judge" in out and "0 routed requests" in out
