@@ -352,6 +352,8 @@ def test_a_plain_policy_proxy_audits_nothing_unless_asked(monkeypatch, tmp_path)
     assert _recorded_audit_share([str(plain), *student], monkeypatch, tmp_path) == 0.0
     assert _recorded_audit_share([str(plain), *student, "--audit-share", "0.3"], monkeypatch, tmp_path) == 0.3
     assert _recorded_audit_share([str(asked), *student], monkeypatch, tmp_path) == 0.05
+    (tmp_path / "v1").mkdir()  # a deployment file sits beside the versions it names
+    (tmp_path / "v1" / "routing_policy.json").write_text("{}")
     assert _recorded_audit_share([str(plain), "--deployment", str(tmp_path / "d.json")], monkeypatch,
                                  tmp_path) == 0.02  # the live loop's default
 

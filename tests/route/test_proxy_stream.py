@@ -162,8 +162,11 @@ def test_streamed_calls_are_logged_assembled_and_harvested(traffic, project):
     assert cli(["harvest", str(recipe)]) == 0
     run = yaml.safe_load(recipe.read_text())["name"]
     records = pq.read_table(sorted((recipe.parent / "runs" / run / "harvest").glob("records-*.parquet"))).to_pylist()
-    texts = sorted(r["output"]["content"] for r in records)
-    assert texts == sorted([STUDENT_TEXT] * 3 + [TEACHER_TEXT] * 4)
+    assert sorted(r["output"]["content"] for r in records) == [TEACHER_TEXT] * 4  # streamed ones assembled
+    # The student's answers (streamed ones logged assembled too) are never training data: counted, not read
+    assert [x["response"]["choices"][0]["message"]["content"] for x in student_lines] == [STUDENT_TEXT] * 3
+    manifest = json.loads((recipe.parent / "runs" / run / "harvest" / "manifest.json").read_text())
+    assert manifest["counts"]["not_calls"] == {"student answers logged by serve-router": 3}
 
 
 def _expected(lines, proxy):

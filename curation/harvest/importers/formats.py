@@ -197,7 +197,7 @@ TZ_NOT_TEACHER = {"student": "student answers (TensorZero variant 'student' of d
 def tensorzero(row: Any, where: str, cfg: Source, default_ts: datetime) -> list[dict[str, Any]]:
     """A ChatInference / JsonInference row (ClickHouse export) or a stored inference from the TensorZero API."""
     row = _row(row)
-    if row.get("variant_name") in TZ_NOT_TEACHER:
+    if isinstance(row.get("variant_name"), str) and row["variant_name"] in TZ_NOT_TEACHER:
         raise NotACall(TZ_NOT_TEACHER[row["variant_name"]])
     rid = row.get("inference_id") or row.get("id")
     if not isinstance(rid, str) or not rid:

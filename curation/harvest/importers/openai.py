@@ -61,7 +61,7 @@ def not_a_call(line: dict[str, Any]) -> str | None:
         return None
     keys = line.keys()
     if ({"id", "method", "path", "status_code"} <= keys and (keys <= ERROR_KEYS or keys <= PASSTHROUGH_KEYS)
-            or line.get("kind") in LIVE_KINDS and keys >= LIVE_KEYS):
+            or isinstance(line.get("kind"), str) and line["kind"] in LIVE_KINDS and keys >= LIVE_KEYS):
         return ROUTER_RECORD
     return None
 
