@@ -3,6 +3,7 @@
     python bench/proxy_latency.py                  # about a minute; --append-results adds the table to RESULTS.md
     python bench/proxy_latency.py --quick          # fewer requests (a smoke run)
     python bench/proxy_latency.py --sweep 2,5,10,20,40 --baseline-tree /tmp/old   # one process's capacity (~5 min)
+    python bench/proxy_latency.py --sweep 10,20,40 --pin-proxy   # the proxy alone on a core (Linux), as deployed
 
 Everything is real and on loopback: a stand-in student and teacher (aiohttp, in their own process, OpenAI's wire
 format, streaming and not; the student answers with top-5 logprobs confident enough to be kept), the proxy as its
@@ -306,8 +307,13 @@ def main() -> None:
     ap.add_argument("--baseline-tree", metavar="DIR",
                     help="with --sweep: also measure the serve-router of this source tree (a git worktree of another "
                          "commit), alternating with this tree's, as the baseline")
+    ap.add_argument("--pin-proxy", action="store_true",
+                    help="with --sweep: the proxy on the last core alone, the load generator and the stand-in student "
+                         "on the others (Linux; the proxy's own core, as a deployment gives it)")
     ap.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
+    if args.pin_proxy:  # this process and what it starts (the upstream, the proxies) off the proxy's core
+        os.sched_setaffinity(0, set(range((os.cpu_count() or 2) - 1)))
     from router import build_policy  # bench/router.py
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -360,6 +366,9 @@ def sweep_pace(args, token_ms: float, folders: dict[str, Path], request: dict[st
     if args.baseline_tree:
         proxies["baseline tree"] = (*PROXIES[which], str(Path(args.baseline_tree).resolve()))
     with servers(args.prefill_ms, token_ms, folders, proxies, logs) as (up_port, ports, pids):
+        if args.pin_proxy:
+            for pid in pids.values():
+                pin(pid, {(os.cpu_count() or 2) - 1})
         direct, proxied = bodies(request, stream, fn)
         bases = {k: f"http://127.0.0.1:{port}/v1" for k, port in ports.items()}
 
@@ -387,6 +396,12 @@ def sweep_pace(args, token_ms: float, folders: dict[str, Path], request: dict[st
         rows.append([f"{token_ms:g}", k, f"{pct(d, 0.5):.1f}", f"{len(p)}", f"{rate:.0f}", f"{rate * cpu:.2f}",
                      f"{pct(p, 0.5) - pct(d, 0.5):+.2f} / {pct(p, 0.99) - pct(d, 0.99):+.2f}", f"{1000 * cpu:.2f}"])
     return rows
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` (threads started later inherit their creator's affinity) onto ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
 
 
 def without_thresholds(src: Path, dest: Path) -> Path:
@@ -450,7 +465,9 @@ def report(lines: list[list[str]], args, head: tuple[str, ...]) -> None:
         table.add_row(*r)
     Console(width=170).print(table)
     note = (f"cpu: {os.cpu_count()} cores shared with other processes, load average {os.getloadavg()[0]:.1f}; "
-            f"{args.rounds} alternating rounds per case; client, proxy and upstream each in their own process")
+            f"{args.rounds} alternating rounds per case; client, proxy and upstream each in their own process"
+            + ("; --pin-proxy: the proxy alone on the last core, the client and the upstream on the others"
+               if getattr(args, "pin_proxy", False) else ""))
     print(note)
     if args.append_results:
         md = ["", f"### bench/proxy_latency.py, {time.strftime('%Y-%m-%d %H:%M')}", "", title, "",
