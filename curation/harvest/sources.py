@@ -140,7 +140,7 @@ def list_files(loc: Location, what: str = "harvest.sources") -> list[LogFile]:
                     for f in ([x for x in fs.find(p) if x.endswith(LOG_SUFFIXES)] if fs.isdir(p) else [p])})
     if not paths:
         raise FileNotFoundError(f"{what}: no files match {loc.path!r}")
-    return [LogFile(fs, p) for p in sorted(paths)]
+    return [LogFile(fs, p) for p in paths]
 
 
 # What reading a damaged file raises: a truncated or corrupt compressed stream, a file that is not what its suffix

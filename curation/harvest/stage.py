@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -423,10 +424,7 @@ def _result(ctx: StageContext, cfg: HarvestConfig, ingests: list[_Ingest], state
                                                           ("duplicates", "already harvested"),
                                                           ("extra_choices", "extra choices (n > 1)"))
                if this_run[k]]
-    not_calls: Counter[str] = Counter()
-    for ing in ingests:
-        not_calls.update({k[len(NOT_CALLS_PREFIX):]: n for k, n in ing.notes.items() if k.startswith(NOT_CALLS_PREFIX)})
-    not_calls = +not_calls  # without zeros
+    not_calls = _prefixed((ing.notes for ing in ingests), NOT_CALLS_PREFIX)
     if not_calls:
         counts["this_run"]["not_calls"] = dict(sorted(not_calls.items()))
         skipped += [f"{n:,} {why}" for why, n in not_calls.most_common()]
@@ -461,10 +459,10 @@ def _notes(counts: dict[str, Any], summary: list[tuple[str, str]], states: dict[
         counts["lenient_json"] = notes["lenient_json"]
         summary.append(("read leniently", f"{notes['lenient_json']:,} rows with raw control characters inside JSON "
                         "strings (tag lenient_json)"))
-    not_calls = _prefixed(states, NOT_CALLS_PREFIX)  # this run's are in the summary's "of which" line
+    not_calls = _prefixed((st.counts for st in states.values()), NOT_CALLS_PREFIX)  # this run's: "of which"
     if not_calls:
         counts["not_calls"] = dict(sorted(not_calls.items()))
-    coerced = _prefixed(states, COERCED_PREFIX)
+    coerced = _prefixed((st.counts for st in states.values()), COERCED_PREFIX)
     if coerced:
         counts["coerced"] = dict(sorted(coerced.items()))
         summary.append(("coerced", f"{sum(coerced.values()):,} values dropped or truncated, not of the field's kind "
@@ -472,11 +470,12 @@ def _notes(counts: dict[str, Any], summary: list[tuple[str, str]], states: dict[
                         + ", ".join(f"{k} {v:,}" for k, v in sorted(coerced.items()))))
 
 
-def _prefixed(states: dict[str, Any], prefix: str) -> Counter[str]:
-    """The sources' counts under ``prefix`` (``coerced:``, ``not_calls:``), summed, without the prefix."""
+def _prefixed(counts: Iterable[dict[str, int]], prefix: str) -> Counter[str]:
+    """Counts under ``prefix`` (``coerced:``, ``not_calls:``: the sources' over all runs, or this run's notes),
+    summed, without the prefix."""
     out: Counter[str] = Counter()
-    for st in states.values():
-        out.update({k[len(prefix):]: v for k, v in st.counts.items() if k.startswith(prefix) and v})
+    for c in counts:
+        out.update({k[len(prefix):]: v for k, v in c.items() if k.startswith(prefix) and v})
     return out
 
 

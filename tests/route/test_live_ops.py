@@ -38,6 +38,21 @@ def _bad_audits(version: str, n: int = 40) -> list[dict]:
             for i in range(n)]
 
 
+def _live(logs, records: list[dict]) -> None:
+    """Write live-loop records as serve-router does, into today's live-<date>.jsonl under ``logs`` (made here)."""
+    logs.mkdir(exist_ok=True)
+    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _v1_serving_v2_shadowed(tmp_path):
+    """A store with v1 serving (since 3 h) and v2 in shadow at 0.5 (since 2 h); returns (store, deployment path)."""
+    st, path = _store(tmp_path, "v1", "v2")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+        deployment.change(dep, "shadow", "v2", share=0.5, at=_ago(2))
+    return st, path
+
+
 def test_a_candidate_with_no_url_does_not_hold_back_the_serving_version(tmp_path):
     st, path = _store(tmp_path, "v1", "v2", "v3")
     with deployment.updating(path, "tiny") as dep:
@@ -93,8 +108,7 @@ def test_a_broken_latest_version_does_not_hide_a_broken_guardrail(tmp_path):
     (st / "tiny" / "v3").mkdir()  # published without a policy, and made latest
     (st / "tiny" / "latest").write_text("v3\n")
     logs = tmp_path / "logs"
-    logs.mkdir()
-    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _bad_audits("v2")))
+    _live(logs, _bad_audits("v2"))
     warnings: list[str] = []
     done, dep = canary.run(path, str(st), "tiny", logs, CFG, warnings=warnings)  # was: exit 2, nothing judged
     assert [d["action"] for d in done] == ["rollback"] and dep["serving"] == "v1"
@@ -223,16 +237,11 @@ def test_a_quiet_window_is_no_evidence_not_an_error(tmp_path):
 
 
 def test_decide_says_what_a_candidate_is_waiting_for(tmp_path, capsys):
-    st, path = _store(tmp_path, "v1", "v2")
-    with deployment.updating(path, "tiny") as dep:
-        deployment.change(dep, "serve", "v1", at=_ago(3))
-        deployment.change(dep, "shadow", "v2", share=0.5, at=_ago(2))
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    st, _ = _v1_serving_v2_shadowed(tmp_path)
     scores = [{"kind": "shadow", "version": "v2", "function": "faq", "quality": 1.0, "tried": True,
                "escalated": False, "timestamp": _ago(1, i)} for i in range(60)]
     scores.append({**scores[0], "function": "triage", "timestamp": _ago(1, 61)})
-    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
+    _live(tmp_path / "logs", scores)
     recipe = _recipe(tmp_path, st, min_audits=20)
     assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 0
     shown = capsys.readouterr().out
@@ -261,9 +270,7 @@ def test_no_stale_warning_for_a_candidate_this_run_rolled_back(tmp_path):
         deployment.change(dep, "serve", "v1", at=_ago(24 * 30))
         deployment.change(dep, "shadow", "v2", at=_ago(24 * 20))
     logs = tmp_path / "logs"
-    logs.mkdir()
-    bad = [{**r, "kind": "shadow", "tried": True, "escalated": False} for r in _bad_audits("v2")]
-    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    _live(logs, [{**r, "kind": "shadow", "tried": True, "escalated": False} for r in _bad_audits("v2")])
     recipe = _recipe(tmp_path, st)
     assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 7
     out = json.loads((tmp_path / "d.json").read_text())
@@ -274,14 +281,9 @@ def test_no_stale_warning_for_a_candidate_this_run_rolled_back(tmp_path):
 def test_a_broken_serving_version_pages_even_when_a_candidate_was_rolled_back(tmp_path):
     """The serving version broke its guardrail with nothing to roll back to, and the candidate broke its own in the
     same run: exit 8 (page someone), not 7 (was 7: the page came a day late, docs trial)."""
-    st, path = _store(tmp_path, "v1", "v2")
-    with deployment.updating(path, "tiny") as dep:
-        deployment.change(dep, "serve", "v1", at=_ago(3))
-        deployment.change(dep, "shadow", "v2", share=0.5, at=_ago(2))
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    bad = _bad_audits("v1") + [{**r, "kind": "shadow", "tried": True, "escalated": False} for r in _bad_audits("v2")]
-    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    st, _ = _v1_serving_v2_shadowed(tmp_path)
+    _live(tmp_path / "logs", _bad_audits("v1") + [{**r, "kind": "shadow", "tried": True, "escalated": False}
+                                                  for r in _bad_audits("v2")])
     recipe = _recipe(tmp_path, st)
     assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 8
     out = json.loads((tmp_path / "d.json").read_text())
@@ -356,8 +358,7 @@ def test_a_file_listing_a_rejected_version_in_previous_still_pages(tmp_path):
         deployment.change(dep, "serve", "v2", at=_ago(3))
         dep["rejected"] = ["v1"]  # as 3d3c05e left it after promote v1, promote v2, shadow v1, rollback
     logs = tmp_path / "logs"
-    logs.mkdir()
-    (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _bad_audits("v2")))
+    _live(logs, _bad_audits("v2"))
     assert cli(["live", str(_recipe(tmp_path, st)), "--decide"]) == 8
     assert deployment.load(path)["serving"] == "v2"
 
