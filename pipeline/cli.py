@@ -24,7 +24,7 @@ from pipeline.cli_serve import (  # noqa: F401  (the exit codes are this module'
     EXIT_ROLLED_BACK,
     EXIT_USAGE,
 )
-from pipeline.recipe import RecipeError, load_recipe
+from pipeline.recipe import Recipe, RecipeError, load_recipe
 from pipeline.rundir import RunDir, RunLockedError
 from pipeline.stages import STAGES
 
@@ -165,6 +165,20 @@ def _write_report(recipe, console: Console, failed=None, out: str | None = None)
     return path
 
 
+def _done_line(args: argparse.Namespace, recipe: Recipe, targets: list[str], skipped: list[str]) -> str:
+    """What the command did: the stages it ran, and those it skipped because nothing they read had changed."""
+    from pipeline.stages import plan
+
+    ran = [s for s in plan(targets) if s not in skipped]
+    where = f"for recipe '{recipe.name}' in {recipe.run_path}"
+    if not ran:
+        again = "--force STAGE reruns one" if args.command == "run" else "--force reruns it"
+        return (f"[bold green]done[/]: nothing to do {where}: {', '.join(skipped)} unchanged since their last run "
+                f"({again})")
+    unchanged = f" ({', '.join(skipped)} unchanged, skipped)" if skipped else ""
+    return f"[bold green]done[/]: {', '.join(ran)}{unchanged} {where}"
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
     """`distill run` and the one-stage commands; `run` ends by writing the run's report, whatever happened."""
     from pipeline.stages import StageFailed, run_pipeline
@@ -180,7 +194,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[dim]not run: {', '.join(left)} (the recipe has no section for them)[/]")
     force = args.force if args.command == "run" else ([args.command] if args.force else [])
     try:
-        run_pipeline(recipe, targets, console, force=force)
+        skipped = run_pipeline(recipe, targets, console, force=force)
     except StageFailed as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         tb = RunDir(recipe.run_path).path / ".partial" / f"{err.stage}.error.txt"
@@ -191,7 +205,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             _write_report(recipe, console, err)
         return err.exit_code
     if int(os.environ.get("RANK", "0")) == 0:  # once under a launcher, not once per process
-        console.print(f"[bold green]done[/]: {', '.join(targets)} for recipe '{recipe.name}' in {recipe.run_path}")
+        console.print(_done_line(args, recipe, targets, skipped), soft_wrap=True)
     if args.command == "run":
         _write_report(recipe, console)
     return EXIT_OK

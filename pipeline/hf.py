@@ -8,6 +8,9 @@ import os
 
 def quiet_hf() -> None:
     """Silence transformers' and datasets' own progress bars and info logs: stages print their own."""
+    # bitsandbytes warns on import that an optional CPU kernel package is missing; DeepSpeed that it found no GPU.
+    for name in ("bitsandbytes", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import torch
 
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -19,6 +22,3 @@ def quiet_hf() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
-    # bitsandbytes warns on import that an optional CPU kernel package is missing; DeepSpeed that it found no GPU.
-    for name in ("bitsandbytes", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)

@@ -233,11 +233,17 @@ def _skipped(console: Console, stage: str, done: dict[str, Any]) -> None:
 
 def run_stage(recipe: Recipe, run: RunDir, stage: str, console: Console, force: bool = False) -> dict[str, Any]:
     """Run one stage unless a complete manifest with the same fingerprint exists."""
+    return _run_or_skip(recipe, run, stage, console, force)[0]
+
+
+def _run_or_skip(recipe: Recipe, run: RunDir, stage: str, console: Console,
+                 force: bool) -> tuple[dict[str, Any], bool]:
+    """The stage's manifest, and whether it ran (False: unchanged, skipped)."""
     fp, work, done = _prepare(recipe, run, stage, force, console)
     if work is None:
         _skipped(console, stage, done)
-        return done
-    return _finish(recipe, run, stage, fp, *_execute(recipe, run, stage, work, console, force=force), console)
+        return done, False
+    return _finish(recipe, run, stage, fp, *_execute(recipe, run, stage, work, console, force=force), console), True
 
 
 def preflight(recipe: Recipe, stages: list[str], force: list[str]) -> None:
@@ -266,8 +272,9 @@ def configured_stages(recipe: Recipe) -> list[str]:
     return [s for s in STAGES if not missing_sections(recipe, s)]
 
 
-def run_pipeline(recipe: Recipe, targets: list[str], console: Console, force: list[str] | None = None) -> None:
-    """Run the targets and what they need, under the run directory's lock (held by rank 0 under a launcher)."""
+def run_pipeline(recipe: Recipe, targets: list[str], console: Console, force: list[str] | None = None) -> list[str]:
+    """Run the targets and what they need, under the run directory's lock (held by rank 0 under a launcher).
+    Returns the stages skipped because they were unchanged (on rank 0; empty on the other ranks)."""
     stages, force = plan(targets), force or []
     missing = sorted({m for stage in stages for m in missing_sections(recipe, stage)}, key=STAGES.index)
     if missing:
@@ -278,15 +285,13 @@ def run_pipeline(recipe: Recipe, targets: list[str], console: Console, force: li
                           f"{'them' if len(missing) > 1 else 'it'} (recipes/demo.yaml shows each)")
     preflight(recipe, stages, force)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _run_ranked(recipe, stages, console, force)
-        return
+        return _run_ranked(recipe, stages, console, force)
     run = RunDir(recipe.run_path)
     with run.lock():
-        for stage in stages:
-            run_stage(recipe, run, stage, console, force=stage in force)
+        return [stage for stage in stages if not _run_or_skip(recipe, run, stage, console, stage in force)[1]]
 
 
-def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list[str]) -> None:
+def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list[str]) -> list[str]:
     """The pipeline in one process of several (WORLD_SIZE > 1). Rank 0 takes the lock and runs the other stages
     alone; a distributed stage is prepared by rank 0, run by every rank, and completed by rank 0 once all ranks
     are done. Rank 0's decisions and failures reach the other ranks, which then stop with the same exit code."""
@@ -317,7 +322,7 @@ def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list
             raise RunLockedError(f"run directory {run.path} is in use (rank 0 could not take its lock)")
         raise StageFailed(stage, "rank 0 failed it (see rank 0's output)", code)
 
-    run = RunDir(recipe.run_path)
+    run, skipped = RunDir(recipe.run_path), []
     with ExitStack() as stack:
         failure, err = None, None
         if main:
@@ -334,9 +339,10 @@ def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list
                         fp, work, done = _prepare(recipe, run, stage, stage in force, console)
                         if work is None:
                             _skipped(console, stage, done)
+                            skipped.append(stage)
                         decision = {"fp": fp, "work": str(work) if work else None}
-                    else:
-                        run_stage(recipe, run, stage, console, force=stage in force)
+                    elif not _run_or_skip(recipe, run, stage, console, stage in force)[1]:
+                        skipped.append(stage)
                 except StageFailed as e:
                     decision, err = {"failure": ("stage", stage, e.exit_code)}, e
             decision = share(decision)
@@ -348,3 +354,4 @@ def _run_ranked(recipe: Recipe, stages: list[str], console: Console, force: list
             state.wait_for_everyone()  # every rank has written what it writes before the folder moves into place
             if main:
                 _finish(recipe, run, stage, decision["fp"], result, started, finished, console)
+    return skipped

@@ -52,6 +52,9 @@ class Embedder:
     """MiniLM, loaded offline from its package; ``__call__`` gives unit-norm float32 embeddings."""
 
     def __init__(self, expected: dict[str, Any] | None = None, device: str = "cpu"):
+        from pipeline.hf import quiet_hf
+
+        quiet_hf()  # no "Loading weights" bar or bitsandbytes warning in serve-router's log at start and reload
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:

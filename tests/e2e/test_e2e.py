@@ -30,6 +30,7 @@ def test_rerun_skips_every_stage(e2e, monkeypatch, capsys):
     assert cli(["run", "recipe.yaml"]) == 0
     out = capsys.readouterr().out
     assert all(f"{s}: unchanged" in out for s in STAGES), out
+    assert "done: nothing to do" in out and "--force STAGE reruns one" in out, out
     assert cli(["status", "recipe.yaml"]) == 0
     assert capsys.readouterr().out.count("complete") >= len(STAGES)
 

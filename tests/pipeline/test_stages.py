@@ -26,6 +26,7 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(project, capsys):
     assert cli(["curate", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "harvest: unchanged" in out and "curate: unchanged" in out
+    assert "done: nothing to do" in out and "harvest, curate unchanged since their last run" in out
     assert manifests(run) == first
 
     # Change a curate setting: curate reruns, harvest does not; status shows it stale before.
@@ -47,6 +48,7 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(project, capsys):
     out = capsys.readouterr().out
     second = manifests(run)
     assert "harvest: unchanged" in out and "curate: unchanged" not in out
+    assert "done: curate (harvest unchanged, skipped)" in out
     assert second["harvest"] == first["harvest"]
     assert second["curate"]["fingerprint"] != first["curate"]["fingerprint"]
     assert second["curate"]["counts"]["splits"]["test"] > first["curate"]["counts"]["splits"]["test"]

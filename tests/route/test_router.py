@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,20 @@ def test_router_without_embeddings_stays_light(e2e):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(ROOT))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_router_with_embeddings_loads_quietly(e2e):
+    """serve-router and route-check load the embedder at start and at each reload: no progress bar or library
+    warning in their logs."""
+    import subprocess
+    import sys
+
+    code = (f"from export.router import Router\nr = Router.load({str(e2e / 'runs/t/route')!r})\n"
+            "assert r.embed is not None\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "Loading weights" not in out.stderr and "kernels" not in out.stderr, out.stderr
 
 
 def test_length_estimate_agrees_with_exact_count(router, e2e):
