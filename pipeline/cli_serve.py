@@ -208,6 +208,16 @@ def _live_table(report: dict, title: str) -> Table:
     return table
 
 
+def _student_failures(report: dict, console: Console) -> None:
+    """Requests a version's endpoint failed on: the teacher answered them and they are no escalation of its
+    answers, so the table does not show them; an endpoint down or a wrong URL must not go unseen either."""
+    for r in report["versions"]:
+        if r.get("student_failed"):
+            console.print(f"[yellow]warning:[/] {r['version']}: its student endpoint failed on {r['student_failed']} "
+                          f"of {r['requests']} requests (the teacher answered them; not counted as escalations): "
+                          "check its server and URL (serve-router's /health shows the last failure)", soft_wrap=True)
+
+
 def _live(args: argparse.Namespace, console: Console) -> int:
     import json
 
@@ -229,6 +239,7 @@ def _live(args: argparse.Namespace, console: Console) -> int:
     # no calls yet (before the first traffic) is an empty report, not an error: the warning above names the folder
     out: dict = {"report": live_report(logs, since, recipe.route.confidence_level, missing_ok=True)}
     console.print(_live_table(out["report"], f"live: {out['report']['counts']['calls']} routed requests in {logs}"))
+    _student_failures(out["report"], console)
     code = EXIT_OK
     path = _deployment_path(args, recipe) if recipe.export else None
     if not args.decide and path is not None and path.exists():  # report a broken guardrail, change nothing

@@ -35,12 +35,31 @@ from training.evaluate.metrics import quality, response_schema, score
 METRICS = ("exact_match", "field_accuracy", "chrf", "auto")
 
 
+EMPTY_REFERENCE = ("the teacher's answer is empty (a degraded provider, a content filter): not scored, as curate "
+                   "keeps empty answers out of training")
+
+
 def answer_text(resp: dict[str, Any]) -> str:
-    """The first choice's content (its tool calls as JSON when it has no content)."""
+    """The first choice's content; when it has none, its tool calls as JSON without what differs between two
+    identical calls (each call's server-made ``id``, the arguments' spacing and key order), so that the same call
+    from the student and the teacher scores as the same answer."""
     msg = ((resp.get("choices") or [{}])[0] or {}).get("message") or {}
     if isinstance(msg.get("content"), str):
         return msg["content"]
-    return json.dumps(msg.get("tool_calls")) if msg.get("tool_calls") else ""
+    calls = msg.get("tool_calls")
+    if not calls or not isinstance(calls, list):
+        return ""
+    return json.dumps([_tool_call(c) for c in calls], sort_keys=True, ensure_ascii=False)
+
+
+def _tool_call(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return call
+    args = fn.get("arguments")
+    with contextlib.suppress(ValueError):  # not JSON: compared as the text it is
+        args = json.loads(args) if isinstance(args, str) else args
+    return {"name": fn.get("name"), "arguments": args}
 
 
 def live_quality(prediction: str, reference: str, request: dict[str, Any], metric: str) -> float:
@@ -84,7 +103,7 @@ class LiveWork:
                  queue_size: int = 1000, workers: int = 4, seed: int | None = None, drain_s: float = 10.0):
         self.proxy = proxy
         self.audit_share, self.canary_audit_share = audit_share, canary_audit_share
-        self.rng = random.Random(seed)
+        self.rng = random.Random(None if seed is None else f"audit/{seed}")  # apart from the canary's draws
         self.queue: asyncio.Queue[Job] | None = None
         self.size, self.n_workers, self.drain_s = queue_size, workers, drain_s
         self.tasks: list[asyncio.Task] = []
@@ -147,7 +166,15 @@ class LiveWork:
         if job.student_answer is not None:
             reference, source = await self._audit(job), "audit"
         if job.shadow is not None and reference is not None:
+            if not reference.strip():
+                self._unscored(job, "shadow", job.shadow.version, EMPTY_REFERENCE)
+                return
             await self._shadow(job, job.shadow, reference, source)
+
+    def _unscored(self, job: Job, what: str, version: str | None, why: str) -> None:
+        self.counts["failed"] += 1
+        self.proxy.log_live({"kind": "error", "what": what, "request_id": job.log_id, "version": version,
+                             "function": job.fn, "error": why})
 
     async def _audit(self, job: Job) -> str | None:
         """Ask the teacher, log its answer as an audit and the pair's score; the teacher's answer (None: failed)."""
@@ -162,12 +189,10 @@ class LiveWork:
                    "reasons": ["live audit of a student answer"], "version": job.lane.version,
                    "policy_sha256": job.lane.policy_sha, "cost": cost}
         self.proxy.log_call(job.logged, status, resp, 1000 * (time.perf_counter() - t0), routing)
-        if problem:
-            self.counts["failed"] += 1
-            self.proxy.log_live({"kind": "error", "what": "audit", "request_id": job.log_id,
-                                 "version": job.lane.version, "function": job.fn, "error": problem})
-            return None
         reference = answer_text(resp)
+        if problem or not reference.strip():
+            self._unscored(job, "audit", job.lane.version, problem or EMPTY_REFERENCE)
+            return None
         metric = policy_metric(job.lane)
         q = await scored(job.student_answer, reference, job.body, metric)
         self.counts["audits"] += 1
@@ -185,10 +210,8 @@ class LiveWork:
         if tried:
             decision, status, resp = await self.proxy.ask_student(lane, job.body, job.upstream, decision, job.fn, {})
             problem = answer_problem(status, resp)
-            if problem and unreachable(resp):  # nothing listens there: no evidence about its answers either way
-                self.counts["failed"] += 1
-                self.proxy.log_live({"kind": "error", "what": "shadow", "request_id": job.log_id,
-                                     "version": lane.version, "function": job.fn, "error": problem})
+            if problem:  # its endpoint failed (down, an HTTP error, a timeout): no evidence about its answers
+                self._unscored(job, "shadow", lane.version, problem)
                 return
         metric = policy_metric(lane)
         q = await scored(answer_text(resp), reference, job.body, metric) if decision.to_student else None
@@ -199,14 +222,6 @@ class LiveWork:
                              "reference": source, "route": decision.route, "phase": decision.phase, "tried": tried,
                              "escalated": tried and not decision.to_student, "quality": q,
                              "latency_ms": round(1000 * (time.perf_counter() - t0), 1)})
-
-
-def unreachable(resp: dict[str, Any]) -> bool:
-    """An upstream failure that says nothing about the version's answers: its endpoint could not be connected to
-    (an HTTP error it answered with, or a timeout, counts against it: it would have failed a client too)."""
-    err = resp.get("error")
-    return isinstance(err, dict) and err.get("type") == "upstream_error" and \
-        str(err.get("message", "")).startswith("cannot reach")
 
 
 def live_line(record: dict[str, Any]) -> str:

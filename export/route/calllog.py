@@ -17,7 +17,9 @@ import errno
 import fcntl
 import json
 import os
+import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +39,32 @@ class CallLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         with _SPARE_LOCK:
             _take_spare()
+        self.failures: dict[str, Any] = {"n": 0, "last": None, "at": None}  # /health's
+        self._warned_at = 0.0
+        self._lock = threading.Lock()
+
+    def _append(self, path: Path, data: str | bytes) -> None:
+        """Append a line; a line that cannot be written (disk full, folder unwritable) is counted and shown in
+        /health and on stderr (once a minute), never raised: the client's answer exists, and an audit worker must
+        not die on it."""
+        try:
+            append_line(path, data)
+        except OSError as err:
+            now = time.time()
+            with self._lock:
+                self.failures.update(n=self.failures["n"] + 1, last=f"{path.name}: {err}"[:300],
+                                     at=datetime.now(timezone.utc).isoformat())
+                warn = now - self._warned_at >= 60
+                if warn:
+                    self._warned_at = now
+            if warn:
+                print(f"distill serve-router: cannot write its log ({self.failures['n']} lines lost so far): "
+                      f"{path}: {err}", file=sys.stderr, flush=True)
+
+    def failing(self, within_s: float = 60.0) -> bool:
+        """Whether a line could not be written within the last ``within_s`` seconds."""
+        at = self.failures["at"]
+        return at is not None and (datetime.now(timezone.utc) - datetime.fromisoformat(at)).total_seconds() < within_s
 
     def error(self, request: web.Request, rid: str, resp: web.Response) -> None:
         """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""
@@ -47,7 +75,7 @@ class CallLog:
             message = ""
         line = {"id": rid, "timestamp": now.isoformat(), "status_code": resp.status, "method": request.method,
                 "path": request.path[:200], "error": message[:500]}
-        append_line(self.dir / f"errors-{now:%Y-%m-%d}.jsonl", json.dumps(line, ensure_ascii=False) + "\n")
+        self._append(self.dir / f"errors-{now:%Y-%m-%d}.jsonl", json.dumps(line, ensure_ascii=False) + "\n")
 
     def call(self, request: dict[str, Any], status: int, response: dict[str, Any], latency_ms: float,
              routing: dict[str, Any]) -> str:
@@ -57,7 +85,7 @@ class CallLog:
                 "status_code": status, "latency_ms": round(latency_ms, 1), "request": request, "response": response,
                 "routing": routing}
         path = self.dir / f"{routing['route']}-{now:%Y-%m-%d}.jsonl"
-        append_line(path, dumps(line, default=str) + b"\n")
+        self._append(path, dumps(line, default=str) + b"\n")
         return line["id"]
 
     def passthrough(self, request: web.Request, rid: str, status: int, latency_ms: float, sent: int,
@@ -68,11 +96,11 @@ class CallLog:
                 "status_code": status, "latency_ms": round(latency_ms, 1), "bytes_out": sent}
         if error:
             line["error"] = error[:500]
-        append_line(self.dir / f"passthrough-{now:%Y-%m-%d}.jsonl", dumps(line) + b"\n")
+        self._append(self.dir / f"passthrough-{now:%Y-%m-%d}.jsonl", dumps(line) + b"\n")
 
     def live(self, record: dict[str, Any]) -> None:
         """One live-loop record (audit and shadow scores, dropped or failed work) in live-<date>.jsonl."""
-        append_line(self.dir / f"live-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl", live_line(record))
+        self._append(self.dir / f"live-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl", live_line(record))
 
 
 FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT

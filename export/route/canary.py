@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from export.route import deployment, sequential
-from export.route.live import function_of, read_live, read_routed, tried, version_of
+from export.route.live import function_of, read_live, read_routed, student_failed, tried, version_of
 
 
 @dataclass
@@ -62,7 +62,8 @@ def gather(version: str, stage: str, start: str | None, calls: list[dict[str, An
         if r.get("kind") == "audit" and r.get("version") == version and r.get("quality") is not None:
             ev.scores.append((str(r.get("function") or "default"), float(r["quality"])))
     for x in calls:
-        if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start) and tried(x):
+        if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start) and tried(x) \
+                and not student_failed(x):
             ev.escalations.append((function_of(x), float(x["routing"].get("route") != "student")))
     return ev
 

@@ -86,7 +86,7 @@ class Versions:
         self.current: tuple[Lane | None, Candidate | None] = (None, None)  # (serving, candidate): swapped as one
         self.error: str | None = None
         self.reloads = 0
-        self.rng = random.Random(seed)
+        self.rng = random.Random(None if seed is None else f"lanes/{seed}")  # apart from the audits' draws
         self.reload()
         if self.serving is None:
             raise deployment.DeploymentError(self.error or f"{self.path}: no version is serving")

@@ -22,6 +22,7 @@ import numpy as np
 
 from export.route.drift import log_files, text_lines
 from export.route.ledger import routed_lines
+from export.route.wire import STUDENT_FAILED
 
 
 def version_of(line: dict[str, Any]) -> str:
@@ -42,6 +43,13 @@ def tried(line: dict[str, Any]) -> bool:
     r = line.get("routing") or {}
     cost = r.get("cost") or {}
     return cost.get("student_basis", "not asked") != "not asked" if cost else r.get("phase") == "after"
+
+
+def student_failed(line: dict[str, Any]) -> bool:
+    """Whether the teacher answered because the student's endpoint failed (down, a wrong URL, a broken answer):
+    that says nothing about the version's answers, so it is no escalation of them."""
+    reasons = (line.get("routing") or {}).get("reasons") or []
+    return bool(reasons) and str(reasons[-1]).startswith(STUDENT_FAILED)
 
 
 def read_live(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:
@@ -106,7 +114,8 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
          ) -> dict[str, Any]:
     n = len(calls)
     student = sum(x["routing"].get("route") == "student" for x in calls)
-    asked = [x for x in calls if tried(x)]
+    failed = [x for x in calls if student_failed(x)]
+    asked = [x for x in calls if tried(x) and not student_failed(x)]
     escalated = sum(x["routing"].get("route") != "student" for x in asked)
     share = student / n if n else None
     q = mean_ci(audits, level)
@@ -117,6 +126,7 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
     s_tried = [s for s in shadows if s.get("tried")]
     return {
         "requests": n, "student": student, "student_share": share, "tried": len(asked), "escalated": escalated,
+        "student_failed": len(failed),
         "escalation_rate": escalated / len(asked) if asked else None,
         "latency_ms": _latency([float(x["latency_ms"]) for x in calls if isinstance(x.get("latency_ms"),
                                                                                     (int, float))]),

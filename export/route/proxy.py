@@ -43,6 +43,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from export.route.upstream import Upstreams, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
+    STUDENT_FAILED,
     answer_problem,
     client_key,
     completion_chunks,
@@ -149,6 +151,7 @@ class RouterProxy:
         self.upstream = Upstreams(cfg.upstream_connections, cfg.timeout_s)
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
+        self.student_failures: dict[str, Any] = {"n": 0, "last": None, "at": None}  # /health's, per process
 
     def serving(self) -> Lane:
         """The lane serving now (the deployment's serving version, re-read on reload)."""
@@ -221,8 +224,10 @@ class RouterProxy:
         return await pass_through(self, request)
 
     async def health(self, _request: web.Request) -> web.Response:
-        body = {"status": "ok", "pid": os.getpid(), "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts,
-                "waited_for_descriptor": self.upstream.descriptor_waits}
+        body = {"status": "degraded: cannot write its log" if self.log.failing() else "ok", "pid": os.getpid(),
+                "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts,
+                "waited_for_descriptor": self.upstream.descriptor_waits, "student_failed": self.student_failures,
+                "log_failed": self.log.failures}
         if self.versions is not None:
             body["deployment"] = self.versions.status()
         return web.json_response(body)
@@ -295,6 +300,13 @@ class RouterProxy:
             sbody.pop("top_logprobs", None)
         return sbody
 
+    def student_failed(self, lane: Lane, decision: Decision, problem: str) -> Decision:
+        """The teacher answers instead; counted for /health (a version's endpoint down says nothing about its
+        answers: the live loop leaves these calls out of its escalation guardrail)."""
+        self.student_failures.update(n=self.student_failures["n"] + 1, at=datetime.now(timezone.utc).isoformat(),
+                                     last=f"{lane.version or 'student'}: {problem}"[:300])
+        return Decision("teacher", [*decision.reasons, f"{STUDENT_FAILED}: {problem}"], "after", decision.signals)
+
     async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,
                           fn: str | None, routing: dict[str, Any]) -> tuple[Decision, int, dict[str, Any]]:
         """The lane's student answers whole (its answer is checked before anything is sent); phase 2 keeps it
@@ -302,8 +314,7 @@ class RouterProxy:
         status, resp = await self._forward(lane.url, self.student_body(lane, upstream), self.cfg.student_key_env)
         problem = answer_problem(status, resp)
         if problem:  # the teacher answers instead
-            decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
-                                decision.signals)
+            decision = self.student_failed(lane, decision, problem)
         elif self.cfg.check_after:
             decision = check_answer(lane.router, self.checks_answer(lane, decision), body, resp["choices"],
                                     decision, fn)
@@ -400,8 +411,7 @@ class RouterProxy:
                 return out
             problem = answer_problem(status, resp)  # failed before its first chunk: the teacher answers instead
             if problem:
-                decision = Decision("teacher", [*decision.reasons, f"student endpoint failed: {problem}"], "after",
-                                    decision.signals)
+                decision = self.student_failed(lane, decision, problem)
             elif not body.get("logprobs"):  # it answered plain JSON: sent as chunks below, without unasked logprobs
                 drop_logprobs(resp)
         headers = _headers(decision, lane, rid)

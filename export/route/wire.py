@@ -72,6 +72,9 @@ def request_problem(body: Any) -> str | None:
     return None
 
 
+STUDENT_FAILED = "student endpoint failed"  # a logged call's last reason when the teacher answered for that
+
+
 def answer_problem(status: int, resp: dict[str, Any]) -> str | None:
     """Why an upstream reply is not a usable chat completion (None when it is)."""
     if status != 200:

@@ -378,3 +378,182 @@ def test_the_report_before_any_traffic_is_empty_not_an_error(tmp_path, capsys):
     assert cli(["live", str(_recipe(tmp_path, st))]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "nothing to judge" in out and "0 routed requests" in out
+
+
+def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsys):
+    """Fault trial: nothing listened on the canary's URL, the teacher answered its requests, and --decide rejected
+    v2 for good for 'escalation'; a serving version's endpoint down for a while paged (exit 8) for 14 days. An
+    endpoint that is down says nothing about a version's answers (the rule shadows had): it is counted in /health
+    and warned about by `distill live`, and left out of the escalation guardrail."""
+    import httpx
+    import openai
+    from live_stubs import ProxyServer
+
+    st, path = _store(tmp_path, "v1", "v2")
+    teacher = TableServer({"q1": "a1"}, False).start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1", "v2": "http://127.0.0.1:9/v1"}  # nothing listens there
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+        deployment.change(dep, "shadow", "v2", share=0.1, at=_ago(3))
+        deployment.change(dep, "canary", "v2", share=0.5, at=_ago(2))
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        for _ in range(80):
+            out = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
+                                                 extra_body={"metadata": {"function": "faq"}})
+            assert out.choices[0].message.content == "a1"
+        health = httpx.get(proxy.url.removesuffix("/v1") + "/health").json()
+    finally:
+        proxy.stop()
+        teacher.stop()
+    assert health["student_failed"]["n"] == 80 and "cannot reach" in health["student_failed"]["last"]
+    calls = lines(tmp_path / "logs", "teacher-*.jsonl")
+    assert {c["routing"]["version"] for c in calls} == {"v1", "v2"} and len(calls) == 80
+    assert canary.gather("v2", "canary", None, calls, []).escalations == []
+    capsys.readouterr()
+    recipe = _recipe(tmp_path, st, escalation_block=2)
+    assert cli(["live", str(recipe), "--decide"]) == 0  # was 8: v1 broken, nothing to roll back to; v2 rejected
+    err = capsys.readouterr()
+    assert "its student endpoint failed on" in err.out + err.err
+    dep = deployment.load(path)
+    assert dep["serving"] == "v1" and dep["candidate"]["version"] == "v2" and not dep["rejected"]
+
+
+def test_a_log_that_cannot_be_written_fails_no_client_and_kills_no_audit_worker(tmp_path):
+    """Fault trial and review: with the log disk full every client got a 500 ('OSError') although its answer
+    existed, /health said ok; and one failed write of a live record ended an audit worker for good (after 4, the
+    live loop stopped in silence). Now the answer is served, /health says degraded with the count, and audits go
+    on once the log can be written again."""
+    import shutil
+    from datetime import datetime, timezone
+
+    import httpx
+    import openai
+    from live_stubs import ProxyServer
+
+    st, path = _store(tmp_path, "v1")
+    v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, False).start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": v1.url}
+        deployment.change(dep, "serve", "v1")
+    logs, day = tmp_path / "logs", f"{datetime.now(timezone.utc):%Y-%m-%d}"
+    blocked = [logs / f"student-{day}.jsonl", logs / f"live-{day}.jsonl"]
+    for b in blocked:
+        b.mkdir(parents=True)  # a folder where the file goes: every write fails, as on a full disk
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=logs, seed=0, audit_share=1.0, workers=2)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    health_url = proxy.url.removesuffix("/v1") + "/health"
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+
+        def ask(n: int) -> None:
+            for _ in range(n):
+                out = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
+                                                     extra_body={"metadata": {"function": "faq"}})
+                assert out.choices[0].message.content == "a1"  # was: 500 'internal error ...: OSError'
+
+        ask(6)
+        wait_for(lambda: httpx.get(health_url).json()["live"]["audits"] >= 6, what="audits while failing")
+        health = httpx.get(health_url).json()
+        assert health["status"].startswith("degraded") and health["log_failed"]["n"] >= 12
+        for b in blocked:
+            shutil.rmtree(b)
+        ask(4)
+        wait_for(lambda: len(lines(logs, "live-*.jsonl")) >= 4, what="audits after the fault")  # was: none
+    finally:
+        proxy.stop()
+        v1.stop()
+        teacher.stop()
+    assert len(lines(logs, "student-*.jsonl")) == 4
+
+
+def test_with_a_seed_the_canary_and_the_audit_draws_are_apart(tmp_path):
+    """Review: serve-router --seed gave the canary's and the audits' generators the same seed, so each request's
+    audit draw equalled its canary draw: every canary answer was audited (5x the teacher calls) and no serving
+    one (its quality guardrail saw nothing)."""
+    import asyncio
+
+    import httpx
+    from live_stubs import ProxyServer
+
+    st, path = _store(tmp_path, "v1", "v2")
+    v1, v2 = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, True).start()
+    teacher = TableServer({"q1": "a1"}, False).start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": v1.url, "v2": v2.url}
+        deployment.change(dep, "serve", "v1")
+        deployment.change(dep, "shadow", "v2", share=0.1)
+        deployment.change(dep, "canary", "v2", share=0.1)
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0,
+                      audit_share=0.05, canary_audit_share=0.2)  # serve-router gives both the same --seed
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False, seed=0))).start()
+
+    async def send(n: int) -> None:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "q1"}], "metadata": {"function": "faq"}}
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in range(n):
+                assert (await http.post(proxy.url + "/chat/completions", json=body)).status_code == 200
+
+    try:
+        asyncio.run(send(400))
+        wait_for(lambda: proxy.proxy.live.counts["audits"] >= proxy.proxy.live.counts["queued"], what="audits")
+    finally:
+        proxy.stop()
+        for s in (v1, v2, teacher):
+            s.stop()
+    served = {v: sum(c["routing"]["version"] == v for c in lines(tmp_path / "logs", "student-*.jsonl"))
+              for v in ("v1", "v2")}
+    audited = {v: sum(r["kind"] == "audit" and r["version"] == v for r in lines(tmp_path / "logs", "live-*.jsonl"))
+               for v in ("v1", "v2")}
+    assert served["v1"] > 300 and 15 < served["v2"] < 70, served
+    assert audited["v1"] > 5, audited  # was 0
+    assert audited["v2"] < 0.5 * served["v2"], (audited, served)  # was all of them
+
+
+def test_the_same_tool_call_from_student_and_teacher_scores_as_the_same_answer():
+    """Review: audits compared tool calls with their server-made ids, so an identical call scored 0 under exact
+    match and a tool-calling function's guardrail saw only zeros (rolled back within ~20 audits)."""
+    from export.route.audit import answer_text, live_quality
+
+    def resp(call_id: str, arguments: str) -> dict:
+        return {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": "lookup", "arguments": arguments}}]}}]}
+
+    student = answer_text(resp("call_abc", '{"sku": "E-1", "qty": 2}'))
+    teacher = answer_text(resp("call_xyz", '{"qty":2,"sku":"E-1"}'))
+    other = answer_text(resp("call_xyz", '{"qty": 3, "sku": "E-1"}'))
+    request = {"messages": [{"role": "user", "content": "order two"}]}
+    for metric in ("exact_match", "auto"):
+        assert live_quality(student, teacher, request, metric) == 1.0  # was 0.0
+        assert live_quality(student, other, request, metric) == 0.0
+    assert "call_" not in student
+
+
+def test_an_empty_teacher_answer_is_no_reference_for_an_audit(tmp_path):
+    """Fault trial: a teacher answering HTTP 200 with empty content (a degraded provider, a content filter) made
+    each audit score the student's right answer 0.0; 4 s of it rolled a good canary back for good."""
+    import openai
+    from live_stubs import ProxyServer
+
+    st, path = _store(tmp_path, "v1")
+    v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": ""}, False).start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": v1.url}
+        deployment.change(dep, "serve", "v1")
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, audit_share=1.0)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        for _ in range(5):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
+                                           extra_body={"metadata": {"function": "faq"}})
+        wait_for(lambda: len(lines(tmp_path / "logs", "live-*.jsonl")) >= 5, what="live records")
+    finally:
+        proxy.stop()
+        v1.stop()
+        teacher.stop()
+    records = lines(tmp_path / "logs", "live-*.jsonl")
+    assert not [r for r in records if r["kind"] == "audit"]  # was: 5 audits of quality 0.0
+    assert sum(r["kind"] == "error" and "empty" in r["error"] for r in records) == 5
