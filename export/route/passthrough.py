@@ -106,7 +106,7 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
                 sent += len(data)  # a client that stops reading holds a teacher connection: not for ever
                 await asyncio.wait_for(out.write(data), proxy.cfg.timeout_s)
             await out.write_eof()
-    except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
+    except (ClientError, asyncio.TimeoutError, ConnectionError) as err:
         if out is None:
             why = upstream_failure(url, err, proxy.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
         else:

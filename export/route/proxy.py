@@ -50,7 +50,14 @@ from typing import Any
 from aiohttp import ClientError, web
 
 from curation.harvest.importers.openai import BadRecord, reassemble_stream
-from export.route.answers import check_answer, drop_logprobs, trim_top_logprobs, unfinished
+from export.route.answers import (
+    check_answer,
+    drop_logprobs,
+    json_wanted,
+    requires_tool,
+    trim_top_logprobs,
+    unfinished,
+)
 from export.route.audit import Job, LiveWork, answer_text
 from export.route.calllog import CallLog
 from export.route.cost import request_cost
@@ -63,6 +70,8 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     MAX_BODY,
     SSE_HEADERS,
     STUDENT_FAILED,
+    BadEvent,
+    ClientStalled,
     answer_problem,
     client_key,
     completion_chunks,
@@ -283,6 +292,11 @@ class RouterProxy:
         rule = lane.router.functions.get(decision.signals.get("function")) or {}
         return (rule.get("after") or {}).get("threshold") is not None
 
+    def checks_format(self, body: dict[str, Any]) -> bool:
+        """Whether the answer must be checked whole even without a threshold: the request obliges a tool call or a
+        JSON answer (a streamed answer passed on as it comes could not go to the teacher when it does not)."""
+        return self.cfg.check_after and (requires_tool(body) or json_wanted(body.get("response_format")) is not None)
+
     def student_body(self, lane: Lane, upstream: dict[str, Any], stream: bool = False) -> dict[str, Any]:
         """What the lane's student is asked. Checked first: whole, with the logprobs phase 2 reads. Passed on as a
         stream: streaming, with usage always asked (the ledger), logprobs only when the client asked."""
@@ -380,7 +394,7 @@ class RouterProxy:
             routing.update(version=lane.version, lane=stage)
         status, resp, student_usage = 0, {}, None
         tried = decision.to_student
-        passed = tried and stream and not self.checks_answer(lane, decision)
+        passed = tried and stream and not self.checks_answer(lane, decision) and not self.checks_format(body)
         if passed:  # nothing to check: the student's stream goes to the client as it comes
             decision = Decision("student", [*decision.reasons, PASSED_ON], "before", decision.signals)
         elif tried:
@@ -458,18 +472,15 @@ class RouterProxy:
                     return None, 502, {"error": {"message": f"{url}: {problem}", "type": "upstream_error"}}
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
-                last = head[-1]
-                for event in head:
-                    await relay(out, event, chunks, want_usage)
-                async for event in events:
-                    await relay(out, event, chunks, want_usage)
-                    last = event
-                broken = unfinished(chunks)
-                if broken and event_data(last) != b"[DONE]":  # cut: the client's SDK would take it for a whole one
-                    await end_with_error(out, f"{url}: {broken}")
-                else:
-                    await out.write_eof()
-        except (ClientError, asyncio.TimeoutError, ConnectionResetError) as err:
+                broken = await self._relay_all(out, head, events, chunks, want_usage, url)
+        except BadEvent as err:  # not passed on: the stream ends with an error event naming the upstream
+            broken = f"{url}: {err} after {len(chunks)} chunks"
+            await end_with_error(out, broken)
+        except ClientStalled as err:  # the upstream call ends here; the client's connection is closed
+            broken = f"{err} after {len(chunks)} chunks"
+            if request.transport is not None:
+                request.transport.close()
+        except (ClientError, asyncio.TimeoutError, ConnectionError) as err:
             if out is None:
                 why = upstream_failure(url, err, self.cfg.timeout_s) or (
                     f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}")
@@ -486,6 +497,22 @@ class RouterProxy:
         if broken:
             resp["error"] = resp.get("error") or {"message": broken, "type": "upstream_error"}
         return out, 200, resp
+
+    async def _relay_all(self, out: web.StreamResponse, head: list[list[bytes]], events: Any,
+                         chunks: list[dict[str, Any]], want_usage: bool, url: str) -> str | None:
+        """Relay the stream's events to the client; why it is broken (None when whole)."""
+        last = head[-1]
+        for event in head:
+            await relay(out, event, chunks, want_usage, self.cfg.timeout_s)
+        async for event in events:
+            await relay(out, event, chunks, want_usage, self.cfg.timeout_s)
+            last = event
+        broken = unfinished(chunks)
+        if broken and event_data(last) != b"[DONE]":  # cut: the client's SDK would take it for a whole one
+            await end_with_error(out, f"{url}: {broken}")
+        else:
+            await out.write_eof()
+        return broken
 
     def log_error(self, request: web.Request, rid: str, resp: web.Response) -> None:
         self.log.error(request, rid, resp)

@@ -5,6 +5,7 @@ JSON errors through ``json_parse_errors``."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -236,15 +237,32 @@ def event_chunk(event: list[bytes]) -> dict[str, Any] | None:
     return chunk if isinstance(chunk, dict) else None
 
 
-async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool) -> None:
+class BadEvent(Exception):
+    """An upstream SSE event whose data is neither a JSON object nor ``[DONE]``: not passed on."""
+
+
+class ClientStalled(Exception):
+    """The client stopped reading a relayed stream for ``timeout_s``: it must not hold an upstream for ever."""
+
+
+async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool,
+                timeout_s: float | None = None) -> None:
     """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage) and
-    keep its chunk for the log."""
+    keep its chunk for the log. A malformed event raises ``BadEvent`` (the client's SDK would raise a bare JSON
+    error, not an API error); a client that reads nothing for ``timeout_s`` raises ``ClientStalled``."""
     chunk = event_chunk(event)
-    if chunk is not None:
+    if chunk is None:
+        data = event_data(event)
+        if data and data != b"[DONE]":
+            raise BadEvent(f"sent an event that is not a JSON chunk: {data[:60]!r}")
+    else:
         chunks.append(chunk)
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
-    await out.write(b"".join(event) + b"\n")
+    try:
+        await asyncio.wait_for(out.write(b"".join(event) + b"\n"), timeout_s)
+    except asyncio.TimeoutError:
+        raise ClientStalled(f"the client read nothing for {timeout_s:g} s") from None
 
 
 async def iter_events(content: Any) -> AsyncIterator[list[bytes]]:
@@ -291,10 +309,13 @@ async def end_with_error(out: web.StreamResponse, message: str) -> None:
     taking a cut answer for a whole one."""
     body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
     try:
-        await out.write(b"data: " + json.dumps(body).encode() + b"\n\n")
-        await out.write_eof()
-    except (ConnectionResetError, RuntimeError):  # the client is gone too
+        await asyncio.wait_for(out.write(b"data: " + json.dumps(body).encode() + b"\n\n"), END_TIMEOUT_S)
+        await asyncio.wait_for(out.write_eof(), END_TIMEOUT_S)
+    except (ConnectionError, RuntimeError, asyncio.TimeoutError):  # the client is gone (or stalled) too
         pass
+
+
+END_TIMEOUT_S = 10.0  # for the last words to a client that may have stopped reading
 
 
 def completion_chunks(resp: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
@@ -334,6 +355,6 @@ async def send_events(request: web.Request, chunks: list[dict[str, Any]], header
     try:  # the answer is whole already: one write (one system call), not one per event
         await out.write(b"".join(events) + b"data: [DONE]\n\n")
         await out.write_eof()
-    except ConnectionResetError:  # the client left: the answer is logged already
+    except ConnectionError:  # the client left: the answer is logged already
         pass
     return out

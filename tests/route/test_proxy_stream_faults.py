@@ -1,0 +1,155 @@
+"""A teacher's stream relayed through serve-router when something goes wrong mid-way (fault trial and code review,
+issue 16): a malformed event must reach the client's SDK as an API error, not a bare JSON error; a client that
+stops reading must not hold a teacher connection for ever, and the paid answer must still be logged. A streaming
+stand-in teacher on loopback, the proxy on its own event loop, the official `openai` client and a raw socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import openai
+import pytest
+from aiohttp import web
+from live_stubs import ProxyServer, lines, publish_version, wait_for
+from loopback import LoopbackServer
+
+from export.route import deployment
+from export.route.lanes import Versions
+from export.route.proxy import ProxyConfig, RouterProxy
+
+
+class StreamingTeacher(LoopbackServer):
+    """Streams its answer as SSE: "BAD" in the user turn sends a malformed third event; "BIG" streams about
+    40 MB (more than the sockets between it and a client that reads nothing can hold)."""
+
+    def __init__(self):
+        self.ended = threading.Event()  # set when a BIG stream ended, whole or not
+        self.sent_all = False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        text = body["messages"][-1]["content"]
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+
+        def event(delta: dict, finish: str | None = None) -> bytes:
+            chunk = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+        await out.write(event({"role": "assistant", "content": ""}) + event({"content": "answer"}))
+        try:
+            if "BAD" in text:
+                await out.write(b'data: {"id": broken json\n\n')
+            elif "BIG" in text:
+                piece = event({"content": "x" * 4000})
+                for _ in range(10_000):
+                    await out.write(piece)
+                self.sent_all = True
+            await out.write(event({}, "stop") + b"data: [DONE]\n\n")
+            await out.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            self.ended.set()
+        return out
+
+
+@pytest.fixture
+def proxied(tmp_path):
+    """(proxy, teacher, log folder): v1 serving; requests for the unknown function `other` go to the teacher."""
+    st = tmp_path / "store"
+    publish_version(st, "tiny", "v1", tmp_path)
+    path = deployment.path_for(st, "tiny")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
+        deployment.change(dep, "serve", "v1")
+    teacher = StreamingTeacher().start()
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, timeout_s=1.0)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    yield proxy, teacher, tmp_path / "logs"
+    proxy.stop()
+    teacher.stop()
+
+
+def test_a_malformed_event_from_the_teacher_is_an_api_error_for_the_client(proxied):
+    """Was: the event passed on as it came, and the openai client raised json.JSONDecodeError (which an app's
+    `except openai.APIError` misses); the log said 'client disconnected'."""
+    proxy, _, logs = proxied
+    client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+    got = []
+    with pytest.raises(openai.APIError, match="not a JSON chunk"):
+        for chunk in client.chat.completions.create(model="gpt-4o", stream=True,
+                                                    messages=[{"role": "user", "content": "BAD please"}],
+                                                    extra_body={"metadata": {"function": "other"}}):
+            got.append(chunk.choices[0].delta.content if chunk.choices else None)
+    assert "answer" in got
+    wait_for(lambda: lines(logs, "teacher-*.jsonl"), what="the call's log line")
+    line = lines(logs, "teacher-*.jsonl")[0]
+    assert "not a JSON chunk" in line["response"]["error"]["message"]
+
+
+def test_a_client_that_stops_reading_frees_the_teacher_and_the_call_is_logged(proxied):
+    """Was: a streaming client that read nothing held a teacher connection (a pool slot) for as long as it stayed
+    connected, and when it left, the ConnectionError was not caught: the paid answer was never logged."""
+    proxy, teacher, logs = proxied
+    body = json.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "BIG"}],
+                       "metadata": {"function": "other"}}).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert teacher.ended.wait(30), "the teacher's stream never ended: the client still holds it"
+        assert not teacher.sent_all
+        wait_for(lambda: lines(logs, "teacher-*.jsonl"), timeout_s=15, what="the call's log line")
+    finally:
+        sock.close()
+    line = lines(logs, "teacher-*.jsonl")[0]
+    assert "read nothing" in line["response"]["error"]["message"]
+
+
+def test_a_streamed_request_that_needs_a_tool_call_or_json_is_checked_without_a_threshold(tmp_path):
+    """Clients trial: for a function with no threshold (the demo's product_faq) a streamed request was passed on to
+    the student as it came, so `tool_choice: "required"` and `response_format` were not checked: LangChain's
+    structured `.stream()` got plain student text and returned [] with no error, while `.invoke()` escalated."""
+    from live_stubs import TableServer, policy
+
+    from pipeline import store
+
+    folder = tmp_path / "build"
+    folder.mkdir()
+    pol = policy("tiny")
+    for rule in pol["functions"].values():
+        rule["after"]["threshold"] = None  # nothing to check: the student's stream would be passed on
+    (folder / "routing_policy.json").write_text(json.dumps(pol))
+    st = tmp_path / "store"
+    store.publish(st, "tiny", folder, {"lineage": {"recipe": "t"}})
+    student, teacher = TableServer({"q1": "a1"}, True).start(), StreamingTeacher().start()
+    path = deployment.path_for(st, "tiny")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": student.url}
+        deployment.change(dep, "serve", "v1")
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    asks = {"plain": {}, "tool": {"tools": [tool], "tool_choice": "required"},
+            "json": {"response_format": {"type": "json_object"}}}
+    routes = {}
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        for name, kw in asks.items():
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o", stream=True, messages=[{"role": "user", "content": "q1"}],
+                extra_body={"metadata": {"function": "faq"}}, **kw)
+            list(raw.parse())
+            routes[name] = (raw.headers["x-distill-route"], raw.headers["x-distill-reasons"])
+    finally:
+        proxy.stop()
+        student.stop()
+        teacher.stop()
+    assert routes["plain"][0] == "student"
+    assert routes["tool"][0] == "teacher" and "required a tool call" in routes["tool"][1]  # was: student
+    assert routes["json"][0] == "teacher" and "asked for JSON" in routes["json"][1]  # was: student
