@@ -9,7 +9,9 @@ tokenizer and generation_config.json). Answers are made exactly as the evaluate 
 template over the messages' text, greedy decoding, at most the evaluated ``max_new_tokens`` (from
 generation_config.json; a request's ``max_tokens`` / ``max_completion_tokens`` lowers or raises it), stopping at
 the end-of-turn token, whose logprob is reported too (as evaluate recorded it for route's calibration).
-``temperature``, ``top_p`` and ``seed`` are accepted and ignored (always greedy); ``n`` > 1 is refused;
+``stop`` (a string or up to 4) ends the answer before the first of them, as OpenAI does (the tokens up to the one
+that completed it are counted and reported); ``temperature``, ``top_p`` and ``seed`` are accepted and ignored
+(always greedy); ``n`` > 1 is refused;
 ``tools`` and ``response_format`` are not applied (evaluate did not apply them either). ``stream: true`` gets the
 answer as ``chat.completion.chunk`` events (usage last with ``stream_options.include_usage``) once it is whole:
 rows of a batch are generated together, so tokens are not sent as they come.
@@ -43,6 +45,7 @@ class Pending:
     messages: list[dict[str, str]]
     max_tokens: int
     top_logprobs: int  # -1: no logprobs; 0: logprobs without alternatives
+    stop: tuple[str, ...] = ()  # the client's stop sequences: the answer ends before the first
     future: asyncio.Future = field(repr=False, default=None)  # type: ignore[assignment]
 
 
@@ -67,8 +70,12 @@ def parse_request(body: Any, default_max: int) -> Pending | str:
         top = body.get("top_logprobs") or 0
         if not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
             return f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}"
+    stop = body.get("stop")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(x, str) and x for x in stop) or len(stop) > 4:
+        return "stop must be a non-empty string or a list of up to 4 of them"
     messages = [{"role": m["role"], "content": message_text(m)} for m in body["messages"]]
-    return Pending(messages, limit, top)
+    return Pending(messages, limit, top, stop)
 
 
 class StudentServer:
@@ -124,10 +131,24 @@ class StudentServer:
                 if t in self.eos:
                     finish = "stop"
                     break
-            out.append({"text": tok.decode(ids, skip_special_tokens=True).strip(), "finish_reason": finish,
+            text = tok.decode(ids, skip_special_tokens=True)
+            if p.stop and any(x in text for x in p.stop):
+                text, ids, content, finish = self._cut_at_stop(ids, content, p.stop)
+            out.append({"text": text.strip(), "finish_reason": finish,
                         "prompt_tokens": int(enc["attention_mask"][j].sum()), "completion_tokens": len(ids),
                         "logprobs": content if p.top_logprobs >= 0 else None})
         return out
+
+    def _cut_at_stop(self, ids: list[int], content: list[dict[str, Any]], stop: tuple[str, ...]
+                     ) -> tuple[str, list[int], list[dict[str, Any]], str]:
+        """The answer up to the first stop sequence (left out, as OpenAI does), the tokens up to the one that
+        completed it, and finish_reason "stop"."""
+        for n in range(1, len(ids) + 1):
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            at = min((text.find(x) for x in stop if x in text), default=-1)
+            if at >= 0:
+                return text[:at], ids[:n], content[:n], "stop"
+        raise AssertionError("a stop sequence was in the whole text")  # unreachable: the caller checked
 
     def _token_logprob(self, token_id: int, lp, k: int) -> dict[str, Any]:
         import math

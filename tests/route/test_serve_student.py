@@ -76,6 +76,23 @@ def test_serve_student_answers_as_evaluate_did_with_openai_logprobs(student_url,
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == pred["prediction"]
 
 
+def test_stop_ends_the_answer_before_the_first_stop_sequence(student_url, records):
+    """Clients trial: `stop` was ignored (the whole answer came back, finish_reason stop), so a client parsing up
+    to its stop sequence misread."""
+    client = OpenAI(base_url=student_url, api_key="unused", max_retries=0)
+    rec, pred = next((r, p) for r, p in records if len(p["prediction"]) > 12)
+    text = pred["prediction"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    r = client.chat.completions.create(model="tiny-student", messages=_messages(rec), stop=[stop, "\u0000zz"],
+                                       logprobs=True)
+    assert r.choices[0].message.content == text[:text.index(stop)].strip()  # was: the whole answer
+    assert r.choices[0].finish_reason == "stop"
+    assert 0 < r.usage.completion_tokens < pred["output_tokens"] == len(pred["logprobs"])
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    with pytest.raises(Exception, match="stop must be"):
+        client.chat.completions.create(model="tiny-student", messages=_messages(rec), stop=["a", "b", "c", "d", "e"])
+
+
 def test_concurrent_requests_are_batched_and_keep_their_answers(student_url, records):
     client = OpenAI(base_url=student_url, api_key="unused")
     some = records[:8]
