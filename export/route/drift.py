@@ -25,6 +25,7 @@ import re
 import sys
 import zlib
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,22 @@ def log_files(path: str | Path, day: str | None = None) -> list[Path]:
     return [f for f in files if f not in twins]
 
 
+def _plain_lines(f: Path) -> Iterator[str]:
+    with open(f, "rb") as fh:  # split on "\n" only: orjson writes U+2028, U+2029 and U+0085 raw
+        for raw in fh:
+            yield raw.rstrip(b"\n").decode("utf-8", errors="replace")
+
+
+def lines_of(f: Path) -> tuple[Iterable[str], int]:
+    """``text_lines``, one line at a time for a plain file (a day's log need not fit in memory)."""
+    return (_plain_lines(f), 0) if not f.name.endswith(".gz") else text_lines(f)
+
+
 def text_lines(f: Path) -> tuple[list[str], int]:
     """A log file's lines (gzipped or not), and 1 when it could not be read whole (a truncated or corrupt .gz:
     what it held up to the damage is kept, the rest counted as one unreadable line, with a warning)."""
-    if not f.name.endswith(".gz"):  # split on "\n" only: orjson writes U+2028, U+2029 and U+0085 raw
-        with open(f, encoding="utf-8", errors="replace", newline="") as fh:
-            return fh.read().split("\n"), 0
+    if not f.name.endswith(".gz"):
+        return list(_plain_lines(f)), 0
     out: list[str] = []
     try:
         with gzip.open(f, "rt", encoding="utf-8", errors="replace") as fh:
@@ -79,17 +90,18 @@ def text_lines(f: Path) -> tuple[list[str], int]:
     return [x.rstrip("\n") for x in out], 0
 
 
-def read_logs(path: str | Path, *, requests_only: bool = False, day: str | None = None
-              ) -> tuple[list[dict[str, Any]], int]:
+def read_logs(path: str | Path, *, requests_only: bool = False, day: str | None = None,
+              keep: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], int]:
     """(log lines holding a request with messages, number of lines that could not be read). serve-router's files
     that hold no requests (``NOT_CALLS``) are skipped; with ``requests_only`` also the teacher calls that audited a
-    student answer (``routing.audit``: they repeat a request already logged), so each client request counts once."""
+    student answer (``routing.audit``: they repeat a request already logged), so each client request counts once.
+    ``keep``: what to keep of each line (the ledger and the live loop keep no request or answer text)."""
     out, bad = [], 0
 
     for f in log_files(path, day):
         if f.name.startswith(NOT_CALLS):
             continue
-        raws, damaged = text_lines(f)
+        raws, damaged = lines_of(f)
         bad += damaged
         for raw in raws:
             if not raw.strip():
@@ -106,7 +118,7 @@ def read_logs(path: str | Path, *, requests_only: bool = False, day: str | None 
             if requests_only and isinstance(line.get("routing"), dict) and line["routing"].get("audit"):
                 continue
             if isinstance(req, dict) and isinstance(req.get("messages"), list) and req["messages"]:
-                out.append(line)
+                out.append(keep(line) if keep else line)
             else:
                 bad += 1
     return out, bad

@@ -64,15 +64,34 @@ def _row(lines: list[dict[str, Any]], scores: list[float] = ()) -> dict[str, Any
     return row
 
 
+ROUTING = ("route", "phase", "version", "policy_sha256", "lane", "audit", "cost")  # what counts and prices read
+COST = ("usd", "teacher_only_usd", "saved_usd", "student_basis")
+
+
+def slim(line: dict[str, Any]) -> dict[str, Any]:
+    """What the ledger and the live loop read of a logged call (and the last reason only): no request, answer or
+    signals, so an hourly decision over 14 days of logs holds a fraction of each call, not the call."""
+    routing = line.get("routing")
+    fn = ((line.get("request") or {}).get("metadata") or {}).get("function")
+    if isinstance(routing, dict):
+        reasons, cost = routing.get("reasons"), routing.get("cost")
+        routing = {k: routing[k] for k in ROUTING if k in routing} | (
+            {"reasons": reasons[-1:]} if isinstance(reasons, list) else {})
+        if isinstance(cost, dict):
+            routing["cost"] = {k: cost[k] for k in COST if k in cost}
+    return {"timestamp": line.get("timestamp"), "latency_ms": line.get("latency_ms"),
+            "request": {"metadata": {"function": fn}}, "routing": routing}
+
+
 def routed_lines(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:
-    """The routed calls under logs (a folder's student-*.jsonl and teacher-*.jsonl, or a file or glob) and the
-    number of lines that could not be read (a torn last line, say)."""
+    """The routed calls under logs (a folder's student-*.jsonl and teacher-*.jsonl, or a file or glob), ``slim``,
+    and the number of lines that could not be read (a torn last line, say)."""
     p = Path(logs)
     sources = [p / "student-*.jsonl*", p / "teacher-*.jsonl*"] if p.is_dir() else [p]
     lines, bad = [], 0
     for src in sources:
         try:
-            got, n = read_logs(src, day=day)
+            got, n = read_logs(src, day=day, keep=slim)
         except FileNotFoundError:
             continue
         lines += [x for x in got if isinstance(x.get("routing"), dict)]

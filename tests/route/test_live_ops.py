@@ -557,3 +557,19 @@ def test_an_empty_teacher_answer_is_no_reference_for_an_audit(tmp_path):
     records = lines(tmp_path / "logs", "live-*.jsonl")
     assert not [r for r in records if r["kind"] == "audit"]  # was: 5 audits of quality 0.0
     assert sum(r["kind"] == "error" and "empty" in r["error"] for r in records) == 5
+
+
+def test_the_live_loop_keeps_no_request_or_answer_of_the_calls_it_reads(tmp_path):
+    """Review: the hourly --decide parsed 14 days of whole call lines into memory (about 8.5 kB per call: 111 GiB
+    at a million calls a day) to use a few routing fields of each (bench/live_memory.py)."""
+    from export.route.ledger import routed_lines
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    call = {**_call(_ago(1)), "routing": {**_call(_ago(1))["routing"], "signals": {"min_logprob": -0.1},
+                                          "student_answer": "x" * 5000, "reasons": ["a", "b"]}}
+    (logs / f"student-{_ago(1)[:10]}.jsonl").write_text(json.dumps(call) + "\n")
+    (line,), bad = routed_lines(logs)
+    assert bad == 0 and "response" not in line and line["request"] == {"metadata": {"function": "faq"}}
+    assert line["routing"] == {"route": "student", "phase": "after", "version": "v1", "cost": {"usd": 0.001},
+                               "reasons": ["b"]}
