@@ -13,6 +13,7 @@ such assumption and needs no covariance estimate from few records.
 
 from __future__ import annotations
 
+import threading
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -60,15 +61,34 @@ class Embedder:
         except ImportError:
             raise ImportError(MISSING) from None
         self.identity = embedder_identity()
+        self.check(expected)
+        self.model = SentenceTransformer(str(_model_dir()), device=device)
+
+    def check(self, expected: dict[str, Any] | None) -> None:
+        """Refuse a policy fitted with other weights: its distances would not be comparable."""
         if expected and expected.get("weights_sha256") != self.identity["weights_sha256"]:
             raise ValueError(f"the installed {EMBEDDER_NAME} ({self.identity['package']}) is not the one the policy "
                              f"was fitted with ({expected.get('package')}): distances would not be comparable")
-        self.model = SentenceTransformer(str(_model_dir()), device=device)
 
     def __call__(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         out = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                                 show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
+
+
+_SHARED: dict[str, Embedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_embedder(expected: dict[str, Any] | None = None, device: str = "cpu") -> Embedder:
+    """The process's one embedder on ``device``: serve-router loads a Router per store version, and a MiniLM each
+    (about 55 MB) grew its memory with every nightly version."""
+    with _SHARED_LOCK:
+        if device not in _SHARED:
+            _SHARED[device] = Embedder(expected, device)
+        embed = _SHARED[device]
+    embed.check(expected)
+    return embed
 
 
 def knn_distance(queries: np.ndarray, reference: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:

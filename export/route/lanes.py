@@ -145,6 +145,8 @@ class Versions:
                 problem = err
         changed = (serving, candidate) != self.current
         self.current = (serving, candidate)  # one swap: a request sees the old set or the new
+        keep = {dep["serving"], *(dep.get("previous") or [])[-2:], *([cand["version"]] if cand else [])}
+        self._routers = {v: r for v, r in self._routers.items() if v in keep}  # not one per version served, for ever
         self.reloads += changed
         if problem is None:
             self.error, self._stamp, self._failed = None, stamp, None

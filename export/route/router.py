@@ -268,9 +268,9 @@ class Router:
         if dist_path:
             from safetensors.numpy import load_file
 
-            from export.route.embedder import Embedder
+            from export.route.embedder import shared_embedder
 
-            embed = Embedder(expected=policy.get("embedder"))
+            embed = shared_embedder(expected=policy.get("embedder"))
             reference = load_file(str(dist_path))
         return cls(policy, encode, language=detector, embed=embed, reference=reference,
                    skip=tuple(w for w, on in (("language", language), ("distance", embeddings)) if not on))

@@ -573,3 +573,20 @@ def test_the_live_loop_keeps_no_request_or_answer_of_the_calls_it_reads(tmp_path
     assert bad == 0 and "response" not in line and line["request"] == {"metadata": {"function": "faq"}}
     assert line["routing"] == {"route": "student", "phase": "after", "version": "v1", "cost": {"usd": 0.001},
                                "reasons": ["b"]}
+
+
+def test_serve_router_keeps_the_routers_of_the_versions_it_may_serve_only(tmp_path):
+    """Review: every store version serve-router ever loaded kept its Router (and a MiniLM, ~55 MB) for as long as
+    it ran: memory grew with each nightly version, in every process."""
+    st, path = _store(tmp_path, "v1", "v2", "v3", "v4", "v5")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {f"v{i}": "http://127.0.0.1:9/v1" for i in range(1, 6)}
+        deployment.change(dep, "serve", "v1")
+    versions = Versions(path, embeddings=False)
+    for v in ("v2", "v3", "v4", "v5"):
+        with deployment.updating(path, "tiny") as dep:
+            deployment.change(dep, "promote", v)
+        versions._stamp = None  # as if the file's mtime moved on (several writes within one mtime tick)
+        versions.reload()
+        assert versions.serving.version == v
+    assert set(versions._routers) == {"v5", "v4", "v3"}  # serving and the last two it could roll back to

@@ -154,7 +154,8 @@ def test_router_with_embeddings_loads_quietly(e2e):
     import sys
 
     code = (f"from export.router import Router\nr = Router.load({str(e2e / 'runs/t/route')!r})\n"
-            "assert r.embed is not None\n")
+            f"again = Router.load({str(e2e / 'runs/t/route')!r})\n"
+            "assert r.embed is not None and again.embed is r.embed\n")  # one MiniLM per process, not per version
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
