@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from aiohttp import ClientError, web
 
-from export.route.upstream import upstream_failure
+from export.route.upstream import failure_status, upstream_failure
 from export.route.wire import error_response
 
 # headers a client's call carries that the teacher needs to read it the same way, and those of the teacher's
@@ -93,7 +93,7 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
     _, headers = proxy._target(proxy.cfg.teacher_url, proxy.cfg.teacher_key_env)
     headers.pop("Content-Type", None)
     headers.update({h: request.headers[h] for h in REQUEST_HEADERS if h in request.headers})
-    out, sent, why = None, 0, ""
+    out, sent, why, status = None, 0, "", 502
     try:
         async with proxy.upstream.session.request(request.method, url, data=await request.read() or None, headers=headers,
                                                   timeout=proxy.upstream.stream_timeout()) as up:
@@ -109,15 +109,16 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
     except (ClientError, asyncio.TimeoutError, ConnectionError) as err:
         if out is None:
             why = upstream_failure(url, err, proxy.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
+            status = failure_status(err)
         else:
             why = f"{url}: answer broken after {sent} bytes: {type(err).__name__}"
             if request.transport is not None:  # cut: closed without the last chunk, so the client cannot take
                 request.transport.close()       # it for a whole answer
     proxy.counts["passthrough"] = proxy.counts.get("passthrough", 0) + 1
-    proxy.log.passthrough(request, rid, out.status if out is not None else 502,
+    proxy.log.passthrough(request, rid, out.status if out is not None else status,
                           1000 * (time.perf_counter() - t0), sent, why)
     if out is None:
-        resp = error_response(502, why, "upstream_error", rid)
+        resp = error_response(status, why, "upstream_error", rid)
         resp.headers["x-distill-route"] = "passthrough"
         return resp
     return out

@@ -65,7 +65,7 @@ from export.route.jsonio import NotText, loads, read_request
 from export.route.lanes import Lane, Versions, make_lane
 from export.route.passthrough import backoff_headers, normalise, pass_through
 from export.route.router import Decision, Router
-from export.route.upstream import Upstreams, upstream_failure
+from export.route.upstream import Upstreams, failure_status, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
@@ -274,7 +274,7 @@ class RouterProxy:
                 return await self._read_json(resp, url, keep)
         except (ClientError, asyncio.TimeoutError) as err:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
-            return 502, {"error": {"message": why, "type": "upstream_error"}}
+            return failure_status(err), {"error": {"message": why, "type": "upstream_error"}}
 
     async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
@@ -484,7 +484,7 @@ class RouterProxy:
             if out is None:
                 why = upstream_failure(url, err, self.cfg.timeout_s) or (
                     f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}")
-                return None, 502, {"error": {"message": why, "type": "upstream_error"}}
+                return None, failure_status(err), {"error": {"message": why, "type": "upstream_error"}}
             gone = request.transport is None or request.transport.is_closing()
             broken = (f"{'client disconnected' if gone else 'stream broken'} after {len(chunks)} chunks: "
                       f"{type(err).__name__}")

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiohttp import ClientConnectorError, ClientResponse, ClientSession, ClientTimeout, TCPConnector
+from aiohttp import (
+    ClientConnectorError,
+    ClientPayloadError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    TCPConnector,
+)
 
 from export.route.jsonio import dumps
 
@@ -50,7 +58,14 @@ def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str | No
     if isinstance(err, asyncio.TimeoutError):
         return (f"no answer from {url} within {timeout_s:g} s (the proxy's --timeout, which includes any wait for "
                 "a free upstream connection: --upstream-connections)")
+    if isinstance(err, ClientPayloadError):
+        return f"{url} answered, but its answer broke off: {type(err).__name__}"
     return None
+
+
+def failure_status(err: BaseException) -> int:
+    """The client's status for an upstream that failed: 504 when it did not answer in time, else 502."""
+    return 504 if isinstance(err, asyncio.TimeoutError) else 502
 
 
 class Upstreams:
@@ -65,7 +80,7 @@ class Upstreams:
 
     async def start(self) -> None:
         self.session = ClientSession(connector=TCPConnector(limit=upstream_limit(self.connections)),
-                                     timeout=ClientTimeout(total=self.timeout_s),
+                                     timeout=ClientTimeout(total=self.timeout_s, ceil_threshold=math.inf),
                                      json_serialize=lambda obj: dumps(obj).decode())
 
     async def close(self) -> None:
@@ -79,7 +94,10 @@ class Upstreams:
         """A plain call must end within the timeout; a stream must start within it and then send its next chunk
         within it (a long answer streamed steadily is not cut)."""
         left = self.timeout_s if left is None else max(0.001, left)
-        return ClientTimeout(total=None, connect=left, sock_read=self.timeout_s) if stream else ClientTimeout(total=left)
+        # ceil_threshold: aiohttp rounds a timeout of 5 s or more up to the next whole second (--timeout 5 took 6)
+        if stream:
+            return ClientTimeout(total=None, connect=left, sock_read=self.timeout_s, ceil_threshold=math.inf)
+        return ClientTimeout(total=left, ceil_threshold=math.inf)
 
     @asynccontextmanager
     async def call(self, url: str, body: dict[str, Any], headers: dict[str, str],

@@ -5,9 +5,11 @@ stand-in teacher on loopback, the proxy on its own event loop, the official `ope
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
+import time
 
 import openai
 import pytest
@@ -31,6 +33,8 @@ class StreamingTeacher(LoopbackServer):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         text = body["messages"][-1]["content"]
+        if "HANG" in text:
+            await asyncio.sleep(6.5)
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
 
@@ -153,3 +157,29 @@ def test_a_streamed_request_that_needs_a_tool_call_or_json_is_checked_without_a_
     assert routes["plain"][0] == "student"
     assert routes["tool"][0] == "teacher" and "required a tool call" in routes["tool"][1]  # was: student
     assert routes["json"][0] == "teacher" and "asked for JSON" in routes["json"][1]  # was: student
+
+
+def test_a_teacher_that_does_not_answer_in_time_is_a_504_at_the_timeout(tmp_path):
+    """Fault trial: with --timeout 5 a hung upstream took 6 s (aiohttp rounds timeouts of 5 s and more up to the
+    next second) and came back as a 502; a gateway timeout is a 504, which clients and load balancers treat apart."""
+    st = tmp_path / "store"
+    publish_version(st, "tiny", "v1", tmp_path)
+    path = deployment.path_for(st, "tiny")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
+        deployment.change(dep, "serve", "v1")
+    teacher = StreamingTeacher().start()
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, timeout_s=5.0)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0, timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "HANG"}],
+                                           extra_body={"metadata": {"function": "other"}})
+        took = time.monotonic() - t0
+    finally:
+        proxy.stop()
+        teacher.stop()
+    assert err.value.status_code == 504 and "within 5 s" in str(err.value)  # was 502
+    assert 5.0 <= took < 5.6, took  # was 6.0
