@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.recipe import load_recipe
+from pipeline.rundir import write_json_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 EXIT_DRIFT = 6
@@ -219,7 +220,6 @@ def _student_failures(report: dict, console: Console) -> None:
 
 
 def _live(args: argparse.Namespace, console: Console) -> int:
-    import json
 
     from export.route import canary
     from export.route.live import report as live_report
@@ -276,7 +276,7 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     out["warnings"] = list(dict.fromkeys(warnings))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        write_json_atomic(Path(args.json_out), out)  # a scheduler reading it never sees half
     return code
 
 
@@ -339,7 +339,6 @@ def _promote_or_rollback(args: argparse.Namespace, console: Console) -> int:
 
 
 def _ledger(args: argparse.Namespace, console: Console) -> int:
-    import json
 
     from export.route.ledger import ledger
 
@@ -361,7 +360,7 @@ def _ledger(args: argparse.Namespace, console: Console) -> int:
     if report["unreadable_lines"]:
         console.print(f"[dim]{report['unreadable_lines']} log lines could not be read[/]")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(Path(args.json_out), report)  # a scheduler reading it never sees half
     return EXIT_OK
 
 
@@ -435,7 +434,6 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
 
 
 def _route_check(args: argparse.Namespace, console: Console) -> int:
-    import json
 
     from export.route.drift import check, fmt, read_logs
     from export.route.router import Router
@@ -461,7 +459,7 @@ def _route_check(args: argparse.Namespace, console: Console) -> int:
     if bad:
         console.print(f"[dim]{bad} log lines could not be read (not JSON or no request.messages)[/]")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json_atomic(Path(args.json_out), report)  # a scheduler reading it never sees half
     if report["drift"]:
         console.print(f"[bold red]drift:[/] recent traffic moved away from what the policy was calibrated on; "
                       f"rerun the pipeline on recent logs (exit code {EXIT_DRIFT})", soft_wrap=True)

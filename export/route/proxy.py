@@ -160,6 +160,7 @@ class RouterProxy:
         self.upstream = Upstreams(cfg.upstream_connections, cfg.timeout_s)
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
+        self.started = int(time.time())
         self.student_failures: dict[str, Any] = {"n": 0, "last": None, "at": None}  # /health's, per process
 
     def serving(self) -> Lane:
@@ -206,7 +207,8 @@ class RouterProxy:
         app["proxy"] = self
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
+        if "/v1/models" not in self.cfg.pass_through:  # else the teacher's list, as --pass-through /v1/models says
+            app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_route("*", "/{tail:.*}", self.pass_through)  # the rest: --pass-through paths, else a 404
         app.on_startup.append(self._start)
@@ -227,7 +229,7 @@ class RouterProxy:
 
     async def models(self, _request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.student_model, "object": "model",
-                                                              "owned_by": "distill"}]})
+                                                              "created": self.started, "owned_by": "distill"}]})
 
     async def pass_through(self, request: web.Request) -> web.StreamResponse:
         return await pass_through(self, request)

@@ -70,6 +70,9 @@ def request_problem(body: Any) -> str | None:
         return "'top_logprobs' must be an integer from 0 to 20"
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         return "'stream_options' must be an object"
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128):
+        return "'n' must be an integer from 1 to 128"  # OpenAI's range; 0 got a 200 with no choice
     return None
 
 

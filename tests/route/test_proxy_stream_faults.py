@@ -183,3 +183,43 @@ def test_a_teacher_that_does_not_answer_in_time_is_a_504_at_the_timeout(tmp_path
         teacher.stop()
     assert err.value.status_code == 504 and "within 5 s" in str(err.value)  # was 502
     assert 5.0 <= took < 5.6, took  # was 6.0
+
+
+def test_n_outside_openais_range_is_a_400_that_names_it(proxied):
+    """Clients trial: `n: 0` got a 200 with no choice on the student's path (OpenAI answers a 400)."""
+    import httpx
+
+    proxy, _, _ = proxied
+    for n in (0, -1, "2", True, 129):
+        r = httpx.post(proxy.url + "/chat/completions", json={
+            "model": "gpt-4o", "n": n, "messages": [{"role": "user", "content": "hi"}],
+            "metadata": {"function": "other"}})
+        assert r.status_code == 400 and "'n' must be" in r.json()["error"]["message"], (n, r.text)
+
+
+def test_v1_models_is_the_teachers_list_when_passed_through(tmp_path):
+    """Clients trial: with --pass-through /v1/models, GET /v1/models was still answered by serve-router (only
+    /v1/models/{id} reached the teacher), contrary to route.md; its model had no `created`."""
+    import httpx
+
+    st = tmp_path / "store"
+    publish_version(st, "tiny", "v1", tmp_path)
+    path = deployment.path_for(st, "tiny")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
+        deployment.change(dep, "serve", "v1")
+    teacher = StreamingTeacher().start()
+    got = {}
+    try:
+        for passed in ((), ("/v1/models",)):
+            cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", pass_through=passed)
+            proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+            try:
+                got[passed] = httpx.get(proxy.url + "/models")
+            finally:
+                proxy.stop()
+    finally:
+        teacher.stop()
+    own = got[()].json()["data"][0]
+    assert own["id"] == "tiny" and isinstance(own["created"], int)
+    assert got[("/v1/models",)].headers["x-distill-route"] == "passthrough"  # the stand-in teacher has no list
