@@ -193,7 +193,8 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
             if deployment.rollback_targets(dep):
                 done.append(deployment.change(dep, "rollback", serving, by="decide", evidence=g,
                                               reason=f"{serving} broke its guardrail on live traffic"))
-            else:
+            else:  # it keeps serving (nothing else can); rejected, so that once replaced it is never rolled back to
+                dep["rejected"] = [*(v for v in dep.get("rejected", []) if v != serving), serving]
                 done.append({"action": "broken", "version": serving, "evidence": g,
                              "reason": f"{serving} broke its guardrail and no earlier version can serve"})
     cand = dep.get("candidate")

@@ -191,7 +191,7 @@ def change(dep: dict[str, Any], action: str, version: str | None = None, *, shar
         # the version that serves now leaves ``previous`` (promoting v2 then v1 by hand left v1 there, and two
         # rollbacks then brought back the version just rejected)
         dep["previous"] = [v for v in dep.get("previous", []) if v not in (version, serving)] + (
-            [serving] if serving else [])
+            [serving] if serving and serving not in dep.get("rejected", []) else [])  # not one that broke
         dep["serving"] = version
         if cand and cand["version"] == version:
             entry["stage"] = cand["stage"]

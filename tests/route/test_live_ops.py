@@ -590,3 +590,22 @@ def test_serve_router_keeps_the_routers_of_the_versions_it_may_serve_only(tmp_pa
         versions.reload()
         assert versions.serving.version == v
     assert set(versions._routers) == {"v5", "v4", "v3"}  # serving and the last two it could roll back to
+
+
+def test_a_serving_version_that_broke_is_never_rolled_back_to_once_replaced(tmp_path, capsys):
+    """Review: a serving version that broke its guardrail with nothing to roll back to (exit 8) stayed unrejected;
+    when a candidate was promoted, it went to `previous`, so the next rollback brought the broken version back."""
+    st, path = _store(tmp_path, "v1", "v2")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+        deployment.change(dep, "shadow", "v2", share=0.5, at=_ago(2.5))
+        deployment.change(dep, "canary", "v2", share=0.5, at=_ago(2))
+    good = [{"kind": "audit", "version": "v2", "function": fn, "quality": 1.0, "timestamp": _ago(1, i)}
+            for fn in ("faq", "triage") for i in range(300)]
+    _live(tmp_path / "logs", _bad_audits("v1") + good)
+    recipe = _recipe(tmp_path, st)
+    assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 8
+    assert [d["action"] for d in json.loads((tmp_path / "d.json").read_text())["decisions"]] == ["broken", "promote"]
+    dep = deployment.load(path)
+    assert dep["serving"] == "v2" and "v1" not in dep["previous"] and "v1" in dep["rejected"]  # was: previous [v1]
+    assert cli(["rollback", str(recipe)]) == 2  # nothing to roll back to (was: back to the broken v1)
