@@ -100,6 +100,9 @@ class Versions:
         return self._routers[version]
 
     def _lane(self, version: str, dep: dict[str, Any]) -> Lane:
+        if not (self.folder / version).is_dir():
+            raise deployment.DeploymentError(f"{version} is not in the store (no folder {self.folder / version}): "
+                                             "check the deployment file's version names")
         url = self.urls.get(version) or dep.get("urls", {}).get(version)
         if not url:
             raise deployment.DeploymentError(f"{version} has no student URL: pass --version-url {version}=URL or "

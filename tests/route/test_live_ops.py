@@ -609,3 +609,19 @@ def test_a_serving_version_that_broke_is_never_rolled_back_to_once_replaced(tmp_
     dep = deployment.load(path)
     assert dep["serving"] == "v2" and "v1" not in dep["previous"] and "v1" in dep["rejected"]  # was: previous [v1]
     assert cli(["rollback", str(recipe)]) == 2  # nothing to roll back to (was: back to the broken v1)
+
+
+def test_a_hand_edited_version_that_is_not_in_the_store_is_named_so(tmp_path, capsys):
+    """Fault trial: a hand-edited "serving": "v9" showed in /health as 'v9 has no student URL: pass
+    --version-url', pointing the operator at the wrong fix."""
+    st, path = _store(tmp_path, "v1")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
+        deployment.change(dep, "serve", "v1")
+    versions = Versions(path, embeddings=False)
+    data = json.loads(path.read_text())
+    data["serving"] = "v9"
+    path.write_text(json.dumps(data))
+    versions._stamp = None
+    assert not versions.reload() and versions.serving.version == "v1"
+    assert "v9 is not in the store" in versions.error
