@@ -236,7 +236,8 @@ class RouterProxy:
 
     async def health(self, _request: web.Request) -> web.Response:
         body = {"status": "degraded: cannot write its log" if self.log.failing() else "ok", "pid": os.getpid(),
-                "policy": self.policy_sha, "routed": self.counts, "live": self.live.counts,
+                "policy": self.policy_sha, "routed": self.counts,
+                "live": {**self.live.counts, "waiting": self.live.queue.qsize() if self.live.queue else 0},
                 "waited_for_descriptor": self.upstream.descriptor_waits, "student_failed": self.student_failures,
                 "log_failed": self.log.failures}
         if self.versions is not None:

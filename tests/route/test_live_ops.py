@@ -625,3 +625,30 @@ def test_a_hand_edited_version_that_is_not_in_the_store_is_named_so(tmp_path, ca
     versions._stamp = None
     assert not versions.reload() and versions.serving.version == "v1"
     assert "v9 is not in the store" in versions.error
+
+
+def test_health_says_how_much_background_work_is_waiting(tmp_path):
+    """Fault trial: /health's `queued` is a total since start (1,899 while `audits` was 1,131), so with a slow
+    teacher nothing showed how far the audits lagged behind."""
+    import httpx
+    import openai
+    from live_stubs import ProxyServer
+
+    st, path = _store(tmp_path, "v1")
+    v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, False, delay_s=0.5).start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": v1.url}
+        deployment.change(dep, "serve", "v1")
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", audit_share=1.0, workers=1)
+    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        for _ in range(5):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
+                                           extra_body={"metadata": {"function": "faq"}})
+        live = httpx.get(proxy.url.removesuffix("/v1") + "/health").json()["live"]
+        assert live["queued"] == 5 and 2 <= live["waiting"] <= 4, live
+    finally:
+        proxy.stop()
+        v1.stop()
+        teacher.stop()
