@@ -122,6 +122,21 @@ class ProxyConfig:
             raise ValueError(f"upstream_connections must be 0 (no limit) or more, got {self.upstream_connections}")
 
 
+UPSTREAM_REQUEST_ID = "x-distill-upstream-request-id"  # a key of the kept headers, never sent to the client
+
+
+def _keep_request_id(keep: dict[str, str], headers: Any) -> None:
+    rid = headers.get("x-request-id")
+    if rid:
+        keep[UPSTREAM_REQUEST_ID] = str(rid)[:200]
+
+
+def _teacher_request_id(keep: dict[str, str]) -> dict[str, str]:
+    """The teacher's own request id (OpenAI's ``req_…``), for the log line: what its support asks for."""
+    rid = keep.pop(UPSTREAM_REQUEST_ID, None)
+    return {"teacher_request_id": rid} if rid else {}
+
+
 def _reasons_header(reasons: list[str], limit: int = 4000) -> str:
     """The reasons as an ASCII JSON list (header-safe), shortened from the start if too long."""
     reasons = list(reasons)
@@ -257,8 +272,10 @@ class RouterProxy:
         error that says so, with the upstream's status when that is an error, else 502 (an HTTP 200 passed on
         would reach the client as an empty answer). ``keep`` gets an error's back-off headers (Retry-After,
         x-ratelimit-*), which the client's SDK reads to wait before it retries."""
-        if keep is not None and resp.status >= 400:
-            keep.update(backoff_headers(resp.headers))
+        if keep is not None:
+            _keep_request_id(keep, resp.headers)
+            if resp.status >= 400:
+                keep.update(backoff_headers(resp.headers))
         try:
             data = loads(await resp.read(), resp.charset)
         except (ValueError, RecursionError):
@@ -437,12 +454,14 @@ class RouterProxy:
             if stream:
                 out, status, resp = await self._stream(request, self.cfg.teacher_url, self.cfg.teacher_key_env,
                                                        tbody, headers, backoff)
+                routing.update(_teacher_request_id(backoff))
                 if out is not None:
                     finish(200, resp)
                     return out
                 # else an error before the stream began, or a teacher that does not stream
             else:
                 status, resp = await self._forward(self.cfg.teacher_url, tbody, self.cfg.teacher_key_env, backoff)
+                routing.update(_teacher_request_id(backoff))
             headers.update(backoff)  # a teacher's 429: its Retry-After reaches the client's SDK
         finish(status, resp)
         if stream and status == 200:
@@ -467,6 +486,8 @@ class RouterProxy:
         broken = None
         try:
             async with self.upstream.call(url, ubody, up_headers, stream=True) as up:
+                if keep is not None:
+                    _keep_request_id(keep, up.headers)
                 if up.status != 200 or "text/event-stream" not in up.headers.get("Content-Type", ""):
                     return None, *await self._read_json(up, url, keep)
                 events = iter_events(up.content)

@@ -35,7 +35,13 @@ class StreamingTeacher(LoopbackServer):
         text = body["messages"][-1]["content"]
         if "HANG" in text:
             await asyncio.sleep(6.5)
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if not body.get("stream"):
+            return web.json_response({"id": "chatcmpl-t", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "answer"},
+                                                   "finish_reason": "stop"}],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}},
+                                     headers={"x-request-id": "req_plain"})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req_stream"})
         await out.prepare(request)
 
         def event(delta: dict, finish: str | None = None) -> bytes:
@@ -223,3 +229,20 @@ def test_v1_models_is_the_teachers_list_when_passed_through(tmp_path):
     own = got[()].json()["data"][0]
     assert own["id"] == "tiny" and isinstance(own["created"], int)
     assert got[("/v1/models",)].headers["x-distill-route"] == "passthrough"  # the stand-in teacher has no list
+
+
+def test_the_teachers_own_request_id_is_in_the_log_line(proxied):
+    """Clients trial: the teacher's x-request-id (OpenAI's req_..., what its support asks for) was dropped, so a
+    ticket could not be matched to a logged call."""
+    proxy, _, logs = proxied
+    client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+    for stream in (False, True):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", stream=stream, messages=[{"role": "user", "content": "hi"}],
+            extra_body={"metadata": {"function": "other"}})
+        if stream:
+            list(raw.parse())
+        assert raw.headers["x-request-id"].startswith("req-")  # serve-router's own, not the teacher's
+    wait_for(lambda: len(lines(logs, "teacher-*.jsonl")) == 2, what="two log lines")
+    assert [x["routing"].get("teacher_request_id") for x in lines(logs, "teacher-*.jsonl")] == ["req_plain",
+                                                                                               "req_stream"]
