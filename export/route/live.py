@@ -24,6 +24,8 @@ from export.route.drift import log_files, text_lines
 from export.route.ledger import routed_lines
 from export.route.wire import STUDENT_FAILED
 
+UNREACHABLE = f"{STUDENT_FAILED}: HTTP 502 cannot reach "  # serve-router's reason, as it logs it
+
 
 def version_of(line: dict[str, Any]) -> str:
     r = line.get("routing") or {}
@@ -45,11 +47,13 @@ def tried(line: dict[str, Any]) -> bool:
     return cost.get("student_basis", "not asked") != "not asked" if cost else r.get("phase") == "after"
 
 
-def student_failed(line: dict[str, Any]) -> bool:
-    """Whether the teacher answered because the student's endpoint failed (down, a wrong URL, a broken answer):
-    that says nothing about the version's answers, so it is no escalation of them."""
+def unreachable(line: dict[str, Any]) -> bool:
+    """Whether the teacher answered because the student's endpoint could not be reached (down, a wrong URL):
+    that says nothing about the version's answers, so it is no escalation of them. An HTTP error, a timeout or an
+    unusable answer from the endpoint counts against the version: it would have failed a client too, and is often
+    the version's own (a shorter context window, a slower model)."""
     reasons = (line.get("routing") or {}).get("reasons") or []
-    return bool(reasons) and str(reasons[-1]).startswith(STUDENT_FAILED)
+    return bool(reasons) and str(reasons[-1]).startswith(UNREACHABLE)
 
 
 def read_live(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:
@@ -114,8 +118,8 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
          ) -> dict[str, Any]:
     n = len(calls)
     student = sum(x["routing"].get("route") == "student" for x in calls)
-    failed = [x for x in calls if student_failed(x)]
-    asked = [x for x in calls if tried(x) and not student_failed(x)]
+    down = [x for x in calls if unreachable(x)]
+    asked = [x for x in calls if tried(x) and not unreachable(x)]
     escalated = sum(x["routing"].get("route") != "student" for x in asked)
     share = student / n if n else None
     q = mean_ci(audits, level)
@@ -126,7 +130,7 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
     s_tried = [s for s in shadows if s.get("tried")]
     return {
         "requests": n, "student": student, "student_share": share, "tried": len(asked), "escalated": escalated,
-        "student_failed": len(failed),
+        "unreachable": len(down),
         "escalation_rate": escalated / len(asked) if asked else None,
         "latency_ms": _latency([float(x["latency_ms"]) for x in calls if isinstance(x.get("latency_ms"),
                                                                                     (int, float))]),

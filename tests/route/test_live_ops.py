@@ -382,9 +382,10 @@ def test_the_report_before_any_traffic_is_empty_not_an_error(tmp_path, capsys):
 
 def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsys):
     """Fault trial: nothing listened on the canary's URL, the teacher answered its requests, and --decide rejected
-    v2 for good for 'escalation'; a serving version's endpoint down for a while paged (exit 8) for 14 days. An
-    endpoint that is down says nothing about a version's answers (the rule shadows had): it is counted in /health
-    and warned about by `distill live`, and left out of the escalation guardrail."""
+    v2 for good for 'escalation'; a serving version's endpoint down for a while was rejected too. An endpoint that
+    cannot be reached says nothing about a version's answers (the rule shadows had): it is counted in /health,
+    warned about by `distill live`, left out of the escalation guardrail; a serving endpoint down on half of its
+    recent requests pages (exit 8: every request pays the teacher) without rejecting the version."""
     import httpx
     import openai
     from live_stubs import ProxyServer
@@ -414,11 +415,11 @@ def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsy
     assert canary.gather("v2", "canary", None, calls, []).escalations == []
     capsys.readouterr()
     recipe = _recipe(tmp_path, st, escalation_block=2)
-    assert cli(["live", str(recipe), "--decide"]) == 0  # was 8: v1 broken, nothing to roll back to; v2 rejected
+    assert cli(["live", str(recipe), "--decide"]) == 8  # the page: v1's endpoint is down
     err = capsys.readouterr()
-    assert "its student endpoint failed on" in err.out + err.err
+    assert "could not be reached on" in err.out + err.err and "v1's student endpoint could not be reached" in err.out
     dep = deployment.load(path)
-    assert dep["serving"] == "v1" and dep["candidate"]["version"] == "v2" and not dep["rejected"]
+    assert dep["serving"] == "v1" and dep["candidate"]["version"] == "v2" and not dep["rejected"]  # was: both
 
 
 def test_a_log_that_cannot_be_written_fails_no_client_and_kills_no_audit_worker(tmp_path):
@@ -652,3 +653,18 @@ def test_health_says_how_much_background_work_is_waiting(tmp_path):
         proxy.stop()
         v1.stop()
         teacher.stop()
+
+
+def test_an_endpoint_that_answers_errors_counts_against_its_version():
+    """Review: leaving every student endpoint failure out of the guardrail promoted a canary that answered
+    HTTP 400 'maximum context length' on 60 % of its requests (a shorter context window in the new export). Only an
+    endpoint that cannot be reached is left out; an HTTP error, a timeout or an unusable answer would have failed a
+    client too."""
+    def call(reason: str) -> dict:
+        return {**_call(_ago(1)), "routing": {"route": "teacher", "phase": "after", "version": "v2",
+                                              "reasons": ["function faq enabled", reason]}}
+
+    calls = [call("student endpoint failed: HTTP 400 maximum context length is 2048 tokens"),
+             call("student endpoint failed: HTTP 504 no answer from http://s/v1 within 5 s"),
+             call("student endpoint failed: HTTP 502 cannot reach http://127.0.0.1:9/v1: ClientConnectorError")]
+    assert canary.gather("v2", "canary", None, calls, []).escalations == [("faq", 1.0), ("faq", 1.0)]
