@@ -71,6 +71,8 @@ def parse_request(body: Any, default_max: int) -> Pending | str:
         if not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
             return f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}"
     stop = body.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        return "stop must be a non-empty string or a list of up to 4 of them"
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(x, str) and x for x in stop) or len(stop) > 4:
         return "stop must be a non-empty string or a list of up to 4 of them"
@@ -131,7 +133,7 @@ class StudentServer:
                 if t in self.eos:
                     finish = "stop"
                     break
-            text = tok.decode(ids, skip_special_tokens=True)
+            text = tok.decode(ids, skip_special_tokens=True).lstrip()
             if p.stop and any(x in text for x in p.stop):
                 text, ids, content, finish = self._cut_at_stop(ids, content, p.stop)
             out.append({"text": text.strip(), "finish_reason": finish,
@@ -142,13 +144,18 @@ class StudentServer:
     def _cut_at_stop(self, ids: list[int], content: list[dict[str, Any]], stop: tuple[str, ...]
                      ) -> tuple[str, list[int], list[dict[str, Any]], str]:
         """The answer up to the first stop sequence (left out, as OpenAI does), the tokens up to the one that
-        completed it, and finish_reason "stop"."""
-        for n in range(1, len(ids) + 1):
-            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-            at = min((text.find(x) for x in stop if x in text), default=-1)
-            if at >= 0:
-                return text[:at], ids[:n], content[:n], "stop"
-        raise AssertionError("a stop sequence was in the whole text")  # unreachable: the caller checked
+        completed it (found by bisection: whether a prefix holds a stop only changes once as it grows), and
+        finish_reason "stop". Searched in the answer as it is sent, leading whitespace stripped."""
+        def cut(n: int) -> tuple[str, int]:
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True).lstrip()
+            return text, min((text.find(x) for x in stop if x in text), default=-1)
+
+        lo, hi = 1, len(ids)  # the whole answer holds one (the caller checked): find the shortest prefix that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if cut(mid)[1] >= 0 else (mid + 1, hi)
+        text, at = cut(lo)
+        return text[:at], ids[:lo], content[:lo], "stop"
 
     def _token_logprob(self, token_id: int, lp, k: int) -> dict[str, Any]:
         import math

@@ -44,9 +44,9 @@ def answer_text(resp: dict[str, Any]) -> str:
     identical calls (each call's server-made ``id``, the arguments' spacing and key order), so that the same call
     from the student and the teacher scores as the same answer."""
     msg = ((resp.get("choices") or [{}])[0] or {}).get("message") or {}
-    if isinstance(msg.get("content"), str):
-        return msg["content"]
     calls = msg.get("tool_calls")
+    if isinstance(msg.get("content"), str) and (msg["content"].strip() or not calls):
+        return msg["content"]  # some servers (and a reassembled stream) send "" beside tool calls
     if not calls or not isinstance(calls, list):
         return ""
     return json.dumps([_tool_call(c) for c in calls], sort_keys=True, ensure_ascii=False)

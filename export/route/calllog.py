@@ -57,9 +57,10 @@ class CallLog:
                 warn = now - self._warned_at >= 60
                 if warn:
                     self._warned_at = now
-            if warn:
-                print(f"distill serve-router: cannot write its log ({self.failures['n']} lines lost so far): "
-                      f"{path}: {err}", file=sys.stderr, flush=True)
+            if warn:  # stderr may be a file on the same full disk: that must not fail the request either
+                with contextlib.suppress(OSError, ValueError):
+                    print(f"distill serve-router: cannot write its log ({self.failures['n']} lines lost so far): "
+                          f"{path}: {err}", file=sys.stderr, flush=True)
 
     def failing(self, within_s: float = 60.0) -> bool:
         """Whether a line could not be written within the last ``within_s`` seconds."""

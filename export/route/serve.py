@@ -109,7 +109,7 @@ def low_limit_warning(files: int, hard: int, upstream: int) -> str:
     hard_too = " (its hard limit too)" if files == hard else ""
     clients = max(0, files - 3 * upstream - 64) if upstream else max(0, files // 2 - 64)
     fits = (f"at most {upstream} upstream connections in use, and about {clients} client connections at once before "
-            "calls wait for a free descriptor (a 502 after --timeout)" if upstream else
+            "calls wait for a free descriptor (a 502 or 504 after --timeout)" if upstream else
             f"no limit on upstream connections, so about {clients} requests in flight at once")
     return f"warning: the open-file limit is {files}{hard_too}: {fits}; raise it (ulimit -n, systemd LimitNOFILE=)"
 

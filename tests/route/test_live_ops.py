@@ -523,6 +523,9 @@ def test_the_same_tool_call_from_student_and_teacher_scores_as_the_same_answer()
             {"id": call_id, "type": "function", "function": {"name": "lookup", "arguments": arguments}}]}}]}
 
     student = answer_text(resp("call_abc", '{"sku": "E-1", "qty": 2}'))
+    blank = resp("call_abc", '{"sku": "E-1", "qty": 2}')
+    blank["choices"][0]["message"]["content"] = ""  # what some servers send beside tool calls, and a stream gives
+    assert answer_text(blank) == student  # was "": the teacher's tool call an 'empty answer', the student's 0.0
     teacher = answer_text(resp("call_xyz", '{"qty":2,"sku":"E-1"}'))
     other = answer_text(resp("call_xyz", '{"qty": 3, "sku": "E-1"}'))
     request = {"messages": [{"role": "user", "content": "order two"}]}
@@ -668,3 +671,22 @@ def test_an_endpoint_that_answers_errors_counts_against_its_version():
              call("student endpoint failed: HTTP 504 no answer from http://s/v1 within 5 s"),
              call("student endpoint failed: HTTP 502 cannot reach http://127.0.0.1:9/v1: ClientConnectorError")]
     assert canary.gather("v2", "canary", None, calls, []).escalations == [("faq", 1.0), ("faq", 1.0)]
+
+
+def test_a_full_disk_under_stderr_too_fails_no_request(tmp_path, monkeypatch):
+    """Review: the once-a-minute warning about lost log lines went to stderr, which under nohup or systemd's
+    append: is a file on the same full disk: its OSError reached the request handler, a 500 again."""
+    import io
+    import sys
+
+    from export.route.calllog import CallLog
+
+    class Full(io.TextIOBase):
+        def write(self, _s):
+            raise OSError(28, "No space left on device")
+
+    log = CallLog(tmp_path / "logs")
+    (tmp_path / "logs" / f"student-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl").mkdir()
+    monkeypatch.setattr(sys, "stderr", Full())
+    rid = log.call({"messages": []}, 200, {"id": "c1"}, 1.0, {"route": "student"})
+    assert rid == "c1" and log.failures["n"] == 1

@@ -89,8 +89,9 @@ def test_stop_ends_the_answer_before_the_first_stop_sequence(student_url, record
     assert r.choices[0].finish_reason == "stop"
     assert 0 < r.usage.completion_tokens < pred["output_tokens"] == len(pred["logprobs"])
     assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
-    with pytest.raises(Exception, match="stop must be"):
-        client.chat.completions.create(model="tiny-student", messages=_messages(rec), stop=["a", "b", "c", "d", "e"])
+    for bad in (["a", "b", "c", "d", "e"], 5, True, {"x": 1}, [""]):  # 5 and True were a 500, {"x": 1} taken
+        with pytest.raises(Exception, match="stop must be"):
+            client.chat.completions.create(model="tiny-student", messages=_messages(rec), stop=bad)
 
 
 def test_concurrent_requests_are_batched_and_keep_their_answers(student_url, records):
