@@ -188,7 +188,7 @@ def test_a_teacher_that_does_not_answer_in_time_is_a_504_at_the_timeout(tmp_path
         proxy.stop()
         teacher.stop()
     assert err.value.status_code == 504 and "within 5 s" in str(err.value)  # was 502
-    assert 5.0 <= took < 5.6, took  # was 6.0
+    assert 5.0 <= took < 5.85, took  # was 6.0 and more (rounded up to the next second)
 
 
 def test_n_outside_openais_range_is_a_400_that_names_it(proxied):
