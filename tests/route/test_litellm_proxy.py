@@ -225,6 +225,14 @@ def test_harvesting_litellms_logs_skips_the_students_answers(through_litellm, tm
     from pipeline.cli import main as cli
 
     client, back, _, _, tmp = through_litellm
+    # LiteLLM logs after answering: the earlier tests' last rows may still be coming (a row written between the
+    # unlink below and its pair made the spend log one teacher answer longer): wait until both logs are still
+    seen, still, deadline = None, 0, time.time() + 30
+    while time.time() < deadline and still < 5:
+        now = (_count_lines(tmp / "payloads.jsonl"), _count_lines(tmp / "spend_logs.jsonl"))
+        still = still + 1 if now == seen and now[0] == now[1] else 0
+        seen = now
+        time.sleep(0.2)
     for log in ("payloads.jsonl", "spend_logs.jsonl"):
         (tmp / log).unlink(missing_ok=True)
     asks = [("distill/router", IN_BAND_FAQ, FAQ), ("distill/router", IN_BAND_FAQ, "legal_advice"),
