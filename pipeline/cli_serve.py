@@ -333,6 +333,9 @@ def _promote_or_rollback(args: argparse.Namespace, console: Console) -> int:
                                       share=_or(args.share, cfg.canary_share if action == "canary" else
                                                 cfg.shadow_share),
                                       reason=args.reason or "by hand")
+    if entry.get("restarted"):
+        console.print(f"{entry['version']} serves on: its serving evidence starts again now (what broke it is taken "
+                      "as fixed; the live loop judges it afresh)", soft_wrap=True)
     console.print(f"{entry['action']} {entry.get('version')}: serving {dep.get('serving')}" +
                   (f", candidate {dep['candidate']['version']} ({dep['candidate']['stage']})"
                    if dep.get("candidate") else ""), soft_wrap=True)

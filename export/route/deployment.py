@@ -187,7 +187,13 @@ def change(dep: dict[str, Any], action: str, version: str | None = None, *, shar
             raise DeploymentError("nothing to promote: there is no candidate (name a version)")
         _version(version, "version")
         if version == serving:
-            raise DeploymentError(f"{version} is already serving")
+            if by != "hand" or action != "serve":
+                raise DeploymentError(f"{version} is already serving")
+            # by hand: its serving evidence starts again from now (what was wrong was fixed; a page stops)
+            dep["rejected"] = [v for v in dep.get("rejected", []) if v != version]
+            entry.update(version=version, restarted=True)
+            dep.setdefault("history", []).append(entry)
+            return entry
         # the version that serves now leaves ``previous`` (promoting v2 then v1 by hand left v1 there, and two
         # rollbacks then brought back the version just rejected)
         dep["previous"] = [v for v in dep.get("previous", []) if v not in (version, serving)] + (

@@ -690,3 +690,25 @@ def test_a_full_disk_under_stderr_too_fails_no_request(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", Full())
     rid = log.call({"messages": []}, 200, {"id": "c1"}, 1.0, {"route": "student"})
     assert rid == "c1" and log.failures["n"] == 1
+
+
+def test_serving_the_serving_version_by_hand_restarts_its_evidence(tmp_path, capsys):
+    """Fault trial: after a serving version broke its guardrail with nothing to roll back to, the hourly job paged
+    (exit 8) for as long as the alarm stayed in the window (14 days), even once what broke it was fixed, and no
+    command could say so (`promote` of the serving version was refused). `distill promote RECIPE V` of the serving
+    version now restarts its evidence: the page stops; it is judged afresh."""
+    st, path = _store(tmp_path, "v1")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+    _live(tmp_path / "logs", _bad_audits("v1"))
+    recipe = _recipe(tmp_path, st)
+    assert cli(["live", str(recipe), "--decide"]) == 8
+    assert cli(["live", str(recipe), "--decide"]) == 8  # every hour
+    capsys.readouterr()
+    assert cli(["promote", str(recipe), "v1"]) == 0  # was exit 2: 'v1 is already serving'
+    assert "starts again" in capsys.readouterr().out
+    assert cli(["live", str(recipe), "--decide"]) == 0
+    dep = deployment.load(path)
+    assert dep["serving"] == "v1" and "v1" not in dep["rejected"] and dep["history"][-1]["restarted"]
+    with deployment.updating(path, "tiny") as dep, pytest.raises(deployment.DeploymentError, match="already serving"):
+        deployment.change(dep, "serve", "v1", by="decide")
