@@ -210,14 +210,14 @@ def _live_table(report: dict, title: str) -> Table:
 
 
 def _student_failures(report: dict, console: Console) -> None:
-    """Requests whose student endpoint could not be reached: the teacher answered them and they are no escalation
-    of the version's answers, so the table does not show them; an endpoint down or a wrong URL must not go unseen."""
+    """Requests whose student endpoint was unavailable: the teacher answered them and they are no escalation of
+    the version's answers, so the table does not show them; an endpoint down or a wrong URL must not go unseen."""
     for r in report["versions"]:
-        if r.get("unreachable"):
-            console.print(f"[yellow]warning:[/] {r['version']}: its student endpoint could not be reached on "
-                          f"{r['unreachable']} of {r['requests']} requests (the teacher answered them; not counted "
-                          "as escalations): check its server and URL (serve-router's /health shows the last "
-                          "failure)", soft_wrap=True)
+        if r.get("unavailable"):
+            console.print(f"[yellow]warning:[/] {r['version']}: its student endpoint was unavailable (unreachable, "
+                          f"HTTP 429, 502 or 503) on {r['unavailable']} of {r['requests']} requests (the teacher "
+                          "answered them; not counted as escalations): check its server and URL (serve-router's "
+                          "/health shows the last failure)", soft_wrap=True)
 
 
 def _live(args: argparse.Namespace, console: Console) -> int:

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from export.route.lanes import Lane
-from export.route.wire import answer_problem
+from export.route.wire import answer_problem, unavailable
 from training.evaluate.metrics import quality, response_schema, score
 
 METRICS = ("exact_match", "field_accuracy", "chrf", "auto")
@@ -210,7 +210,7 @@ class LiveWork:
         if tried:
             decision, status, resp = await self.proxy.ask_student(lane, job.body, job.upstream, decision, job.fn, {})
             problem = answer_problem(status, resp)
-            if problem and unreachable(resp):  # nothing listens there: no evidence about its answers either way
+            if problem and unavailable(status):  # down or full: no evidence about its answers either way
                 self._unscored(job, "shadow", lane.version, problem)
                 return
         metric = policy_metric(lane)
@@ -222,14 +222,6 @@ class LiveWork:
                              "reference": source, "route": decision.route, "phase": decision.phase, "tried": tried,
                              "escalated": tried and not decision.to_student, "quality": q,
                              "latency_ms": round(1000 * (time.perf_counter() - t0), 1)})
-
-
-def unreachable(resp: dict[str, Any]) -> bool:
-    """An upstream failure that says nothing about the version's answers: its endpoint could not be connected to
-    (an HTTP error it answered with, or a timeout, counts against it: it would have failed a client too)."""
-    err = resp.get("error")
-    return isinstance(err, dict) and err.get("type") == "upstream_error" and \
-        str(err.get("message", "")).startswith("cannot reach")
 
 
 def live_line(record: dict[str, Any]) -> str:

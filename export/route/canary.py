@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from export.route import deployment, sequential
-from export.route.live import function_of, read_live, read_routed, tried, unreachable, version_of
+from export.route.live import function_of, read_live, read_routed, tried, unavailable, version_of
 
 
 @dataclass
@@ -63,22 +63,25 @@ def gather(version: str, stage: str, start: str | None, calls: list[dict[str, An
             ev.scores.append((str(r.get("function") or "default"), float(r["quality"])))
     for x in calls:
         if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start) and tried(x) \
-                and not unreachable(x):
+                and not unavailable(x):
             ev.escalations.append((function_of(x), float(x["routing"].get("route") != "student")))
     return ev
 
 
-RECENT, DOWN_SHARE = 100, 0.5  # a serving endpoint unreachable on half of its last 100 requests (or fewer) pages
+RECENT, RECENT_S, DOWN_SHARE = 100, 3600, 0.5  # unavailable on half of its last 100 requests of the last hour
 
 
 def endpoint_down(version: str, start: str | None, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """{unreachable, of} when the version's student endpoint could not be reached on at least half of the last
-    ``RECENT`` requests it was asked (20 at least): every request then goes to the teacher, which no guardrail
-    sees (unreachable calls are no escalations), so someone must look at its server or URL."""
-    mine = [x for x in calls if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start)
+    """{unavailable, of} when the version's student endpoint was unavailable on at least half of the last
+    ``RECENT`` requests it was asked within the last hour (20 at least): every request then goes to the teacher,
+    which no guardrail sees (unavailable calls are no escalations), so someone must look at its server or URL.
+    Within the hour, so that a quiet service stops paging once it has recovered."""
+    hour = (datetime.now(timezone.utc) - timedelta(seconds=RECENT_S)).isoformat()
+    since = max(start, hour) if start else hour
+    mine = [x for x in calls if version_of(x) == version and str(x.get("timestamp", "")) >= since
             and tried(x)][-RECENT:]
-    down = sum(unreachable(x) for x in mine)
-    return {"unreachable": down, "of": len(mine)} if len(mine) >= 20 and down >= DOWN_SHARE * len(mine) else None
+    down = sum(unavailable(x) for x in mine)
+    return {"unavailable": down, "of": len(mine)} if len(mine) >= 20 and down >= DOWN_SHARE * len(mine) else None
 
 
 def blocks(pairs: list[tuple[str, float]], size: int) -> list[tuple[str, float]]:
@@ -212,8 +215,9 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
                              "reason": f"{serving} broke its guardrail and no earlier version can serve"})
         elif down := endpoint_down(serving, start(serving, "serving"), calls):
             done.append({"action": "broken", "version": serving, "evidence": down,
-                         "reason": f"{serving}'s student endpoint could not be reached on {down['unreachable']} of its "
-                                   f"last {down['of']} requests (the teacher answered them): check its server and URL"})
+                         "reason": f"{serving}'s student endpoint was unavailable (unreachable, HTTP 429, 502 or "
+                                   f"503) on {down['unavailable']} of its last {down['of']} requests (the teacher "
+                                   "answered them): check its server and URL"})
     cand = dep.get("candidate")
     if cand:
         v, stage = cand["version"], cand["stage"]

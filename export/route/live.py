@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,9 +23,9 @@ import numpy as np
 
 from export.route.drift import log_files, text_lines
 from export.route.ledger import routed_lines
-from export.route.wire import STUDENT_FAILED
+from export.route.wire import STUDENT_FAILED, UNAVAILABLE
 
-UNREACHABLE = f"{STUDENT_FAILED}: HTTP 502 cannot reach "  # serve-router's reason, as it logs it
+UNAVAILABLE_REASON = re.compile(rf"{STUDENT_FAILED}: HTTP ({'|'.join(map(str, UNAVAILABLE))})\b")
 
 
 def version_of(line: dict[str, Any]) -> str:
@@ -47,13 +48,14 @@ def tried(line: dict[str, Any]) -> bool:
     return cost.get("student_basis", "not asked") != "not asked" if cost else r.get("phase") == "after"
 
 
-def unreachable(line: dict[str, Any]) -> bool:
-    """Whether the teacher answered because the student's endpoint could not be reached (down, a wrong URL):
-    that says nothing about the version's answers, so it is no escalation of them. An HTTP error, a timeout or an
-    unusable answer from the endpoint counts against the version: it would have failed a client too, and is often
-    the version's own (a shorter context window, a slower model)."""
+def unavailable(line: dict[str, Any]) -> bool:
+    """Whether the teacher answered because the student's endpoint was unavailable: it could not be reached (down,
+    a wrong URL) or answered HTTP 429, 502 or 503 (full, or a load balancer with no backend). That says nothing
+    about the version's answers, so it is no escalation of them. Another HTTP error, a timeout or an unusable
+    answer counts against the version: it would have failed a client too, and is often the version's own doing
+    (a shorter context window, a slower model)."""
     reasons = (line.get("routing") or {}).get("reasons") or []
-    return bool(reasons) and str(reasons[-1]).startswith(UNREACHABLE)
+    return bool(reasons) and bool(UNAVAILABLE_REASON.match(str(reasons[-1])))
 
 
 def read_live(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:
@@ -118,8 +120,8 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
          ) -> dict[str, Any]:
     n = len(calls)
     student = sum(x["routing"].get("route") == "student" for x in calls)
-    down = [x for x in calls if unreachable(x)]
-    asked = [x for x in calls if tried(x) and not unreachable(x)]
+    down = [x for x in calls if unavailable(x)]
+    asked = [x for x in calls if tried(x) and not unavailable(x)]
     escalated = sum(x["routing"].get("route") != "student" for x in asked)
     share = student / n if n else None
     q = mean_ci(audits, level)
@@ -130,7 +132,7 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
     s_tried = [s for s in shadows if s.get("tried")]
     return {
         "requests": n, "student": student, "student_share": share, "tried": len(asked), "escalated": escalated,
-        "unreachable": len(down),
+        "unavailable": len(down),
         "escalation_rate": escalated / len(asked) if asked else None,
         "latency_ms": _latency([float(x["latency_ms"]) for x in calls if isinstance(x.get("latency_ms"),
                                                                                     (int, float))]),

@@ -77,6 +77,13 @@ def request_problem(body: Any) -> str | None:
 
 
 STUDENT_FAILED = "student endpoint failed"  # a logged call's last reason when the teacher answered for that
+UNAVAILABLE = (429, 502, 503)  # the endpoint (or the load balancer before it) is down or full, not the version wrong:
+# serve-router's own failure to connect, or an answer that broke off, is a 502 too
+
+
+def unavailable(status: int) -> bool:
+    """Whether an upstream's failure says nothing about the version's answers (see ``UNAVAILABLE``)."""
+    return status in UNAVAILABLE
 
 
 def answer_problem(status: int, resp: dict[str, Any]) -> str | None:
@@ -245,7 +252,8 @@ class BadEvent(Exception):
 
 
 class ClientStalled(Exception):
-    """The client stopped reading a relayed stream for ``timeout_s``: it must not hold an upstream for ever."""
+    """One write to the client waited ``timeout_s`` (its buffers full: it took less than about 48 KB in that time):
+    a client that stopped reading must not hold an upstream for ever."""
 
 
 async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool,

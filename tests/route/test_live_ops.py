@@ -417,7 +417,7 @@ def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsy
     recipe = _recipe(tmp_path, st, escalation_block=2)
     assert cli(["live", str(recipe), "--decide"]) == 8  # the page: v1's endpoint is down
     err = capsys.readouterr()
-    assert "could not be reached on" in err.out + err.err and "v1's student endpoint could not be reached" in err.out
+    assert "was unavailable" in err.out + err.err and "v1's student endpoint was unavailable" in err.out
     dep = deployment.load(path)
     assert dep["serving"] == "v1" and dep["candidate"]["version"] == "v2" and not dep["rejected"]  # was: both
 
@@ -669,8 +669,11 @@ def test_an_endpoint_that_answers_errors_counts_against_its_version():
 
     calls = [call("student endpoint failed: HTTP 400 maximum context length is 2048 tokens"),
              call("student endpoint failed: HTTP 504 no answer from http://s/v1 within 5 s"),
-             call("student endpoint failed: HTTP 502 cannot reach http://127.0.0.1:9/v1: ClientConnectorError")]
-    assert canary.gather("v2", "canary", None, calls, []).escalations == [("faq", 1.0), ("faq", 1.0)]
+             call("student endpoint failed: HTTP 500 CUDA out of memory"),
+             call("student endpoint failed: HTTP 502 cannot reach http://127.0.0.1:9/v1: ClientConnectorError"),
+             call("student endpoint failed: HTTP 503 no healthy upstream"),  # a load balancer, pods down
+             call("student endpoint failed: HTTP 429 too many requests")]
+    assert canary.gather("v2", "canary", None, calls, []).escalations == [("faq", 1.0)] * 3
 
 
 def test_a_full_disk_under_stderr_too_fails_no_request(tmp_path, monkeypatch):
@@ -712,3 +715,27 @@ def test_serving_the_serving_version_by_hand_restarts_its_evidence(tmp_path, cap
     assert dep["serving"] == "v1" and "v1" not in dep["rejected"] and dep["history"][-1]["restarted"]
     with deployment.updating(path, "tiny") as dep, pytest.raises(deployment.DeploymentError, match="already serving"):
         deployment.change(dep, "serve", "v1", by="decide")
+
+
+def test_a_serving_endpoint_that_was_down_pages_only_while_it_is(tmp_path):
+    """Verify pass: the page for a serving endpoint that could not be reached counted its last 100 requests, not
+    time, so a quiet service kept paging for hours after it recovered; a load balancer's 503 (pods down) counted
+    against the version instead."""
+    st, path = _store(tmp_path, "v1")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(5))
+    recipe, logs = _recipe(tmp_path, st), tmp_path / "logs"
+    logs.mkdir()
+
+    def down(hours: float) -> list[str]:
+        return [json.dumps({**_call(_ago(hours, i)), "routing": {
+            "route": "teacher", "phase": "after", "version": "v1",
+            "reasons": ["function faq enabled", "student endpoint failed: HTTP 503 no healthy upstream"]}}) + "\n"
+            for i in range(30)]
+
+    (logs / f"teacher-{_ago(2)[:10]}.jsonl").write_text("".join(down(2)))
+    assert cli(["live", str(recipe), "--decide"]) == 0  # two hours ago: recovered since (was 8 until 50 new calls)
+    with (logs / f"teacher-{_ago(0.5)[:10]}.jsonl").open("a") as f:
+        f.write("".join(down(0.5)))
+    assert cli(["live", str(recipe), "--decide"]) == 8  # now: page
+    assert "v1" not in deployment.load(path)["rejected"]
