@@ -291,6 +291,8 @@ def _waiting(cand: dict | None, done: list[dict], console: Console) -> None:
         why.append("not enough evidence yet in " + ", ".join(_evidence(fn, p["functions"][fn]) for fn in p["waiting_for"]))
     if p.get("stale"):
         why.append("its stage is older than route.live.window_days (see the warning)")
+    if p.get("held_back"):
+        why.append(p["held_back"])
     console.print(f"{cand['version']} stays in {cand['stage']}: {'; '.join(why) or 'no function scored yet'}",
                   soft_wrap=True)
 

@@ -24,7 +24,7 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -94,6 +94,7 @@ class Job:
     student_answer: str | None  # set: audit this answer
     teacher_answer: str | None  # the teacher answered the request itself (escalated)
     shadow: Lane | None  # the candidate in shadow, when sampled
+    at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())  # when the call was answered
 
 
 class LiveWork:
@@ -171,10 +172,10 @@ class LiveWork:
                 return
             await self._shadow(job, job.shadow, reference, source)
 
-    def _unscored(self, job: Job, what: str, version: str | None, why: str) -> None:
+    def _unscored(self, job: Job, what: str, version: str | None, why: str, **more: Any) -> None:
         self.counts["failed"] += 1
         self.proxy.log_live({"kind": "error", "what": what, "request_id": job.log_id, "version": version,
-                             "function": job.fn, "error": why})
+                             "function": job.fn, "error": why, **more})
 
     async def _audit(self, job: Job) -> str | None:
         """Ask the teacher, log its answer as an audit and the pair's score; the teacher's answer (None: failed)."""
@@ -196,7 +197,8 @@ class LiveWork:
         metric = policy_metric(job.lane)
         q = await scored(job.student_answer, reference, job.body, metric)
         self.counts["audits"] += 1
-        self.proxy.log_live({"kind": "audit", "request_id": job.log_id, "version": job.lane.version,
+        self.proxy.log_live({"kind": "audit", "request_id": job.log_id, "call_timestamp": job.at,
+                             "version": job.lane.version,
                              "policy_sha256": job.lane.policy_sha, "function": job.fn, "metric": metric,
                              "quality": q})
         return reference
@@ -210,13 +212,14 @@ class LiveWork:
         if tried:
             decision, status, resp = await self.proxy.ask_student(lane, job.body, job.upstream, decision, job.fn, {})
             problem = answer_problem(status, resp)
-            if problem and unavailable(status):  # down or full: no evidence about its answers either way
-                self._unscored(job, "shadow", lane.version, problem)
+            if problem and unavailable(status, resp):  # down or full: no evidence about its answers either way
+                self._unscored(job, "shadow", lane.version, problem, unavailable=True)
                 return
         metric = policy_metric(lane)
         q = await scored(answer_text(resp), reference, job.body, metric) if decision.to_student else None
         self.counts["shadows"] += 1
-        self.proxy.log_live({"kind": "shadow", "request_id": job.log_id, "version": lane.version,
+        self.proxy.log_live({"kind": "shadow", "request_id": job.log_id, "call_timestamp": job.at,
+                             "version": lane.version,
                              "policy_sha256": lane.policy_sha,
                              "serving": job.lane.version, "function": job.fn, "metric": metric,
                              "reference": source, "route": decision.route, "phase": decision.phase, "tried": tried,

@@ -48,7 +48,9 @@ def gather(version: str, stage: str, start: str | None, calls: list[dict[str, An
            live: list[dict[str, Any]]) -> Evidence:
     """The version's scored answers and escalations since ``start`` (ISO time; None: all)."""
     ev = Evidence()
-    recent = [r for r in live if start is None or str(r.get("timestamp", "")) >= start]
+    # by when the audited call was answered (an audit is scored later: queued audits of answers from before a
+    # restart must not count after it); records from before 12-07 have only their own time
+    recent = [r for r in live if start is None or str(r.get("call_timestamp") or r.get("timestamp", "")) >= start]
     if stage == "shadow":
         for r in recent:
             if r.get("kind") == "shadow" and r.get("version") == version:
@@ -68,20 +70,47 @@ def gather(version: str, stage: str, start: str | None, calls: list[dict[str, An
     return ev
 
 
-RECENT, RECENT_S, DOWN_SHARE = 100, 3600, 0.5  # unavailable on half of its last 100 requests of the last hour
+RECENT, RECENT_S, DOWN_SHARE = 100, 3600, 0.5  # unavailable on half of its last 100 requests, still in the last hour
+HOLD_SHARE = 0.1  # a candidate unavailable on more of its requests than this is not promoted
+
+
+def _unavailable_calls(version: str, start: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [x for x in calls if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start)
+            and tried(x)]
 
 
 def endpoint_down(version: str, start: str | None, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
     """{unavailable, of} when the version's student endpoint was unavailable on at least half of the last
-    ``RECENT`` requests it was asked within the last hour (20 at least): every request then goes to the teacher,
-    which no guardrail sees (unavailable calls are no escalations), so someone must look at its server or URL.
-    Within the hour, so that a quiet service stops paging once it has recovered."""
-    hour = (datetime.now(timezone.utc) - timedelta(seconds=RECENT_S)).isoformat()
-    since = max(start, hour) if start else hour
-    mine = [x for x in calls if version_of(x) == version and str(x.get("timestamp", "")) >= since
-            and tried(x)][-RECENT:]
+    ``RECENT`` requests it was asked since ``start`` (20 at least), the newest of them too, within the hour: every
+    request then goes to the teacher, which no guardrail sees (unavailable calls are no escalations), so someone
+    must look at its server or URL. A recovered endpoint's newest request succeeds, which ends the page; a quiet
+    one that is still down keeps paging, however few requests it gets an hour."""
+    mine = _unavailable_calls(version, start, calls)[-RECENT:]
     down = sum(unavailable(x) for x in mine)
-    return {"unavailable": down, "of": len(mine)} if len(mine) >= 20 and down >= DOWN_SHARE * len(mine) else None
+    hour = (datetime.now(timezone.utc) - timedelta(seconds=RECENT_S)).isoformat()
+    if len(mine) >= 20 and down >= DOWN_SHARE * len(mine) and unavailable(mine[-1]) \
+            and str(mine[-1].get("timestamp", "")) >= hour:
+        return {"unavailable": down, "of": len(mine)}
+    return None
+
+
+def held_back(version: str, stage: str, start: str | None, calls: list[dict[str, Any]],
+              live: list[dict[str, Any]]) -> str | None:
+    """Why a candidate with promotion evidence is not promoted: its endpoint was unavailable on more than
+    ``HOLD_SHARE`` of its requests in this stage (its evidence is only the answers it gave; a version whose pods
+    crash or fill up would otherwise serve everyone). None when it may move on."""
+    if stage == "shadow":
+        recs = [r for r in live if r.get("version") == version and (start is None or str(r.get("timestamp", ""))
+                >= start) and (r.get("kind") == "shadow" or (r.get("kind") == "error" and r.get("what") == "shadow"))]
+        recs = [r for r in recs if r.get("kind") == "shadow" or r.get("unavailable")]  # not an empty reference
+        n, down = len(recs), sum(r.get("kind") == "error" for r in recs)
+    else:
+        mine = _unavailable_calls(version, start, calls)
+        n, down = len(mine), sum(unavailable(x) for x in mine)
+    if n >= 20 and down > HOLD_SHARE * n:
+        return (f"its student endpoint was unavailable on {down} of its {n} requests in {stage}: fix its server, "
+                "then it moves on")
+    return None
 
 
 def blocks(pairs: list[tuple[str, float]], size: int) -> list[tuple[str, float]]:
@@ -235,6 +264,8 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
         if g["broken"]:
             done.append(deployment.change(dep, "rollback", v, by="decide", evidence={"guardrail": g, "promotion": p},
                                           reason=f"candidate {v} broke its guardrail in {stage}"))
+        elif p["ready"] and (hold := held_back(v, stage, start(v, stage), calls, live)):
+            p.update(ready=False, held_back=hold)
         elif p["ready"]:
             action = "canary" if stage == "shadow" else "promote"
             done.append(deployment.change(dep, action, share=cfg.canary_share if action == "canary" else None,

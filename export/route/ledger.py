@@ -64,7 +64,7 @@ def _row(lines: list[dict[str, Any]], scores: list[float] = ()) -> dict[str, Any
     return row
 
 
-ROUTING = ("route", "phase", "version", "policy_sha256", "lane", "audit", "cost")  # what counts and prices read
+ROUTING = ("route", "phase", "version", "policy_sha256", "lane", "audit", "cost", "student_unavailable")
 COST = ("usd", "teacher_only_usd", "saved_usd", "student_basis")
 
 

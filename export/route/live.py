@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,9 +22,9 @@ import numpy as np
 
 from export.route.drift import log_files, text_lines
 from export.route.ledger import routed_lines
-from export.route.wire import STUDENT_FAILED, UNAVAILABLE
+from export.route.wire import STUDENT_FAILED
 
-UNAVAILABLE_REASON = re.compile(rf"{STUDENT_FAILED}: HTTP ({'|'.join(map(str, UNAVAILABLE))})\b")
+UNREACHABLE_BEFORE = f"{STUDENT_FAILED}: HTTP 502 cannot reach "  # a connection failure, as logged before 12-07
 
 
 def version_of(line: dict[str, Any]) -> str:
@@ -49,13 +48,18 @@ def tried(line: dict[str, Any]) -> bool:
 
 
 def unavailable(line: dict[str, Any]) -> bool:
-    """Whether the teacher answered because the student's endpoint was unavailable: it could not be reached (down,
-    a wrong URL) or answered HTTP 429, 502 or 503 (full, or a load balancer with no backend). That says nothing
-    about the version's answers, so it is no escalation of them. Another HTTP error, a timeout or an unusable
-    answer counts against the version: it would have failed a client too, and is often the version's own doing
-    (a shorter context window, a slower model)."""
-    reasons = (line.get("routing") or {}).get("reasons") or []
-    return bool(reasons) and bool(UNAVAILABLE_REASON.match(str(reasons[-1])))
+    """Whether the teacher answered because the student's endpoint was unavailable: no connection could be made
+    (down, a wrong URL), or the endpoint (or its load balancer) answered HTTP 429, 502 or 503 (serve-router marks
+    these ``routing.student_unavailable``; a line logged before it said so is read by its reason). That says
+    nothing about the version's answers, so it is no escalation of them. Any other failure (another HTTP error, a
+    timeout, an answer that is not JSON or broke off, a stream that began with an error) counts against the
+    version: it would have failed a client too, and is often the version's own doing (a shorter context window,
+    a slower model)."""
+    routing = line.get("routing") or {}
+    if routing.get("student_unavailable"):
+        return True
+    reasons = routing.get("reasons") or []
+    return bool(reasons) and str(reasons[-1]).startswith(UNREACHABLE_BEFORE)
 
 
 def read_live(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:

@@ -65,7 +65,7 @@ from export.route.jsonio import NotText, loads, read_request
 from export.route.lanes import Lane, Versions, make_lane
 from export.route.passthrough import backoff_headers, normalise, pass_through
 from export.route.router import Decision, Router
-from export.route.upstream import Upstreams, failure_status, upstream_failure
+from export.route.upstream import Upstreams, failure_code, failure_status, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
@@ -88,6 +88,7 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     relay,
     request_problem,
     send_events,
+    unavailable,
 )
 
 
@@ -283,8 +284,10 @@ class RouterProxy:
         if isinstance(data, dict):
             return resp.status, data
         what = "non-JSON answer" if data is None else "an answer that is not a JSON object"
-        status = resp.status if resp.status >= 400 else 502  # an error keeps its status (429 stays a rate limit)
-        return status, {"error": {"message": f"{what} from {url} (HTTP {resp.status})", "type": "upstream_error"}}
+        err = {"message": f"{what} from {url} (HTTP {resp.status})", "type": "upstream_error"}
+        if resp.status >= 400:  # an error keeps its status (429 stays a rate limit)
+            return resp.status, {"error": err}
+        return 502, {"error": {**err, "code": "upstream_unusable"}}
 
     async def _forward(self, base: str, body: dict[str, Any], key_env: str | None,
                        keep: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -294,7 +297,8 @@ class RouterProxy:
                 return await self._read_json(resp, url, keep)
         except (ClientError, asyncio.TimeoutError) as err:
             why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
-            return failure_status(err), {"error": {"message": why, "type": "upstream_error"}}
+            return failure_status(err), {"error": {"message": why, "type": "upstream_error",
+                                                   "code": failure_code(err)}}
 
     async def forward_teacher(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self._forward(self.cfg.teacher_url, body, self.cfg.teacher_key_env)
@@ -334,11 +338,16 @@ class RouterProxy:
             sbody.pop("top_logprobs", None)
         return sbody
 
-    def student_failed(self, lane: Lane, decision: Decision, problem: str) -> Decision:
-        """The teacher answers instead; counted for /health (a version's endpoint down says nothing about its
-        answers: the live loop leaves these calls out of its escalation guardrail)."""
+    def student_failed(self, lane: Lane, decision: Decision, status: int, resp: dict[str, Any],
+                       routing: dict[str, Any]) -> Decision:
+        """The teacher answers instead; counted for /health. When the endpoint was unavailable (``wire.unavailable``)
+        the log line says so (``routing.student_unavailable``): the live loop leaves it out of the version's
+        escalation guardrail, since an endpoint that is down says nothing about the version's answers."""
+        problem = answer_problem(status, resp) or f"HTTP {status}"
         self.student_failures.update(n=self.student_failures["n"] + 1, at=datetime.now(timezone.utc).isoformat(),
                                      last=f"{lane.version or 'student'}: {problem}"[:300])
+        if unavailable(status, resp):
+            routing["student_unavailable"] = True
         return Decision("teacher", [*decision.reasons, f"{STUDENT_FAILED}: {problem}"], "after", decision.signals)
 
     async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,
@@ -348,7 +357,7 @@ class RouterProxy:
         status, resp = await self._forward(lane.url, self.student_body(lane, upstream), self.cfg.student_key_env)
         problem = answer_problem(status, resp)
         if problem:  # the teacher answers instead
-            decision = self.student_failed(lane, decision, problem)
+            decision = self.student_failed(lane, decision, status, resp, routing)
         elif self.cfg.check_after:
             decision = check_answer(lane.router, self.checks_answer(lane, decision), body, resp["choices"],
                                     decision, fn)
@@ -445,7 +454,7 @@ class RouterProxy:
                 return out
             problem = answer_problem(status, resp)  # failed before its first chunk: the teacher answers instead
             if problem:
-                decision = self.student_failed(lane, decision, problem)
+                decision = self.student_failed(lane, decision, status, resp, routing)
             elif not body.get("logprobs"):  # it answered plain JSON: sent as chunks below, without unasked logprobs
                 drop_logprobs(resp)
         headers = _headers(decision, lane, rid)
@@ -493,7 +502,8 @@ class RouterProxy:
                 events = iter_events(up.content)
                 head, problem = await first_event(events)
                 if problem:  # nothing sent yet: the caller may still fall back
-                    return None, 502, {"error": {"message": f"{url}: {problem}", "type": "upstream_error"}}
+                    return None, 502, {"error": {"message": f"{url}: {problem}", "type": "upstream_error",
+                                                 "code": "upstream_unusable"}}
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
                 broken = await self._relay_all(out, head, events, chunks, want_usage, url)
@@ -508,7 +518,8 @@ class RouterProxy:
             if out is None:
                 why = upstream_failure(url, err, self.cfg.timeout_s) or (
                     f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}")
-                return None, failure_status(err), {"error": {"message": why, "type": "upstream_error"}}
+                return None, failure_status(err), {"error": {"message": why, "type": "upstream_error",
+                                                             "code": failure_code(err)}}
             gone = request.transport is None or request.transport.is_closing()
             broken = (f"{'client disconnected' if gone else 'stream broken'} after {len(chunks)} chunks: "
                       f"{type(err).__name__}")

@@ -63,6 +63,15 @@ def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str | No
     return None
 
 
+def failure_code(err: BaseException) -> str:
+    """The ``error.code`` of a call that got no answer: ``upstream_unreachable`` when no connection could be made
+    (down, a wrong URL, no descriptor left), else ``upstream_failed`` (a timeout, an answer that broke off). An
+    ``upstream_`` code marks a status serve-router made up, not one the upstream answered with."""
+    if isinstance(err, ClientConnectorError) or out_of_descriptors(err):
+        return "upstream_unreachable"
+    return "upstream_failed"
+
+
 def failure_status(err: BaseException) -> int:
     """The client's status for an upstream that failed: 504 when it did not answer in time, else 502."""
     return 504 if isinstance(err, asyncio.TimeoutError) else 502

@@ -77,13 +77,19 @@ def request_problem(body: Any) -> str | None:
 
 
 STUDENT_FAILED = "student endpoint failed"  # a logged call's last reason when the teacher answered for that
-UNAVAILABLE = (429, 502, 503)  # the endpoint (or the load balancer before it) is down or full, not the version wrong:
-# serve-router's own failure to connect, or an answer that broke off, is a 502 too
+UNAVAILABLE = (429, 502, 503)  # answered by the endpoint (or the load balancer before it): down or full
 
 
-def unavailable(status: int) -> bool:
-    """Whether an upstream's failure says nothing about the version's answers (see ``UNAVAILABLE``)."""
-    return status in UNAVAILABLE
+def unavailable(status: int, resp: dict[str, Any]) -> bool:
+    """Whether an upstream's failure says nothing about the version's answers: no connection could be made, or the
+    endpoint itself (or its load balancer) answered one of ``UNAVAILABLE``. A status serve-router made up for an
+    answer it could not use (an ``upstream_`` error code) is the version's: a 200 that is not JSON, a stream whose
+    first event is an error, an answer that broke off."""
+    err = resp.get("error")
+    code = err.get("code") if isinstance(err, dict) else None
+    if code == "upstream_unreachable":
+        return True
+    return status in UNAVAILABLE and not (isinstance(code, str) and code.startswith("upstream_"))
 
 
 def answer_problem(status: int, resp: dict[str, Any]) -> str | None:

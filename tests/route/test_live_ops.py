@@ -663,17 +663,18 @@ def test_an_endpoint_that_answers_errors_counts_against_its_version():
     HTTP 400 'maximum context length' on 60 % of its requests (a shorter context window in the new export). Only an
     endpoint that cannot be reached is left out; an HTTP error, a timeout or an unusable answer would have failed a
     client too."""
-    def call(reason: str) -> dict:
+    def call(reason: str, **marked) -> dict:
         return {**_call(_ago(1)), "routing": {"route": "teacher", "phase": "after", "version": "v2",
-                                              "reasons": ["function faq enabled", reason]}}
+                                              "reasons": ["function faq enabled", reason], **marked}}
 
     calls = [call("student endpoint failed: HTTP 400 maximum context length is 2048 tokens"),
              call("student endpoint failed: HTTP 504 no answer from http://s/v1 within 5 s"),
              call("student endpoint failed: HTTP 500 CUDA out of memory"),
-             call("student endpoint failed: HTTP 502 cannot reach http://127.0.0.1:9/v1: ClientConnectorError"),
-             call("student endpoint failed: HTTP 503 no healthy upstream"),  # a load balancer, pods down
-             call("student endpoint failed: HTTP 429 too many requests")]
-    assert canary.gather("v2", "canary", None, calls, []).escalations == [("faq", 1.0)] * 3
+             call("student endpoint failed: HTTP 502 non-JSON answer from http://s/v1 (HTTP 200)"),
+             call("student endpoint failed: HTTP 503 no healthy upstream", student_unavailable=True),
+             call("student endpoint failed: HTTP 429 too many requests", student_unavailable=True),
+             call("student endpoint failed: HTTP 502 cannot reach http://127.0.0.1:9/v1: ClientConnectorError")]
+    assert canary.gather("v2", "canary", None, calls, []).escalations == [("faq", 1.0)] * 4
 
 
 def test_a_full_disk_under_stderr_too_fails_no_request(tmp_path, monkeypatch):
@@ -718,24 +719,70 @@ def test_serving_the_serving_version_by_hand_restarts_its_evidence(tmp_path, cap
 
 
 def test_a_serving_endpoint_that_was_down_pages_only_while_it_is(tmp_path):
-    """Verify pass: the page for a serving endpoint that could not be reached counted its last 100 requests, not
-    time, so a quiet service kept paging for hours after it recovered; a load balancer's 503 (pods down) counted
-    against the version instead."""
+    """Verify pass and review: the page for a serving endpoint that was unavailable counted its last 100 requests,
+    not time, so a service kept paging for hours after it recovered; the first fix (the last hour only) made a
+    quiet service (12 requests an hour) that was down for good never page; a load balancer's 503 (pods down)
+    counted against the version."""
     st, path = _store(tmp_path, "v1")
     with deployment.updating(path, "tiny") as dep:
-        deployment.change(dep, "serve", "v1", at=_ago(5))
+        deployment.change(dep, "serve", "v1", at=_ago(8))
     recipe, logs = _recipe(tmp_path, st), tmp_path / "logs"
     logs.mkdir()
 
-    def down(hours: float) -> list[str]:
-        return [json.dumps({**_call(_ago(hours, i)), "routing": {
-            "route": "teacher", "phase": "after", "version": "v1",
-            "reasons": ["function faq enabled", "student endpoint failed: HTTP 503 no healthy upstream"]}}) + "\n"
-            for i in range(30)]
+    def calls(hours: list[float], down: bool) -> None:
+        routing = {"route": "teacher", "phase": "after", "version": "v1", "student_unavailable": True, "reasons": [
+            "function faq enabled", "student endpoint failed: HTTP 503 no healthy upstream"]} if down else \
+            {"route": "student", "phase": "after", "version": "v1"}
+        for h in hours:
+            with (logs / f"{routing['route']}-{_ago(h)[:10]}.jsonl").open("a") as f:
+                f.write(json.dumps({**_call(_ago(h)), "routing": routing}) + "\n")
 
-    (logs / f"teacher-{_ago(2)[:10]}.jsonl").write_text("".join(down(2)))
-    assert cli(["live", str(recipe), "--decide"]) == 0  # two hours ago: recovered since (was 8 until 50 new calls)
-    with (logs / f"teacher-{_ago(0.5)[:10]}.jsonl").open("a") as f:
-        f.write("".join(down(0.5)))
-    assert cli(["live", str(recipe), "--decide"]) == 8  # now: page
+    calls([6 - i / 12 for i in range(72)], down=True)  # 12 an hour for 6 hours, all unavailable, the last 5 min ago
+    assert cli(["live", str(recipe), "--decide"]) == 8  # was 0: fewer than 20 in the last hour
+    calls([0.02, 0.01], down=False)  # it answers again
+    assert cli(["live", str(recipe), "--decide"]) == 0  # the page stops (was: until 50 new requests)
     assert "v1" not in deployment.load(path)["rejected"]
+
+
+def test_a_candidate_whose_endpoint_is_often_unavailable_is_not_promoted(tmp_path, capsys):
+    """Review: unavailable requests are no evidence about a version's answers, so a canary whose pods answered 503
+    on 60 % of its requests was promoted on the 40 % it answered well, and then served everyone."""
+    st, path = _store(tmp_path, "v1", "v2")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(4))
+        deployment.change(dep, "shadow", "v2", share=0.5, at=_ago(3.5))
+        deployment.change(dep, "canary", "v2", share=0.5, at=_ago(3))
+    good = [{"kind": "audit", "version": "v2", "function": fn, "quality": 1.0, "timestamp": _ago(1, i)}
+            for fn in ("faq", "triage") for i in range(300)]
+    _live(tmp_path / "logs", good)
+    down = {"route": "teacher", "phase": "after", "version": "v2", "student_unavailable": True,
+            "reasons": ["function faq enabled", "student endpoint failed: HTTP 503 no healthy upstream"]}
+    with (tmp_path / "logs" / f"teacher-{_ago(2)[:10]}.jsonl").open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({**_call(_ago(2, i)), "routing": down}) + "\n")
+    with (tmp_path / "logs" / f"student-{_ago(2)[:10]}.jsonl").open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({**_call(_ago(2, 100 + i)), "routing": {
+                "route": "student", "phase": "after", "version": "v2",
+                "cost": {"usd": 0.0001, "student_basis": "per request (evaluate)"}}}) + "\n")
+    recipe = _recipe(tmp_path, st)
+    capsys.readouterr()
+    assert cli(["live", str(recipe), "--decide"]) == 0  # was 9: promoted
+    out = capsys.readouterr().out
+    assert "v2 stays in canary" in out and "unavailable on 60 of its 100 requests" in out
+    assert deployment.load(path)["serving"] == "v1"
+
+
+def test_audits_of_answers_from_before_a_restart_do_not_count_after_it(tmp_path):
+    """Review: audits are scored late (a queue, a teacher call each); after a hand restart of the serving
+    version, the queued audits of its broken answers landed after the restart and paged again at once. Evidence is
+    taken by when the audited call was answered."""
+    st, path = _store(tmp_path, "v1")
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(3))
+    with deployment.updating(path, "tiny") as dep:
+        deployment.change(dep, "serve", "v1", at=_ago(5 / 60))  # restarted 5 minutes ago, by hand
+    late = [{**r, "timestamp": _ago(4 / 60, i), "call_timestamp": _ago(15 / 60, i)} for i, r in
+            enumerate(_bad_audits("v1"))]
+    _live(tmp_path / "logs", late)
+    assert cli(["live", str(_recipe(tmp_path, st)), "--decide"]) == 0  # was 8

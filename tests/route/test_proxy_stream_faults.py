@@ -246,3 +246,59 @@ def test_the_teachers_own_request_id_is_in_the_log_line(proxied):
     wait_for(lambda: len(lines(logs, "teacher-*.jsonl")) == 2, what="two log lines")
     assert [x["routing"].get("teacher_request_id") for x in lines(logs, "teacher-*.jsonl")] == ["req_plain",
                                                                                                "req_stream"]
+
+
+class FaultyStudent(LoopbackServer):
+    """A student endpoint failing as the user turn says: 503 in JSON (a full server), 503 in HTML (a load balancer
+    with no healthy backend), 429, 400 (a prompt over its context window), 200 that is not JSON."""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        text = (await request.json())["messages"][-1]["content"]
+        if text == "json503":
+            return web.json_response({"error": {"message": "server overloaded"}}, status=503)
+        if text == "html503":
+            return web.Response(text="<html>no healthy upstream</html>", status=503, content_type="text/html")
+        if text == "json429":
+            return web.json_response({"error": {"message": "slow down"}}, status=429)
+        if text == "json400":
+            return web.json_response({"error": {"message": "maximum context length is 2048 tokens"}}, status=400)
+        return web.Response(text="<html>oops</html>", content_type="text/html")  # html200
+
+
+def test_serve_router_marks_the_failures_that_say_nothing_about_the_version(tmp_path):
+    """Review: 'unavailable' was read from the logged reason, where serve-router writes a made-up 502 for answers
+    it could not use (a 200 that is not JSON, a stream beginning with an error, an answer that broke off), so those
+    were left out of the version's guardrail too. serve-router now marks what it saw, on the log line."""
+    from export.route.live import unavailable
+
+    st = tmp_path / "store"
+    publish_version(st, "tiny", "v1", tmp_path)
+    publish_version(st, "tiny", "v2", tmp_path)
+    path = deployment.path_for(st, "tiny")
+    student, teacher = FaultyStudent().start(), StreamingTeacher().start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": student.url, "v2": "http://127.0.0.1:9/v1"}  # v2: nothing listens there
+        deployment.change(dep, "serve", "v1")
+    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs")
+    asks = ["json503", "html503", "json429", "json400", "html200"]
+    try:
+        proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        for text in asks:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": text}],
+                                           extra_body={"metadata": {"function": "faq"}})
+        proxy.stop()
+        with deployment.updating(path, "tiny") as dep:
+            deployment.change(dep, "promote", "v2")
+        proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "down"}],
+                                       extra_body={"metadata": {"function": "faq"}})
+        proxy.stop()
+    finally:
+        student.stop()
+        teacher.stop()
+    got = {x["request"]["messages"][-1]["content"]: unavailable(x) for x in lines(tmp_path / "logs", "teacher-*.jsonl")}
+    assert got == {"json503": True, "html503": True, "json429": True, "json400": False,
+                   "html200": False,  # was True: serve-router's own 502 for an answer that is not JSON
+                   "down": True}
