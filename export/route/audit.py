@@ -174,8 +174,8 @@ class LiveWork:
 
     def _unscored(self, job: Job, what: str, version: str | None, why: str, **more: Any) -> None:
         self.counts["failed"] += 1
-        self.proxy.log_live({"kind": "error", "what": what, "request_id": job.log_id, "version": version,
-                             "function": job.fn, "error": why, **more})
+        self.proxy.log_live({"kind": "error", "what": what, "request_id": job.log_id, "call_timestamp": job.at,
+                             "version": version, "function": job.fn, "error": why, **more})
 
     async def _audit(self, job: Job) -> str | None:
         """Ask the teacher, log its answer as an audit and the pair's score; the teacher's answer (None: failed)."""

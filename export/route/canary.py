@@ -99,10 +99,12 @@ def held_back(version: str, stage: str, start: str | None, calls: list[dict[str,
     """Why a candidate with promotion evidence is not promoted: its endpoint was unavailable on more than
     ``HOLD_SHARE`` of its requests in this stage (its evidence is only the answers it gave; a version whose pods
     crash or fill up would otherwise serve everyone). None when it may move on."""
-    if stage == "shadow":
-        recs = [r for r in live if r.get("version") == version and (start is None or str(r.get("timestamp", ""))
-                >= start) and (r.get("kind") == "shadow" or (r.get("kind") == "error" and r.get("what") == "shadow"))]
-        recs = [r for r in recs if r.get("kind") == "shadow" or r.get("unavailable")]  # not an empty reference
+    if stage == "shadow":  # the requests it was asked: tried shadow answers, and those its endpoint failed
+        recs = [r for r in live if r.get("version") == version
+                and (start is None or str(r.get("call_timestamp") or r.get("timestamp", "")) >= start)
+                and ((r.get("kind") == "shadow" and r.get("tried")) or (r.get("kind") == "error"
+                                                                        and r.get("what") == "shadow"
+                                                                        and r.get("unavailable")))]
         n, down = len(recs), sum(r.get("kind") == "error" for r in recs)
     else:
         mine = _unavailable_calls(version, start, calls)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,11 @@ from export.route.drift import log_files, text_lines
 from export.route.ledger import routed_lines
 from export.route.wire import STUDENT_FAILED
 
-UNREACHABLE_BEFORE = f"{STUDENT_FAILED}: HTTP 502 cannot reach "  # a connection failure, as logged before 12-07
+# A line logged before serve-router said so (2026-12-07): unavailable when the endpoint answered 429 or 503, a load
+# balancer 502 (a body that was not JSON), or no connection could be made; other 502s were serve-router's own.
+UNAVAILABLE_BEFORE = re.compile(rf"{STUDENT_FAILED}: HTTP (?:(?:429|503)\b|502 (?:cannot reach \S+: "
+                                r"(?:ClientConnector\w*Error|ConnectionTimeoutError|serve-router is out of file "
+                                r"descriptors)|.*\(HTTP 502\)$))")
 
 
 def version_of(line: dict[str, Any]) -> str:
@@ -56,10 +61,10 @@ def unavailable(line: dict[str, Any]) -> bool:
     version: it would have failed a client too, and is often the version's own doing (a shorter context window,
     a slower model)."""
     routing = line.get("routing") or {}
-    if routing.get("student_unavailable"):
-        return True
+    if "student_unavailable" in routing:
+        return bool(routing["student_unavailable"])
     reasons = routing.get("reasons") or []
-    return bool(reasons) and str(reasons[-1]).startswith(UNREACHABLE_BEFORE)
+    return bool(reasons) and bool(UNAVAILABLE_BEFORE.match(str(reasons[-1])))
 
 
 def read_live(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:

@@ -346,8 +346,7 @@ class RouterProxy:
         problem = answer_problem(status, resp) or f"HTTP {status}"
         self.student_failures.update(n=self.student_failures["n"] + 1, at=datetime.now(timezone.utc).isoformat(),
                                      last=f"{lane.version or 'student'}: {problem}"[:300])
-        if unavailable(status, resp):
-            routing["student_unavailable"] = True
+        routing["student_unavailable"] = unavailable(status, resp)  # said either way: the live loop reads it
         return Decision("teacher", [*decision.reasons, f"{STUDENT_FAILED}: {problem}"], "after", decision.signals)
 
     async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,

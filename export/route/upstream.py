@@ -24,6 +24,7 @@ from aiohttp import (
     ClientResponse,
     ClientSession,
     ClientTimeout,
+    ConnectionTimeoutError,
     TCPConnector,
 )
 
@@ -67,8 +68,8 @@ def failure_code(err: BaseException) -> str:
     """The ``error.code`` of a call that got no answer: ``upstream_unreachable`` when no connection could be made
     (down, a wrong URL, no descriptor left), else ``upstream_failed`` (a timeout, an answer that broke off). An
     ``upstream_`` code marks a status serve-router made up, not one the upstream answered with."""
-    if isinstance(err, ClientConnectorError) or out_of_descriptors(err):
-        return "upstream_unreachable"
+    if isinstance(err, (ClientConnectorError, ConnectionTimeoutError)) or out_of_descriptors(err):
+        return "upstream_unreachable"  # no connection made: refused, a wrong host, black-holed, no descriptor
     return "upstream_failed"
 
 

@@ -786,3 +786,36 @@ def test_audits_of_answers_from_before_a_restart_do_not_count_after_it(tmp_path)
             enumerate(_bad_audits("v1"))]
     _live(tmp_path / "logs", late)
     assert cli(["live", str(_recipe(tmp_path, st)), "--decide"]) == 0  # was 8
+
+
+def test_lines_logged_before_serve_router_said_unavailable_are_read_as_before(tmp_path):
+    """Review: lines logged before serve-router marked student_unavailable were read by a narrower rule, so an
+    upgrade turned two weeks of a load balancer's 503s into escalations and rolled the serving version back; and
+    the rule overrode serve-router's own 'not unavailable' on new lines (a dropped connection's reason also reads
+    'cannot reach')."""
+    from export.route.live import unavailable
+
+    def line(reason: str, **marked) -> dict:
+        return {"routing": {"route": "teacher", "reasons": ["function faq enabled",
+                                                            f"student endpoint failed: {reason}"], **marked}}
+
+    old = {"HTTP 503 no healthy upstream": True, "HTTP 429 slow down": True,
+           "HTTP 502 cannot reach http://s/v1/chat/completions: ClientConnectorError": True,
+           "HTTP 502 non-JSON answer from http://s/v1/chat/completions (HTTP 502)": True,  # a load balancer's page
+           "HTTP 502 non-JSON answer from http://s/v1/chat/completions (HTTP 200)": False,  # serve-router's own 502
+           "HTTP 502 cannot reach http://s/v1/chat/completions: ServerDisconnectedError": False,
+           "HTTP 400 maximum context length is 2048 tokens": False, "HTTP 500 oom": False}
+    assert {r: unavailable(line(r)) for r in old} == old
+    said = "HTTP 502 cannot reach http://s/v1/chat/completions: ServerDisconnectedError"
+    assert unavailable(line(said, student_unavailable=False)) is False
+    assert unavailable(line("HTTP 503 x", student_unavailable=False)) is False  # serve-router's word wins
+
+
+def test_a_shadows_unavailable_share_is_of_the_requests_it_was_asked():
+    """Review: in shadow the promotion hold counted every shadow record, untried ones too (the candidate sent them
+    to the teacher before asking its student), so 5 unavailable of 40 asked (12.5 %) was not held back."""
+    recs = ([{"kind": "shadow", "version": "v2", "tried": False, "timestamp": _ago(1)}] * 30
+            + [{"kind": "shadow", "version": "v2", "tried": True, "timestamp": _ago(1)}] * 35
+            + [{"kind": "error", "what": "shadow", "version": "v2", "unavailable": True, "timestamp": _ago(1)}] * 5)
+    assert "5 of its 40 requests" in canary.held_back("v2", "shadow", None, [], recs)
+    assert canary.held_back("v2", "shadow", None, [], recs[:65] + recs[-3:]) is None  # 3 of 38: under 10 %
