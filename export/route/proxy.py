@@ -177,7 +177,8 @@ class RouterProxy:
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
         self.started = int(time.time())
-        self.student_failures: dict[str, Any] = {"n": 0, "last": None, "at": None}  # /health's, per process
+        self.student_failures: dict[str, Any] = {"n": 0, "last": None, "at": None,  # /health's, per process
+                                                 "unavailable_at": None}
 
     def serving(self) -> Lane:
         """The lane serving now (the deployment's serving version, re-read on reload)."""
@@ -250,8 +251,17 @@ class RouterProxy:
     async def pass_through(self, request: web.Request) -> web.StreamResponse:
         return await pass_through(self, request)
 
+    def status(self) -> str:
+        """ok, or degraded and why: a log line lost, or a student endpoint unavailable, within the last minute."""
+        if self.log.failing():
+            return "degraded: cannot write its log"
+        at = self.student_failures.get("unavailable_at")
+        if at and (datetime.now(timezone.utc) - datetime.fromisoformat(at)).total_seconds() < 60:
+            return "degraded: a student endpoint is unavailable (the teacher answers for it)"
+        return "ok"
+
     async def health(self, _request: web.Request) -> web.Response:
-        body = {"status": "degraded: cannot write its log" if self.log.failing() else "ok", "pid": os.getpid(),
+        body = {"status": self.status(), "pid": os.getpid(),
                 "policy": self.policy_sha, "routed": self.counts,
                 "live": {**self.live.counts, "waiting": self.live.queue.qsize() if self.live.queue else 0},
                 "waited_for_descriptor": self.upstream.descriptor_waits, "student_failed": self.student_failures,
@@ -347,6 +357,8 @@ class RouterProxy:
         self.student_failures.update(n=self.student_failures["n"] + 1, at=datetime.now(timezone.utc).isoformat(),
                                      last=f"{lane.version or 'student'}: {problem}"[:300])
         routing["student_unavailable"] = unavailable(status, resp)  # said either way: the live loop reads it
+        if routing["student_unavailable"]:
+            self.student_failures["unavailable_at"] = self.student_failures["at"]
         return Decision("teacher", [*decision.reasons, f"{STUDENT_FAILED}: {problem}"], "after", decision.signals)
 
     async def ask_student(self, lane: Lane, body: dict[str, Any], upstream: dict[str, Any], decision: Decision,

@@ -25,6 +25,7 @@ from aiohttp import (
     ClientSession,
     ClientTimeout,
     ConnectionTimeoutError,
+    ServerDisconnectedError,
     TCPConnector,
 )
 
@@ -61,6 +62,8 @@ def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str | No
                 "a free upstream connection: --upstream-connections)")
     if isinstance(err, ClientPayloadError):
         return f"{url} answered, but its answer broke off: {type(err).__name__}"
+    if isinstance(err, ServerDisconnectedError):
+        return f"{url} closed the connection without an answer: {type(err).__name__}"
     return None
 
 
