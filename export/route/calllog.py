@@ -64,8 +64,8 @@ class CallLog:
 
     def failing(self, within_s: float = 60.0) -> bool:
         """Whether a line could not be written within the last ``within_s`` seconds."""
-        at = self.failures["at"]
-        return at is not None and (datetime.now(timezone.utc) - datetime.fromisoformat(at)).total_seconds() < within_s
+        return lately(self.failures["at"], within_s)
+
 
     def error(self, request: web.Request, rid: str, resp: web.Response) -> None:
         """A refused or failed request, in errors-<date>.jsonl (never its body: it may hold anything)."""
@@ -102,6 +102,11 @@ class CallLog:
     def live(self, record: dict[str, Any]) -> None:
         """One live-loop record (audit and shadow scores, dropped or failed work) in live-<date>.jsonl."""
         self._append(self.dir / f"live-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl", live_line(record))
+
+
+def lately(at: str | None, within_s: float) -> bool:
+    """Whether the ISO time ``at`` (None: never) is within the last ``within_s`` seconds."""
+    return at is not None and (datetime.now(timezone.utc) - datetime.fromisoformat(at)).total_seconds() < within_s
 
 
 FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT

@@ -74,7 +74,8 @@ RECENT, RECENT_S, DOWN_SHARE = 100, 3600, 0.5  # unavailable on half of its last
 HOLD_SHARE = 0.1  # a candidate unavailable on more of its requests than this is not promoted
 
 
-def _unavailable_calls(version: str, start: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _asked(version: str, start: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The version's calls since ``start`` on which its student was asked, oldest first."""
     return [x for x in calls if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start)
             and tried(x)]
 
@@ -85,7 +86,7 @@ def endpoint_down(version: str, start: str | None, calls: list[dict[str, Any]]) 
     request then goes to the teacher, which no guardrail sees (unavailable calls are no escalations), so someone
     must look at its server or URL. A recovered endpoint's newest request succeeds, which ends the page; a quiet
     one that is still down keeps paging, however few requests it gets an hour."""
-    mine = _unavailable_calls(version, start, calls)[-RECENT:]
+    mine = _asked(version, start, calls)[-RECENT:]
     down = sum(unavailable(x) for x in mine)
     hour = (datetime.now(timezone.utc) - timedelta(seconds=RECENT_S)).isoformat()
     if len(mine) >= 20 and down >= DOWN_SHARE * len(mine) and unavailable(mine[-1]) \
@@ -107,7 +108,7 @@ def held_back(version: str, stage: str, start: str | None, calls: list[dict[str,
                                                                         and r.get("unavailable")))]
         n, down = len(recs), sum(r.get("kind") == "error" for r in recs)
     else:
-        mine = _unavailable_calls(version, start, calls)
+        mine = _asked(version, start, calls)
         n, down = len(mine), sum(unavailable(x) for x in mine)
     if n >= 20 and down > HOLD_SHARE * n:
         return (f"its student endpoint was unavailable on {down} of its {n} requests in {stage}: fix its server, "

@@ -59,7 +59,7 @@ from export.route.answers import (
     unfinished,
 )
 from export.route.audit import Job, LiveWork, answer_text
-from export.route.calllog import CallLog
+from export.route.calllog import CallLog, lately
 from export.route.cost import request_cost
 from export.route.jsonio import NotText, loads, read_request
 from export.route.lanes import Lane, Versions, make_lane
@@ -255,8 +255,7 @@ class RouterProxy:
         """ok, or degraded and why: a log line lost, or a student endpoint unavailable, within the last minute."""
         if self.log.failing():
             return "degraded: cannot write its log"
-        at = self.student_failures.get("unavailable_at")
-        if at and (datetime.now(timezone.utc) - datetime.fromisoformat(at)).total_seconds() < 60:
+        if lately(self.student_failures["unavailable_at"], 60.0):
             return "degraded: a student endpoint is unavailable (the teacher answers for it)"
         return "ok"
 

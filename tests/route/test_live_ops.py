@@ -44,6 +44,25 @@ def _live(logs, records: list[dict]) -> None:
     (logs / f"live-{_ago(1)[:10]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _proxy(path, teacher_url: str, logs, versions_seed: int | None = None, **cfg):
+    """serve-router following the deployment file at ``path`` on loopback (a ProxyServer; stop it)."""
+    from live_stubs import ProxyServer
+
+    config = ProxyConfig(student_url="", teacher_url=teacher_url, log_dir=logs, **cfg)
+    return ProxyServer(RouterProxy(None, config, versions=Versions(path, embeddings=False,
+                                                                   seed=versions_seed))).start()
+
+
+def _ask(proxy, n: int, text: str = "q1") -> list[str]:
+    """``n`` requests for function faq with the official openai client, one at a time; their answers."""
+    import openai
+
+    client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+    return [client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": text}],
+                                           extra_body={"metadata": {"function": "faq"}}).choices[0].message.content
+            for _ in range(n)]
+
+
 def _v1_serving_v2_shadowed(tmp_path):
     """A store with v1 serving (since 3 h) and v2 in shadow at 0.5 (since 2 h); returns (store, deployment path)."""
     st, path = _store(tmp_path, "v1", "v2")
@@ -138,7 +157,6 @@ def test_a_store_typo_or_an_unwritable_json_changes_nothing(tmp_path, capsys):
 
 
 def test_a_shadow_whose_endpoint_is_down_is_not_judged_on_its_answers(tmp_path):
-    import openai
 
     st, path = _store(tmp_path, "v1", "v2")
     v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, False).start()
@@ -146,15 +164,9 @@ def test_a_shadow_whose_endpoint_is_down_is_not_judged_on_its_answers(tmp_path):
         dep["urls"] = {"v1": v1.url, "v2": "http://127.0.0.1:9/v1"}  # nothing listens there
         deployment.change(dep, "serve", "v1")
         deployment.change(dep, "shadow", "v2", share=1.0)
-    from live_stubs import ProxyServer
-
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, audit_share=1.0)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0, audit_share=1.0)
     try:
-        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
-        for _ in range(3):
-            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
-                                           extra_body={"metadata": {"function": "faq"}})
+        _ask(proxy, 3)
         wait_for(lambda: len(lines(tmp_path / "logs", "live-*.jsonl")) >= 6, what="audit and shadow records")
     finally:
         proxy.stop()
@@ -387,8 +399,6 @@ def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsy
     warned about by `distill live`, left out of the escalation guardrail; a serving endpoint down on half of its
     recent requests pages (exit 8: every request pays the teacher) without rejecting the version."""
     import httpx
-    import openai
-    from live_stubs import ProxyServer
 
     st, path = _store(tmp_path, "v1", "v2")
     teacher = TableServer({"q1": "a1"}, False).start()
@@ -397,14 +407,9 @@ def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsy
         deployment.change(dep, "serve", "v1", at=_ago(3))
         deployment.change(dep, "shadow", "v2", share=0.1, at=_ago(3))
         deployment.change(dep, "canary", "v2", share=0.5, at=_ago(2))
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0)
     try:
-        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
-        for _ in range(80):
-            out = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
-                                                 extra_body={"metadata": {"function": "faq"}})
-            assert out.choices[0].message.content == "a1"
+        assert _ask(proxy, 80) == ["a1"] * 80
         health = httpx.get(proxy.url.removesuffix("/v1") + "/health").json()
     finally:
         proxy.stop()
@@ -432,8 +437,6 @@ def test_a_log_that_cannot_be_written_fails_no_client_and_kills_no_audit_worker(
     from datetime import datetime, timezone
 
     import httpx
-    import openai
-    from live_stubs import ProxyServer
 
     st, path = _store(tmp_path, "v1")
     v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, False).start()
@@ -444,25 +447,17 @@ def test_a_log_that_cannot_be_written_fails_no_client_and_kills_no_audit_worker(
     blocked = [logs / f"student-{day}.jsonl", logs / f"live-{day}.jsonl"]
     for b in blocked:
         b.mkdir(parents=True)  # a folder where the file goes: every write fails, as on a full disk
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=logs, seed=0, audit_share=1.0, workers=2)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, logs, seed=0, audit_share=1.0, workers=2)
     health_url = proxy.url.removesuffix("/v1") + "/health"
     try:
-        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        assert _ask(proxy, 6) == ["a1"] * 6  # was: 500 'internal error ...: OSError'
 
-        def ask(n: int) -> None:
-            for _ in range(n):
-                out = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
-                                                     extra_body={"metadata": {"function": "faq"}})
-                assert out.choices[0].message.content == "a1"  # was: 500 'internal error ...: OSError'
-
-        ask(6)
         wait_for(lambda: httpx.get(health_url).json()["live"]["audits"] >= 6, what="audits while failing")
         health = httpx.get(health_url).json()
         assert health["status"].startswith("degraded") and health["log_failed"]["n"] >= 12
         for b in blocked:
             shutil.rmtree(b)
-        ask(4)
+        assert _ask(proxy, 4) == ["a1"] * 4
         wait_for(lambda: len(lines(logs, "live-*.jsonl")) >= 4, what="audits after the fault")  # was: none
     finally:
         proxy.stop()
@@ -478,7 +473,6 @@ def test_with_a_seed_the_canary_and_the_audit_draws_are_apart(tmp_path):
     import asyncio
 
     import httpx
-    from live_stubs import ProxyServer
 
     st, path = _store(tmp_path, "v1", "v2")
     v1, v2 = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, True).start()
@@ -488,9 +482,8 @@ def test_with_a_seed_the_canary_and_the_audit_draws_are_apart(tmp_path):
         deployment.change(dep, "serve", "v1")
         deployment.change(dep, "shadow", "v2", share=0.1)
         deployment.change(dep, "canary", "v2", share=0.1)
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0,
-                      audit_share=0.05, canary_audit_share=0.2)  # serve-router gives both the same --seed
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False, seed=0))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", versions_seed=0, seed=0, audit_share=0.05,
+                   canary_audit_share=0.2)  # serve-router gives both the same --seed
 
     async def send(n: int) -> None:
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "q1"}], "metadata": {"function": "faq"}}
@@ -539,21 +532,15 @@ def test_the_same_tool_call_from_student_and_teacher_scores_as_the_same_answer()
 def test_an_empty_teacher_answer_is_no_reference_for_an_audit(tmp_path):
     """Fault trial: a teacher answering HTTP 200 with empty content (a degraded provider, a content filter) made
     each audit score the student's right answer 0.0; 4 s of it rolled a good canary back for good."""
-    import openai
-    from live_stubs import ProxyServer
 
     st, path = _store(tmp_path, "v1")
     v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": ""}, False).start()
     with deployment.updating(path, "tiny") as dep:
         dep["urls"] = {"v1": v1.url}
         deployment.change(dep, "serve", "v1")
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, audit_share=1.0)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0, audit_share=1.0)
     try:
-        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
-        for _ in range(5):
-            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
-                                           extra_body={"metadata": {"function": "faq"}})
+        _ask(proxy, 5)
         wait_for(lambda: len(lines(tmp_path / "logs", "live-*.jsonl")) >= 5, what="live records")
     finally:
         proxy.stop()
@@ -636,21 +623,15 @@ def test_health_says_how_much_background_work_is_waiting(tmp_path):
     """Fault trial: /health's `queued` is a total since start (1,899 while `audits` was 1,131), so with a slow
     teacher nothing showed how far the audits lagged behind."""
     import httpx
-    import openai
-    from live_stubs import ProxyServer
 
     st, path = _store(tmp_path, "v1")
     v1, teacher = TableServer({"q1": "a1"}, True).start(), TableServer({"q1": "a1"}, False, delay_s=0.5).start()
     with deployment.updating(path, "tiny") as dep:
         dep["urls"] = {"v1": v1.url}
         deployment.change(dep, "serve", "v1")
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", audit_share=1.0, workers=1)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", audit_share=1.0, workers=1)
     try:
-        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
-        for _ in range(5):
-            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
-                                           extra_body={"metadata": {"function": "faq"}})
+        _ask(proxy, 5)
         live = httpx.get(proxy.url.removesuffix("/v1") + "/health").json()["live"]
         assert live["queued"] == 5 and 2 <= live["waiting"] <= 4, live
     finally:

@@ -67,18 +67,30 @@ class StreamingTeacher(LoopbackServer):
         return out
 
 
+def _deployment(tmp_path, urls: dict[str, str]):
+    """A store holding a version per ``urls`` key, the first serving; its deployment file."""
+    st = tmp_path / "store"
+    for v in urls:
+        publish_version(st, "tiny", v, tmp_path)
+    path = deployment.path_for(st, "tiny")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = dict(urls)
+        deployment.change(dep, "serve", next(iter(urls)))
+    return path
+
+
+def _proxy(path, teacher_url: str, logs, **cfg) -> ProxyServer:
+    """serve-router following the deployment file at ``path`` on loopback (stop it)."""
+    config = ProxyConfig(student_url="", teacher_url=teacher_url, log_dir=logs, **cfg)
+    return ProxyServer(RouterProxy(None, config, versions=Versions(path, embeddings=False))).start()
+
+
 @pytest.fixture
 def proxied(tmp_path):
     """(proxy, teacher, log folder): v1 serving; requests for the unknown function `other` go to the teacher."""
-    st = tmp_path / "store"
-    publish_version(st, "tiny", "v1", tmp_path)
-    path = deployment.path_for(st, "tiny")
-    with deployment.updating(path, "tiny") as dep:
-        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
-        deployment.change(dep, "serve", "v1")
+    path = _deployment(tmp_path, {"v1": "http://127.0.0.1:9/v1"})
     teacher = StreamingTeacher().start()
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, timeout_s=1.0)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0, timeout_s=1.0)
     yield proxy, teacher, tmp_path / "logs"
     proxy.stop()
     teacher.stop()
@@ -142,8 +154,7 @@ def test_a_streamed_request_that_needs_a_tool_call_or_json_is_checked_without_a_
     with deployment.updating(path, "tiny") as dep:
         dep["urls"] = {"v1": student.url}
         deployment.change(dep, "serve", "v1")
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0)
     tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
     asks = {"plain": {}, "tool": {"tools": [tool], "tool_choice": "required"},
             "json": {"response_format": {"type": "json_object"}}}
@@ -168,15 +179,9 @@ def test_a_streamed_request_that_needs_a_tool_call_or_json_is_checked_without_a_
 def test_a_teacher_that_does_not_answer_in_time_is_a_504_at_the_timeout(tmp_path):
     """Fault trial: with --timeout 5 a hung upstream took 6 s (aiohttp rounds timeouts of 5 s and more up to the
     next second) and came back as a 502; a gateway timeout is a 504, which clients and load balancers treat apart."""
-    st = tmp_path / "store"
-    publish_version(st, "tiny", "v1", tmp_path)
-    path = deployment.path_for(st, "tiny")
-    with deployment.updating(path, "tiny") as dep:
-        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
-        deployment.change(dep, "serve", "v1")
+    path = _deployment(tmp_path, {"v1": "http://127.0.0.1:9/v1"})
     teacher = StreamingTeacher().start()
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", seed=0, timeout_s=5.0)
-    proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0, timeout_s=5.0)
     try:
         client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0, timeout=30)
         t0 = time.monotonic()
@@ -208,18 +213,12 @@ def test_v1_models_is_the_teachers_list_when_passed_through(tmp_path):
     /v1/models/{id} reached the teacher), contrary to route.md; its model had no `created`."""
     import httpx
 
-    st = tmp_path / "store"
-    publish_version(st, "tiny", "v1", tmp_path)
-    path = deployment.path_for(st, "tiny")
-    with deployment.updating(path, "tiny") as dep:
-        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
-        deployment.change(dep, "serve", "v1")
+    path = _deployment(tmp_path, {"v1": "http://127.0.0.1:9/v1"})
     teacher = StreamingTeacher().start()
     got = {}
     try:
         for passed in ((), ("/v1/models",)):
-            cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs", pass_through=passed)
-            proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+            proxy = _proxy(path, teacher.url, tmp_path / "logs", pass_through=passed)
             try:
                 got[passed] = httpx.get(proxy.url + "/models")
             finally:
@@ -271,18 +270,11 @@ def test_serve_router_marks_the_failures_that_say_nothing_about_the_version(tmp_
     were left out of the version's guardrail too. serve-router now marks what it saw, on the log line."""
     from export.route.live import unavailable
 
-    st = tmp_path / "store"
-    publish_version(st, "tiny", "v1", tmp_path)
-    publish_version(st, "tiny", "v2", tmp_path)
-    path = deployment.path_for(st, "tiny")
     student, teacher = FaultyStudent().start(), StreamingTeacher().start()
-    with deployment.updating(path, "tiny") as dep:
-        dep["urls"] = {"v1": student.url, "v2": "http://127.0.0.1:9/v1"}  # v2: nothing listens there
-        deployment.change(dep, "serve", "v1")
-    cfg = ProxyConfig(student_url="", teacher_url=teacher.url, log_dir=tmp_path / "logs")
+    path = _deployment(tmp_path, {"v1": student.url, "v2": "http://127.0.0.1:9/v1"})  # v2: nothing listens there
     asks = ["json503", "html503", "json429", "json400", "html200"]
     try:
-        proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+        proxy = _proxy(path, teacher.url, tmp_path / "logs")
         client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
         for text in asks:
             client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": text}],
@@ -290,7 +282,7 @@ def test_serve_router_marks_the_failures_that_say_nothing_about_the_version(tmp_
         proxy.stop()
         with deployment.updating(path, "tiny") as dep:
             deployment.change(dep, "promote", "v2")
-        proxy = ProxyServer(RouterProxy(None, cfg, versions=Versions(path, embeddings=False))).start()
+        proxy = _proxy(path, teacher.url, tmp_path / "logs")
         client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "down"}],
                                        extra_body={"metadata": {"function": "faq"}})
