@@ -47,8 +47,9 @@ A stage whose config and inputs did not change is skipped; running one stage run
 exit codes: 0 done, 1 a stage failed, 2 bad recipe or arguments, 3 run directory in use,
             4 a checksum did not match (pull), 5 the student failed the quality gate (export: not published),
             6 route-check found drift (recent traffic no longer looks like the calibration)
-            live --decide: 7 rolled back (a guardrail broke), 8 a guardrail broke with nothing to roll back
-            to (also `distill live` without --decide), 9 a version moved on (served, shadowed, canaried, promoted)
+            live --decide: 7 rolled back (a guardrail broke), 8 page someone: a guardrail broke with nothing to
+            roll back to (also `distill live` without --decide), or the serving version's student endpoint does
+            not answer (8 wins over 7 in one run), 9 a version moved on (served, shadowed, canaried, promoted)
 
 examples:
   distill run recipes/demo.yaml

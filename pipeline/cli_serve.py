@@ -27,8 +27,9 @@ def _serve_student_parser(sub) -> None:
                         "confidence check needs), concurrent requests batched. For production: vLLM (GPU) or "
                         "llama-server (docs/export.md).")
     ss.add_argument("folder", help="a pulled store version or runs/<name>/export/<model_name>")
-    ss.add_argument("--host", default="127.0.0.1")
-    ss.add_argument("--port", type=int, default=8000)
+    ss.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only; 0.0.0.0 for every interface)")
+    ss.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     ss.add_argument("--model-name", help="the model name in answers and /v1/models (default: the version's name)")
     ss.add_argument("--max-batch", type=int, default=8, help="most requests answered in one batch (default 8)")
     ss.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -66,8 +67,9 @@ def _serve_router_parser(sub) -> None:
                     "send (Authorization: Bearer KEY; a 401 otherwise; /health stays open). Default: none, every "
                     "client that reaches the port is served with the teacher's key")
     sr.add_argument("--log-dir", default="logs/router", help="where request logs go (default: logs/router)")
-    sr.add_argument("--host", default="127.0.0.1")
-    sr.add_argument("--port", type=int, default=8080)
+    sr.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only; 0.0.0.0 for every interface, then mind --client-key-env)")
+    sr.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; --processes share it)")
     sr.add_argument("--processes", type=int, default=1, metavar="N",
                     help="serve from N processes on the one port (SO_REUSEPORT; one event loop uses one core): "
                     "they share the log folder line by line and each re-reads a deployment file (default: 1)")
@@ -110,8 +112,9 @@ def _live_parsers(sub) -> None:
                         description="Reads serve-router's logs: per version and function, the audited quality of "
                         "the student's answers with confidence intervals, the routed quality it implies, student "
                         "share, escalation rate, latency percentiles, and a shadowed candidate's scores. --decide "
-                        "then moves the deployment on (docs/live.md): exit 7 rolled back, 8 a guardrail broke "
-                        "with nothing to roll back to, 9 a version moved on, 0 nothing to do. Without --decide: "
+                        "then moves the deployment on (docs/live.md): exit 7 rolled back, 8 page someone (a guardrail "
+                        "broke with nothing to roll back to, or the serving version's student endpoint does not "
+                        "answer; 8 wins over 7), 9 a version moved on, 0 nothing to do. Without --decide: "
                         "exit 8 when a guardrail is broken (nothing changes), else 0.")
     lv.add_argument("recipe", help="the recipe (export.store, export.model_name and route.live)")
     lv.add_argument("--logs", help="serve-router's --log-dir (default: route.live.log_dir)")
@@ -218,6 +221,11 @@ def _student_failures(report: dict, console: Console) -> None:
                           f"HTTP 429, 502 or 503) on {r['unavailable']} of {r['requests']} requests (the teacher "
                           "answered them; not counted as escalations): check its server and URL (serve-router's "
                           "/health shows the last failure)", soft_wrap=True)
+        if r.get("refused"):
+            console.print(f"[yellow]warning:[/] {r['version']}: its student endpoint refused {r['refused']} of "
+                          f"{r['requests']} requests with an HTTP 4xx (a wrong key or model name, or a parameter it "
+                          "does not serve, such as n > 1 for distill serve-student; the teacher answered them; not "
+                          "counted as escalations): serve-router's /health shows the last one", soft_wrap=True)
 
 
 def _live(args: argparse.Namespace, console: Console) -> int:
@@ -263,7 +271,7 @@ def _live(args: argparse.Namespace, console: Console) -> int:
         stale = ((notes.get("candidate") or {}).get("promotion") or {}).get("stale")
         if stale and (dep.get("candidate") or {}).get("version") == notes["candidate"]["version"]:
             warnings.append(stale)  # only while it is still the candidate (not after this run rolled it back)
-        out.update(decisions=done, deployment=dep)
+        out.update(decisions=done, deployment=_shown_urls(dep))
         for d in done:
             console.print(f"[bold]{d['action']}[/] {d.get('version')}: {d['reason']}", soft_wrap=True)
         actions = {d["action"] for d in done}
@@ -279,6 +287,14 @@ def _live(args: argparse.Namespace, console: Console) -> int:
     if args.json_out:
         write_json_atomic(Path(args.json_out), out)  # a scheduler reading it never sees half
     return code
+
+
+def _shown_urls(dep: dict) -> dict:
+    """The deployment for --json, its student URLs without a password or query."""
+    from export.route.upstream import shown
+
+    return {**dep, "urls": {v: shown(u) for v, u in dep["urls"].items()}} if isinstance(dep.get("urls"), dict) \
+        else dep
 
 
 def _waiting(cand: dict | None, done: list[dict], console: Console) -> None:
@@ -319,6 +335,9 @@ def _promote_or_rollback(args: argparse.Namespace, console: Console) -> int:
         raise deployment.DeploymentError(f"{args.version} is not in the store: no routing policy at "
                                          f"{path.parent / args.version / 'routing_policy.json'} (distill run publishes "
                                          "versions there)")
+    if args.command != "rollback" and args.version and (path.parent / args.version).is_symlink():
+        raise deployment.DeploymentError(f"{args.version}: {path.parent / args.version} is a symbolic link, not a "
+                                         "published version (distill run publishes versions as folders)")
     with deployment.updating(path, name) as dep:
         if args.command == "rollback":
             entry = deployment.change(dep, "rollback", args.version, reason=args.reason or "by hand")
@@ -381,7 +400,7 @@ def _route_check_parser(sub) -> None:
                     help="flag an escalation rate that moved more than this from calibration (default 0.1)")
     rc.add_argument("--max-psi", type=float, default=0.2,
                     help="flag a distance or length distribution whose PSI exceeds this (default 0.2)")
-    rc.add_argument("--min-requests", type=int, default=30, help="functions with fewer requests are never flagged")
+    rc.add_argument("--min-requests", type=int, default=30, help="functions with fewer requests are never flagged (default 30)")
     rc.add_argument("--no-embeddings", action="store_true", help="do not compare distances (no torch)")
     rc.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
 
@@ -390,6 +409,7 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
     from export.route.passthrough import normalise
     from export.route.proxy import ProxyConfig
     from export.route.serve import ServeOptions, serve
+    from export.route.upstream import shown
     from pipeline.config.route import LiveConfig
 
     pass_through = normalise(args.pass_through)  # a bad path is refused before anything starts
@@ -400,7 +420,7 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[yellow]warning:[/] environment variable {name} is not set (or empty); calls go without "
                           "a key")
     if args.teacher_url.startswith("https://") and not args.teacher_key_env:
-        console.print(f"[yellow]warning:[/] the teacher at {args.teacher_url} gets no API key: pass --teacher-key-env "
+        console.print(f"[yellow]warning:[/] the teacher at {shown(args.teacher_url)} gets no API key: pass --teacher-key-env "
                       "OPENAI_API_KEY (the variable's name, never the key)", soft_wrap=True)
     recipe = load_recipe(args.policy) if args.policy and args.policy.endswith((".yaml", ".yml")) else None
     live = recipe.route.live if recipe else LiveConfig()

@@ -54,7 +54,7 @@ SECRET_PATTERNS: dict[str, str] = {
 SECRET_PLACEHOLDER = "<SECRET>"
 # The detector's version, in harvest's redaction.json: bump it whenever a pattern, gate, recognizer or a field
 # that is scanned changes, so that batches carried from earlier nights are scanned again under the new one.
-DETECTOR_VERSION = 2  # 2: signed URL queries; message names, image URLs, response format, tag keys
+DETECTOR_VERSION = 3  # 2: signed URL queries; message names, image URLs, response format, tag keys; 3: function
 SECRET_WORDS = ("sk-", "sk_", "rk_", "pk_", "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva",
                 "aroa", "apka", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "aiza", "eyj", "bearer",
                 "-----begin", "://", "password", "passwd", "pwd", "api_key", "api-key", "apikey", "secret",
@@ -465,7 +465,7 @@ def mask_long_texts(batch: pa.Table, limit: int) -> pa.Table:
 
 def redact_table(batch: pa.Table, cfg: PIIConfig) -> tuple[pa.Table, dict[int, set[str]]]:
     """Find PII and secrets in message contents, names, tool calls and image URLs, the output, the error text, tool
-    definitions, the response format, sampling parameters and tag keys and values, and redact or mask them per the config ('drop' redacts too: the caller
+    definitions, the response format, the function name, sampling parameters and tag keys and values, and redact or mask them per the config ('drop' redacts too: the caller
     drops). An output with findings loses its teacher logprobs. Returns the table and, per row with findings, the
     kinds found now; the tag pii_redacted holds them, merged with the kinds an earlier pass tagged, so redacting
     twice (harvest, then curate) gives the same table as once."""
@@ -476,8 +476,9 @@ def redact_table(batch: pa.Table, cfg: PIIConfig) -> tuple[pa.Table, dict[int, s
     out_kinds: dict[int, set[str]] = {}
     batch = _rewrite_messages(batch, det, cfg, kinds)
     batch = _rewrite_output(batch, det, cfg, out_kinds)
-    # an API error can echo a key; tool descriptions and a response format's schema can hold examples
-    for name in ("error", "tools", "response_format"):
+    # an API error can echo a key; tool descriptions and a response format's schema can hold examples; a client
+    # names the function (metadata): an e-mail there is as personal as in a message
+    for name in ("error", "tools", "response_format", "function"):
         if name in batch.column_names:
             new = _rewrite(columns.column(batch, name), np.arange(batch.num_rows), det, cfg, kinds)
             if new is not None:

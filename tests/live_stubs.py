@@ -63,10 +63,13 @@ def user_text(body: dict[str, Any]) -> str:
 
 class TableServer(LoopbackServer):
     """Answers each user turn from ``table`` (a miss: "I do not know"); a student adds logprobs, confident unless
-    the text holds UNSURE. ``delay_s`` slows every answer (a slow teacher). Keeps every body it gets."""
+    the text holds UNSURE. ``delay_s`` slows every answer (a slow teacher); ``max_n`` refuses a larger ``n`` with
+    HTTP 400. Keeps every body it gets."""
 
-    def __init__(self, table: dict[str, str], student: bool, delay_s: float = 0.0):
-        self.table, self.student, self.delay_s = table, student, delay_s
+    def __init__(self, table: dict[str, str], student: bool, delay_s: float = 0.0, max_n: int | None = None,
+                 fixed_id: str | None = None):
+        self.table, self.student, self.delay_s, self.max_n = table, student, delay_s, max_n
+        self.fixed_id = fixed_id  # every answer's id (Ollama's are chatcmpl-<0..998>: they repeat)
         self.bodies: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
@@ -77,11 +80,15 @@ class TableServer(LoopbackServer):
             n = len(self.bodies)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.max_n is not None and (body.get("n") or 1) > self.max_n:  # as distill serve-student refuses n > 1
+            return web.json_response({"error": {"message": f"n > {self.max_n} is not supported",
+                                                "type": "invalid_request_error"}}, status=400)
         text = user_text(body)
         answer = self.table.get(text.replace(UNSURE, "").strip(), "I do not know")
         lps = ([-0.01, -3.0, -0.02] if UNSURE in text else [-0.01, -0.02, -0.01]) if self.student else None
         kind = "student" if self.student else "teacher"
-        return web.json_response(completion(answer, body.get("model") or kind, lps, f"chatcmpl-{kind}-{n}"))
+        return web.json_response(completion(answer, body.get("model") or kind, lps,
+                                            self.fixed_id or f"chatcmpl-{kind}-{n}"))
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:

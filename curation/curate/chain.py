@@ -7,8 +7,8 @@ with the operator and reason. It depends on nothing but the batch, so
 in-process, ``datasets`` and Ray executors give the same rows however they cut the data.
 
 Columns added (all start with '_'): ``_rejected_by``, ``_reason`` (null for survivors); for survivors ``_uid``
-(64-bit hash of id and source), ``_key`` (the input key, function + normalised user turns, as 64 bits),
-``_split`` (stable hash split of the input key), ``_text`` (the redacted user turns), ``_score`` (feedback,
+(64-bit hash of id and source), ``_key`` (exact dedup's key, function + the normalised whole prompt, as 64 bits),
+``_split`` (stable hash split of function + user turns), ``_text`` (the redacted turns after the system prompt), ``_score`` (feedback,
 neutral when missing), ``_bands`` (the near-duplicate LSH band keys, computed here so that they use every core);
 and ``_stats`` on the first row: per operator [rows in, dropped, wall s, CPU s] as JSON.
 """
@@ -88,15 +88,21 @@ def scores(table: pa.Table, plan: Plan) -> np.ndarray:
 
 
 def reduce_columns(table: pa.Table, plan: Plan) -> dict[str, pa.Array]:
-    """The columns the global half of the chain reads, for surviving rows."""
-    texts = columns.user_texts(table).to_pylist()
+    """The columns the global half of the chain reads, for surviving rows: the split from the function and user
+    turns (a conversation's steps share it), exact dedup's key from the whole prompt (system prompt, user turns,
+    earlier answers, tool calls and results: each step of a tool loop is its own input), the text near dedup and
+    decontamination read from the turns after the system prompt."""
+    users = columns.user_texts(table).to_pylist()
+    prompts = columns.prompt_texts(table).to_pylist()
+    systems = columns.system_texts(table).to_pylist()
     functions = table.column("function").to_pylist()
-    keys = [input_key(f, t) for f, t in zip(functions, texts, strict=True)]
+    splits = [input_key(f, t) for f, t in zip(functions, users, strict=True)]
+    keys = [input_key(f, f"{s}\x00{p}") for f, s, p in zip(functions, systems, prompts, strict=True)]
     return {
         "_uid": pa.array(uids(table), pa.uint64()),
         "_key": pa.array([int(k[:16], 16) for k in keys], pa.uint64()),
-        "_split": pa.array([assign_split(k, plan.cfg.split) for k in keys], pa.string()),
-        "_text": pa.array(texts, pa.string()),
+        "_split": pa.array([assign_split(k, plan.cfg.split) for k in splits], pa.string()),
+        "_text": pa.array(prompts, pa.string()),
         "_score": pa.array(scores(table, plan), pa.float64()),
     }
 

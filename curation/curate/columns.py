@@ -3,6 +3,7 @@ rewrite, without turning rows into Python dicts."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,50 @@ def user_texts(table: pa.Table) -> pa.Array:
     is_user = pc.fill_null(pc.equal(field(flat, "role"), "user"), False)
     return join_by_row(pc.filter(field(flat, "content"), is_user), rows[is_user.to_numpy(zero_copy_only=False)],
                        table.num_rows)
+
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+def system_texts(table: pa.Table) -> pa.Array:
+    """The system (and developer) turns of each record joined with newlines ('' when it has none)."""
+    flat, rows, _ = messages_flat(table)
+    is_system = pc.fill_null(pc.is_in(field(flat, "role"), pa.array(SYSTEM_ROLES)), False)
+    return join_by_row(pc.filter(field(flat, "content"), is_system),
+                       rows[is_system.to_numpy(zero_copy_only=False)], table.num_rows)
+
+
+def prompt_texts(table: pa.Table) -> pa.Array:
+    """The turns after the system prompt of each record, joined with newlines: user turns, earlier answers, the
+    tool calls made (name and arguments, not their ids, which differ on every call) and the tools' results (what
+    dedup and decontamination read: the two steps of a tool loop share their user turns, not the tool's result).
+    A record of user turns alone gives what ``user_texts`` gives."""
+    flat, rows, _ = messages_flat(table)
+    keep = pc.invert(pc.fill_null(pc.is_in(field(flat, "role"), pa.array(SYSTEM_ROLES)), False))
+    content = pc.fill_null(field(flat, "content"), "")
+    calls = field(flat, "tool_calls")
+    if calls.null_count < len(calls):  # a tool call's name and arguments after the message's text
+        texts = content.to_pylist()
+        for i, raw in enumerate(calls.to_pylist()):
+            if raw:
+                texts[i] = "\n".join(filter(None, [texts[i], *_call_texts(raw)]))
+        content = pa.array(texts, pa.string())
+    return join_by_row(pc.filter(content, keep), rows[keep.to_numpy(zero_copy_only=False)], table.num_rows)
+
+
+def _call_texts(raw: str) -> list[str]:
+    """'name(arguments)' per tool call of a message's tool_calls JSON (the raw text if it is not a list)."""
+    try:
+        calls = json.loads(raw)
+    except ValueError:
+        return [raw]
+    if not isinstance(calls, list):
+        return [raw]
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        out.append(f"{fn.get('name')}({fn.get('arguments')})" if isinstance(fn, dict) else json.dumps(c))
+    return out
 
 
 def output_texts(table: pa.Table) -> pa.Array:

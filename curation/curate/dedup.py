@@ -48,7 +48,7 @@ def rank(table: pa.Table) -> np.ndarray:
 
 
 def exact_dedup(table: pa.Table, alive: np.ndarray, ranks: np.ndarray) -> Reasons:
-    """One record per input key (function + normalised user turns): the best-ranked one."""
+    """One record per input key (function + the normalised whole prompt): the best-ranked one."""
     idx = np.flatnonzero(alive)
     if len(idx) == 0:
         return {}
@@ -332,7 +332,7 @@ def bands_array(keys: np.ndarray) -> pa.Array:
 
 
 def near_dedup(table: pa.Table, alive: np.ndarray, ranks: np.ndarray, cfg: NearDedup) -> Reasons:
-    """Clusters of near-duplicate user turns within a function; the best-ranked record of each cluster stays.
+    """Clusters of near-duplicate prompts (the turns after the system prompt) within a function; the best-ranked record of each cluster stays.
     Records sharing an LSH band key (from the per-record half, or computed here when the table has none) are
     candidates; only their rensa MinHash signatures are computed, every candidate pair is verified by estimated
     Jaccard, and verified pairs are joined into clusters."""

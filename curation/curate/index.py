@@ -4,7 +4,7 @@ files and dedups, decontaminates and balances them against earlier nights' recor
 
 ``index/state.json`` says which harvest files (name and sha256) the index covers and under which config;
 ``index/part-NNNNN.parquet`` hold one compact row per record (id, source, function, split, input key, redacted
-user turns, feedback score, timestamp, LSH band keys, embedding when semantic dedup is on). Each run carries the earlier parts
+turns after the system prompt, feedback score, timestamp, LSH band keys, embedding when semantic dedup is on). Each run carries the earlier parts
 forward (hard links) and adds one. The index lives in the stage folder, so it is replaced atomically with the
 curated data it describes: a killed run leaves the previous index and data untouched.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-INDEX_VERSION = 3  # 3: band keys from the one-permutation sketch
+INDEX_VERSION = 4  # 3: band keys from the one-permutation sketch; 4: keys and texts of the whole prompt
 REDUCE_SCHEMA = pa.schema([
     ("uid", pa.uint64()),
     ("id", pa.string()),

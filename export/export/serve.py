@@ -92,10 +92,15 @@ class StudentServer:
         if not (self.folder / "config.json").is_file():
             raise FileNotFoundError(f"{self.folder} holds no model (config.json): pass a pulled store version or "
                                     "the run's export folder")
+        if not any(self.folder.glob("*.safetensors")):
+            raise FileNotFoundError(f"{self.folder} holds no safetensors weights: serve-student loads safetensors "
+                                    "only (a pickled pytorch_model.bin can run code when loaded); export the model "
+                                    "with distill export, or save it with save_pretrained(safe_serialization=True)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.tokenizer.padding_side = "left"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32,
+                                                          use_safetensors=True).to(self.device).eval()
         gen = self.folder / "generation_config.json"
         gcfg = json.loads(gen.read_text()) if gen.is_file() else {}
         self.max_new_tokens = int(gcfg.get("max_new_tokens") or 256)

@@ -28,10 +28,22 @@ def trim_top_logprobs(resp: dict[str, Any], k: int) -> None:
 
 
 def unfinished(chunks: list[dict[str, Any]]) -> str | None:
-    """Why a stream that ended without an error is still not a whole answer: no choice got a finish_reason (an
-    upstream, or a proxy between, cut it). Logged as an error, so harvest keeps it out of training."""
-    if not any(isinstance(c, dict) and c.get("finish_reason") for ch in chunks for c in ch.get("choices") or ()):
+    """Why a stream that ended without an error is still not a whole answer: a choice it began (with ``n`` > 1,
+    any of them) got no finish_reason (an upstream, or a proxy between, cut it). Logged as an error, so harvest
+    keeps it out of training."""
+    began: set[Any] = set()
+    done: set[Any] = set()
+    for ch in chunks:
+        for c in ch.get("choices") or ():
+            if isinstance(c, dict):
+                began.add(c.get("index", 0))
+                if c.get("finish_reason"):
+                    done.add(c.get("index", 0))
+    if not done:
         return f"the stream ended after {len(chunks)} chunks without a finish_reason"
+    if began - done:
+        cut = ", ".join(str(i) for i in sorted(began - done, key=str))
+        return f"the stream ended after {len(chunks)} chunks without a finish_reason for choice {cut}"
     return None
 
 

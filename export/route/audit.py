@@ -24,12 +24,13 @@ import contextlib
 import json
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from export.route.lanes import Lane
-from export.route.wire import answer_problem, unavailable
+from export.route.wire import answer_problem, refused, unavailable
 from training.evaluate.metrics import quality, response_schema, score
 
 METRICS = ("exact_match", "field_accuracy", "chrf", "auto")
@@ -189,6 +190,8 @@ class LiveWork:
         routing = {"route": "teacher", "phase": "audit", "audit": True, "audit_of": job.log_id,
                    "reasons": ["live audit of a student answer"], "version": job.lane.version,
                    "policy_sha256": job.lane.policy_sha, "cost": cost}
+        if isinstance(resp.get("id"), str):  # its own id, as every logged call: upstreams may reuse theirs
+            routing["upstream_id"], resp = resp["id"], {**resp, "id": f"chatcmpl-{uuid.uuid4().hex}"}
         self.proxy.log_call(job.logged, status, resp, 1000 * (time.perf_counter() - t0), routing)
         reference = answer_text(resp)
         if problem or not reference.strip():
@@ -212,8 +215,9 @@ class LiveWork:
         if tried:
             decision, status, resp = await self.proxy.ask_student(lane, job.body, job.upstream, decision, job.fn, {})
             problem = answer_problem(status, resp)
-            if problem and unavailable(status, resp):  # down or full: no evidence about its answers either way
-                self._unscored(job, "shadow", lane.version, problem, unavailable=True)
+            if problem and (unavailable(status, resp) or refused(status, resp)):  # no evidence about its answers
+                self._unscored(job, "shadow", lane.version, problem, unavailable=unavailable(status, resp),
+                               refused=refused(status, resp))
                 return
         metric = policy_metric(lane)
         q = await scored(answer_text(resp), reference, job.body, metric) if decision.to_student else None

@@ -37,6 +37,7 @@ class CallLog:
     def __init__(self, log_dir: Path):
         self.dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
+        end_torn_lines(log_dir)
         with _SPARE_LOCK:
             _take_spare()
         self.failures: dict[str, Any] = {"n": 0, "last": None, "at": None}  # /health's
@@ -146,6 +147,30 @@ def append_line(path: Path, line: str | bytes) -> None:
     if _SPARE is None:
         with _SPARE_LOCK:
             _take_spare()
+
+
+LOG_KINDS = ("student-", "teacher-", "live-", "errors-", "passthrough-")
+
+
+def end_torn_lines(log_dir: Path) -> int:
+    """End the torn last line (a proxy killed mid-write) of every log file in ``log_dir``, so that harvest
+    quarantines it as one bad line; returns how many. A later write ends today's file's anyway, but nothing is
+    written to an earlier day's again: its torn line was held back as unfinished on every night for ever."""
+    ended = 0
+    for path in sorted(log_dir.glob("*.jsonl")):
+        if not path.name.startswith(LOG_KINDS) or not path.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a write in progress holds it: its line is not torn
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    os.write(fd, b"\n")
+                    ended += 1
+            finally:
+                os.close(fd)
+    return ended
 
 
 def _write(fd: int, data: bytes) -> None:

@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from export.route import deployment, sequential
-from export.route.live import function_of, read_live, read_routed, tried, unavailable, version_of
+from export.route.live import (
+    function_of,
+    no_answer,
+    read_live,
+    read_routed,
+    refused,
+    tried,
+    unavailable,
+    version_of,
+)
 
 
 @dataclass
@@ -65,13 +74,27 @@ def gather(version: str, stage: str, start: str | None, calls: list[dict[str, An
             ev.scores.append((str(r.get("function") or "default"), float(r["quality"])))
     for x in calls:
         if version_of(x) == version and (start is None or str(x.get("timestamp", "")) >= start) and tried(x) \
-                and not unavailable(x):
+                and not no_answer(x):
             ev.escalations.append((function_of(x), float(x["routing"].get("route") != "student")))
     return ev
 
 
-RECENT, RECENT_S, DOWN_SHARE = 100, 3600, 0.5  # unavailable on half of its last 100 requests, still in the last hour
-HOLD_SHARE = 0.1  # a candidate unavailable on more of its requests than this is not promoted
+RECENT, RECENT_S, DOWN_SHARE = 100, 3600, 0.5  # unanswered: half of its last 100 requests, still in the last hour
+HOLD_SHARE = 0.1  # a candidate that did not answer more of its requests than this is not promoted
+
+
+def unanswered(line: dict[str, Any]) -> bool:
+    """The student's endpoint was unavailable, or refused a request the teacher then answered (one the teacher
+    refused too was the client's mistake: it says nothing about the endpoint)."""
+    return unavailable(line) or (refused(line) and line.get("status_code") == 200)
+
+
+def _why(down: int, off: int) -> str:
+    """What ``down`` unavailable and ``off`` refused requests were, for a message."""
+    parts = ([f"unavailable (unreachable, HTTP 429, 502 or 503) on {down}"] if down else []) + (
+        [f"refused the request (another HTTP 4xx: a wrong key or model name, or a parameter it does not serve) "
+         f"on {off}"] if off else [])
+    return " and ".join(parts)
 
 
 def _asked(version: str, start: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -87,11 +110,12 @@ def endpoint_down(version: str, start: str | None, calls: list[dict[str, Any]]) 
     must look at its server or URL. A recovered endpoint's newest request succeeds, which ends the page; a quiet
     one that is still down keeps paging, however few requests it gets an hour."""
     mine = _asked(version, start, calls)[-RECENT:]
-    down = sum(unavailable(x) for x in mine)
+    down = sum(unanswered(x) for x in mine)
     hour = (datetime.now(timezone.utc) - timedelta(seconds=RECENT_S)).isoformat()
-    if len(mine) >= 20 and down >= DOWN_SHARE * len(mine) and unavailable(mine[-1]) \
+    if len(mine) >= 20 and down >= DOWN_SHARE * len(mine) and unanswered(mine[-1]) \
             and str(mine[-1].get("timestamp", "")) >= hour:
-        return {"unavailable": down, "of": len(mine)}
+        off = sum(unanswered(x) and not unavailable(x) for x in mine)
+        return {"unavailable": down - off, "refused": off, "of": len(mine)}
     return None
 
 
@@ -105,14 +129,17 @@ def held_back(version: str, stage: str, start: str | None, calls: list[dict[str,
                 and (start is None or str(r.get("call_timestamp") or r.get("timestamp", "")) >= start)
                 and ((r.get("kind") == "shadow" and r.get("tried")) or (r.get("kind") == "error"
                                                                         and r.get("what") == "shadow"
-                                                                        and r.get("unavailable")))]
-        n, down = len(recs), sum(r.get("kind") == "error" for r in recs)
+                                                                        and (r.get("unavailable")
+                                                                             or r.get("refused"))))]
+        down = sum(r.get("kind") == "error" and bool(r.get("unavailable")) for r in recs)
+        n, off = len(recs), sum(r.get("kind") == "error" and not r.get("unavailable") for r in recs)
     else:
         mine = _asked(version, start, calls)
-        n, down = len(mine), sum(unavailable(x) for x in mine)
-    if n >= 20 and down > HOLD_SHARE * n:
-        return (f"its student endpoint was unavailable on {down} of its {n} requests in {stage}: fix its server, "
-                "then it moves on")
+        down, off = sum(unavailable(x) for x in mine), sum(unanswered(x) and not unavailable(x) for x in mine)
+        n = len(mine)
+    if n >= 20 and down + off > HOLD_SHARE * n:
+        return (f"its student endpoint did not answer {down + off} of its {n} requests in {stage}: "
+                f"{_why(down, off)}: fix its server (or see what it refused), then it moves on")
     return None
 
 
@@ -242,14 +269,19 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
                 done.append(deployment.change(dep, "rollback", serving, by="decide", evidence=g,
                                               reason=f"{serving} broke its guardrail on live traffic"))
             else:  # it keeps serving (nothing else can); rejected, so that once replaced it is never rolled back to
+                why = f"{serving} broke its guardrail and no earlier version can serve"
+                if serving not in dep.get("rejected", []):  # the history says who rejected it, when and why, once
+                    dep.setdefault("history", []).append({"at": deployment.now(), "action": "broken", "by": "decide",
+                                                          "version": serving, "reason": why, "evidence": g})
                 dep["rejected"] = [*(v for v in dep.get("rejected", []) if v != serving), serving]
-                done.append({"action": "broken", "version": serving, "evidence": g,
-                             "reason": f"{serving} broke its guardrail and no earlier version can serve"})
+                done.append({"action": "broken", "version": serving, "evidence": g, "reason": why})
         elif down := endpoint_down(serving, start(serving, "serving"), calls):
             done.append({"action": "broken", "version": serving, "evidence": down,
-                         "reason": f"{serving}'s student endpoint was unavailable (unreachable, HTTP 429, 502 or "
-                                   f"503) on {down['unavailable']} of its last {down['of']} requests (the teacher "
-                                   "answered them): check its server and URL"})
+                         "reason": f"{serving}'s student endpoint did not answer "
+                                   f"{down['unavailable'] + down['refused']} of its last {down['of']} requests (the "
+                                   f"teacher answered them): {_why(down['unavailable'], down['refused'])}: check "
+                                   "its server, URL, key and model name (serve-router's /health shows the last "
+                                   "failure)"})
     cand = dep.get("candidate")
     if cand:
         v, stage = cand["version"], cand["stage"]

@@ -6,7 +6,8 @@ each version's student URL, and the history of every change with its evidence.
      "serving": "v2", "previous": ["v1"], "rejected": [],
      "candidate": {"version": "v3", "stage": "shadow" | "canary", "share": 0.1, "since": "2026-12-06T02:00:00+00:00"},
      "urls": {"v1": "http://student-v1:8000/v1", "v2": "...", "v3": "..."},
-     "history": [{"at": ..., "action": "serve" | "shadow" | "canary" | "promote" | "rollback", "version": ...,
+     "history": [{"at": ..., "action": "serve" | "shadow" | "canary" | "promote" | "rollback" | "broken" (the serving
+                  version broke its guardrail with nothing to roll back to: rejected, still serving), "version": ...,
                   "from": ..., "by": "hand" | "decide", "reason": ..., "evidence": {...}}]}
 
 Changes are pure functions of the file's content (``change``) plus an atomic write (``save``: a temporary sibling
@@ -117,7 +118,8 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no deployment file at {path} (distill promote RECIPE VERSION makes one)") \
+        raise FileNotFoundError(f"no deployment file at {path} (distill promote RECIPE VERSION, or distill live RECIPE "
+                                f"--decide, makes one)") \
             from None
     except ValueError as err:
         raise DeploymentError(f"{path}: not valid JSON ({err})") from None

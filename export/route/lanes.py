@@ -103,6 +103,9 @@ class Versions:
         if not (self.folder / version).is_dir():
             raise deployment.DeploymentError(f"{version} is not in the store (no folder {self.folder / version}): "
                                              "check the deployment file's version names")
+        if (self.folder / version).is_symlink():  # as distill pull: a store version is a folder of its own
+            raise deployment.DeploymentError(f"{version}: {self.folder / version} is a symbolic link, not a "
+                                             "published version (distill run publishes versions as folders)")
         url = self.urls.get(version) or dep.get("urls", {}).get(version)
         if not url:
             raise deployment.DeploymentError(f"{version} has no student URL: pass --version-url {version}=URL or "
@@ -138,7 +141,9 @@ class Versions:
             serving = self._lane(dep["serving"], dep)
         except Exception as err:  # noqa: BLE001 - whatever fails, the previous versions keep serving
             self._failed = (stamp, time.monotonic())
-            self._report(err, "deployment not reloaded")
+            said = self.error  # retried every retry_s: the same problem is said once, not every 30 s
+            self._report(err, "deployment not reloaded" if self.serving else "deployment not loaded",
+                         quiet=said is not None and said == _said(err))
             return False
         cand, candidate, problem = dep.get("candidate"), None, None
         if cand:
@@ -160,10 +165,10 @@ class Versions:
         return changed
 
     def _report(self, err: BaseException, what: str, quiet: bool = False) -> None:
-        self.error = str(err) if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {err}"
+        self.error = _said(err)
         if not quiet:
-            print(f"distill serve-router: {what}, still serving {self.serving.version if self.serving else 'nothing'}: "
-                  f"{self.error}", file=sys.stderr)
+            still = f", still serving {self.serving.version}" if self.serving else ""
+            print(f"distill serve-router: {what}{still}: {self.error}", file=sys.stderr)
 
     @property
     def serving(self) -> Lane | None:
@@ -203,3 +208,7 @@ class Versions:
         return {"serving": serving.version if serving else None,
                 "candidate": {"version": cand.lane.version, "stage": cand.stage, "share": cand.share} if cand else None,
                 "reloads": self.reloads, "error": self.error}
+
+
+def _said(err: BaseException) -> str:
+    return str(err) if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {err}"

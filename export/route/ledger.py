@@ -64,7 +64,8 @@ def _row(lines: list[dict[str, Any]], scores: list[float] = ()) -> dict[str, Any
     return row
 
 
-ROUTING = ("route", "phase", "version", "policy_sha256", "lane", "audit", "cost", "student_unavailable")
+ROUTING = ("route", "phase", "version", "policy_sha256", "lane", "audit", "cost", "student_unavailable",
+           "student_refused")
 COST = ("usd", "teacher_only_usd", "saved_usd", "student_basis")
 
 
@@ -80,7 +81,7 @@ def slim(line: dict[str, Any]) -> dict[str, Any]:
         if isinstance(cost, dict):
             routing["cost"] = {k: cost[k] for k in COST if k in cost}
     return {"timestamp": line.get("timestamp"), "latency_ms": line.get("latency_ms"),
-            "request": {"metadata": {"function": fn}}, "routing": routing}
+            "status_code": line.get("status_code"), "request": {"metadata": {"function": fn}}, "routing": routing}
 
 
 def routed_lines(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:

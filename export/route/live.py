@@ -67,6 +67,19 @@ def unavailable(line: dict[str, Any]) -> bool:
     return bool(reasons) and bool(UNAVAILABLE_BEFORE.match(str(reasons[-1])))
 
 
+def refused(line: dict[str, Any]) -> bool:
+    """Whether the student's endpoint refused the request (an HTTP 4xx other than 408 and 429: serve-router marks
+    it ``routing.student_refused``; lines logged before 2026-12-07 do not say, and count as escalations). No
+    escalation of the version's answers: a client can send what an endpoint does not serve (``n`` > 1 to
+    ``distill serve-student``), and 700 such requests rolled a good version back."""
+    return bool((line.get("routing") or {}).get("student_refused"))
+
+
+def no_answer(line: dict[str, Any]) -> bool:
+    """Whether the student's endpoint gave no answer to judge: unavailable, or it refused the request."""
+    return unavailable(line) or refused(line)
+
+
 def read_live(logs: str | Path, day: str | None = None) -> tuple[list[dict[str, Any]], int]:
     """The live-loop records (live-*.jsonl and rotated live-*.jsonl.gz under a folder), oldest first, and the
     unreadable lines."""
@@ -130,7 +143,7 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
     n = len(calls)
     student = sum(x["routing"].get("route") == "student" for x in calls)
     down = [x for x in calls if unavailable(x)]
-    asked = [x for x in calls if tried(x) and not unavailable(x)]
+    asked = [x for x in calls if tried(x) and not no_answer(x)]
     escalated = sum(x["routing"].get("route") != "student" for x in asked)
     share = student / n if n else None
     q = mean_ci(audits, level)
@@ -141,7 +154,7 @@ def _row(calls: list[dict[str, Any]], audits: list[float], shadows: list[dict[st
     s_tried = [s for s in shadows if s.get("tried")]
     return {
         "requests": n, "student": student, "student_share": share, "tried": len(asked), "escalated": escalated,
-        "unavailable": len(down),
+        "unavailable": len(down), "refused": sum(refused(x) for x in calls),
         "escalation_rate": escalated / len(asked) if asked else None,
         "latency_ms": _latency([float(x["latency_ms"]) for x in calls if isinstance(x.get("latency_ms"),
                                                                                     (int, float))]),

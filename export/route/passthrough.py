@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from aiohttp import ClientError, web
 
-from export.route.upstream import failure_status, upstream_failure
+from export.route.upstream import failure_status, shown, upstream_failure
 from export.route.wire import error_response
 
 # headers a client's call carries that the teacher needs to read it the same way, and those of the teacher's
@@ -102,16 +102,20 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
             out = web.StreamResponse(status=up.status, headers={**keep, "x-distill-route": "passthrough",
                                                                 "x-request-id": rid})
             await out.prepare(request)
+            if up.status >= 400:  # an error is small: read whole, so a key the teacher repeats in it is masked
+                data = proxy.masked_bytes(await up.read())
+                sent += len(data)
+                await asyncio.wait_for(out.write(data), proxy.cfg.timeout_s)
             async for data in up.content.iter_any():
                 sent += len(data)  # a client that stops reading holds a teacher connection: not for ever
                 await asyncio.wait_for(out.write(data), proxy.cfg.timeout_s)
             await out.write_eof()
     except (ClientError, asyncio.TimeoutError, ConnectionError) as err:
         if out is None:
-            why = upstream_failure(url, err, proxy.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
+            why = upstream_failure(url, err, proxy.cfg.timeout_s) or f"cannot reach {shown(url)}: {type(err).__name__}"
             status = failure_status(err)
         else:
-            why = f"{url}: answer broken after {sent} bytes: {type(err).__name__}"
+            why = f"{shown(url)}: answer broken after {sent} bytes: {type(err).__name__}"
             if request.transport is not None:  # cut: closed without the last chunk, so the client cannot take
                 request.transport.close()       # it for a whole answer
     proxy.counts["passthrough"] = proxy.counts.get("passthrough", 0) + 1

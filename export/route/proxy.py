@@ -42,6 +42,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,7 +66,7 @@ from export.route.jsonio import NotText, loads, read_request
 from export.route.lanes import Lane, Versions, make_lane
 from export.route.passthrough import backoff_headers, normalise, pass_through
 from export.route.router import Decision, Router
-from export.route.upstream import Upstreams, failure_code, failure_status, upstream_failure
+from export.route.upstream import Upstreams, failure_code, failure_status, has_user, shown, upstream_failure
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
@@ -85,6 +86,7 @@ from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, compl
     json_parse_errors,
     json_response,
     non_text_part,
+    refused,
     relay,
     request_problem,
     send_events,
@@ -121,6 +123,11 @@ class ProxyConfig:
         self.pass_through = normalise(self.pass_through)
         if self.upstream_connections is not None and self.upstream_connections < 0:
             raise ValueError(f"upstream_connections must be 0 (no limit) or more, got {self.upstream_connections}")
+        for who, url, env in (("student", self.student_url, self.student_key_env),
+                              ("teacher", self.teacher_url, self.teacher_key_env)):
+            if env and url and has_user(url):
+                raise ValueError(f"--{who}-url {shown(url)} holds a user and password (sent as Basic auth) and "
+                                 f"--{who}-key-env {env} a key (sent as Bearer): give one of them")
 
 
 UPSTREAM_REQUEST_ID = "x-distill-upstream-request-id"  # a key of the kept headers, never sent to the client
@@ -176,6 +183,7 @@ class RouterProxy:
         self.upstream = Upstreams(cfg.upstream_connections, cfg.timeout_s)
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
+        self.in_flight = 0  # requests being handled now (a stop waits for them: serve.drain)
         self.started = int(time.time())
         self.student_failures: dict[str, Any] = {"n": 0, "last": None, "at": None,  # /health's, per process
                                                  "unavailable_at": None}
@@ -272,12 +280,36 @@ class RouterProxy:
     def _target(self, base: str, key_env: str | None) -> tuple[str, dict[str, str]]:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(key_env) if key_env else None
-        if key:
+        if key and not has_user(base):  # a user and password in the URL are its Basic auth (aiohttp sends them)
             headers["Authorization"] = f"Bearer {key}"
         return base.rstrip("/") + "/chat/completions", headers
 
-    @staticmethod
-    async def _read_json(resp, url: str, keep: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    def _keys(self) -> list[str]:
+        return [k for k in (os.environ.get(e) if e else None for e in (self.cfg.student_key_env,
+                                                                       self.cfg.teacher_key_env)) if k]
+
+    def masked_bytes(self, data: bytes) -> bytes:
+        """``data`` with the keys serve-router sends replaced by ``***`` (see ``_masked``)."""
+        for k in self._keys():
+            data = data.replace(k.encode(), b"***")
+        return data
+
+    def _masked(self, value: Any) -> Any:
+        """``value`` (an upstream's error body) with the keys serve-router sends replaced by ``***``: an upstream
+        that repeats the key it was sent ("Incorrect API key provided: Bearer sk-…") must not hand it to clients,
+        /health or the logs."""
+        keys = self._keys()
+        if not keys:
+            return value
+        if isinstance(value, str):
+            for k in keys:
+                value = value.replace(k, "***")
+            return value
+        if isinstance(value, dict):
+            return {k: self._masked(v) for k, v in value.items()}
+        return [self._masked(v) for v in value] if isinstance(value, list) else value
+
+    async def _read_json(self, resp, url: str, keep: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         """(status, body) of an upstream's JSON answer. A body that is not a JSON object becomes an OpenAI-shaped
         error that says so, with the upstream's status when that is an error, else 502 (an HTTP 200 passed on
         would reach the client as an empty answer). ``keep`` gets an error's back-off headers (Retry-After,
@@ -291,9 +323,9 @@ class RouterProxy:
         except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict):
-            return resp.status, data
+            return resp.status, self._masked(data) if resp.status >= 400 else data
         what = "non-JSON answer" if data is None else "an answer that is not a JSON object"
-        err = {"message": f"{what} from {url} (HTTP {resp.status})", "type": "upstream_error"}
+        err = {"message": f"{what} from {shown(url)} (HTTP {resp.status})", "type": "upstream_error"}
         if resp.status >= 400:  # an error keeps its status (429 stays a rate limit)
             return resp.status, {"error": err}
         return 502, {"error": {**err, "code": "upstream_unusable"}}
@@ -305,7 +337,7 @@ class RouterProxy:
             async with self.upstream.call(url, body, headers) as resp:
                 return await self._read_json(resp, url, keep)
         except (ClientError, asyncio.TimeoutError) as err:
-            why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {url}: {type(err).__name__}"
+            why = upstream_failure(url, err, self.cfg.timeout_s) or f"cannot reach {shown(url)}: {type(err).__name__}"
             return failure_status(err), {"error": {"message": why, "type": "upstream_error",
                                                    "code": failure_code(err)}}
 
@@ -356,6 +388,7 @@ class RouterProxy:
         self.student_failures.update(n=self.student_failures["n"] + 1, at=datetime.now(timezone.utc).isoformat(),
                                      last=f"{lane.version or 'student'}: {problem}"[:300])
         routing["student_unavailable"] = unavailable(status, resp)  # said either way: the live loop reads it
+        routing["student_refused"] = refused(status, resp)
         if routing["student_unavailable"]:
             self.student_failures["unavailable_at"] = self.student_failures["at"]
         return Decision("teacher", [*decision.reasons, f"{STUDENT_FAILED}: {problem}"], "after", decision.signals)
@@ -429,6 +462,7 @@ class RouterProxy:
                                             "student reads text only)"], "before", decision.signals)
         upstream = body if body.get("store") else {k: v for k, v in body.items() if k != "metadata"}
         routing: dict[str, Any] = {"request_id": rid, "stream": True} if stream else {"request_id": rid}
+        call_id = f"chatcmpl-{uuid.uuid4().hex}"  # the answer's id for the client and the log: upstreams reuse theirs
         if lane.version is not None:
             routing.update(version=lane.version, lane=stage)
         status, resp, student_usage = 0, {}, None
@@ -441,6 +475,8 @@ class RouterProxy:
             student_usage = resp.get("usage") if status == 200 else None
 
         def finish(status: int, resp: dict[str, Any]) -> None:
+            if isinstance(resp.get("id"), str) and resp["id"] != call_id:
+                routing["upstream_id"], resp["id"] = resp["id"], call_id
             self.counts[decision.route] += 1
             routing.update(decision.as_dict())
             routing["policy_sha256"] = lane.policy_sha
@@ -457,7 +493,7 @@ class RouterProxy:
         if passed:
             out, status, resp = await self._stream(request, lane.url, self.cfg.student_key_env,
                                                    self.student_body(lane, upstream, stream=True),
-                                                   _headers(decision, lane, rid))
+                                                   _headers(decision, lane, rid), call_id=call_id)
             student_usage = resp.get("usage") if status == 200 else None
             if out is not None:
                 finish(200, resp)
@@ -472,7 +508,7 @@ class RouterProxy:
             tbody, backoff = self.teacher_body(upstream, lane), {}
             if stream:
                 out, status, resp = await self._stream(request, self.cfg.teacher_url, self.cfg.teacher_key_env,
-                                                       tbody, headers, backoff)
+                                                       tbody, headers, backoff, call_id)
                 routing.update(_teacher_request_id(backoff))
                 if out is not None:
                     finish(200, resp)
@@ -489,7 +525,7 @@ class RouterProxy:
         return json_response(resp, status=status, headers=headers)
 
     async def _stream(self, request: web.Request, base: str, key_env: str | None, ubody: dict[str, Any],
-                      headers: dict[str, str], keep: dict[str, str] | None = None
+                      headers: dict[str, str], keep: dict[str, str] | None = None, call_id: str | None = None
                       ) -> tuple[web.StreamResponse | None, int, dict[str, Any]]:
         """Relay an upstream's server-sent events to the client as they arrive (the teacher's, or the student's
         when nothing is checked). The upstream is always asked for usage (the ledger needs it); the usage-only
@@ -512,13 +548,13 @@ class RouterProxy:
                 events = iter_events(up.content)
                 head, problem = await first_event(events)
                 if problem:  # nothing sent yet: the caller may still fall back
-                    return None, 502, {"error": {"message": f"{url}: {problem}", "type": "upstream_error",
+                    return None, 502, {"error": {"message": f"{shown(url)}: {problem}", "type": "upstream_error",
                                                  "code": "upstream_unusable"}}
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
-                broken = await self._relay_all(out, head, events, chunks, want_usage, url)
+                broken = await self._relay_all(out, head, events, chunks, want_usage, url, call_id)
         except BadEvent as err:  # not passed on: the stream ends with an error event naming the upstream
-            broken = f"{url}: {err} after {len(chunks)} chunks"
+            broken = f"{shown(url)}: {err} after {len(chunks)} chunks"
             await end_with_error(out, broken)
         except ClientStalled as err:  # the upstream call ends here; the client's connection is closed
             broken = f"{err} after {len(chunks)} chunks"
@@ -527,7 +563,7 @@ class RouterProxy:
         except (ClientError, asyncio.TimeoutError, ConnectionError) as err:
             if out is None:
                 why = upstream_failure(url, err, self.cfg.timeout_s) or (
-                    f"cannot reach {url} or its stream broke before its first chunk: {type(err).__name__}")
+                    f"cannot reach {shown(url)} or its stream broke before its first chunk: {type(err).__name__}")
                 return None, failure_status(err), {"error": {"message": why, "type": "upstream_error",
                                                              "code": failure_code(err)}}
             gone = request.transport is None or request.transport.is_closing()
@@ -538,23 +574,24 @@ class RouterProxy:
         try:
             resp = reassemble_stream(chunks)
         except BadRecord as err:
-            resp = {"error": {"message": f"stream from {url} unusable: {err}", "type": "upstream_error"}}
+            resp = {"error": {"message": f"stream from {shown(url)} unusable: {err}", "type": "upstream_error"}}
         if broken:
             resp["error"] = resp.get("error") or {"message": broken, "type": "upstream_error"}
         return out, 200, resp
 
     async def _relay_all(self, out: web.StreamResponse, head: list[list[bytes]], events: Any,
-                         chunks: list[dict[str, Any]], want_usage: bool, url: str) -> str | None:
+                         chunks: list[dict[str, Any]], want_usage: bool, url: str, call_id: str | None = None
+                         ) -> str | None:
         """Relay the stream's events to the client; why it is broken (None when whole)."""
         last = head[-1]
         for event in head:
-            await relay(out, event, chunks, want_usage, self.cfg.timeout_s)
+            await relay(out, event, chunks, want_usage, self.cfg.timeout_s, call_id)
         async for event in events:
-            await relay(out, event, chunks, want_usage, self.cfg.timeout_s)
+            await relay(out, event, chunks, want_usage, self.cfg.timeout_s, call_id)
             last = event
         broken = unfinished(chunks)
         if broken and event_data(last) != b"[DONE]":  # cut: the client's SDK would take it for a whole one
-            await end_with_error(out, f"{url}: {broken}")
+            await end_with_error(out, f"{shown(url)}: {broken}")
         else:
             await out.write_eof()
         return broken

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from aiohttp import web
 from export.route.lanes import Versions
 from export.route.proxy import ProxyConfig, RouterProxy
 from export.route.router import Router
-from export.route.upstream import upstream_limit
+from export.route.upstream import shown, upstream_limit
 from pipeline.rundir import sha256_file
 
 BACKLOG = 2048  # pending connections per listening socket (the kernel caps it at net.core.somaxconn)
@@ -82,7 +84,7 @@ def build_proxy(opts: ServeOptions, cfg: ProxyConfig) -> tuple[RouterProxy, str]
     path = policy_path(opts.source)
     router = Router.load(path, language=opts.language, embeddings=opts.embeddings)
     skipped = f" (not checked: {', '.join(router.skipped)})" if router.skipped else ""
-    return RouterProxy(router, cfg, sha256_file(path)), f"policy {path}{skipped}; student {cfg.student_url}"
+    return RouterProxy(router, cfg, sha256_file(path)), f"policy {path}{skipped}; student {shown(cfg.student_url)}"
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -120,17 +122,25 @@ def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=pri
     if files < 4096:
         print_fn(low_limit_warning(files, hard, upstream_limit(cfg.upstream_connections)))
     proxy, what = build_proxy(opts, cfg)  # loaded here first, so a bad policy fails before any process starts
-    if processes > 1:
-        check_port_free(opts.host, opts.port)
+    if processes > 1 and opts.port == 0:
+        raise ValueError("--port 0 with --processes: each process would listen on a port of its own; give the "
+                         "port they share")
+    check_port_free(opts.host, opts.port)
     audits = f"; audits {cfg.audit_share:g} of student answers" if cfg.audit_share else ""
     many = f" ({processes} processes)" if processes > 1 else ""
-    print_fn(f"distill serve-router: {what}, teacher {cfg.teacher_url}; logs in {cfg.log_dir}{audits}; "
+    print_fn(f"distill serve-router: {what}, teacher {shown(cfg.teacher_url)}; logs in {cfg.log_dir}{audits}; "
              f"listening on http://{opts.host}:{opts.port}/v1{many}")
     if processes == 1:
-        web.run_app(proxy.app(), host=opts.host, port=opts.port, print=None, backlog=BACKLOG, access_log=None)
+        asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port, reuse_port=False))
         return 0
     del proxy  # each process loads its own; the parent only watches
-    return _supervise(opts, cfg, processes, print_fn)
+    return _supervise(opts, cfg, processes)
+
+
+def drain_s(cfg: ProxyConfig) -> float:
+    """How long a stop waits for the requests in flight: a student call and then the teacher's, each up to
+    ``--timeout``, and the audit queue's 10 s."""
+    return 2 * cfg.timeout_s + 15.0
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -143,8 +153,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(addr)
         except OSError as err:
-            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} (another server is there: stop it "
-                             "or choose another --port)") from None
+            hint = ("another server is there: stop it or choose another --port" if err.errno == errno.EADDRINUSE
+                    else "check --host and --port")
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} ({hint})") from None
 
 
 def _worker(opts: ServeOptions, cfg: ProxyConfig, parent: int) -> None:
@@ -156,47 +167,75 @@ def _worker(opts: ServeOptions, cfg: ProxyConfig, parent: int) -> None:
 
     threading.Thread(target=orphaned, daemon=True).start()
     proxy, _ = build_proxy(opts, cfg)
-    asyncio.run(_serve_until_stopped(proxy.app(), opts.host, opts.port))
+    asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port))
 
 
-async def _serve_until_stopped(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM, then stop gracefully (requests and queued audits finish). Any further signal
-    is ignored: Ctrl-C reaches every process of the group and the parent then sends SIGTERM too, which under
-    web.run_app would cancel the requests still running."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+async def _serve_until_stopped(proxy: RouterProxy, host: str, port: int, reuse_port: bool = True) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully: stop listening, let every request in flight finish
+    (one whose body is still arriving too: aiohttp's own shutdown drops the bytes that come after it begins),
+    at most ``drain_s``, then the queued audits. Any further signal is ignored: Ctrl-C reaches every process of
+    the group and the parent then sends SIGTERM too, which under web.run_app would cancel the requests still
+    running."""
+    runner = web.AppRunner(proxy.app(), handle_signals=False, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_port=True, backlog=BACKLOG).start()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=BACKLOG)
+    await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await site.stop()  # no new connections; the open ones go on
+    end = loop.time() + drain_s(proxy.cfg)
+    while proxy.in_flight and loop.time() < end:
+        await asyncio.sleep(0.05)
     await runner.cleanup()
 
 
-def _supervise(opts: ServeOptions, cfg: ProxyConfig, processes: int, print_fn=print) -> int:
-    """Start the processes (each its own sampling seed), wait for a stop signal or a process to end, stop all."""
+RESTARTS, RESTARTS_S = 5, 60.0  # more deaths than this within this many seconds: a crash loop, stop
+
+
+def _supervise(opts: ServeOptions, cfg: ProxyConfig, processes: int) -> int:
+    """Start the processes (each its own sampling seed) and keep them running: one that dies is named and started
+    again (the others go on serving the port meanwhile), unless they die too often (a crash loop: all stop, exit
+    non-zero, so systemd or Kubernetes restarts the whole). A stop signal stops them all."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no event loop or threads inherited
-    procs = []
-    for i in range(processes):
+
+    def start(i: int) -> Any:
         seed = None if cfg.seed is None else cfg.seed + i
-        procs.append(ctx.Process(target=_worker, args=(opts, dataclasses.replace(cfg, seed=seed), os.getpid()),
-                                 name=f"serve-router-{i}", daemon=False))
-        procs[-1].start()
-    stop = threading.Event()
+        p = ctx.Process(target=_worker, args=(opts, dataclasses.replace(cfg, seed=seed), os.getpid()),
+                        name=f"serve-router-{i}", daemon=False)
+        p.start()
+        return p
+
+    procs = [start(i) for i in range(processes)]
+    stop, deaths, looping = threading.Event(), [], False
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.is_set() and all(p.is_alive() for p in procs):
+        while not stop.is_set() and not looping:
+            for i, p in enumerate(procs):
+                if p.is_alive() or stop.is_set():
+                    continue
+                now = time.monotonic()
+                deaths = [t for t in deaths if now - t < RESTARTS_S] + [now]
+                looping = len(deaths) > RESTARTS
+                print(f"serve-router: process {i} (pid {p.pid}) ended ({_how(p.exitcode)}): "
+                      + ("it keeps dying, stopping the others" if looping else "starting it again"),
+                      file=sys.stderr, flush=True)
+                if looping:
+                    break
+                procs[i] = start(i)
             stop.wait(0.2)
-        for i, p in enumerate(procs):
-            if not p.is_alive() and not stop.is_set():
-                print_fn(f"serve-router: process {i} (pid {p.pid}) ended ({_how(p.exitcode)}): stopping the others")
-        codes = _stop_all(procs)  # a second Ctrl-C meanwhile only sets the event again
+        codes, killed = _stop_all(procs, drain_s(cfg) + 15.0)  # a second Ctrl-C meanwhile only sets the event again
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    died = [c for c in codes if c not in (0, -signal.SIGTERM, -signal.SIGINT)]
-    return 0 if stop.is_set() else (died[0] if died and died[0] > 0 else 1)
+    for i in killed:
+        print(f"serve-router: process {i} did not stop within {drain_s(cfg) + 15.0:g} s: killed (its requests "
+              "in flight were lost)", file=sys.stderr, flush=True)
+    if killed:
+        return 1
+    return 0 if stop.is_set() and not looping else 1
 
 
 def _how(code: int | None) -> str:
@@ -205,16 +244,18 @@ def _how(code: int | None) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
-def _stop_all(procs: list[Any], grace_s: float = 80.0) -> list[int | None]:
-    """SIGTERM every live process, then wait (SIGKILL after ``grace_s``: longer than a process's own graceful stop,
-    aiohttp's 60 s for running requests and the audit queue's drain); their exit codes."""
+def _stop_all(procs: list[Any], grace_s: float) -> tuple[list[int | None], list[int]]:
+    """SIGTERM every live process, then wait (SIGKILL after ``grace_s``, longer than a process's own graceful
+    stop: ``drain_s`` and the audit queue's drain); their exit codes, and the indexes of those killed."""
     for p in procs:
         if p.is_alive():
             p.terminate()
     end = time.monotonic() + grace_s
-    for p in procs:
+    killed = []
+    for i, p in enumerate(procs):
         p.join(max(0.0, end - time.monotonic()))
         if p.is_alive():
             p.kill()
             p.join(5)
-    return [p.exitcode for p in procs]
+            killed.append(i)
+    return [p.exitcode for p in procs], killed

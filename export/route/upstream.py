@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import math
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from aiohttp import (
     ServerDisconnectedError,
     TCPConnector,
 )
+from yarl import URL
 
 from export.route.jsonio import dumps
 
@@ -52,8 +54,28 @@ def out_of_descriptors(err: BaseException) -> bool:
     return getattr(getattr(err, "os_error", None), "errno", None) in OUT_OF_DESCRIPTORS
 
 
+@functools.lru_cache(maxsize=256)
+def has_user(url: str) -> bool:
+    """Whether ``url`` holds a user (and password), which aiohttp sends as Basic auth."""
+    try:
+        return URL(url).user is not None
+    except (ValueError, TypeError):
+        return False
+
+
+def shown(url: str) -> str:
+    """``url`` as messages, logs and /health show it: without a user and password (``http://user:pass@host``,
+    which aiohttp sends as Basic auth) or a query (it may carry a key)."""
+    try:
+        u = URL(url)
+        return str(u.with_user(None).with_query(None).with_fragment(None)) if u.absolute else url.split("?")[0]
+    except (ValueError, TypeError):
+        return "(an unreadable URL)"
+
+
 def upstream_failure(url: str, err: BaseException, timeout_s: float) -> str | None:
     """Why an upstream call failed, for the client's 502 and the log; None for a plain connection error."""
+    url = shown(url)
     if out_of_descriptors(err):
         return (f"cannot reach {url}: serve-router is out of file descriptors (more connections at once than its "
                 f"open-file limit allows, for {timeout_s:g} s: raise it, ulimit -n or systemd LimitNOFILE=)")

@@ -92,6 +92,18 @@ def unavailable(status: int, resp: dict[str, Any]) -> bool:
     return status in UNAVAILABLE and not (isinstance(code, str) and code.startswith("upstream_"))
 
 
+def refused(status: int, resp: dict[str, Any]) -> bool:
+    """Whether the endpoint refused the request itself: an HTTP 4xx other than 408 (a timeout, counted against the
+    version) and 429 (full: ``unavailable``). What it refused is often the client's doing (a parameter the
+    endpoint does not serve, such as ``n`` > 1 for ``distill serve-student``; a wrong key or model name), so it is
+    no escalation of the version's answers; the live loop counts it apart (``canary.endpoint_down``,
+    ``canary.held_back``)."""
+    err = resp.get("error")
+    code = err.get("code") if isinstance(err, dict) else None
+    return 400 <= status < 500 and status not in (408, 429) and not (isinstance(code, str)
+                                                                      and code.startswith("upstream_"))
+
+
 def answer_problem(status: int, resp: dict[str, Any]) -> str | None:
     """Why an upstream reply is not a usable chat completion (None when it is)."""
     if status != 200:
@@ -127,6 +139,9 @@ def non_text_part(body: dict[str, Any]) -> str | None:
     return None
 
 
+CLIENT_GONE = 499  # logged for a request whose client hung up before sending all of it (nginx's code)
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     """Every answer carries a request id, and every error is OpenAI-shaped JSON (aiohttp's own 404, 405 and 413
@@ -134,6 +149,7 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
     request["request_id"] = rid
     proxy = request.app["proxy"]  # the RouterProxy: it logs refused and failed requests
+    proxy.in_flight += 1
     try:
         resp = await handler(request)
     except web.HTTPException as exc:
@@ -144,9 +160,14 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         resp = error_response(400, f"the request body could not be read as its Content-Encoding "
                                    f"({request.headers.get('Content-Encoding', 'none')[:50]}) says: {' '.join(str(exc).split())}"[:300],
                               request_id=rid)
+    except ConnectionResetError:  # the client went away while its request was still arriving: not our failure
+        resp = error_response(CLIENT_GONE, "the client closed the connection before its request was read",
+                              request_id=rid)
     except Exception as exc:  # noqa: BLE001 - a bug must still answer in JSON, be logged, and not kill the proxy
         log.exception("request %s failed inside serve-router", rid)  # the traceback only: never the body
         resp = error_response(500, f"internal error in distill serve-router: {type(exc).__name__}", "server_error", rid)
+    finally:
+        proxy.in_flight -= 1
     if resp.status >= 400 and "x-distill-route" not in resp.headers:
         proxy.log_error(request, rid, resp)
     resp.headers.setdefault("x-request-id", rid)
@@ -263,21 +284,25 @@ class ClientStalled(Exception):
 
 
 async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool,
-                timeout_s: float | None = None) -> None:
-    """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage) and
-    keep its chunk for the log. A malformed event raises ``BadEvent`` (the client's SDK would raise a bare JSON
-    error, not an API error); a client that reads nothing for ``timeout_s`` raises ``ClientStalled``."""
+                timeout_s: float | None = None, call_id: str | None = None) -> None:
+    """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage; the
+    chunk's ``id`` as ``call_id`` when given) and keep its chunk for the log. A malformed event raises
+    ``BadEvent`` (the client's SDK would raise a bare JSON error, not an API error); a client that reads nothing
+    for ``timeout_s`` raises ``ClientStalled``."""
     chunk = event_chunk(event)
+    data = b"".join(event) + b"\n"
     if chunk is None:
-        data = event_data(event)
-        if data and data != b"[DONE]":
-            raise BadEvent(f"sent an event that is not a JSON chunk: {data[:60]!r}")
+        raw = event_data(event)
+        if raw and raw != b"[DONE]":
+            raise BadEvent(f"sent an event that is not a JSON chunk: {raw[:60]!r}")
     else:
         chunks.append(chunk)
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
+        if call_id and isinstance(chunk.get("id"), str):
+            data = data.replace(json.dumps(chunk["id"]).encode(), json.dumps(call_id).encode(), 1)
     try:
-        await asyncio.wait_for(out.write(b"".join(event) + b"\n"), timeout_s)
+        await asyncio.wait_for(out.write(data), timeout_s)
     except asyncio.TimeoutError:
         raise ClientStalled(f"the client read nothing for {timeout_s:g} s") from None
 

@@ -177,7 +177,8 @@ class LengthLimits(Section):
 
 class NearDedup(Section):
     threshold: float = Field(
-        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of the user turns' shingles at which two records "
+        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of the prompts' shingles (the turns after the system "
+        "prompt: user turns, earlier answers, tool calls and results) at which two records "
         "of a function are near-duplicates (the best-feedback copy is kept).",
     )
     shingle: Literal["char", "word"] = Field(
@@ -201,7 +202,7 @@ class NearDedup(Section):
 
 class SemanticDedup(Section):
     threshold: float = Field(
-        0.95, gt=0, le=1, description="Cosine similarity of the user turns' embeddings at which the worse record of "
+        0.95, gt=0, le=1, description="Cosine similarity of the prompts' embeddings (the turns after the system prompt) at which the worse record of "
         "a pair is dropped.",
     )
     model: str | None = Field(
@@ -315,9 +316,10 @@ class CurateConfig(Section):
     )
     language: LanguageFilter | None = Field(None, description="Keep only records whose user turns are in these languages.")
     lengths: LengthLimits = Field(default_factory=LengthLimits, description="Length limits in the student's tokens.")
-    dedup: bool = Field(True, description="Exact dedup on (function, user turns); keeps the best-feedback copy.")
+    dedup: bool = Field(True, description="Exact dedup on (function, the whole prompt: system prompt, user turns, earlier "
+                        "answers, tool calls and results); keeps the best-feedback copy.")
     near_dedup: NearDedup | None = Field(
-        default_factory=NearDedup, description="MinHash LSH near-duplicate removal on the user turns (null: off)."
+        default_factory=NearDedup, description="MinHash LSH near-duplicate removal on the turns after the system prompt (null: off)."
     )
     semantic_dedup: SemanticDedup | None = Field(
         None, description="Embedding near-duplicate removal (extra 'semantic'); off unless set."

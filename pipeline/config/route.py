@@ -119,8 +119,9 @@ class LiveConfig(Section):
     )
     guardrail_alpha: float = Field(
         0.001, gt=0, lt=0.5,
-        description="Level of the rollback test, split over a version's functions: a version that holds its floors "
-        "is rolled back by mistake at most about once per 1/guardrail_alpha scored answers.",
+        description="Level of the rollback test, split evenly over a version's tests (quality and escalation per "
+        "function: 2 functions make 4): a version that holds its floors is rolled back by mistake at most about once "
+        "per 1/guardrail_alpha scored answers.",
     )
     min_audits: int = Field(
         30, gt=0, le=MAX_COUNT, description="Scored answers a candidate needs before it may move on (shadow -> "

@@ -12,6 +12,7 @@ import yaml
 from curate_helpers import openai_line
 
 from curation.curate import stage as curate_stage
+from curation.curate.stage import SPLITS
 from curation.harvest.demo_traffic import write_demo
 from pipeline.cli import main as cli
 
@@ -179,3 +180,45 @@ def test_a_failed_run_leaves_the_previous_data_and_a_rerun_finishes(project, mon
     report = json.loads((run / "curate" / "report.json").read_text())
     assert report["mode"] == "incremental" and report["records_in"] == report["kept"] + report["rejected"]
     assert _hashes(run) != before
+
+
+def _tool_loop(order: str, status: str, i: int, question: str) -> list[str]:
+    """The two calls of a tool loop as serve-router logs them: the question gets a tool call; the question with
+    the call and the tool's result gets the answer written from it."""
+    question = {"role": "user", "content": question}
+    call = {"id": f"call_{i}", "type": "function", "function": {"name": "lookup_order",
+                                                                 "arguments": json.dumps({"order": order})}}
+    step2 = [question, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": f"call_{i}", "content": json.dumps({"status": status})}]
+    lines = []
+    for n, (messages, msg) in enumerate((([question], {"role": "assistant", "content": None, "tool_calls": [call]}),
+                                         (step2, {"role": "assistant", "content": f"Your order is {status}."}))):
+        lines.append(json.dumps({"id": f"loop-{order}-{n}", "timestamp": f"2026-11-23T12:0{i}:0{n}Z",
+                                 "status_code": 200, "request": {"model": "gpt-4o", "messages": messages,
+                                                                 "metadata": {"function": "order_status"}},
+                                 "response": {"model": "gpt-4o", "choices": [{"index": 0, "message": msg,
+                                                                              "finish_reason": "stop"}]}}))
+    return lines
+
+
+def test_each_step_of_a_tool_loop_is_its_own_input(project):
+    """Trial: exact dedup keyed on (function, user turns), so the second step of a tool loop (the same question,
+    plus the tool's result) was a duplicate of the first: 6 calls of 3 loops in, the 3 answers written from a tool
+    result all dropped, the student never learnt to answer from one. A repeated call is still a duplicate."""
+    recipe = project()
+    loops = (("A1", "shipped", "What is the status of my order A1?"),
+             ("B2", "delayed", "Has the blender I bought last week (B2) left your warehouse yet?"),
+             ("C3", "cancelled", "Why can I not see order C3 in my account any more?"))
+    lines = [x for i, (order, status, q) in enumerate(loops) for x in _tool_loop(order, status, i, q)]
+    again = json.loads(lines[1])
+    again.update(id="again", timestamp="2026-11-23T13:00:00Z")
+    text = "\n".join([*lines, json.dumps(again)]) + "\n"
+    (recipe.parent / "logs" / "tools.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    assert cli(["curate", str(recipe)]) == 0
+    run = recipe.parent / "runs" / "t" / "curate"
+    split_of = {r["id"]: s for s in SPLITS for r in pq.read_table(run / f"{s}.parquet", columns=["id"]).to_pylist()}
+    assert {f"loop-{o}-{n}" for o in ("A1", "B2", "C3") for n in (0, 1)} <= set(split_of)  # was: loop-A1-0 alone
+    assert all(split_of[f"loop-{o}-0"] == split_of[f"loop-{o}-1"] for o in ("A1", "B2", "C3"))  # a loop: one split
+    rejected = {r["id"]: r for r in pq.read_table(run / "rejected.parquet").to_pylist()}
+    assert "again" in rejected and "again" not in split_of  # the same call twice: one copy
+    assert "duplicate of loop-A1-1" in json.dumps(rejected["again"], default=str)

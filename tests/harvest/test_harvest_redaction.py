@@ -252,6 +252,21 @@ def test_image_urls_message_names_response_format_and_tag_keys_are_redacted(tmp_
         "reply to <EMAIL>"
 
 
+def test_a_function_name_a_client_chose_is_redacted(tmp_path):
+    """Security review: an e-mail a client sent as metadata.function reached the records, the manifest and the
+    report."""
+    row = openai_row(1)
+    row["request"]["metadata"].update(function="dave.canary@example.org")
+    jsonl(tmp_path / "logs" / "app.jsonl", [row, openai_row(2)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}]})
+    harvest(recipe)
+    text = raw_text_of(tmp_path / RUN)
+    assert "dave.canary@example.org" not in text
+    got = by_id(recipe)
+    assert got["req_1"]["function"] == "<EMAIL>"
+    assert got["req_2"]["function"] == openai_row(2)["request"]["metadata"]["function"]  # a plain name stays
+
+
 def test_torch_and_transformers_import_and_work_after_redaction(tmp_path):
     """pipeline.pii hides torch and transformers from sys.modules while presidio is imported: in a fresh process
     that has redacted (and built detectors from two threads at once), both still import and run a model."""

@@ -167,3 +167,37 @@ def test_tensorzero_inferences_of_distills_config_keep_the_teachers_only(tmp_pat
     counts = harvest(recipe)["counts"]
     assert [r["output"]["content"] for r in records(recipe)] == ["from the teacher"]
     assert sum(counts["not_calls"].values()) == 2 and counts["quarantined"] == 0
+
+
+def test_upstreams_that_reuse_answer_ids_lose_no_call(tmp_path, capsys):
+    """Trial: serve-router logged the upstream's answer id as the call's, and harvest keeps one record per id, so
+    three escalations answered by a teacher that reuses ids (Ollama's chatcmpl-<0..998>) gave 1 record and "2
+    already harvested". Every answer now has serve-router's own id, the same for the client and the log line;
+    the upstream's is routing.upstream_id."""
+    student = TableServer(QUESTIONS, student=True, fixed_id="chatcmpl-7").start()
+    teacher = TableServer({q: f"{a} (teacher)" for q, a in QUESTIONS.items()}, False, fixed_id="chatcmpl-7").start()
+    cfg = ProxyConfig(student_url=student.url, teacher_url=teacher.url, log_dir=tmp_path / "logs" / "router",
+                      seed=0, audit_share=1.0)
+    proxy = ProxyServer(RouterProxy(Router(policy("tiny-student"), None), cfg, "ab" * 32)).start()
+    client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+    ids = []
+    try:
+        for text, fn in ((f"q1 {UNSURE}", "faq"), (f"q2 {UNSURE}", "faq"), ("q3", "other"), ("q1", "faq")):
+            ids.append(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": text}],
+                                                      extra_body={"metadata": {"function": fn}}).id)
+        stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q2"}],
+                                                extra_body={"metadata": {"function": "other"}}, stream=True)
+        ids.append({c.id for c in stream}.pop())
+        wait_for(lambda: len(lines(tmp_path / "logs" / "router", "live-*.jsonl")) >= 1, what="the audit")
+    finally:
+        proxy.stop()
+        student.stop()
+        teacher.stop()
+    logged = lines(tmp_path / "logs" / "router", "*-*.jsonl")
+    calls = [x for x in logged if "routing" in x]
+    assert len(set(ids)) == 5 and all(i.startswith("chatcmpl-") and i != "chatcmpl-7" for i in ids)
+    assert set(ids) <= {x["id"] for x in calls} and len({x["id"] for x in calls}) == len(calls) == 6
+    assert {x["routing"].get("upstream_id") for x in calls} == {"chatcmpl-7"}
+    recipe = write_recipe(tmp_path, {"sources": [{"format": "openai", "path": "logs/router"}]})
+    m = harvest(recipe)
+    assert m["counts"]["records"] == 5 and m["counts"].get("duplicates", 0) == 0  # was: 1 record, 4 duplicates

@@ -300,6 +300,13 @@ def test_a_broken_serving_version_pages_even_when_a_candidate_was_rolled_back(tm
     assert cli(["live", str(recipe), "--decide", "--json", str(tmp_path / "d.json")]) == 8
     out = json.loads((tmp_path / "d.json").read_text())
     assert {"broken", "rollback"} <= {d["action"] for d in out["decisions"]}
+    # v1 rejected: the history says by whom, when and why (docs trial: rejected with no history entry), once
+    assert cli(["live", str(recipe), "--decide"]) == 8  # the next hour: still broken, still paging
+    dep = deployment.load(st / "tiny" / "deployment.json")
+    broken = [h for h in dep["history"] if h["action"] == "broken"]
+    assert "v1" in dep["rejected"] and len(broken) == 1 and broken[0]["version"] == "v1"
+    assert broken[0]["by"] == "decide" and "no earlier version can serve" in broken[0]["reason"]
+    assert broken[0]["evidence"]["broken"]
 
 
 def test_serve_router_warns_when_the_teacher_gets_no_key(tmp_path, capsys):
@@ -423,9 +430,65 @@ def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsy
     recipe = _recipe(tmp_path, st, escalation_block=2)
     assert cli(["live", str(recipe), "--decide"]) == 8  # the page: v1's endpoint is down
     err = capsys.readouterr()
-    assert "was unavailable" in err.out + err.err and "v1's student endpoint was unavailable" in err.out
+    assert "was unavailable" in err.out + err.err and "v1's student endpoint did not answer" in err.out
+    assert "unavailable (unreachable, HTTP 429, 502 or 503) on" in " ".join(err.out.split())
     dep = deployment.load(path)
     assert dep["serving"] == "v1" and dep["candidate"]["version"] == "v2" and not dep["rejected"]  # was: both
+
+
+def test_requests_a_student_endpoint_refuses_do_not_roll_its_version_back(tmp_path, capsys):
+    """Security review: a client sent n=2, which distill serve-student refuses with HTTP 400; the teacher answered,
+    each refusal counted as an escalation, and --decide rolled the serving version back and rejected it for good.
+    A refusal (a 4xx other than 408 and 429) is no escalation of the version's answers: it is warned about, and
+    when the serving endpoint refuses half of its recent requests it pages (exit 8), naming the refusals."""
+    import openai
+
+    st, path = _store(tmp_path, "v1", "v2")
+    v2, teacher = TableServer({"q1": "a1"}, True, max_n=1).start(), TableServer({"q1": "a1"}, False).start()
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": v2.url, "v2": v2.url}
+        deployment.change(dep, "serve", "v1", at=_ago(4))
+        deployment.change(dep, "promote", "v2", at=_ago(3))
+    proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0)
+    try:
+        client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
+        for _ in range(60):
+            client.chat.completions.create(model="gpt-4o", n=2, messages=[{"role": "user", "content": "q1"}],
+                                           extra_body={"metadata": {"function": "faq"}})
+    finally:
+        proxy.stop()
+        v2.stop()
+        teacher.stop()
+    calls = lines(tmp_path / "logs", "teacher-*.jsonl")
+    assert len(calls) == 60 and all(c["routing"]["student_refused"] for c in calls)
+    assert canary.gather("v2", "serving", None, calls, []).escalations == []
+    capsys.readouterr()
+    assert cli(["live", str(_recipe(tmp_path, st, escalation_block=2)), "--decide"]) == 8  # was 7: rolled back
+    out = " ".join(capsys.readouterr().out.split())
+    assert "v2's student endpoint did not answer 60 of its last 60 requests" in out
+    assert "refused the request (another HTTP 4xx" in out
+    dep = deployment.load(path)
+    assert dep["serving"] == "v2" and not dep["rejected"]  # was: v1 serving, v2 rejected for good
+    assert cli(["live", str(_recipe(tmp_path, st))]) == 8  # the report says what --decide would do
+    assert "refused 60 of 60 requests with an HTTP 4xx" in " ".join(capsys.readouterr().out.split())
+
+
+def test_refusals_hold_a_candidate_back_unless_the_teacher_refused_too(tmp_path):
+    """A canary that refuses more than 10 % of its requests (a shorter context window) is not promoted; a request
+    the teacher refused as well was the client's mistake and counts against no endpoint."""
+    def call(i: int, refused: bool, status: int) -> dict:
+        return {"timestamp": _ago(1, i), "status_code": status,
+                "routing": {"version": "v2", "route": "teacher", "phase": "after", "student_refused": refused,
+                            "student_unavailable": False}}
+
+    good = [{"timestamp": _ago(1, i), "status_code": 200,
+             "routing": {"version": "v2", "route": "student", "phase": "after"}} for i in range(40)]
+    refused = [call(40 + i, True, 200) for i in range(10)]
+    assert "did not answer 10 of its 50 requests in canary" in canary.held_back("v2", "canary", None,
+                                                                                  good + refused, [])
+    client_errors = [call(40 + i, True, 400) for i in range(10)]
+    assert canary.held_back("v2", "canary", None, good + client_errors, []) is None
+    assert canary.gather("v2", "canary", None, good + client_errors, []).escalations == [("default", 0.0)] * 40
 
 
 def test_a_log_that_cannot_be_written_fails_no_client_and_kills_no_audit_worker(tmp_path):
@@ -750,8 +813,8 @@ def test_a_candidate_whose_endpoint_is_often_unavailable_is_not_promoted(tmp_pat
     recipe = _recipe(tmp_path, st)
     capsys.readouterr()
     assert cli(["live", str(recipe), "--decide"]) == 0  # was 9: promoted
-    out = capsys.readouterr().out
-    assert "v2 stays in canary" in out and "unavailable on 60 of its 100 requests" in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "v2 stays in canary" in out and "did not answer 60 of its 100 requests in canary: unavailable" in out
     assert deployment.load(path)["serving"] == "v1"
 
 
@@ -801,3 +864,47 @@ def test_a_shadows_unavailable_share_is_of_the_requests_it_was_asked():
             + [{"kind": "error", "what": "shadow", "version": "v2", "unavailable": True, "timestamp": _ago(1)}] * 5)
     assert "5 of its 40 requests" in canary.held_back("v2", "shadow", None, [], recs)
     assert canary.held_back("v2", "shadow", None, [], recs[:65] + recs[-3:]) is None  # 3 of 38: under 10 %
+
+
+def test_a_symlinked_version_folder_is_neither_promoted_nor_served(tmp_path, capsys):
+    """Security review: `distill pull` refuses links, but promote and serve-router followed a store version that
+    was a symbolic link to a folder elsewhere."""
+    import shutil
+
+    st, path = _store(tmp_path, "v1")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1", "v7": "http://127.0.0.1:9/v1"}
+        deployment.change(dep, "serve", "v1")
+    shutil.copytree(st / "tiny" / "v1", tmp_path / "elsewhere")
+    (st / "tiny" / "v7").symlink_to(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert cli(["promote", str(_recipe(tmp_path, st)), "v7"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "v7:" in err and "is a symbolic link, not a published version" in err
+    assert deployment.load(path)["serving"] == "v1"
+    with deployment.updating(path, "tiny") as dep:  # by hand
+        deployment.change(dep, "serve", "v7")
+    with pytest.raises(deployment.DeploymentError, match="is a symbolic link"):
+        Versions(path, embeddings=False)
+
+
+def test_a_missing_or_broken_deployment_file_is_said_plainly_and_once(tmp_path, capsys):
+    """Docs and multiproc trials: a missing file was reported as 'deployment not reloaded, still serving
+    nothing', naming only promote as the way to make one; a broken file was reported again every 30 s."""
+    with pytest.raises(deployment.DeploymentError, match=r"no deployment file at .*distill promote RECIPE VERSION, "
+                                                         r"or distill live RECIPE --decide, makes one"):
+        Versions(tmp_path / "store" / "tiny" / "deployment.json", embeddings=False)
+    err = capsys.readouterr().err
+    assert "deployment not loaded: no deployment file" in err and "still serving" not in err
+    st, path = _store(tmp_path, "v1")
+    with deployment.updating(path, "tiny") as dep:
+        dep["urls"] = {"v1": "http://127.0.0.1:9/v1"}
+        deployment.change(dep, "serve", "v1")
+    versions = Versions(path, embeddings=False, retry_s=0.0)
+    path.write_text('{"broken": ')
+    for _ in range(3):  # tried again (every retry_s): read, and failed, three times
+        assert versions.due()
+        versions.reload()
+    err = capsys.readouterr().err
+    assert err.count("deployment not reloaded, still serving v1") == 1, err  # was 3
+    assert "not valid JSON" in versions.error

@@ -287,3 +287,19 @@ def test_format_checks_on_odd_but_valid_requests():
         == "the student's answer is empty"  # a legacy call is not relayed in chunks: the teacher answers
     odd = {"tool_choice": {"type": "allowed_tools", "allowed_tools": "x"}}
     assert answer_gap(odd, {"message": {"content": "text"}}) is None  # was an AttributeError
+
+
+def test_a_stream_with_one_of_its_choices_cut_is_unfinished():
+    """Trial: a streamed n=2 answer whose choice 1 stopped after three words (choice 0 finished) passed as whole:
+    no error in the log, so the cut choice reached the train split."""
+    from export.route.answers import unfinished
+
+    def chunk(i, text, finish=None):
+        return {"id": "c", "choices": [{"index": i, "delta": {"content": text}, "finish_reason": finish}]}
+
+    whole = [chunk(0, "a"), chunk(1, "b"), chunk(0, "", "stop"), chunk(1, "", "length")]
+    assert unfinished(whole) is None
+    assert unfinished([chunk(0, "a"), chunk(1, "teacher answer to:"), chunk(0, "", "length")]) == \
+        "the stream ended after 3 chunks without a finish_reason for choice 1"
+    assert "without a finish_reason" in unfinished([chunk(0, "a")])
+    assert unfinished([chunk(0, "a", "stop"), {"id": "c", "choices": [], "usage": {"total_tokens": 3}}]) is None

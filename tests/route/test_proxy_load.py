@@ -391,23 +391,92 @@ def test_a_proxy_killed_mid_load_leaves_logs_harvest_reads_and_a_restart_keeps_t
     assert m["counts"]["held_back_partial_line"] == []
 
 
-def test_processes_stop_together(tmp_path):
-    """--processes 2: SIGTERM to the parent stops both (exit 0); a process that dies stops the other and the
-    parent exits non-zero, so a supervisor restarts the whole."""
+def test_a_torn_line_in_an_earlier_days_log_is_ended_when_the_proxy_starts_again(tmp_path):
+    """Trial: killed before midnight and started after, the proxy wrote to the new day's files only, so the torn
+    last line of the day before was held back as unfinished by every nightly harvest, for ever."""
+    from export.route.calllog import CallLog
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    whole = json.dumps({"id": "a", "timestamp": "2000-01-01T23:59:58+00:00", "status_code": 200,
+                        "request": {"model": "m", "messages": [{"role": "user", "content": "q"}]},
+                        "response": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                                  "finish_reason": "stop"}]},
+                        "routing": {"route": "teacher", "phase": "before"}}) + "\n"
+    (logs / "teacher-2000-01-01.jsonl").write_text(whole + whole.replace('"a"', '"b"')[:120])
+    (logs / "student-2000-01-01.jsonl").write_text("")
+    m = harvest(tmp_path)
+    assert [h["bytes"] for h in m["counts"]["held_back_partial_line"]] == [120]
+    CallLog(logs)  # what a restarted proxy does first
+    assert (logs / "teacher-2000-01-01.jsonl").read_text().endswith("\n")
+    assert (logs / "student-2000-01-01.jsonl").read_text() == ""
+    m = harvest(tmp_path)
+    assert m["counts"]["held_back_partial_line"] == [] and m["counts"]["this_run"]["quarantined"] == 1
+    CallLog(logs)
+    assert (logs / "teacher-2000-01-01.jsonl").read_text().count("\n") == 2  # ended once
+
+
+def test_processes_stop_together_and_one_that_dies_is_started_again(tmp_path):
+    """--processes 2: SIGTERM to the parent stops both (exit 0). A process that dies is named and started again
+    while the other goes on serving (multiproc trial: the parent stopped the other one, so the port refused every
+    connection until its slowest request ended: 102 of 442 requests failed)."""
     with Upstreams() as up:
-        for how in ("sigterm", "child dies"):
-            proc, url = start_proxy(tmp_path, up, tmp_path / "logs", 2)
+        proc, url = start_proxy(tmp_path, up, tmp_path / "logs", 2)
+        try:
             children = pids(url)
             assert len(children) == 2 and proc.pid not in children
-            if how == "sigterm":
-                proc.send_signal(signal.SIGTERM)
-            else:
-                os.kill(min(children), signal.SIGKILL)
-            proc.wait(60)
-            assert (proc.returncode == 0) == (how == "sigterm"), (how, proc.returncode)
-            for pid in children:  # every child is gone (reaped by the parent)
-                with pytest.raises(ProcessLookupError):
-                    os.kill(pid, 0)
+            os.kill(min(children), signal.SIGKILL)
+            answers = asyncio.run(load(url, range(40)))  # served meanwhile, by the other or the new one
+            assert answers == [TEACHER_TEXT if kind(i) in ("unsure", "unknown-stream") else STUDENT_TEXT
+                               for i in range(40)]
+            end = time.monotonic() + 60
+            while len(now := pids(url, 20)) < 2 and time.monotonic() < end:
+                time.sleep(0.2)
+            assert len(now) == 2 and min(children) not in now and max(children) in now
+            assert proc.poll() is None
+            assert "ended (signal SIGKILL): starting it again" in proc.out.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            stop(proc)
+        for pid in children | now:  # every child is gone (reaped by the parent)
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_stop_waits_for_a_request_whose_body_is_still_arriving(tmp_path, processes):
+    """Multiproc trial: SIGTERM while a request's body was on its way (its headers in): aiohttp's shutdown drops
+    the bytes that come after it begins, so the client got nothing for 60 s and the call was not logged. A
+    second signal (Ctrl-C, then the supervisor's SIGTERM) aborted the drain of one process."""
+    import socket
+
+    logs = tmp_path / "logs"
+    with Upstreams() as up:
+        proc, url = start_proxy(tmp_path, up, logs, processes)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": f"q {marker(1)}"}],
+                           "metadata": {"function": "unknown_function"}}).encode()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body))
+                time.sleep(0.5)  # the handler is waiting for the body
+                os.killpg(proc.pid, signal.SIGTERM)
+                time.sleep(0.3)
+                os.killpg(proc.pid, signal.SIGINT)  # a second signal changes nothing
+                time.sleep(0.3)
+                s.sendall(body)
+                t0 = time.monotonic()
+                got = b""
+                while b"from the teacher" not in got and (part := s.recv(65536)):
+                    got += part
+            assert got.startswith(b"HTTP/1.1 200") and b"from the teacher" in got, got[:300]
+            assert time.monotonic() - t0 < 10
+            assert proc.wait(60) == 0
+        finally:
+            stop(proc)
+    assert len(log_lines(logs)) == 1
 
 
 def test_ctrl_c_lets_every_process_finish_its_requests(tmp_path):
@@ -435,14 +504,46 @@ def test_ctrl_c_lets_every_process_finish_its_requests(tmp_path):
 
 
 def test_a_port_in_use_is_refused_with_one_clear_line(tmp_path):
-    """SO_REUSEPORT would let a second serve-router --processes share the port without a word."""
+    """SO_REUSEPORT would let a second serve-router --processes share the port without a word; one process gave
+    a traceback and exit 1 (multiproc trial)."""
     with Upstreams() as up:
         first, url = start_proxy(tmp_path, up, tmp_path / "logs", 2)
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         try:
-            second, _ = start_proxy(tmp_path, up, tmp_path / "logs2", 2, port=port, wait=False)
-            assert second.wait(60) != 0
-            err = second.out.read_text()
-            assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("Traceback") == 0, err[-2000:]
+            for processes in (2, 1):
+                second, _ = start_proxy(tmp_path, up, tmp_path / "logs2", processes, port=port, wait=False)
+                assert second.wait(60) == 2
+                err = second.out.read_text()
+                assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("Traceback") == 0, err[-2000:]
+                assert "another server is there" in err
+            second, _ = start_proxy(tmp_path, up, tmp_path / "logs2", 2, port=port, wait=False,
+                                    extra=("--port", "0"))  # the last --port wins
+            assert second.wait(60) == 2 and "--port 0 with --processes" in second.out.read_text()
         finally:
             stop(first)
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_internal_error(tmp_path):
+    """Multiproc trial: a client timing out while its body was on its way was logged as serve-router's own 500
+    ('internal error ...: ConnectionResetError') with a traceback: alerts on 5xx paged for client timeouts."""
+    import socket
+
+    logs = tmp_path / "logs"
+    with Upstreams() as up:
+        proc, url = start_proxy(tmp_path, up, logs)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"model\": \"gpt-4o\", ")
+                time.sleep(0.3)
+            end = time.monotonic() + 10
+            while not list(logs.glob("errors-*.jsonl")) and time.monotonic() < end:
+                time.sleep(0.05)
+            assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
+        finally:
+            stop(proc)
+    errors = [json.loads(x) for f in logs.glob("errors-*.jsonl") for x in f.read_text().splitlines()]
+    assert [e["status_code"] for e in errors] == [499], errors
+    assert "closed the connection before its request was read" in errors[0]["error"]
+    assert "Traceback" not in proc.out.read_text()

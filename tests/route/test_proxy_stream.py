@@ -157,6 +157,15 @@ def test_streamed_calls_are_logged_assembled_and_harvested(traffic, project):
     for x in teacher_lines:
         assert x["status_code"] == 200 and x["response"]["choices"][0]["message"]["content"] == TEACHER_TEXT
     assert [x["response"].get("usage") for x in teacher_lines if x["routing"].get("stream")] == [TEACHER_USAGE] * 3
+    # Every answer carries serve-router's own id, relayed chunks included: the client's id is its log line's
+    out = traffic[0]
+    seen = [{c.id for _, c in out[k][1]} for k in ("escalated", "escalated_usage", "before")]
+    assert all(len(s) == 1 for s in seen)
+    assert [x["id"] for x in teacher_lines] == [s.pop() for s in seen] + [out["teacher_plain"][1].id]
+    assert [x["id"] for x in student_lines] == [out["plain"][1].id] + [
+        {c.id for _, c in out[k][1]}.pop() for k in ("student", "student_usage")]
+    assert all(x["routing"]["upstream_id"].startswith("chatcmpl-") and x["routing"]["upstream_id"] != x["id"]
+               for x in teacher_lines + student_lines)
     recipe = project(harvest={"sources": [{"format": "openai", "path": f"{log_dir}/teacher-*.jsonl"},
                                           {"format": "openai", "path": f"{log_dir}/student-*.jsonl"}]})
     assert cli(["harvest", str(recipe)]) == 0

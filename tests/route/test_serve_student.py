@@ -208,3 +208,22 @@ def test_a_function_with_no_threshold_streams_from_serve_student(e2e, student_ur
         stop()
     assert raw.headers["x-distill-route"] == "student", raw.headers.get("x-distill-reasons")
     assert text == pred["prediction"] and not teacher.bodies
+
+
+def test_serve_student_loads_safetensors_only(e2e, tmp_path):
+    """Security review: a version folder holding only a pickled pytorch_model.bin was loaded and served (torch's
+    weights_only default stopped a payload, but "safetensors only" is the rule)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from export.export.serve import StudentServer
+
+    folder = tmp_path / "v"
+    shutil.copytree(_version(e2e), folder)
+    for f in folder.glob("*.safetensors"):
+        torch.save(load_file(f), folder / "pytorch_model.bin")
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="holds no safetensors weights: serve-student loads safetensors only"):
+        StudentServer(folder)

@@ -1,0 +1,89 @@
+"""Secrets serve-router holds never reach a client, /health, stdout or a log (security review): a password in an
+upstream URL (``http://user:pass@host/v1``, which aiohttp sends as Basic auth: vLLM behind nginx), a key in a
+passed-through query, and the keys serve-router sends, when an upstream repeats them in its error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+from aiohttp import web
+from live_stubs import policy
+from route_helpers import free_port, proxy_site
+
+from export.route.proxy import ProxyConfig, RouterProxy
+from export.route.router import Router
+
+STUDENT_KEY, TEACHER_KEY = "sk-STUDENTSECRET0123456789abcdef", "sk-TEACHERSECRET0123456789abcdef"
+SECRETS = ("s3cretpw", "hunter2pw", "QUERYSECRET", STUDENT_KEY, TEACHER_KEY)
+
+
+async def _echo_401(request: web.Request) -> web.Response:
+    """An upstream that repeats the key it was sent in its 401, as some gateways do."""
+    await request.read()
+    return web.json_response({"error": {"message": f"Incorrect API key provided: "
+                                                   f"{request.headers.get('Authorization')}",
+                                        "type": "invalid_request_error", "code": "invalid_api_key"}}, status=401)
+
+
+async def _serve_echo_401() -> tuple[web.AppRunner, int]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _echo_401)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+def _leaks(text: str) -> list[str]:
+    return [s for s in SECRETS if s in text]
+
+
+def test_upstream_passwords_and_echoed_keys_reach_no_client_health_or_log(tmp_path, monkeypatch):
+    """Before: the student's URL with its password in every client's x-distill-reasons and in anonymous /health;
+    the teacher's password in the 502 body; a key the teacher repeated in its 401 in the client's body and the
+    log; the pass-through query (api_key=...) in passthrough-*.jsonl."""
+    monkeypatch.setenv("T_STUDENT_KEY", STUDENT_KEY)
+    monkeypatch.setenv("T_TEACHER_KEY", TEACHER_KEY)
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "routing_policy.json").write_text(json.dumps(policy("tiny")))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "q1"}], "metadata": {"function": "faq"}}
+
+    async def go() -> list[str]:
+        echo, port = await _serve_echo_401()
+        seen = []
+        dead, echoing = f"127.0.0.1:{free_port()}/v1", f"127.0.0.1:{port}/v1"
+        for student, teacher, keys in (  # a password in the student's URL (down), the teacher repeats its key; and
+                (f"http://vllm:s3cretpw@{dead}", f"http://{echoing}", (None, "T_TEACHER_KEY")),  # the other way
+                (f"http://{echoing}", f"http://svc:hunter2pw@{dead}", ("T_STUDENT_KEY", None))):
+            cfg = ProxyConfig(student_url=student, teacher_url=teacher, log_dir=tmp_path / "logs",
+                              student_key_env=keys[0], teacher_key_env=keys[1], pass_through=("/v1/files",))
+            proxy = RouterProxy(Router.load(tmp_path / "policy", embeddings=False), cfg, "ab" * 32)
+            async with proxy_site(proxy) as base, httpx.AsyncClient(timeout=30) as http:
+                r = await http.post(f"{base}/v1/chat/completions", json=body)
+                assert r.status_code in (401, 502), r.text
+                seen += [r.text, json.dumps(dict(r.headers))]
+                r = await http.get(f"{base}/v1/files?purpose=batch&api_key=QUERYSECRET123")
+                seen += [r.text, (await http.get(f"{base}/health")).text]
+        await echo.cleanup()
+        return seen
+
+    seen = asyncio.run(go())
+    assert any("127.0.0.1" in s for s in seen)  # the failures name the upstream, without its secrets
+    for text in seen:
+        assert not _leaks(text), (_leaks(text), text)
+    for f in (tmp_path / "logs").iterdir():
+        assert not _leaks(f.read_text()), (f.name, _leaks(f.read_text()))
+    assert any(f.name.startswith("passthrough-") for f in (tmp_path / "logs").iterdir())
+
+
+def test_a_password_in_the_url_and_a_key_env_together_are_refused_naming_both(tmp_path):
+    """aiohttp refuses both at once on every call (a 500 per request): refused at start, naming the flags."""
+    import pytest
+
+    with pytest.raises(ValueError, match="--teacher-url http://127.0.0.1:9/v1 holds a user and password .*"
+                                         "--teacher-key-env OPENAI_API_KEY"):
+        ProxyConfig(student_url="http://127.0.0.1:8/v1", teacher_url="http://u:pw@127.0.0.1:9/v1?k=1",
+                    log_dir=tmp_path, teacher_key_env="OPENAI_API_KEY")
