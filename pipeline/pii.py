@@ -15,6 +15,7 @@ Overlapping findings are merged and replaced right to left.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 import threading
@@ -54,7 +55,7 @@ SECRET_PATTERNS: dict[str, str] = {
 SECRET_PLACEHOLDER = "<SECRET>"
 # The detector's version, in harvest's redaction.json: bump it whenever a pattern, gate, recognizer or a field
 # that is scanned changes, so that batches carried from earlier nights are scanned again under the new one.
-DETECTOR_VERSION = 3  # 2: signed URL queries; message names, image URLs, response format, tag keys; 3: function
+DETECTOR_VERSION = 3  # 2: signed URL queries; message names, image URLs, response format, tag keys; 3: function, episode ids
 SECRET_WORDS = ("sk-", "sk_", "rk_", "pk_", "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva",
                 "aroa", "apka", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "aiza", "eyj", "bearer",
                 "-----begin", "://", "password", "passwd", "pwd", "api_key", "api-key", "apikey", "secret",
@@ -308,6 +309,32 @@ def _rewrite(values: pa.Array, rows: np.ndarray, det: Detector, cfg: PIIConfig,
     return pa.array(texts, values.type) if texts is not None else None
 
 
+def episode_key(value: str, det: Detector, cfg: PIIConfig) -> tuple[str, tuple[Finding, ...]]:
+    """An episode id as records keep it: as it came, or, when it holds PII or a secret (a client that names its
+    sessions by e-mail), ``episode-`` and a hash of it, so that an episode's records (and the feedback that names
+    it, mapped the same way) still join; and what was found."""
+    found = tuple(f for f in det.find(value) if _action(f, cfg) != "keep")
+    if not found:
+        return value, ()
+    return "episode-" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:24], found
+
+
+def _rewrite_episodes(batch: pa.Table, det: Detector, cfg: PIIConfig, kinds: dict[int, set[str]]) -> pa.Table:
+    values = columns.column(batch, "episode_id")
+    hit = pc.fill_null(pc.match_substring_regex(values, det.trigger, ignore_case=True), False)
+    idx = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+    if len(idx) == 0:
+        return batch
+    texts = values.to_pylist()
+    changed = False
+    for j in idx:
+        new, found = episode_key(texts[j], det, cfg)
+        if found:
+            kinds.setdefault(int(j), set()).update(f.kind for f in found)
+            texts[j], changed = new, True
+    return columns.set_column(batch, "episode_id", pa.array(texts, pa.string())) if changed else batch
+
+
 TAG = "pii_redacted"  # tag holding the kinds found in a record, comma-separated (short_kind names)
 
 
@@ -465,7 +492,7 @@ def mask_long_texts(batch: pa.Table, limit: int) -> pa.Table:
 
 def redact_table(batch: pa.Table, cfg: PIIConfig) -> tuple[pa.Table, dict[int, set[str]]]:
     """Find PII and secrets in message contents, names, tool calls and image URLs, the output, the error text, tool
-    definitions, the response format, the function name, sampling parameters and tag keys and values, and redact or mask them per the config ('drop' redacts too: the caller
+    definitions, the response format, the function name, the episode id (a hash of it: ``episode_key``), sampling parameters and tag keys and values, and redact or mask them per the config ('drop' redacts too: the caller
     drops). An output with findings loses its teacher logprobs. Returns the table and, per row with findings, the
     kinds found now; the tag pii_redacted holds them, merged with the kinds an earlier pass tagged, so redacting
     twice (harvest, then curate) gives the same table as once."""
@@ -483,6 +510,8 @@ def redact_table(batch: pa.Table, cfg: PIIConfig) -> tuple[pa.Table, dict[int, s
             new = _rewrite(columns.column(batch, name), np.arange(batch.num_rows), det, cfg, kinds)
             if new is not None:
                 batch = columns.set_column(batch, name, new)
+    if "episode_id" in batch.column_names:
+        batch = _rewrite_episodes(batch, det, cfg, kinds)
     if "tags" in batch.column_names:
         batch = _rewrite_tags(batch, det, cfg, kinds)
     for i, k in out_kinds.items():
@@ -542,6 +571,13 @@ class Redaction:
             return v
 
         return walk(value), kinds
+
+    def episodes(self, values: list[str]) -> dict[str, str]:
+        """{episode id: as records keep it} for the ids ``episode_key`` changes (feedback that names an episode is
+        joined by the name records keep)."""
+        table = pa.table({"episode_id": pa.array(values, pa.string())})
+        kept = _rewrite_episodes(table, detector(self.cfg), self.cfg, {}).column("episode_id").to_pylist()
+        return {v: k for v, k in zip(values, kept, strict=True) if k != v}
 
     def stamp(self) -> dict:
         """What the setting is, to tell whether files were written under the same one."""

@@ -12,6 +12,7 @@ arrives late: yesterday's answers get today's thumbs).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -52,6 +53,19 @@ class FeedbackIndex:
     # a record id or an episode id).
     row_targets: Counter[tuple[str, str]] = field(default_factory=Counter)
     _targets: tuple[pa.Array, pa.Array] | None = field(default=None, repr=False)
+    episode_of: dict[str, str] = field(default_factory=dict)  # an episode id as records keep it (``rekey``)
+
+    def rekey(self, episodes: Callable[[list[str]], dict[str, str]]) -> None:
+        """Name episodes as harvest's redaction keeps them in records (an id holding an e-mail becomes a hash of
+        it: ``pipeline.pii.episode_key``), so that feedback on such an episode still joins. ``episodes``: the
+        changed names, given the names."""
+        self.episode_of = episodes(sorted(set(self.episode) | set(self.comments)))
+        for old, new in self.episode_of.items():
+            if old in self.episode:
+                self.episode[new] = self.episode.pop(old)
+            if old in self.comments:  # a record id's comments stay under it too
+                self.comments[new] = self.comments[old]
+        self._targets = None
 
     def __bool__(self) -> bool:
         return bool(self.inference or self.episode or self.demonstrations or self.comments)
@@ -67,7 +81,8 @@ class FeedbackIndex:
     def matched_rows(self, ids: set[str], episodes: set[str]) -> tuple[int, int]:
         """(rows that match a record, rows that match none), given the record ids and episode ids harvested."""
         hit = sum(n for (level, t), n in self.row_targets.items()
-                  if (level != "episode" and t in ids) or (level != "inference" and t in episodes))
+                  if (level != "episode" and t in ids)
+                  or (level != "inference" and self.episode_of.get(t, t) in episodes))
         return hit, sum(self.row_targets.values()) - hit
 
     def touches(self, table: pa.Table) -> pa.ChunkedArray:

@@ -161,7 +161,7 @@ def run(ctx: StageContext) -> StageResult:
         finally:
             runner.close()
         read_s = time.perf_counter() - t0
-        fb = _load_feedback(cfg, quarantine)
+        fb = _load_feedback(cfg, quarantine, pii)
         regen = _Regeneration(ctx, cfg, pii) if cfg.regenerate else None
         batch_files = sorted(n for s in states.values() for n in s.batches)
         try:
@@ -212,12 +212,14 @@ def _redact_carried(prev: Path, work: Path, names: list[str], pii: Redaction | N
             os.replace(tmp, path)
 
 
-def _load_feedback(cfg: HarvestConfig, quarantine) -> FeedbackIndex | None:
+def _load_feedback(cfg: HarvestConfig, quarantine, pii: Redaction | None) -> FeedbackIndex | None:
     if not cfg.feedback:
         return None
     from curation.harvest.feedback import load
 
     fb = load(cfg.feedback)
+    if pii is not None:
+        fb.rekey(pii.episodes)
     for q in fb.quarantine:
         quarantine.write(orjson.dumps(q).decode() + "\n")
     return fb

@@ -267,6 +267,30 @@ def test_a_function_name_a_client_chose_is_redacted(tmp_path):
     assert got["req_2"]["function"] == openai_row(2)["request"]["metadata"]["function"]  # a plain name stays
 
 
+def test_an_episode_id_with_an_email_is_kept_as_a_hash_and_its_feedback_still_joins(tmp_path):
+    """Security review: metadata.episode_id reached train.parquet raw (its tag copy was redacted). A client that
+    names sessions by e-mail now gets them as episode-<hash> in records, the same for every record of the episode,
+    and feedback naming the episode (by its raw id) is joined through the same hash."""
+    rows = [openai_row(i) for i in (1, 2, 3)]
+    for r in rows[:2]:
+        r["request"]["metadata"]["episode_id"] = EMAIL
+    rows[2]["request"]["metadata"]["episode_id"] = "ep-plain"
+    jsonl(tmp_path / "logs" / "app.jsonl", rows)
+    jsonl(tmp_path / "fb" / "episodes.jsonl", [{"target_id": EMAIL, "metric_name": "solved", "value": 1},
+                                              {"target_id": "ep-plain", "metric_name": "solved", "value": 0}])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl"}],
+                                     "feedback": [{"path": "fb/*.jsonl", "level": "episode"}]})
+    m = harvest(recipe)
+    assert EMAIL not in raw_text_of(tmp_path / RUN)
+    got = by_id(recipe)
+    hashed = got["req_1"]["episode_id"]
+    assert hashed.startswith("episode-") and got["req_2"]["episode_id"] == hashed
+    assert got["req_3"]["episode_id"] == "ep-plain"  # an id without PII stays as it came
+    assert [got[f"req_{i}"]["feedback"] for i in (1, 2, 3)] == [{"solved": 1.0}, {"solved": 1.0}, {"solved": 0.0}]
+    assert "email_address" in got["req_1"]["tags"]["pii_redacted"]
+    assert m["counts"]["feedback"]["rows_unmatched"] == 0 and m["counts"]["feedback"]["rows_matched"] == 2
+
+
 def test_torch_and_transformers_import_and_work_after_redaction(tmp_path):
     """pipeline.pii hides torch and transformers from sys.modules while presidio is imported: in a fresh process
     that has redacted (and built detectors from two threads at once), both still import and run a model."""
