@@ -17,11 +17,13 @@ from typing import IO, Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.harvest.chunks import Chunk, ChunkResult, convert
 from curation.harvest.sources import READ_ERRORS, LogFile, ends_a_line, line_blocks, row_batches, sample_hash
 from curation.harvest.watermarks import Seen, SourceState
+from pipeline.columns import map_value
 from pipeline.config.harvest import Source
 from pipeline.pii import Redaction
 
@@ -136,10 +138,12 @@ class Ingest:
         if dups:
             self.counts["duplicates"] += dups
             if not keep.any():
+                _count_images(res, None)
                 path.unlink()
                 return
             table = pq.read_table(path)
             table = table.filter(keep)
+            _count_images(res, table)
             tmp = path.with_suffix(".tmp")
             pq.write_table(table, tmp, compression="zstd")
             os.replace(tmp, path)
@@ -155,6 +159,15 @@ class Ingest:
                 st.max_ms, st.ids_at_max = res.max_ms, list(res.ids_at_max)
             elif res.max_ms == st.max_ms:
                 st.ids_at_max = sorted(set(st.ids_at_max) | set(res.ids_at_max))
+
+
+def _count_images(res: ChunkResult, kept: pa.Table | None) -> None:
+    """A chunk's image notes counted over the records it keeps (a file read again whole counts its rows again,
+    its records as duplicates: their images are not new)."""
+    if not res.notes.get("images"):
+        return
+    parts = [int(v) for v in map_value(kept, "tags", "has_images").to_pylist() if v] if kept is not None else []
+    res.notes["images"], res.notes["records_with_images"] = sum(parts), len(parts)
 
 
 def _mtime(f: LogFile) -> datetime:

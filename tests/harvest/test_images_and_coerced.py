@@ -66,6 +66,26 @@ def test_image_parts_are_kept_in_the_messages_as_logged(tmp_path):
     assert training_messages(r["req_1"])[-1] == {"role": "assistant", "content": "Answer 1."}
 
 
+def test_images_of_a_file_read_again_whole_are_not_counted_again(tmp_path):
+    """Trial: a log gzip'd after it was harvested (logrotate's compress) is read again whole: its rows count
+    again as lines, its records as duplicates, and its images were counted again (2 image parts in 2 records,
+    for one record with one)."""
+    import gzip
+
+    pic = openai_row(1)
+    pic["request"]["messages"][1]["content"] = [{"type": "text", "text": "What is this?"},
+                                                {"type": "image_url", "image_url": {"url": CAT}}]
+    path = tmp_path / "logs" / "a.jsonl"
+    jsonl(path, [pic, openai_row(2)])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl*"}]})
+    assert harvest(recipe)["counts"]["images"] == {"images": 1, "records_with_images": 1}
+    path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    m = harvest(recipe)
+    assert m["counts"]["this_run"]["duplicates"] == 2
+    assert m["counts"]["images"] == {"images": 1, "records_with_images": 1}  # was 2 and 2
+
+
 def test_an_image_only_message_is_kept_with_its_images(tmp_path):
     tz = _tz(1, [{"type": "image", "url": "https://example.com/only.png"}])
     jsonl(tmp_path / "tz" / "ChatInference.jsonl", [tz])
