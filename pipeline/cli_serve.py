@@ -248,6 +248,8 @@ def _live(args: argparse.Namespace, console: Console) -> int:
     # no calls yet (before the first traffic) is an empty report, not an error: the warning above names the folder
     out: dict = {"report": live_report(logs, since, recipe.route.confidence_level, missing_ok=True)}
     console.print(_live_table(out["report"], f"live: {out['report']['counts']['calls']} routed requests in {logs}"))
+    if out["report"].get("unreadable_lines"):  # as ledger and route-check say it (a torn line, a damaged file)
+        console.print(f"[dim]{out['report']['unreadable_lines']} log lines could not be read[/]")
     _student_failures(out["report"], console)
     code = EXIT_OK
     path = _deployment_path(args, recipe) if recipe.export else None
@@ -448,6 +450,10 @@ def _serve_router(args: argparse.Namespace, console: Console) -> int:
                       pass_through=pass_through, client_key_env=args.client_key_env)
     if not 1 <= args.processes <= 256:
         raise ValueError(f"--processes must be between 1 and 256, got {args.processes}")
+    if args.processes > (os.cpu_count() or 1):
+        console.print(f"[yellow]warning:[/] --processes {args.processes} on {os.cpu_count()} cores: each process "
+                      "loads its own policy and models (about 100 MB) and they take turns on the cores; one per "
+                      "core is the most that helps", soft_wrap=True)
     opts = ServeOptions(args.policy, args.host, args.port, language=not args.no_language,
                         embeddings=not args.no_embeddings, deployment=deployment,
                         version_urls=_urls(args.version_url))

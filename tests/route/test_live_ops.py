@@ -908,3 +908,22 @@ def test_a_missing_or_broken_deployment_file_is_said_plainly_and_once(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("deployment not reloaded, still serving v1") == 1, err  # was 3
     assert "not valid JSON" in versions.error
+
+
+def test_live_says_how_many_log_lines_it_could_not_read(tmp_path, capsys):
+    """Multiproc trial: on logs with torn lines `distill ledger` and route-check said so, `distill live` did not."""
+    st, _ = _store(tmp_path, "v1")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / f"student-{_ago(1)[:10]}.jsonl").write_text('{"id": "torn", "routing": {"rou\n')
+    capsys.readouterr()
+    assert cli(["live", str(_recipe(tmp_path, st))]) == 0
+    assert "1 log lines could not be read" in capsys.readouterr().out
+
+
+def test_more_processes_than_cores_are_warned_about(tmp_path, capsys):
+    import os
+
+    n = (os.cpu_count() or 1) + 1
+    assert cli(["serve-router", str(tmp_path / "no-policy"), "--student-url", "http://127.0.0.1:9/v1",
+                "--teacher-url", "http://127.0.0.1:8/v1", "--processes", str(n)]) == 2  # no policy: refused
+    assert f"--processes {n} on {n - 1} cores" in " ".join(capsys.readouterr().out.split())
