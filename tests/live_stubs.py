@@ -67,8 +67,9 @@ class TableServer(LoopbackServer):
     HTTP 400. Keeps every body it gets."""
 
     def __init__(self, table: dict[str, str], student: bool, delay_s: float = 0.0, max_n: int | None = None,
-                 fixed_id: str | None = None):
+                 fixed_id: str | None = None, status: int | None = None):
         self.table, self.student, self.delay_s, self.max_n = table, student, delay_s, max_n
+        self.status = status  # every answer an error with this status (a wrong key: 401)
         self.fixed_id = fixed_id  # every answer's id (Ollama's are chatcmpl-<0..998>: they repeat)
         self.bodies: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -80,6 +81,9 @@ class TableServer(LoopbackServer):
             n = len(self.bodies)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.status:
+            return web.json_response({"error": {"message": f"refused with HTTP {self.status}",
+                                                "type": "invalid_request_error"}}, status=self.status)
         if self.max_n is not None and (body.get("n") or 1) > self.max_n:  # as distill serve-student refuses n > 1
             return web.json_response({"error": {"message": f"n > {self.max_n} is not supported",
                                                 "type": "invalid_request_error"}}, status=400)

@@ -35,6 +35,7 @@ from typing import Any
 from export.route import deployment, sequential
 from export.route.live import (
     function_of,
+    misconfigured,
     no_answer,
     read_live,
     read_routed,
@@ -83,17 +84,24 @@ RECENT, RECENT_S, DOWN_SHARE = 100, 3600, 0.5  # unanswered: half of its last 10
 HOLD_SHARE = 0.1  # a candidate that did not answer more of its requests than this is not promoted
 
 
+def answered_by_teacher(line: dict[str, Any]) -> bool:
+    """The teacher answered the request (one it refused too was the client's mistake: it says nothing about the
+    student's endpoint)."""
+    return line.get("status_code") == 200
+
+
 def unanswered(line: dict[str, Any]) -> bool:
-    """The student's endpoint was unavailable, or refused a request the teacher then answered (one the teacher
-    refused too was the client's mistake: it says nothing about the endpoint)."""
-    return unavailable(line) or (refused(line) and line.get("status_code") == 200)
+    """The student's endpoint was down, or set up wrong (``live.misconfigured``), for a request the teacher then
+    answered: someone must look at it. A refusal of what a request asked (``n`` > 1, a prompt over its context
+    window: HTTP 400, 413, 422) is not: any client can send those, and every version refuses them alike."""
+    return unavailable(line) or (misconfigured(line) and answered_by_teacher(line))
 
 
-def _why(down: int, off: int) -> str:
+def _why(down: int, off: int, refusing: str = "as a misconfigured endpoint does (HTTP 401, 403 or 404: a wrong "
+         "key, URL path or model name)") -> str:
     """What ``down`` unavailable and ``off`` refused requests were, for a message."""
     parts = ([f"unavailable (unreachable, HTTP 429, 502 or 503) on {down}"] if down else []) + (
-        [f"refused the request (another HTTP 4xx: a wrong key or model name, or a parameter it does not serve) "
-         f"on {off}"] if off else [])
+        [f"refused the request {refusing} on {off}"] if off else [])
     return " and ".join(parts)
 
 
@@ -104,11 +112,11 @@ def _asked(version: str, start: str | None, calls: list[dict[str, Any]]) -> list
 
 
 def endpoint_down(version: str, start: str | None, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """{unavailable, of} when the version's student endpoint was unavailable on at least half of the last
-    ``RECENT`` requests it was asked since ``start`` (20 at least), the newest of them too, within the hour: every
-    request then goes to the teacher, which no guardrail sees (unavailable calls are no escalations), so someone
-    must look at its server or URL. A recovered endpoint's newest request succeeds, which ends the page; a quiet
-    one that is still down keeps paging, however few requests it gets an hour."""
+    """{unavailable, refused, of} when the version's student endpoint did not answer (``unanswered``) at least
+    half of the last ``RECENT`` requests it was asked since ``start`` (20 at least), the newest of them too,
+    within the hour: every request then goes to the teacher, which no guardrail sees (these are no escalations),
+    so someone must look at its server, URL or key. A recovered endpoint's newest request succeeds, which ends the
+    page; a quiet one that is still down keeps paging, however few requests it gets an hour."""
     mine = _asked(version, start, calls)[-RECENT:]
     down = sum(unanswered(x) for x in mine)
     hour = (datetime.now(timezone.utc) - timedelta(seconds=RECENT_S)).isoformat()
@@ -119,11 +127,18 @@ def endpoint_down(version: str, start: str | None, calls: list[dict[str, Any]]) 
     return None
 
 
+def _refused_share(recs: list[dict[str, Any]]) -> float:
+    return sum(refused(x) and answered_by_teacher(x) for x in recs) / len(recs) if recs else 0.0
+
+
 def held_back(version: str, stage: str, start: str | None, calls: list[dict[str, Any]],
-              live: list[dict[str, Any]]) -> str | None:
+              live: list[dict[str, Any]], serving: str | None = None) -> str | None:
     """Why a candidate with promotion evidence is not promoted: its endpoint was unavailable on more than
     ``HOLD_SHARE`` of its requests in this stage (its evidence is only the answers it gave; a version whose pods
-    crash or fill up would otherwise serve everyone). None when it may move on."""
+    crash or fill up would otherwise serve everyone), or refused more of them than the serving version refused
+    of its own by more than that (a shorter context window, a wrong key: what both refuse alike is the clients'
+    doing, n > 1 to distill serve-student, and holds nothing back). None when it may move on."""
+    base = _refused_share(_asked(serving, start, calls)) if serving else 0.0
     if stage == "shadow":  # the requests it was asked: tried shadow answers, and those its endpoint failed
         recs = [r for r in live if r.get("version") == version
                 and (start is None or str(r.get("call_timestamp") or r.get("timestamp", "")) >= start)
@@ -135,11 +150,16 @@ def held_back(version: str, stage: str, start: str | None, calls: list[dict[str,
         n, off = len(recs), sum(r.get("kind") == "error" and not r.get("unavailable") for r in recs)
     else:
         mine = _asked(version, start, calls)
-        down, off = sum(unavailable(x) for x in mine), sum(unanswered(x) and not unavailable(x) for x in mine)
-        n = len(mine)
-    if n >= 20 and down + off > HOLD_SHARE * n:
-        return (f"its student endpoint did not answer {down + off} of its {n} requests in {stage}: "
-                f"{_why(down, off)}: fix its server (or see what it refused), then it moves on")
+        down, off, n = sum(unavailable(x) for x in mine), sum(refused(x) and answered_by_teacher(x) for x in mine), \
+            len(mine)
+    if n < 20:
+        return None
+    over = off / n - base > HOLD_SHARE
+    if down > HOLD_SHARE * n or over:
+        refusing = f"(the serving version refused {base:.0%} of its own)" if serving else ""
+        return (f"its student endpoint did not answer {down + (off if over else 0)} of its {n} requests in "
+                f"{stage}: {_why(down, off if over else 0, refusing)}: fix its server (or see what it "
+                "refused: serve-router's /health shows the last failure), then it moves on")
     return None
 
 
@@ -299,7 +319,7 @@ def decide(dep: dict[str, Any], policies: dict[str, dict[str, Any]], latest: str
         if g["broken"]:
             done.append(deployment.change(dep, "rollback", v, by="decide", evidence={"guardrail": g, "promotion": p},
                                           reason=f"candidate {v} broke its guardrail in {stage}"))
-        elif p["ready"] and (hold := held_back(v, stage, start(v, stage), calls, live)):
+        elif p["ready"] and (hold := held_back(v, stage, start(v, stage), calls, live, serving)):
             p.update(ready=False, held_back=hold)
         elif p["ready"]:
             action = "canary" if stage == "shadow" else "promote"

@@ -65,7 +65,7 @@ def _row(lines: list[dict[str, Any]], scores: list[float] = ()) -> dict[str, Any
 
 
 ROUTING = ("route", "phase", "version", "policy_sha256", "lane", "audit", "cost", "student_unavailable",
-           "student_refused")
+           "student_refused", "student_status")
 COST = ("usd", "teacher_only_usd", "saved_usd", "student_basis")
 
 

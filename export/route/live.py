@@ -75,6 +75,15 @@ def refused(line: dict[str, Any]) -> bool:
     return bool((line.get("routing") or {}).get("student_refused"))
 
 
+MISCONFIGURED = (401, 403, 404)  # a refusal that says the endpoint is set up wrong: key, URL path, model name
+
+
+def misconfigured(line: dict[str, Any]) -> bool:
+    """Whether the student's endpoint refused the request as a misconfigured one would (HTTP 401, 403 or 404: a
+    wrong key, URL path or model name), not for what the request asked."""
+    return refused(line) and (line.get("routing") or {}).get("student_status") in MISCONFIGURED
+
+
 def no_answer(line: dict[str, Any]) -> bool:
     """Whether the student's endpoint gave no answer to judge: unavailable, or it refused the request."""
     return unavailable(line) or refused(line)

@@ -103,7 +103,7 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
                                                                 "x-request-id": rid})
             await out.prepare(request)
             if up.status >= 400:  # an error is small: read whole, so a key the teacher repeats in it is masked
-                data = proxy.masked_bytes(await up.read())
+                data = proxy.masked_bytes(await up.read(), url)
                 sent += len(data)
                 await asyncio.wait_for(out.write(data), proxy.cfg.timeout_s)
             async for data in up.content.iter_any():

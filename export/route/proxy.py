@@ -66,7 +66,15 @@ from export.route.jsonio import NotText, loads, read_request
 from export.route.lanes import Lane, Versions, make_lane
 from export.route.passthrough import backoff_headers, normalise, pass_through
 from export.route.router import Decision, Router
-from export.route.upstream import Upstreams, failure_code, failure_status, has_user, shown, upstream_failure
+from export.route.upstream import (
+    Upstreams,
+    failure_code,
+    failure_status,
+    has_user,
+    shown,
+    upstream_failure,
+    url_secrets,
+)
 from export.route.wire import (  # noqa: F401  (MAX_BODY, request_problem, completion_chunks: the proxy's API)
     MAX_BODY,
     SSE_HEADERS,
@@ -183,7 +191,8 @@ class RouterProxy:
         self.upstream = Upstreams(cfg.upstream_connections, cfg.timeout_s)
         self.log = CallLog(cfg.log_dir)
         self.counts = {"student": 0, "teacher": 0}
-        self.in_flight = 0  # requests being handled now (a stop waits for them: serve.drain)
+        self.in_flight = 0  # requests being handled now (a stop waits for them: serve._serve_until_stopped)
+        self.stopping = False  # set when a stop began: answers then close their connection
         self.started = int(time.time())
         self.student_failures: dict[str, Any] = {"n": 0, "last": None, "at": None,  # /health's, per process
                                                  "unavailable_at": None}
@@ -284,21 +293,22 @@ class RouterProxy:
             headers["Authorization"] = f"Bearer {key}"
         return base.rstrip("/") + "/chat/completions", headers
 
-    def _keys(self) -> list[str]:
-        return [k for k in (os.environ.get(e) if e else None for e in (self.cfg.student_key_env,
+    def _keys(self, url: str) -> list[str]:
+        """The secrets a call to ``url`` carried: the keys serve-router sends, the URL's password (Basic auth)."""
+        keys = [k for k in (os.environ.get(e) if e else None for e in (self.cfg.student_key_env,
                                                                        self.cfg.teacher_key_env)) if k]
+        return sorted({*keys, *url_secrets(url)}, key=len, reverse=True)  # the longest first: none hides another
 
-    def masked_bytes(self, data: bytes) -> bytes:
-        """``data`` with the keys serve-router sends replaced by ``***`` (see ``_masked``)."""
-        for k in self._keys():
+    def masked_bytes(self, data: bytes, url: str) -> bytes:
+        """``data`` with the secrets of a call to ``url`` replaced by ``***`` (see ``_masked``)."""
+        for k in self._keys(url):
             data = data.replace(k.encode(), b"***")
         return data
 
-    def _masked(self, value: Any) -> Any:
-        """``value`` (an upstream's error body) with the keys serve-router sends replaced by ``***``: an upstream
-        that repeats the key it was sent ("Incorrect API key provided: Bearer sk-…") must not hand it to clients,
-        /health or the logs."""
-        keys = self._keys()
+    def _masked(self, value: Any, keys: list[str]) -> Any:
+        """``value`` (an upstream's error body) with ``keys`` (``_keys``) replaced by ``***``: an upstream that
+        repeats what it was sent ("Incorrect API key provided: Bearer sk-…", a Basic auth header) must not hand
+        it to clients, /health or the logs."""
         if not keys:
             return value
         if isinstance(value, str):
@@ -306,8 +316,8 @@ class RouterProxy:
                 value = value.replace(k, "***")
             return value
         if isinstance(value, dict):
-            return {k: self._masked(v) for k, v in value.items()}
-        return [self._masked(v) for v in value] if isinstance(value, list) else value
+            return {k: self._masked(v, keys) for k, v in value.items()}
+        return [self._masked(v, keys) for v in value] if isinstance(value, list) else value
 
     async def _read_json(self, resp, url: str, keep: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         """(status, body) of an upstream's JSON answer. A body that is not a JSON object becomes an OpenAI-shaped
@@ -323,7 +333,7 @@ class RouterProxy:
         except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict):
-            return resp.status, self._masked(data) if resp.status >= 400 else data
+            return resp.status, self._masked(data, self._keys(url)) if resp.status >= 400 else data
         what = "non-JSON answer" if data is None else "an answer that is not a JSON object"
         err = {"message": f"{what} from {shown(url)} (HTTP {resp.status})", "type": "upstream_error"}
         if resp.status >= 400:  # an error keeps its status (429 stays a rate limit)
@@ -389,6 +399,8 @@ class RouterProxy:
                                      last=f"{lane.version or 'student'}: {problem}"[:300])
         routing["student_unavailable"] = unavailable(status, resp)  # said either way: the live loop reads it
         routing["student_refused"] = refused(status, resp)
+        if routing["student_refused"]:
+            routing["student_status"] = status  # 401/403/404: misconfigured; 400/413/422: what the request asked
         if routing["student_unavailable"]:
             self.student_failures["unavailable_at"] = self.student_failures["at"]
         return Decision("teacher", [*decision.reasons, f"{STUDENT_FAILED}: {problem}"], "after", decision.signals)

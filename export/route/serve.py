@@ -186,8 +186,18 @@ async def _serve_until_stopped(proxy: RouterProxy, host: str, port: int, reuse_p
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await site.stop()  # no new connections; the open ones go on
+    proxy.stopping = True  # every answer from now on closes its connection (keep-alive clients go elsewhere)
+    print(f"distill serve-router (pid {os.getpid()}): stopping: {proxy.in_flight} requests in flight, waiting for "
+          f"them (at most {drain_s(proxy.cfg):g} s), then for queued audits (10 s)", file=sys.stderr, flush=True)
     end = loop.time() + drain_s(proxy.cfg)
-    while proxy.in_flight and loop.time() < end:
+    quiet_since = None  # a request can still come on an open connection: done once none was in flight for 0.5 s
+    while loop.time() < end:
+        if proxy.in_flight:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= 0.5:
+            break
         await asyncio.sleep(0.05)
     await runner.cleanup()
 

@@ -11,6 +11,7 @@ then reusable — and tries again, within the timeout in all.
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import functools
 import math
@@ -61,6 +62,20 @@ def has_user(url: str) -> bool:
         return URL(url).user is not None
     except (ValueError, TypeError):
         return False
+
+
+@functools.lru_cache(maxsize=256)
+def url_secrets(url: str) -> tuple[str, ...]:
+    """What of ``url`` an upstream could repeat back: its password (as written and decoded) and the Basic auth
+    credentials aiohttp sends for its user and password (base64)."""
+    try:
+        u = URL(url)
+    except (ValueError, TypeError):
+        return ()
+    if u.user is None:
+        return ()
+    basic = base64.b64encode(f"{u.user}:{u.password or ''}".encode("latin-1", "replace")).decode()
+    return tuple(x for x in {u.password, u.raw_password, basic} if x)
 
 
 def shown(url: str) -> str:

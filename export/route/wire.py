@@ -6,6 +6,7 @@ JSON errors through ``json_parse_errors``."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -168,6 +169,8 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         resp = error_response(500, f"internal error in distill serve-router: {type(exc).__name__}", "server_error", rid)
     finally:
         proxy.in_flight -= 1
+    if proxy.stopping:  # draining: this connection closes after its answer, so its client sends no more on it
+        resp.force_close()
     if resp.status >= 400 and "x-distill-route" not in resp.headers:
         proxy.log_error(request, rid, resp)
     resp.headers.setdefault("x-request-id", rid)
@@ -283,6 +286,12 @@ class ClientStalled(Exception):
     a client that stopped reading must not hold an upstream for ever."""
 
 
+@functools.lru_cache(maxsize=64)
+def _id_field(upstream_id: str) -> re.Pattern[bytes]:
+    """The ``"id": "<upstream_id>"`` member of a chunk, as JSON writers spell it (with or without spaces)."""
+    return re.compile(rb'"id"\s*:\s*' + re.escape(json.dumps(upstream_id).encode()))
+
+
 async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool,
                 timeout_s: float | None = None, call_id: str | None = None) -> None:
     """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage; the
@@ -299,8 +308,10 @@ async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[s
         chunks.append(chunk)
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
-        if call_id and isinstance(chunk.get("id"), str):
-            data = data.replace(json.dumps(chunk["id"]).encode(), json.dumps(call_id).encode(), 1)
+        if call_id and isinstance(chunk.get("id"), str) and chunk["id"] != call_id:
+            renamed, n = _id_field(chunk["id"]).subn(b'"id":' + json.dumps(call_id).encode(), data, count=1)
+            # an id the upstream wrote with escapes ("a\/b") is not found as we spell it: the chunk is rewritten
+            data = renamed if n else b"data: " + dumps({**chunk, "id": call_id}) + b"\n\n"
     try:
         await asyncio.wait_for(out.write(data), timeout_s)
     except asyncio.TimeoutError:

@@ -436,58 +436,78 @@ def test_a_student_endpoint_down_is_no_escalation_of_its_version(tmp_path, capsy
     assert dep["serving"] == "v1" and dep["candidate"]["version"] == "v2" and not dep["rejected"]  # was: both
 
 
-def test_requests_a_student_endpoint_refuses_do_not_roll_its_version_back(tmp_path, capsys):
-    """Security review: a client sent n=2, which distill serve-student refuses with HTTP 400; the teacher answered,
-    each refusal counted as an escalation, and --decide rolled the serving version back and rejected it for good.
-    A refusal (a 4xx other than 408 and 429) is no escalation of the version's answers: it is warned about, and
-    when the serving endpoint refuses half of its recent requests it pages (exit 8), naming the refusals."""
+def _refusing(tmp_path, student, requests: int, **create) -> tuple:
+    """v1 then v2 serving (v1 its rollback target), its student ``student`` (a TableServer, stopped here),
+    ``requests`` requests sent with the openai client; returns (store, deployment path, the teacher log's lines)."""
     import openai
 
     st, path = _store(tmp_path, "v1", "v2")
-    v2, teacher = TableServer({"q1": "a1"}, True, max_n=1).start(), TableServer({"q1": "a1"}, False).start()
+    teacher = TableServer({"q1": "a1"}, False).start()
     with deployment.updating(path, "tiny") as dep:
-        dep["urls"] = {"v1": v2.url, "v2": v2.url}
+        dep["urls"] = {"v1": student.url, "v2": student.url}
         deployment.change(dep, "serve", "v1", at=_ago(4))
         deployment.change(dep, "promote", "v2", at=_ago(3))
     proxy = _proxy(path, teacher.url, tmp_path / "logs", seed=0)
     try:
         client = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
-        for _ in range(60):
-            client.chat.completions.create(model="gpt-4o", n=2, messages=[{"role": "user", "content": "q1"}],
-                                           extra_body={"metadata": {"function": "faq"}})
+        for _ in range(requests):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q1"}],
+                                           extra_body={"metadata": {"function": "faq"}}, **create)
     finally:
         proxy.stop()
-        v2.stop()
+        student.stop()
         teacher.stop()
-    calls = lines(tmp_path / "logs", "teacher-*.jsonl")
+    return st, path, lines(tmp_path / "logs", "teacher-*.jsonl")
+
+
+def test_requests_a_student_endpoint_refuses_do_not_roll_its_version_back(tmp_path, capsys):
+    """Security review: a client sent n=2, which distill serve-student refuses with HTTP 400; the teacher answered,
+    each refusal counted as an escalation, and --decide rolled the serving version back and rejected it for good
+    (700 requests). Then (verify pass) 20 such requests paged. A refusal of what a request asked (400, 413, 422)
+    is no escalation and no page: it is warned about."""
+    st, path, calls = _refusing(tmp_path, TableServer({"q1": "a1"}, True, max_n=1).start(), 60, n=2)
     assert len(calls) == 60 and all(c["routing"]["student_refused"] for c in calls)
+    assert {c["routing"]["student_status"] for c in calls} == {400}
     assert canary.gather("v2", "serving", None, calls, []).escalations == []
     capsys.readouterr()
-    assert cli(["live", str(_recipe(tmp_path, st, escalation_block=2)), "--decide"]) == 8  # was 7: rolled back
+    assert cli(["live", str(_recipe(tmp_path, st, escalation_block=2)), "--decide"]) == 0  # was 7: rolled back
     out = " ".join(capsys.readouterr().out.split())
-    assert "v2's student endpoint did not answer 60 of its last 60 requests" in out
-    assert "refused the request (another HTTP 4xx" in out
+    assert "refused 60 of 60 requests with an HTTP 4xx" in out
     dep = deployment.load(path)
     assert dep["serving"] == "v2" and not dep["rejected"]  # was: v1 serving, v2 rejected for good
-    assert cli(["live", str(_recipe(tmp_path, st))]) == 8  # the report says what --decide would do
-    assert "refused 60 of 60 requests with an HTTP 4xx" in " ".join(capsys.readouterr().out.split())
 
 
-def test_refusals_hold_a_candidate_back_unless_the_teacher_refused_too(tmp_path):
-    """A canary that refuses more than 10 % of its requests (a shorter context window) is not promoted; a request
-    the teacher refused as well was the client's mistake and counts against no endpoint."""
-    def call(i: int, refused: bool, status: int) -> dict:
+def test_a_serving_endpoint_refusing_as_if_misconfigured_pages(tmp_path, capsys):
+    """A wrong key (401), URL path or model name (404) on the serving version's endpoint: every request pays the
+    teacher, no guardrail sees it (no escalations): the run pages (exit 8), naming the refusals."""
+    st, path, calls = _refusing(tmp_path, TableServer({"q1": "a1"}, True, status=401).start(), 30)
+    assert {c["routing"]["student_status"] for c in calls} == {401}
+    capsys.readouterr()
+    assert cli(["live", str(_recipe(tmp_path, st)), "--decide"]) == 8
+    out = " ".join(capsys.readouterr().out.split())
+    assert "v2's student endpoint did not answer 30 of its last 30 requests" in out
+    assert "refused the request as a misconfigured endpoint does (HTTP 401, 403 or 404" in out
+    assert deployment.load(path)["serving"] == "v2"
+
+
+def test_refusals_hold_a_candidate_back_when_the_serving_version_answers_them(tmp_path):
+    """A canary that refuses more than 10 % of its requests while the serving version answers them (a shorter
+    context window) is not promoted; refusals both versions make alike (n > 1 to serve-student), or a request the
+    teacher refused as well (the client's mistake), hold nothing back."""
+    def call(version: str, i: int, refused: bool, status: int = 200) -> dict:
         return {"timestamp": _ago(1, i), "status_code": status,
-                "routing": {"version": "v2", "route": "teacher", "phase": "after", "student_refused": refused,
-                            "student_unavailable": False}}
+                "routing": {"version": version, "route": "teacher" if refused else "student", "phase": "after",
+                            "student_refused": refused, "student_unavailable": False, "student_status": 400}}
 
-    good = [{"timestamp": _ago(1, i), "status_code": 200,
-             "routing": {"version": "v2", "route": "student", "phase": "after"}} for i in range(40)]
-    refused = [call(40 + i, True, 200) for i in range(10)]
+    good = [call("v2", i, False) for i in range(40)]
+    refused = [call("v2", 40 + i, True) for i in range(10)]
+    served = [call("v1", i, False) for i in range(50)]
     assert "did not answer 10 of its 50 requests in canary" in canary.held_back("v2", "canary", None,
-                                                                                  good + refused, [])
-    client_errors = [call(40 + i, True, 400) for i in range(10)]
-    assert canary.held_back("v2", "canary", None, good + client_errors, []) is None
+                                                                                  good + refused + served, [], "v1")
+    both = served[:40] + [call("v1", 40 + i, True) for i in range(10)]
+    assert canary.held_back("v2", "canary", None, good + refused + both, [], "v1") is None
+    client_errors = [call("v2", 40 + i, True, 400) for i in range(10)]
+    assert canary.held_back("v2", "canary", None, good + client_errors + served, [], "v1") is None
     assert canary.gather("v2", "canary", None, good + client_errors, []).escalations == [("default", 0.0)] * 40
 
 

@@ -303,3 +303,27 @@ def test_a_stream_with_one_of_its_choices_cut_is_unfinished():
         "the stream ended after 3 chunks without a finish_reason for choice 1"
     assert "without a finish_reason" in unfinished([chunk(0, "a")])
     assert unfinished([chunk(0, "a", "stop"), {"id": "c", "choices": [], "usage": {"total_tokens": 3}}]) is None
+
+
+def test_a_relayed_chunk_gets_the_call_id_even_when_its_id_is_escaped():
+    """Verify pass: an upstream that wrote its id with an escape ("chatcmpl-a\\/b") kept it in the relayed
+    chunks, while the log line had serve-router's: feedback by the client's id would not join."""
+    from export.route.wire import relay
+
+    class Out:
+        def __init__(self):
+            self.sent = b""
+
+        async def write(self, data: bytes) -> None:
+            self.sent += data
+
+    async def go(raw: bytes) -> dict:
+        out, chunks = Out(), []
+        await relay(out, [raw], chunks, True, 5.0, "chatcmpl-mine")
+        return json.loads(out.sent.removeprefix(b"data: "))
+
+    plain = b'data: {"id": "chatcmpl-ab", "choices": [{"index": 0, "delta": {"content": "x"}}]}\n'
+    escaped = b'data: {"id":"chatcmpl-a\\/b","choices":[{"index":0,"delta":{"content":"chatcmpl-a/b"}}]}\n'
+    for raw in (plain, escaped):
+        chunk = asyncio.run(go(raw))
+        assert chunk["id"] == "chatcmpl-mine" and chunk["choices"][0]["delta"]["content"] in ("x", "chatcmpl-a/b")

@@ -547,3 +547,45 @@ def test_a_client_that_hangs_up_mid_body_is_no_internal_error(tmp_path):
     assert [e["status_code"] for e in errors] == [499], errors
     assert "closed the connection before its request was read" in errors[0]["error"]
     assert "Traceback" not in proc.out.read_text()
+
+
+def test_a_stop_is_not_held_open_by_keep_alive_clients(tmp_path):
+    """Verify pass: answers during the drain kept their connection open, so a client sending on one kept the
+    process alive as long as it sent (up to twice --timeout and more), and the drain ended at any moment the
+    count of requests in flight touched 0. Answers during the drain now close their connection."""
+    logs = tmp_path / "logs"
+    answered, closing, errors = [], [], []
+    with Upstreams() as up:
+        proc, url = start_proxy(tmp_path, up, logs)
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "q"}],
+                "metadata": {"function": "unknown_function"}}
+        stop_at = time.monotonic() + 20
+
+        def keep_sending() -> None:
+            with httpx.Client(timeout=10) as client:  # one keep-alive connection, reused while it stays open
+                while time.monotonic() < stop_at:
+                    try:
+                        r = client.post(f"{url}/chat/completions", json=body)
+                        answered.append(r.status_code)
+                        closing.append(r.headers.get("connection") == "close")
+                    except httpx.TransportError as err:
+                        errors.append(type(err).__name__)
+                        time.sleep(0.05)
+
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        try:
+            while len(answered) < 5:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            assert proc.wait(15) == 0
+            assert time.monotonic() - t0 < 10  # was: only once the client stopped sending (20 s here)
+        finally:
+            stop_at = 0
+            sender.join(30)
+            stop(proc)
+    assert set(answered) == {200} and closing[-1]  # the last answer said the connection closes
+    assert errors  # then the port is closed: the client's next connection is refused
+    assert len(log_lines(logs)) == len(answered)  # every request the proxy read was answered and logged
+    assert "stopping: " in proc.out.read_text()

@@ -16,7 +16,8 @@ from export.route.proxy import ProxyConfig, RouterProxy
 from export.route.router import Router
 
 STUDENT_KEY, TEACHER_KEY = "sk-STUDENTSECRET0123456789abcdef", "sk-TEACHERSECRET0123456789abcdef"
-SECRETS = ("s3cretpw", "hunter2pw", "QUERYSECRET", STUDENT_KEY, TEACHER_KEY)
+BASIC = "dmxsbTpzM2NyZXRwdw=="  # base64 of vllm:s3cretpw, what aiohttp sends as Basic auth
+SECRETS = ("s3cretpw", "hunter2pw", "QUERYSECRET", STUDENT_KEY, TEACHER_KEY, BASIC)
 
 
 async def _echo_401(request: web.Request) -> web.Response:
@@ -44,7 +45,8 @@ def _leaks(text: str) -> list[str]:
 def test_upstream_passwords_and_echoed_keys_reach_no_client_health_or_log(tmp_path, monkeypatch):
     """Before: the student's URL with its password in every client's x-distill-reasons and in anonymous /health;
     the teacher's password in the 502 body; a key the teacher repeated in its 401 in the client's body and the
-    log; the pass-through query (api_key=...) in passthrough-*.jsonl."""
+    log; the pass-through query (api_key=...) in passthrough-*.jsonl; then (verify pass) the Basic auth header
+    an upstream repeated."""
     monkeypatch.setenv("T_STUDENT_KEY", STUDENT_KEY)
     monkeypatch.setenv("T_TEACHER_KEY", TEACHER_KEY)
     (tmp_path / "policy").mkdir()
@@ -57,7 +59,8 @@ def test_upstream_passwords_and_echoed_keys_reach_no_client_health_or_log(tmp_pa
         dead, echoing = f"127.0.0.1:{free_port()}/v1", f"127.0.0.1:{port}/v1"
         for student, teacher, keys in (  # a password in the student's URL (down), the teacher repeats its key; and
                 (f"http://vllm:s3cretpw@{dead}", f"http://{echoing}", (None, "T_TEACHER_KEY")),  # the other way
-                (f"http://{echoing}", f"http://svc:hunter2pw@{dead}", ("T_STUDENT_KEY", None))):
+                (f"http://{echoing}", f"http://svc:hunter2pw@{dead}", ("T_STUDENT_KEY", None)),
+                (f"http://vllm:s3cretpw@{echoing}", f"http://{echoing}", (None, None))):  # it repeats Basic auth
             cfg = ProxyConfig(student_url=student, teacher_url=teacher, log_dir=tmp_path / "logs",
                               student_key_env=keys[0], teacher_key_env=keys[1], pass_through=("/v1/files",))
             proxy = RouterProxy(Router.load(tmp_path / "policy", embeddings=False), cfg, "ab" * 32)
