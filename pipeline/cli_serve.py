@@ -224,8 +224,8 @@ def _student_failures(report: dict, console: Console) -> None:
         if r.get("refused"):
             console.print(f"[yellow]warning:[/] {r['version']}: its student endpoint refused {r['refused']} of "
                           f"{r['requests']} requests with an HTTP 4xx (a wrong key or model name, or a parameter it "
-                          "does not serve, such as n > 1 for distill serve-student; the teacher answered them; not "
-                          "counted as escalations): serve-router's /health shows the last one", soft_wrap=True)
+                          "does not serve, such as n > 1 for distill serve-student; the teacher was asked instead; "
+                          "not counted as escalations): serve-router's /health shows the last one", soft_wrap=True)
 
 
 def _live(args: argparse.Namespace, console: Console) -> int:

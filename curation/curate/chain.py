@@ -8,13 +8,15 @@ in-process, ``datasets`` and Ray executors give the same rows however they cut t
 
 Columns added (all start with '_'): ``_rejected_by``, ``_reason`` (null for survivors); for survivors ``_uid``
 (64-bit hash of id and source), ``_key`` (exact dedup's key, function + the normalised whole prompt, as 64 bits),
-``_split`` (stable hash split of function + user turns), ``_text`` (the redacted turns after the system prompt), ``_score`` (feedback,
+``_split`` (stable hash split of function + user turns), ``_text`` (the redacted user turns), ``_prompt`` (the
+redacted turns after the system prompt, null where those are the user turns), ``_score`` (feedback,
 neutral when missing), ``_bands`` (the near-duplicate LSH band keys, computed here so that they use every core);
 and ``_stats`` on the first row: per operator [rows in, dropped, wall s, CPU s] as JSON.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -35,6 +37,7 @@ EXTRA_FIELDS = [
     pa.field("_key", pa.uint64()),
     pa.field("_split", pa.string()),
     pa.field("_text", pa.string()),
+    pa.field("_prompt", pa.string()),
     pa.field("_score", pa.float64()),
     pa.field("_bands", pa.list_(pa.uint64())),
     pa.field("_stats", pa.string()),
@@ -53,6 +56,20 @@ def input_key(function: str | None, user_text: str) -> str:
     """Stable key of a record's input: function plus normalised user turns (pipeline.chat.user_text gives the user turns of one record)."""
     normalised = " ".join(user_text.split()).lower()
     return hashlib.sha256(f"{function}\x00{normalised}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalised(text: str) -> bytes:
+    """A system prompt as keys read it (one per function, usually: cached)."""
+    return " ".join(text.split()).lower().encode()
+
+
+def prompt_key(function: str | None, system: str, prompt: str) -> int:
+    """Exact dedup's 64-bit key of a record whose prompt is more than its user turns: function, normalised system
+    prompt and normalised turns after it (a record of user turns alone keys as ``input_key``)."""
+    h = hashlib.blake2b(f"{function}".encode(), digest_size=8)
+    h.update(b"\x00" + _normalised(system) + b"\x00" + " ".join(prompt.split()).lower().encode())
+    return int.from_bytes(h.digest(), "big")
 
 
 def assign_split(key: str, cfg: SplitConfig) -> str:
@@ -89,20 +106,21 @@ def scores(table: pa.Table, plan: Plan) -> np.ndarray:
 
 def reduce_columns(table: pa.Table, plan: Plan) -> dict[str, pa.Array]:
     """The columns the global half of the chain reads, for surviving rows: the split from the function and user
-    turns (a conversation's steps share it), exact dedup's key from the whole prompt (system prompt, user turns,
-    earlier answers, tool calls and results: each step of a tool loop is its own input), the text near dedup and
-    decontamination read from the turns after the system prompt."""
-    users = columns.user_texts(table).to_pylist()
-    prompts = columns.prompt_texts(table).to_pylist()
-    systems = columns.system_texts(table).to_pylist()
+    turns (a conversation's steps share it; decontamination reads them too: an eval prompt copied word for word
+    stays found however long the tool results beside it), exact dedup's key from the whole prompt (system
+    prompt, user turns, earlier answers, tool calls and results: each step of a tool loop is its own input), the
+    text near and semantic dedup read from the turns after the system prompt (null where that is the user turns)."""
+    users, systems, prompts = (a.to_pylist() for a in columns.prompt_parts(table))
     functions = table.column("function").to_pylist()
     splits = [input_key(f, t) for f, t in zip(functions, users, strict=True)]
-    keys = [input_key(f, f"{s}\x00{p}") for f, s, p in zip(functions, systems, prompts, strict=True)]
+    keys = [int(k[:16], 16) if not s and p == t else prompt_key(f, s, p)
+            for f, t, s, p, k in zip(functions, users, systems, prompts, splits, strict=True)]
     return {
         "_uid": pa.array(uids(table), pa.uint64()),
-        "_key": pa.array([int(k[:16], 16) for k in keys], pa.uint64()),
+        "_key": pa.array(keys, pa.uint64()),
         "_split": pa.array([assign_split(k, plan.cfg.split) for k in splits], pa.string()),
-        "_text": pa.array(prompts, pa.string()),
+        "_text": pa.array(users, pa.string()),
+        "_prompt": pa.array([None if p == t else p for t, p in zip(users, prompts, strict=True)], pa.string()),
         "_score": pa.array(scores(table, plan), pa.float64()),
     }
 
@@ -166,7 +184,8 @@ def map_batch(batch: pa.Table | pa.RecordBatch, plan: Plan, schema: pa.Schema | 
         kept = kept.append_column(pa.field(name, arr.type), arr)
     stats["keys"] = [table.num_rows, 0, time.perf_counter() - t0, time.process_time() - c0]
     t0, c0 = time.perf_counter(), time.process_time()
-    kept = kept.append_column(pa.field("_bands", pa.list_(pa.uint64())), band_column(kept.column("_text"), plan))
+    kept = kept.append_column(pa.field("_bands", pa.list_(pa.uint64())),
+                              band_column(columns.prompts_of(kept, "_text", "_prompt"), plan))
     stats["band_keys"] = [table.num_rows, 0, time.perf_counter() - t0, time.process_time() - c0]
     kept = kept.append_column(EXTRA_FIELDS[-1], pa.nulls(kept.num_rows, pa.string()))
     out = pa.concat_tables([kept, _dropped_rows(rejected)]) if rejected else kept

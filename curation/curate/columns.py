@@ -43,37 +43,44 @@ def user_texts(table: pa.Table) -> pa.Array:
 SYSTEM_ROLES = ("system", "developer")
 
 
-def system_texts(table: pa.Table) -> pa.Array:
-    """The system (and developer) turns of each record joined with newlines ('' when it has none)."""
+def prompt_parts(table: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Per record, joined with newlines: (its user turns; its system and developer turns; the turns after the
+    system prompt: user turns, earlier answers, the tool calls made (name and arguments, not their ids, which
+    differ on every call) and the tools' results). The last is what dedup reads: the two steps of a tool loop
+    share their user turns, not the tool's result; a record of user turns alone gives its user turns. One pass
+    over the flattened messages."""
     flat, rows, _ = messages_flat(table)
-    is_system = pc.fill_null(pc.is_in(field(flat, "role"), pa.array(SYSTEM_ROLES)), False)
-    return join_by_row(pc.filter(field(flat, "content"), is_system),
-                       rows[is_system.to_numpy(zero_copy_only=False)], table.num_rows)
-
-
-def prompt_texts(table: pa.Table) -> pa.Array:
-    """The turns after the system prompt of each record, joined with newlines: user turns, earlier answers, the
-    tool calls made (name and arguments, not their ids, which differ on every call) and the tools' results (what
-    dedup and decontamination read: the two steps of a tool loop share their user turns, not the tool's result).
-    A record of user turns alone gives what ``user_texts`` gives."""
-    flat, rows, _ = messages_flat(table)
-    keep = pc.invert(pc.fill_null(pc.is_in(field(flat, "role"), pa.array(SYSTEM_ROLES)), False))
+    role = field(flat, "role")
     content = pc.fill_null(field(flat, "content"), "")
+    is_user = pc.fill_null(pc.equal(role, "user"), False)
+    is_system = pc.fill_null(pc.is_in(role, pa.array(SYSTEM_ROLES)), False)
+    n = table.num_rows
+
+    def joined(mask: pa.Array, values: pa.Array) -> pa.Array:
+        return join_by_row(pc.filter(values, mask), rows[mask.to_numpy(zero_copy_only=False)], n)
+
     calls = field(flat, "tool_calls")
+    spoken = content
     if calls.null_count < len(calls):  # a tool call's name and arguments after the message's text
         texts = content.to_pylist()
-        for i, raw in enumerate(calls.to_pylist()):
+        for i in np.flatnonzero(pc.is_valid(calls).to_numpy(zero_copy_only=False)):
+            raw = calls[int(i)].as_py()
             if raw:
                 texts[i] = "\n".join(filter(None, [texts[i], *_call_texts(raw)]))
-        content = pa.array(texts, pa.string())
-    return join_by_row(pc.filter(content, keep), rows[keep.to_numpy(zero_copy_only=False)], table.num_rows)
+        spoken = pa.array(texts, pa.string())
+    return joined(is_user, content), joined(is_system, content), joined(pc.invert(is_system), spoken)
+
+
+def prompts_of(table: pa.Table, text: str = "text", prompt: str = "prompt") -> pa.Array:
+    """The prompt texts of a reduce table (``prompt_parts``' last): ``prompt`` where set, else the user turns."""
+    return pc.coalesce(table.column(prompt).combine_chunks(), table.column(text).combine_chunks())
 
 
 def _call_texts(raw: str) -> list[str]:
     """'name(arguments)' per tool call of a message's tool_calls JSON (the raw text if it is not a list)."""
     try:
         calls = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return [raw]
     if not isinstance(calls, list):
         return [raw]

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.curate.columns import codes, pick
+from curation.curate.columns import codes, pick, prompts_of
 from pipeline.config.curate import NearDedup
 
 Reasons = dict[int, str]  # row -> reason, for dropped rows only
@@ -340,7 +340,7 @@ def near_dedup(table: pa.Table, alive: np.ndarray, ranks: np.ndarray, cfg: NearD
     if len(idx) < 2:
         return {}
     functions = codes(table, "function")[0][idx]
-    text = table.column("text").combine_chunks()
+    text = prompts_of(table)
     keys = _table_band_keys(table, idx, cfg)
     found: list[tuple[int, int, float]] = []
     for f in np.unique(functions):
@@ -370,7 +370,7 @@ def _table_band_keys(table: pa.Table, idx: np.ndarray, cfg: NearDedup) -> np.nda
             keys[have] = pc.list_flatten(col.filter(pa.array(have))).to_numpy(zero_copy_only=False).reshape(-1, bands)
     missing = idx[~have[idx]]  # never when every row has its keys (then ``keys`` may be read-only)
     if len(missing):
-        keys[missing] = band_keys(table.column("text").combine_chunks().take(pa.array(missing)), cfg)
+        keys[missing] = band_keys(prompts_of(table).take(pa.array(missing)), cfg)
     return keys[idx]
 
 

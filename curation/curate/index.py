@@ -4,7 +4,7 @@ files and dedups, decontaminates and balances them against earlier nights' recor
 
 ``index/state.json`` says which harvest files (name and sha256) the index covers and under which config;
 ``index/part-NNNNN.parquet`` hold one compact row per record (id, source, function, split, input key, redacted
-turns after the system prompt, feedback score, timestamp, LSH band keys, embedding when semantic dedup is on). Each run carries the earlier parts
+user turns and turns after the system prompt, feedback score, timestamp, LSH band keys, embedding when semantic dedup is on). Each run carries the earlier parts
 forward (hard links) and adds one. The index lives in the stage folder, so it is replaced atomically with the
 curated data it describes: a killed run leaves the previous index and data untouched.
 
@@ -32,6 +32,7 @@ REDUCE_SCHEMA = pa.schema([
     ("split", pa.string()),
     ("key", pa.uint64()),
     ("text", pa.string()),
+    ("prompt", pa.string()),  # the turns after the system prompt, where they are not just the user turns
     ("score", pa.float64()),
     ("timestamp", pa.timestamp("ms", tz="UTC")),
     ("bands", pa.list_(pa.uint64())),

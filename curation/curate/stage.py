@@ -33,7 +33,7 @@ from curation.curate.audit import SPLITS, Audit, Writers
 from curation.curate.balance import balance
 from curation.curate.carry import Decisions, set_column
 from curation.curate.chain import output_schema
-from curation.curate.columns import codes, runs
+from curation.curate.columns import codes, prompts_of, runs
 from curation.curate.decontaminate import decontaminate, golden_references, load_external
 from curation.curate.dedup import exact_dedup, near_dedup, rank
 from curation.curate.executors import choose, count_rows, run_map
@@ -239,7 +239,8 @@ def _summary(report: dict[str, Any], path: Path) -> list[tuple[str, str]]:
 
 
 REDUCE_NAMES = {"_uid": "uid", "id": "id", "source": "source", "function": "function", "_split": "split",
-                "_key": "key", "_text": "text", "_score": "score", "timestamp": "timestamp", "_bands": "bands"}
+                "_key": "key", "_text": "text", "_prompt": "prompt", "_score": "score", "timestamp": "timestamp",
+                "_bands": "bands"}
 
 
 @dataclass
@@ -381,7 +382,7 @@ def _embeddings(table: pa.Table, alive: np.ndarray, cfg) -> np.ndarray:
     values = table.column("emb").to_pylist()
     need = [int(i) for i in np.flatnonzero(alive) if values[i] is None]
     if need:
-        texts = table.column("text").take(pa.array(need)).to_pylist()
+        texts = prompts_of(table).take(pa.array(need)).to_pylist()
         for i, b in zip(need, to_f16_bytes(load_embedder(cfg)(texts)), strict=True):
             values[i] = b
     dim = next((len(v) // 2 for v in values if v is not None), 1)

@@ -27,6 +27,7 @@ from export.route.wire import error_response
 REQUEST_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "Idempotency-Key")
 ANSWER_HEADERS = ("content-type", "openai-processing-ms", "openai-version")
 BACKOFF_HEADERS, BACKOFF_PREFIXES = ("retry-after", "retry-after-ms"), ("x-ratelimit-",)
+ERROR_HEAD = 1 << 20  # bytes of a passed-through error searched for a key the teacher repeats (the rest is relayed)
 ENCODED = ("%2e", "%2f", "%5c", "%25", ";")  # dots, slashes, a second encoding, path parameters ("..;/")
 
 
@@ -102,8 +103,11 @@ async def pass_through(proxy, request: web.Request) -> web.StreamResponse:
             out = web.StreamResponse(status=up.status, headers={**keep, "x-distill-route": "passthrough",
                                                                 "x-request-id": rid})
             await out.prepare(request)
-            if up.status >= 400:  # an error is small: read whole, so a key the teacher repeats in it is masked
-                data = proxy.masked_bytes(await up.read(), url)
+            if up.status >= 400:  # an error's first MiB read whole, so a key the teacher repeats in it is masked
+                head = b""
+                while len(head) < ERROR_HEAD and (part := await up.content.read(ERROR_HEAD - len(head))):
+                    head += part
+                data = proxy.masked_bytes(head, url)
                 sent += len(data)
                 await asyncio.wait_for(out.write(data), proxy.cfg.timeout_s)
             async for data in up.content.iter_any():

@@ -141,6 +141,14 @@ class ProxyConfig:
 UPSTREAM_REQUEST_ID = "x-distill-upstream-request-id"  # a key of the kept headers, never sent to the client
 
 
+def _own_id(resp: dict[str, Any], routing: dict[str, Any], call_id: str) -> None:
+    """Give an answer serve-router's id, the one the client gets (an upstream's own, kept as ``upstream_id``, may
+    repeat, or be missing)."""
+    if isinstance(resp.get("id"), str) and resp["id"] != call_id:
+        routing["upstream_id"] = resp["id"]
+    resp["id"] = call_id
+
+
 def _keep_request_id(keep: dict[str, str], headers: Any) -> None:
     rid = headers.get("x-request-id")
     if rid:
@@ -487,8 +495,8 @@ class RouterProxy:
             student_usage = resp.get("usage") if status == 200 else None
 
         def finish(status: int, resp: dict[str, Any]) -> None:
-            if isinstance(resp.get("id"), str) and resp["id"] != call_id:
-                routing["upstream_id"], resp["id"] = resp["id"], call_id
+            if status == 200:
+                _own_id(resp, routing, call_id)
             self.counts[decision.route] += 1
             routing.update(decision.as_dict())
             routing["policy_sha256"] = lane.policy_sha
@@ -560,8 +568,8 @@ class RouterProxy:
                 events = iter_events(up.content)
                 head, problem = await first_event(events)
                 if problem:  # nothing sent yet: the caller may still fall back
-                    return None, 502, {"error": {"message": f"{shown(url)}: {problem}", "type": "upstream_error",
-                                                 "code": "upstream_unusable"}}
+                    return None, 502, {"error": {"message": f"{shown(url)}: {self._masked(problem, self._keys(url))}",
+                                                 "type": "upstream_error", "code": "upstream_unusable"}}
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
                 broken = await self._relay_all(out, head, events, chunks, want_usage, url, call_id)
@@ -596,10 +604,12 @@ class RouterProxy:
                          ) -> str | None:
         """Relay the stream's events to the client; why it is broken (None when whole)."""
         last = head[-1]
+        keys = self._keys(url)
+        mask = (lambda data: self.masked_bytes(data, url)) if keys else None
         for event in head:
-            await relay(out, event, chunks, want_usage, self.cfg.timeout_s, call_id)
+            await relay(out, event, chunks, want_usage, self.cfg.timeout_s, call_id, mask)
         async for event in events:
-            await relay(out, event, chunks, want_usage, self.cfg.timeout_s, call_id)
+            await relay(out, event, chunks, want_usage, self.cfg.timeout_s, call_id, mask)
             last = event
         broken = unfinished(chunks)
         if broken and event_data(last) != b"[DONE]":  # cut: the client's SDK would take it for a whole one

@@ -131,8 +131,7 @@ def serve(opts: ServeOptions, cfg: ProxyConfig, processes: int = 1, print_fn=pri
     print_fn(f"distill serve-router: {what}, teacher {shown(cfg.teacher_url)}; logs in {cfg.log_dir}{audits}; "
              f"listening on http://{opts.host}:{opts.port}/v1{many}")
     if processes == 1:
-        asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port, reuse_port=False))
-        return 0
+        return 1 if asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port, reuse_port=False)) else 0
     del proxy  # each process loads its own; the parent only watches
     return _supervise(opts, cfg, processes)
 
@@ -167,13 +166,14 @@ def _worker(opts: ServeOptions, cfg: ProxyConfig, parent: int) -> None:
 
     threading.Thread(target=orphaned, daemon=True).start()
     proxy, _ = build_proxy(opts, cfg)
-    asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port))
+    if asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port)):
+        sys.exit(1)  # requests were cut: the supervisor exits 1 too
 
 
-async def _serve_until_stopped(proxy: RouterProxy, host: str, port: int, reuse_port: bool = True) -> None:
+async def _serve_until_stopped(proxy: RouterProxy, host: str, port: int, reuse_port: bool = True) -> int:
     """Serve until SIGINT or SIGTERM, then stop gracefully: stop listening, let every request in flight finish
     (one whose body is still arriving too: aiohttp's own shutdown drops the bytes that come after it begins),
-    at most ``drain_s``, then the queued audits. Any further signal is ignored: Ctrl-C reaches every process of
+    at most ``drain_s`` (returns how many were still running then), then the queued audits. Any further signal is ignored: Ctrl-C reaches every process of
     the group and the parent then sends SIGTERM too, which under web.run_app would cancel the requests still
     running."""
     runner = web.AppRunner(proxy.app(), handle_signals=False, access_log=None)
@@ -199,7 +199,12 @@ async def _serve_until_stopped(proxy: RouterProxy, host: str, port: int, reuse_p
         elif loop.time() - quiet_since >= 0.5:
             break
         await asyncio.sleep(0.05)
+    left = proxy.in_flight
+    if left:
+        print(f"distill serve-router (pid {os.getpid()}): {left} requests still in flight after "
+              f"{drain_s(proxy.cfg):g} s: cut", file=sys.stderr, flush=True)
     await runner.cleanup()
+    return left
 
 
 RESTARTS, RESTARTS_S = 5, 60.0  # more deaths than this within this many seconds: a crash loop, stop
@@ -243,8 +248,8 @@ def _supervise(opts: ServeOptions, cfg: ProxyConfig, processes: int) -> int:
     for i in killed:
         print(f"serve-router: process {i} did not stop within {drain_s(cfg) + 15.0:g} s: killed (its requests "
               "in flight were lost)", file=sys.stderr, flush=True)
-    if killed:
-        return 1
+    if killed or any(c not in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes):
+        return 1  # killed, or a process cut requests at the end of its drain
     return 0 if stop.is_set() and not looping else 1
 
 

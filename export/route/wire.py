@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -293,25 +293,31 @@ def _id_field(upstream_id: str) -> re.Pattern[bytes]:
 
 
 async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool,
-                timeout_s: float | None = None, call_id: str | None = None) -> None:
+                timeout_s: float | None = None, call_id: str | None = None,
+                mask: Callable[[bytes], bytes] | None = None) -> None:
     """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage; the
-    chunk's ``id`` as ``call_id`` when given) and keep its chunk for the log. A malformed event raises
-    ``BadEvent`` (the client's SDK would raise a bare JSON error, not an API error); a client that reads nothing
-    for ``timeout_s`` raises ``ClientStalled``."""
+    chunk's ``id`` as ``call_id`` when given; an error event through ``mask``, which hides the keys an upstream
+    may repeat) and keep its chunk for the log. A malformed event raises ``BadEvent`` (the client's SDK would
+    raise a bare JSON error, not an API error); a client that reads nothing for ``timeout_s`` raises
+    ``ClientStalled``."""
     chunk = event_chunk(event)
     data = b"".join(event) + b"\n"
     if chunk is None:
         raw = event_data(event)
         if raw and raw != b"[DONE]":
-            raise BadEvent(f"sent an event that is not a JSON chunk: {raw[:60]!r}")
+            raise BadEvent(f"sent an event that is not a JSON chunk: {(mask(raw) if mask else raw)[:60]!r}")
     else:
+        if mask and "error" in chunk:
+            data, chunk = mask(data), loads(mask(dumps(chunk)))
         chunks.append(chunk)
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
-        if call_id and isinstance(chunk.get("id"), str) and chunk["id"] != call_id:
-            renamed, n = _id_field(chunk["id"]).subn(b'"id":' + json.dumps(call_id).encode(), data, count=1)
-            # an id the upstream wrote with escapes ("a\/b") is not found as we spell it: the chunk is rewritten
-            data = renamed if n else b"data: " + dumps({**chunk, "id": call_id}) + b"\n\n"
+        if call_id and chunk.get("id") != call_id:
+            n = 0
+            if isinstance(chunk.get("id"), str):
+                data, n = _id_field(chunk["id"]).subn(b'"id":' + json.dumps(call_id).encode(), data, count=1)
+            if not n:  # no id, or one written with escapes ("a\/b") we do not spell alike: the chunk is rewritten
+                data = b"data: " + dumps({**chunk, "id": call_id}) + b"\n\n"
     try:
         await asyncio.wait_for(out.write(data), timeout_s)
     except asyncio.TimeoutError:

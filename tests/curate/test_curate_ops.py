@@ -291,7 +291,7 @@ def test_odd_records_are_handled_not_crashed_on():
     from curation.curate.index import REDUCE_SCHEMA
     from pipeline.config.curate import NearDedup
 
-    compact = kept.select(["_uid", "id", "source", "function", "_split", "_key", "_text", "_score", "timestamp",
+    compact = kept.select(["_uid", "id", "source", "function", "_split", "_key", "_text", "_prompt", "_score", "timestamp",
                            "_bands"])
     compact = compact.rename_columns(REDUCE_SCHEMA.names[:-1]).append_column(
         "emb", pa.nulls(kept.num_rows, pa.binary())).cast(REDUCE_SCHEMA)

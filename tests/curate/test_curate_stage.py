@@ -222,3 +222,23 @@ def test_each_step_of_a_tool_loop_is_its_own_input(project):
     rejected = {r["id"]: r for r in pq.read_table(run / "rejected.parquet").to_pylist()}
     assert "again" in rejected and "again" not in split_of  # the same call twice: one copy
     assert "duplicate of loop-A1-1" in json.dumps(rejected["again"], default=str)
+
+
+def test_a_tool_loop_step_that_copies_a_test_prompt_is_still_decontaminated(project):
+    """Review: with decontamination reading the whole prompt, a tool result beside an eval question copied word
+    for word diluted its share of matching n-grams below min_overlap, and it went into train. It reads the user
+    turns, as before."""
+    recipe = project()
+    question = ("Please tell me every step needed to reset the password of the premium family plan account that "
+                "my daughter uses on her tablet at school")
+    (recipe.parent / "eval.jsonl").write_text(json.dumps({"prompt": question}) + "\n")
+    result = " ".join(f"field{i} value{i}" for i in range(60))  # a long tool result
+    lines = _tool_loop("Z9", result, 5, question)
+    (recipe.parent / "logs" / "tools.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    data = yaml.safe_load(recipe.read_text())
+    data["curate"]["decontaminate"] = {"external": ["eval.jsonl"]}
+    recipe.write_text(yaml.safe_dump(data))
+    assert cli(["curate", str(recipe)]) == 0
+    rejected = {r["id"]: r for r in pq.read_table(recipe.parent / "runs" / "t" / "curate" / "rejected.parquet")
+                .to_pylist()}
+    assert rejected["loop-Z9-1"]["rejected_by"] == "decontaminate", rejected.get("loop-Z9-1")

@@ -74,14 +74,15 @@ class Teacher(LoopbackServer):
         if "RATE" in text:
             return web.json_response({"error": {"message": "slow down", "type": "rate_limit_error"}}, status=429,
                                      headers={"Retry-After": "3", "x-ratelimit-remaining-requests": "0"})
+        ids = {} if "NOID" in text else {"id": "chatcmpl-t"}  # NOID: an upstream that gives its answers no id
         if not body.get("stream"):
-            return web.json_response({"id": "chatcmpl-t", "object": "chat.completion", "created": 1, "model": "t",
+            return web.json_response({**ids, "object": "chat.completion", "created": 1, "model": "t",
                                       "choices": [_choice(0, "From the teacher.", None)],
                                       "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         pieces = ["w "] * 8 if "SLOW" in text else ["From ", "the ", "teacher."]
-        base = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1, "model": "t"}
+        base = {**ids, "object": "chat.completion.chunk", "created": 1, "model": "t"}
         for k, piece in enumerate(pieces):
             if "CUT" in text and k == 2:
                 await out.write_eof()  # the upstream (or a proxy between) closes it cleanly mid-answer
@@ -327,3 +328,17 @@ def test_a_relayed_chunk_gets_the_call_id_even_when_its_id_is_escaped():
     for raw in (plain, escaped):
         chunk = asyncio.run(go(raw))
         assert chunk["id"] == "chatcmpl-mine" and chunk["choices"][0]["delta"]["content"] in ("x", "chatcmpl-a/b")
+
+
+def test_an_answer_from_an_upstream_that_gives_no_id_gets_the_call_id(site):
+    """Review: a teacher answer without an id reached the client with id None (the log line had serve-router's),
+    and relayed chunks went out with none."""
+    url, _, _, log_dir = site
+    plain = _ask(url, "NOID plain one", function="other").parse()
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="gpt-4o", stream=True, messages=[
+        {"role": "user", "content": "NOID streamed one"}], metadata={"function": "other"}))
+    logged = {json.dumps(x["request"]): x["id"] for x in lines(log_dir, "teacher-*.jsonl") if "NOID" in json.dumps(x)}
+    ids = {c.id for c in chunks}
+    assert plain.id and plain.id.startswith("chatcmpl-") and len(ids) == 1 and ids != {plain.id}
+    assert sorted(logged.values()) == sorted([plain.id, *ids])

@@ -90,3 +90,50 @@ def test_a_password_in_the_url_and_a_key_env_together_are_refused_naming_both(tm
                                          "--teacher-key-env OPENAI_API_KEY"):
         ProxyConfig(student_url="http://127.0.0.1:8/v1", teacher_url="http://u:pw@127.0.0.1:9/v1?k=1",
                     log_dir=tmp_path, teacher_key_env="OPENAI_API_KEY")
+
+
+def test_a_key_an_upstream_repeats_in_a_stream_error_event_is_masked(tmp_path, monkeypatch):
+    """Review: an upstream that reports a failure as an error event inside a 200 stream (some gateways do)
+    repeated the key: unmasked in the client's 502, /health and the log (first event), or relayed as it came."""
+    monkeypatch.setenv("T_TEACHER_KEY", TEACHER_KEY)
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "routing_policy.json").write_text(json.dumps(policy("tiny")))
+
+    async def streams(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        err = json.dumps({"error": {"message": f"rejected credentials {request.headers.get('Authorization')}"}})
+        if "late" in json.dumps(body):
+            chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+            await out.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await out.write(f"data: {err}\n\ndata: [DONE]\n\n".encode())
+        return out
+
+    async def go() -> list[str]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", streams)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        up = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        cfg = ProxyConfig(student_url=up, teacher_url=up, log_dir=tmp_path / "logs", teacher_key_env="T_TEACHER_KEY")
+        proxy = RouterProxy(Router.load(tmp_path / "policy", embeddings=False), cfg, "ab" * 32)
+        seen = []
+        async with proxy_site(proxy) as base, httpx.AsyncClient(timeout=30) as http:
+            for text in ("first", "late"):
+                body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": text}],
+                        "metadata": {"function": "unknown"}}
+                r = await http.post(f"{base}/v1/chat/completions", json=body)
+                seen.append(r.text)
+            seen.append((await http.get(f"{base}/health")).text)
+        await runner.cleanup()
+        return seen
+
+    seen = asyncio.run(go())
+    assert "rejected credentials Bearer ***" in seen[0] + seen[1]
+    for text in seen:
+        assert not _leaks(text), (_leaks(text), text)
+    for f in (tmp_path / "logs").iterdir():
+        assert not _leaks(f.read_text()), (f.name, _leaks(f.read_text()))
