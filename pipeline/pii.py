@@ -55,7 +55,8 @@ SECRET_PATTERNS: dict[str, str] = {
 SECRET_PLACEHOLDER = "<SECRET>"
 # The detector's version, in harvest's redaction.json: bump it whenever a pattern, gate, recognizer or a field
 # that is scanned changes, so that batches carried from earlier nights are scanned again under the new one.
-DETECTOR_VERSION = 3  # 2: signed URL queries; message names, image URLs, response format, tag keys; 3: function, episode ids
+DETECTOR_VERSION = 4  # 2: signed URL queries; message names, image URLs, response format, tag keys; 3: function;
+# 4: episode ids
 SECRET_WORDS = ("sk-", "sk_", "rk_", "pk_", "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva",
                 "aroa", "apka", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "aiza", "eyj", "bearer",
                 "-----begin", "://", "password", "passwd", "pwd", "api_key", "api-key", "apikey", "secret",

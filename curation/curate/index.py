@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-INDEX_VERSION = 4  # 3: band keys from the one-permutation sketch; 4: keys and texts of the whole prompt
+INDEX_VERSION = 5  # 3: band keys from the one-permutation sketch; 4 (one day), 5: keys of the whole prompt, its texts
 REDUCE_SCHEMA = pa.schema([
     ("uid", pa.uint64()),
     ("id", pa.string()),

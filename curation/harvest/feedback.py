@@ -61,10 +61,10 @@ class FeedbackIndex:
         changed names, given the names."""
         self.episode_of = episodes(sorted(set(self.episode) | set(self.comments)))
         for old, new in self.episode_of.items():
-            if old in self.episode:
-                self.episode[new] = self.episode.pop(old)
+            if old in self.episode:  # merged with feedback that named the hashed id already
+                self.episode[new] = {**self.episode.get(new, {}), **self.episode.pop(old)}
             if old in self.comments:  # a record id's comments stay under it too
-                self.comments[new] = self.comments[old]
+                self.comments[new] = [*self.comments.get(new, []), *self.comments[old]]
         self._targets = None
 
     def __bool__(self) -> bool:

@@ -166,7 +166,8 @@ def _count_images(res: ChunkResult, kept: pa.Table | None) -> None:
     its records as duplicates: their images are not new)."""
     if not res.notes.get("images"):
         return
-    parts = [int(v) for v in map_value(kept, "tags", "has_images").to_pylist() if v] if kept is not None else []
+    values = map_value(kept, "tags", "has_images").to_pylist() if kept is not None else []
+    parts = [int(v) for v in values if isinstance(v, str) and v.isdigit()]  # a client's own tag: not ours
     res.notes["images"], res.notes["records_with_images"] = sum(parts), len(parts)
 
 

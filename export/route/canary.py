@@ -156,7 +156,7 @@ def held_back(version: str, stage: str, start: str | None, calls: list[dict[str,
         return None
     over = off / n - base > HOLD_SHARE
     if down > HOLD_SHARE * n or over:
-        refusing = f"(the serving version refused {base:.0%} of its own)" if serving else ""
+        refusing = f"(the serving version refused {base:.0%} of its own)" if serving else "(no version serves)"
         return (f"its student endpoint did not answer {down + (off if over else 0)} of its {n} requests in "
                 f"{stage}: {_why(down, off if over else 0, refusing)}: fix its server (or see what it "
                 "refused: serve-router's /health shows the last failure), then it moves on")

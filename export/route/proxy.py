@@ -568,8 +568,9 @@ class RouterProxy:
                 events = iter_events(up.content)
                 head, problem = await first_event(events)
                 if problem:  # nothing sent yet: the caller may still fall back
-                    return None, 502, {"error": {"message": f"{shown(url)}: {self._masked(problem, self._keys(url))}",
-                                                 "type": "upstream_error", "code": "upstream_unusable"}}
+                    problem = self._masked(problem, self._keys(url))[:200]  # masked, then cut: no key half shown
+                    return None, 502, {"error": {"message": f"{shown(url)}: {problem}", "type": "upstream_error",
+                                                 "code": "upstream_unusable"}}
                 out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
                 await out.prepare(request)
                 broken = await self._relay_all(out, head, events, chunks, want_usage, url, call_id)
@@ -605,7 +606,7 @@ class RouterProxy:
         """Relay the stream's events to the client; why it is broken (None when whole)."""
         last = head[-1]
         keys = self._keys(url)
-        mask = (lambda data: self.masked_bytes(data, url)) if keys else None
+        mask = (lambda value: self._masked(value, keys)) if keys else None
         for event in head:
             await relay(out, event, chunks, want_usage, self.cfg.timeout_s, call_id, mask)
         async for event in events:

@@ -165,8 +165,12 @@ def _worker(opts: ServeOptions, cfg: ProxyConfig, parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=orphaned, daemon=True).start()
-    proxy, _ = build_proxy(opts, cfg)
-    if asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port)):
+    try:
+        proxy, _ = build_proxy(opts, cfg)
+        cut = asyncio.run(_serve_until_stopped(proxy, opts.host, opts.port))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole group: one still starting (no request yet) just ends
+        return
+    if cut:
         sys.exit(1)  # requests were cut: the supervisor exits 1 too
 
 

@@ -294,7 +294,7 @@ def _id_field(upstream_id: str) -> re.Pattern[bytes]:
 
 async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[str, Any]], want_usage: bool,
                 timeout_s: float | None = None, call_id: str | None = None,
-                mask: Callable[[bytes], bytes] | None = None) -> None:
+                mask: Callable[[Any], Any] | None = None) -> None:
     """Pass one upstream SSE event on as it came (the usage-only chunk only when the client asked for usage; the
     chunk's ``id`` as ``call_id`` when given; an error event through ``mask``, which hides the keys an upstream
     may repeat) and keep its chunk for the log. A malformed event raises ``BadEvent`` (the client's SDK would
@@ -305,10 +305,12 @@ async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[s
     if chunk is None:
         raw = event_data(event)
         if raw and raw != b"[DONE]":
-            raise BadEvent(f"sent an event that is not a JSON chunk: {(mask(raw) if mask else raw)[:60]!r}")
+            text = raw.decode("utf-8", "replace")
+            raise BadEvent(f"sent an event that is not a JSON chunk: {(mask(text) if mask else text)[:60]!r}")
     else:
-        if mask and "error" in chunk:
-            data, chunk = mask(data), loads(mask(dumps(chunk)))
+        if mask and "error" in chunk:  # its string values masked (never its syntax), and written anew
+            chunk = mask(chunk)
+            data = b"data: " + dumps({**chunk, "id": call_id} if call_id and "id" in chunk else chunk) + b"\n\n"
         chunks.append(chunk)
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
@@ -358,7 +360,7 @@ async def first_event(events: AsyncIterator[list[bytes]]) -> tuple[list[list[byt
             return head, "the stream ended before its first chunk"
         if chunk.get("error"):
             err = chunk["error"]
-            return head, f"error event: {str(err.get('message') if isinstance(err, dict) else err)[:200]}"
+            return head, f"error event: {str(err.get('message') if isinstance(err, dict) else err)[:2000]}"
         return head, None
     return head, "the stream ended before any data"
 

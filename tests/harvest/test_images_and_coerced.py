@@ -86,6 +86,26 @@ def test_images_of_a_file_read_again_whole_are_not_counted_again(tmp_path):
     assert m["counts"]["images"] == {"images": 1, "records_with_images": 1}  # was 2 and 2
 
 
+def test_a_clients_own_has_images_tag_does_not_stop_the_count(tmp_path):
+    """Review: a client's metadata tag has_images: "yes" (tags come from request metadata) made the recount of a
+    re-read file raise ValueError."""
+    import gzip
+
+    pic, plain, late = openai_row(1), openai_row(2), openai_row(3)
+    pic["request"]["messages"][1]["content"] = [{"type": "text", "text": "What is this?"},
+                                                {"type": "image_url", "image_url": {"url": CAT}}]
+    late["request"]["metadata"]["has_images"] = "yes"
+    path = tmp_path / "logs" / "a.jsonl"
+    jsonl(path, [pic, plain])
+    recipe = write_recipe(tmp_path, {"sources": [{"path": "logs/*.jsonl*"}]})
+    harvest(recipe)
+    jsonl(path, [pic, plain, late])  # a line came late, then the file was gzip'd: read again whole
+    path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    m = harvest(recipe)
+    assert m["counts"]["this_run"]["duplicates"] == 2 and m["counts"]["images"]["images"] == 1
+
+
 def test_an_image_only_message_is_kept_with_its_images(tmp_path):
     tz = _tz(1, [{"type": "image", "url": "https://example.com/only.png"}])
     jsonl(tmp_path / "tz" / "ChatInference.jsonl", [tz])

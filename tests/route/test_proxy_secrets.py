@@ -103,7 +103,8 @@ def test_a_key_an_upstream_repeats_in_a_stream_error_event_is_masked(tmp_path, m
         body = await request.json()
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
-        err = json.dumps({"error": {"message": f"rejected credentials {request.headers.get('Authorization')}"}})
+        pad = "x" * 152 if "long" in json.dumps(body) else ""  # the key across the 200th character of the message
+        err = json.dumps({"error": {"message": f"{pad}rejected credentials {request.headers.get('Authorization')}"}})
         if "late" in json.dumps(body):
             chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
             await out.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -122,7 +123,7 @@ def test_a_key_an_upstream_repeats_in_a_stream_error_event_is_masked(tmp_path, m
         proxy = RouterProxy(Router.load(tmp_path / "policy", embeddings=False), cfg, "ab" * 32)
         seen = []
         async with proxy_site(proxy) as base, httpx.AsyncClient(timeout=30) as http:
-            for text in ("first", "late"):
+            for text in ("first", "late", "long"):
                 body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": text}],
                         "metadata": {"function": "unknown"}}
                 r = await http.post(f"{base}/v1/chat/completions", json=body)
@@ -134,6 +135,47 @@ def test_a_key_an_upstream_repeats_in_a_stream_error_event_is_masked(tmp_path, m
     seen = asyncio.run(go())
     assert "rejected credentials Bearer ***" in seen[0] + seen[1]
     for text in seen:
-        assert not _leaks(text), (_leaks(text), text)
+        assert not _leaks(text) and TEACHER_KEY[:12] not in text, (_leaks(text), text)  # not half of it either
     for f in (tmp_path / "logs").iterdir():
-        assert not _leaks(f.read_text()), (f.name, _leaks(f.read_text()))
+        assert not _leaks(f.read_text()) and TEACHER_KEY[:12] not in f.read_text(), f.name
+
+
+def test_a_short_url_password_masks_values_not_the_json_around_them(tmp_path):
+    """Review: masking the raw bytes of a relayed error event replaced a password such as 'null' or 'error' in the
+    JSON itself: the event no longer parsed (the client got a connection error, the call went unlogged)."""
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "routing_policy.json").write_text(json.dumps(policy("tiny")))
+
+    async def streams(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+        err = {"error": {"message": f"null: rejected {request.headers.get('Authorization')}", "code": None}}
+        await out.write(f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+        return out
+
+    async def go() -> tuple[str, int]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", streams)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        up = f"http://u:null@127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        cfg = ProxyConfig(student_url=up, teacher_url=up, log_dir=tmp_path / "logs")
+        proxy = RouterProxy(Router.load(tmp_path / "policy", embeddings=False), cfg, "ab" * 32)
+        async with proxy_site(proxy) as base, httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(f"{base}/v1/chat/completions", json={
+                "model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "q"}],
+                "metadata": {"function": "unknown"}})
+        await runner.cleanup()
+        return r.text, r.status_code
+
+    text, status = asyncio.run(go())
+    events = [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
+    errors = [e["error"] for e in events if "error" in e]
+    assert status == 200 and errors and "dTpudWxs" not in text  # base64 of u:null
+    assert errors[0]["message"].startswith("***: rejected Basic ***") and errors[0]["code"] is None
+    logged = [json.loads(x) for f in (tmp_path / "logs").glob("teacher-*.jsonl") for x in f.read_text().splitlines()]
+    assert len(logged) == 1  # the call was logged
