@@ -308,18 +308,19 @@ async def relay(out: web.StreamResponse, event: list[bytes], chunks: list[dict[s
             text = raw.decode("utf-8", "replace")
             raise BadEvent(f"sent an event that is not a JSON chunk: {(mask(text) if mask else text)[:60]!r}")
     else:
-        if mask and "error" in chunk:  # its string values masked (never its syntax), and written anew
+        rewrite = bool(mask) and "error" in chunk
+        if rewrite:  # its string values masked (never its syntax), and written anew
             chunk = mask(chunk)
-            data = b"data: " + dumps({**chunk, "id": call_id} if call_id and "id" in chunk else chunk) + b"\n\n"
         chunks.append(chunk)
         if not want_usage and chunk.get("usage") and not chunk.get("choices"):
             return
-        if call_id and chunk.get("id") != call_id:
+        if call_id and chunk.get("id") != call_id and not rewrite:
             n = 0
             if isinstance(chunk.get("id"), str):
                 data, n = _id_field(chunk["id"]).subn(b'"id":' + json.dumps(call_id).encode(), data, count=1)
-            if not n:  # no id, or one written with escapes ("a\/b") we do not spell alike: the chunk is rewritten
-                data = b"data: " + dumps({**chunk, "id": call_id}) + b"\n\n"
+            rewrite = not n  # no id, or one written with escapes ("a\/b") we do not spell alike
+        if rewrite:
+            data = b"data: " + dumps({**chunk, "id": call_id} if call_id else chunk) + b"\n\n"
     try:
         await asyncio.wait_for(out.write(data), timeout_s)
     except asyncio.TimeoutError:

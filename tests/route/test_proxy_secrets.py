@@ -28,14 +28,21 @@ async def _echo_401(request: web.Request) -> web.Response:
                                         "type": "invalid_request_error", "code": "invalid_api_key"}}, status=401)
 
 
-async def _serve_echo_401() -> tuple[web.AppRunner, int]:
+async def _serve(handler) -> tuple[web.AppRunner, int]:
+    """A stand-in upstream answering every path with ``handler`` on a free loopback port: (its runner, port)."""
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _echo_401)
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1]
+
+
+def _proxy(tmp_path, up: str, **cfg) -> RouterProxy:
+    """serve-router over the policy in ``tmp_path``/policy, student and teacher both at ``up``."""
+    config = ProxyConfig(student_url=up, teacher_url=up, log_dir=tmp_path / "logs", **cfg)
+    return RouterProxy(Router.load(tmp_path / "policy", embeddings=False), config, "ab" * 32)
 
 
 def _leaks(text: str) -> list[str]:
@@ -54,7 +61,7 @@ def test_upstream_passwords_and_echoed_keys_reach_no_client_health_or_log(tmp_pa
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "q1"}], "metadata": {"function": "faq"}}
 
     async def go() -> list[str]:
-        echo, port = await _serve_echo_401()
+        echo, port = await _serve(_echo_401)
         seen = []
         dead, echoing = f"127.0.0.1:{free_port()}/v1", f"127.0.0.1:{port}/v1"
         for student, teacher, keys in (  # a password in the student's URL (down), the teacher repeats its key; and
@@ -112,15 +119,8 @@ def test_a_key_an_upstream_repeats_in_a_stream_error_event_is_masked(tmp_path, m
         return out
 
     async def go() -> list[str]:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", streams)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        up = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-        cfg = ProxyConfig(student_url=up, teacher_url=up, log_dir=tmp_path / "logs", teacher_key_env="T_TEACHER_KEY")
-        proxy = RouterProxy(Router.load(tmp_path / "policy", embeddings=False), cfg, "ab" * 32)
+        runner, port = await _serve(streams)
+        proxy = _proxy(tmp_path, f"http://127.0.0.1:{port}/v1", teacher_key_env="T_TEACHER_KEY")
         seen = []
         async with proxy_site(proxy) as base, httpx.AsyncClient(timeout=30) as http:
             for text in ("first", "late", "long"):
@@ -156,15 +156,8 @@ def test_a_short_url_password_masks_values_not_the_json_around_them(tmp_path):
         return out
 
     async def go() -> tuple[str, int]:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", streams)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        up = f"http://u:null@127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-        cfg = ProxyConfig(student_url=up, teacher_url=up, log_dir=tmp_path / "logs")
-        proxy = RouterProxy(Router.load(tmp_path / "policy", embeddings=False), cfg, "ab" * 32)
+        runner, port = await _serve(streams)
+        proxy = _proxy(tmp_path, f"http://u:null@127.0.0.1:{port}/v1")
         async with proxy_site(proxy) as base, httpx.AsyncClient(timeout=30) as http:
             r = await http.post(f"{base}/v1/chat/completions", json={
                 "model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "q"}],
