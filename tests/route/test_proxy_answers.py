@@ -338,7 +338,11 @@ def test_an_answer_from_an_upstream_that_gives_no_id_gets_the_call_id(site):
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
     chunks = list(client.chat.completions.create(model="gpt-4o", stream=True, messages=[
         {"role": "user", "content": "NOID streamed one"}], metadata={"function": "other"}))
-    logged = {json.dumps(x["request"]): x["id"] for x in lines(log_dir, "teacher-*.jsonl") if "NOID" in json.dumps(x)}
+    def noid() -> list[dict]:
+        return [x for x in lines(log_dir, "teacher-*.jsonl") if "NOID" in json.dumps(x)]
+
+    wait_for(lambda: len(noid()) >= 2, what="both calls logged")  # a relayed stream is logged after its last event
+    logged = {json.dumps(x["request"]): x["id"] for x in noid()}
     ids = {c.id for c in chunks}
     assert plain.id and plain.id.startswith("chatcmpl-") and len(ids) == 1 and ids != {plain.id}
     assert sorted(logged.values()) == sorted([plain.id, *ids])
